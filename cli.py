@@ -1,0 +1,462 @@
+"""The bot's command line: run it, ask the ledger questions, square it with the exchange.
+
+Read commands open the ledger read-only, so they work while the service writes.
+Exit codes: 0 fine, 1 a check found a problem (verify, reconcile corrected), 2 refused
+(bad input, bad config, a file that is not our ledger, a write through `query`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import functools
+import io
+import json
+import sqlite3
+import sys
+from pathlib import Path
+
+import click
+from tabulate import tabulate
+
+from core import config as config_mod
+from core.clock import WallClock, iso
+from ledger import Ledger, LedgerError, audit
+from ledger.store import connect
+
+DEFAULT_DB = "bot.db"
+
+
+class Refused(click.ClickException):
+    """A clear refusal: printed as 'error: ...' and exit code 2."""
+
+    exit_code = 2
+
+    def show(self, file=None) -> None:
+        click.echo(f"error: {self.message}", err=True)
+
+
+def refusing(fn):
+    """Turn the errors a user can cause into one clear line and exit code 2."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except (LedgerError, config_mod.ConfigError, ValueError) as exc:
+            raise Refused(str(exc)) from None
+
+    return wrapper
+
+
+def render(rows: list[dict], as_json: bool, empty: str = "(nothing yet)") -> None:
+    if as_json:
+        click.echo(json.dumps(rows, indent=2, default=str))
+    elif not rows:
+        click.echo(empty)
+    else:
+        click.echo(tabulate(rows, headers="keys", tablefmt="simple", disable_numparse=True,
+                            missingval=""))
+
+
+def json_option(fn):
+    return click.option("--json", "as_json", is_flag=True, help="Print JSON for machines.")(fn)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--db", default=DEFAULT_DB, show_default=True, type=click.Path(),
+              help="Ledger file.")
+@click.option("--config", "config_path", default=None, type=click.Path(),
+              help="Config file (default: ./bot.toml if present, else built-in defaults).")
+@click.pass_context
+def main(ctx: click.Context, db: str, config_path: str | None) -> None:
+    """A crypto trading bot whose append-only ledger is the source of truth."""
+    ctx.obj = {"db": db, "config_path": config_path}
+
+
+def reader(ctx: click.Context) -> Ledger:
+    return Ledger(ctx.obj["db"], readonly=True)
+
+
+def load_config(ctx: click.Context) -> config_mod.Config:
+    return config_mod.load(ctx.obj["config_path"])
+
+
+# -- audits -----------------------------------------------------------------------------
+
+
+@main.command()
+@json_option
+@click.pass_context
+@refusing
+def status(ctx: click.Context, as_json: bool) -> None:
+    """Mode, equity, open positions, halts, and each job's last run."""
+    cfg = load_config(ctx)
+    with reader(ctx) as ledger:
+        state = ledger.state()
+        # In sim mode the bot's clock runs ahead of the wall clock: never report a run
+        # from the future; the last fact's time is the bot's latest "now".
+        last_ts = ledger.select("SELECT max(ts) AS ts FROM facts")[0]["ts"] or 0
+        now = max(WallClock().now_ms(), last_ts)
+        mode = ledger.select("SELECT json_extract(data, '$.mode') AS mode FROM facts "
+                             "WHERE type = 'service' ORDER BY seq DESC LIMIT 1")
+    report = {
+        "ledger": ctx.obj["db"],
+        "mode": (mode[0]["mode"] if mode and mode[0]["mode"] else cfg.bot.mode),
+        "exchange": cfg.exchange.id,
+        "equity": state.equity,
+        "equity_peak": state.equity_peak,
+        "realized_today": str(state.realized_today_at(now)),
+        "open_positions": [
+            {"symbol": p["symbol"], "side": p["side"], "amount": p["amount"],
+             "entry_price": p["entry_price"], "best_price": p["best_price"],
+             "stop": (p["stop"] or {}).get("price")} for p in state.positions.values()],
+        "halts": state.halts,
+        "unresolved_orders": len(state.unresolved_orders()),
+        "active_coins": state.active_coins,
+        "last_runs": {job: {**run, "at": iso(run["ts"]), "ago_s": round((now - run["ts"]) / 1000)}
+                      for job, run in sorted(state.last_runs.items())},
+        "last_seq": state.seq,
+    }
+    if as_json:
+        click.echo(json.dumps(report, indent=2, default=str))
+        return
+    click.echo(f"ledger      {report['ledger']} (seq {report['last_seq']})")
+    click.echo(f"mode        {report['mode']} on {report['exchange']}")
+    click.echo(f"equity      {report['equity'] or '-'} (peak {report['equity_peak'] or '-'})")
+    click.echo(f"today       realized {report['realized_today']}")
+    halts = ", ".join(f"{k}: {v['reason']}" for k, v in state.halts.items()) or "none"
+    click.echo(f"halts       {halts}")
+    click.echo(f"coins       {', '.join(state.active_coins) or '-'}")
+    click.echo(f"unresolved  {report['unresolved_orders']} order(s) awaiting reconciliation")
+    click.echo("")
+    render(report["open_positions"], False, empty="no open positions")
+    click.echo("")
+    runs = [{"job": job, "last run": r["at"], "ago": f"{r['ago_s']} s", "outcome": r["outcome"],
+             "duration_ms": r["duration_ms"]} for job, r in report["last_runs"].items()]
+    render(runs, False, empty="no job has run yet")
+
+
+@main.command()
+@json_option
+@click.pass_context
+@refusing
+def positions(ctx: click.Context, as_json: bool) -> None:
+    """Open positions."""
+    with reader(ctx) as ledger:
+        render(audit.positions(ledger), as_json, empty="no open positions")
+
+
+@main.command()
+@click.option("--since", help="YYYY-MM-DD or ISO time (UTC).")
+@click.option("--symbol", help="Only this symbol, e.g. BTC/USDT:USDT.")
+@click.option("--tail", type=click.IntRange(min=1), help="Only the last N trades.")
+@json_option
+@click.pass_context
+@refusing
+def trades(ctx, since, symbol, tail, as_json) -> None:
+    """Closed trades: entry, exit, size, fees, realized PnL, exit reason, duration."""
+    with reader(ctx) as ledger:
+        render(audit.trades(ledger, since, symbol, tail), as_json, empty="no closed trades")
+
+
+@main.command()
+@click.option("--by", type=click.Choice(["day", "symbol"]), default="day", show_default=True)
+@json_option
+@click.pass_context
+@refusing
+def pnl(ctx, by, as_json) -> None:
+    """Realized PnL per UTC day or per symbol."""
+    with reader(ctx) as ledger:
+        render(audit.pnl(ledger, by), as_json, empty="no realized PnL yet")
+
+
+@main.command()
+@click.option("--tail", type=click.IntRange(min=1), default=50, show_default=True)
+@json_option
+@click.pass_context
+@refusing
+def orders(ctx, tail, as_json) -> None:
+    """The orders timeline: intents, submissions, state changes, fills."""
+    with reader(ctx) as ledger:
+        render(audit.orders(ledger, tail), as_json, empty="no orders")
+
+
+@main.command()
+@click.option("--tail", type=click.IntRange(min=1), default=20, show_default=True)
+@json_option
+@click.pass_context
+@refusing
+def events(ctx, tail, as_json) -> None:
+    """The last N facts of any kind."""
+    with reader(ctx) as ledger:
+        render(audit.events(ledger, tail), as_json, empty="the ledger is empty")
+
+
+@main.command()
+@json_option
+@click.pass_context
+@refusing
+def verify(ctx, as_json) -> None:
+    """Recompute the hash chain; exit 1 naming the first bad row if it is broken."""
+    with reader(ctx) as ledger:
+        report = ledger.verify()
+    if as_json:
+        click.echo(json.dumps(report.__dict__))
+    elif report.ok:
+        click.echo(f"ok: {report.rows} rows verified, chain intact up to seq {report.last_seq}")
+    else:
+        click.echo(f"BROKEN at seq {report.first_bad_seq}: {report.problem}", err=True)
+    sys.exit(0 if report.ok else 1)
+
+
+@main.command()
+@click.argument("sql")
+@json_option
+@click.pass_context
+@refusing
+def query(ctx, sql, as_json) -> None:
+    """Run one read-only SQL statement against the ledger and its views."""
+    with reader(ctx) as ledger:  # refuses anything that is not our ledger
+        path = ledger.path
+    refused: list[str] = []
+    with contextlib.closing(connect(path, readonly=True)) as conn:
+        conn.set_authorizer(functools.partial(_reads_only, refused))
+        try:
+            cur = conn.execute(sql)
+            names = [d[0] for d in cur.description or ()]
+            rows = [{n: (v.hex() if isinstance(v, bytes) else v)
+                     for n, v in zip(names, row, strict=True)} for row in cur]
+        except sqlite3.DatabaseError as exc:  # includes ProgrammingError (two statements)
+            if refused or "readonly" in str(exc) or "may not be modified" in str(exc):
+                what = refused[0] if refused else str(exc)
+                raise Refused(f"query is read-only; refused {what}") from None
+            raise Refused(f"query failed: {exc}") from None
+    render(rows, as_json, empty="(no rows)")
+
+
+# Pragmas `query` may run: they only report. Those in PRAGMA_ARGS take a table name or a
+# count; any other pragma with an argument is an assignment and refused.
+READ_PRAGMAS = frozenset(
+    "table_info table_xinfo table_list index_list index_info index_xinfo foreign_key_list "
+    "integrity_check quick_check user_version application_id schema_version data_version "
+    "page_count page_size freelist_count journal_mode encoding compile_options "
+    "database_list collation_list function_list module_list pragma_list".split())
+PRAGMA_ARGS = frozenset(
+    "table_info table_xinfo table_list index_list index_info index_xinfo foreign_key_list "
+    "integrity_check quick_check".split())
+AUTH_ACTIONS = {getattr(sqlite3, f"SQLITE_{name}"): name.replace("_", " ") for name in (
+    "INSERT UPDATE DELETE CREATE_TABLE CREATE_TEMP_TABLE CREATE_INDEX CREATE_TEMP_INDEX "
+    "CREATE_VIEW CREATE_TEMP_VIEW CREATE_TRIGGER CREATE_TEMP_TRIGGER CREATE_VTABLE DROP_TABLE "
+    "DROP_TEMP_TABLE DROP_INDEX DROP_TEMP_INDEX DROP_VIEW DROP_TEMP_VIEW DROP_TRIGGER "
+    "DROP_TEMP_TRIGGER DROP_VTABLE ALTER_TABLE REINDEX ANALYZE ATTACH DETACH TRANSACTION "
+    "SAVEPOINT PRAGMA".split())}
+
+SCHEMA_WRITES = (sqlite3.SQLITE_INSERT, sqlite3.SQLITE_UPDATE, sqlite3.SQLITE_DELETE)
+
+
+def _reads_only(refused: list[str], action: int, arg1, arg2, _db, _source) -> int:
+    """SQLite authorizer for `query`: reads pass; anything else is denied before it runs.
+
+    The connection is read-only already; this also stops what that does not: ATTACH and
+    VACUUM INTO (they create files), transactions and pragma assignments.
+    """
+    if action in (sqlite3.SQLITE_SELECT, sqlite3.SQLITE_READ, sqlite3.SQLITE_FUNCTION,
+                  sqlite3.SQLITE_RECURSIVE):
+        return sqlite3.SQLITE_OK
+    if action == sqlite3.SQLITE_PRAGMA and arg1.lower() in READ_PRAGMAS and (
+            arg2 is None or arg1.lower() in PRAGMA_ARGS):
+        return sqlite3.SQLITE_OK
+    if action in SCHEMA_WRITES and arg1 in ("sqlite_master", "sqlite_temp_master"):
+        # Table-valued functions (json_each, pragma_table_info) declare their schema this
+        # way; CREATE/DROP ask here first and are refused, by name, on the next call.
+        return sqlite3.SQLITE_OK
+    refused.append(" ".join(str(a) for a in (AUTH_ACTIONS.get(action, action), arg1, arg2)
+                            if a))
+    return sqlite3.SQLITE_DENY
+
+
+@main.command()
+@click.argument("view")
+@click.option("--format", "fmt", type=click.Choice(["csv", "json"]), default="csv",
+              show_default=True)
+@click.option("--output", "-o", type=click.Path(dir_okay=False), help="File (default stdout).")
+@click.pass_context
+@refusing
+def export(ctx, view, fmt, output) -> None:
+    """Export a view (open_positions, closed_trades, daily_pnl, ...) as CSV or JSON."""
+    with reader(ctx) as ledger:
+        rows = audit.export(ledger, view)
+        # An empty view still exports its header, so a consumer sees the columns.
+        names = list(rows[0]) if rows else [
+            c["name"] for c in ledger.select("SELECT name FROM pragma_table_info(?)", (view,))]
+    if fmt == "json":
+        text = json.dumps(rows, indent=2, default=str) + "\n"
+    else:
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=names, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+        text = buf.getvalue()
+    if output:
+        Path(output).write_text(text, encoding="utf-8")
+    else:
+        click.echo(text, nl=False)
+
+
+# -- the service and its jobs -----------------------------------------------------------
+
+
+@main.command()
+@click.pass_context
+@refusing
+def run(ctx) -> None:
+    """Start the service (offline simulated exchange unless configured otherwise)."""
+    import scheduler
+
+    cfg = load_config(ctx)
+    try:
+        code = scheduler.serve(cfg, ctx.obj["db"])
+    except scheduler.AlreadyRunning as exc:
+        raise Refused(str(exc)) from None
+    sys.exit(code)
+
+
+def _locked_runtime(ctx: click.Context):
+    """The runtime for a one-off command, holding the ledger's lock (no service running)."""
+    import scheduler
+    from core import runtime
+
+    cfg = load_config(ctx)
+    lock = scheduler.LedgerLock(ctx.obj["db"])
+    try:
+        lock.acquire()
+    except scheduler.AlreadyRunning as exc:
+        raise Refused(f"{exc}; the service runs this itself - stop it first") from None
+    return lock, runtime.build(cfg, ctx.obj["db"])
+
+
+RECONCILE_EXIT = {"in_sync": 0, "corrected": 1, "needs_human": 2}
+
+
+@main.command()
+@click.option("--dry-run", is_flag=True, help="Show the differences; change nothing.")
+@json_option
+@click.pass_context
+@refusing
+def reconcile(ctx, dry_run, as_json) -> None:
+    """Square the ledger with the exchange. Exit 0 in sync, 1 corrected, 2 a human must look."""
+    from jobs import reconcile as job
+    from jobs.runner import run_job
+
+    lock, rt = _locked_runtime(ctx)
+    try:
+        if dry_run:
+            report = job.run(rt, rt.clock.now_ms(), "reconcile-dry-run", dry_run=True)
+        else:
+            record = run_job(rt, "reconcile", job.run)
+            if record["outcome"] == "error":
+                raise Refused("reconcile failed; see the log and `cli.py events`")
+            report = record["summary"]
+    finally:
+        rt.close()
+        lock.release()
+    if as_json:
+        click.echo(json.dumps(report, indent=2, default=str))
+    else:
+        click.echo(f"status: {report['status']}" + (" (dry run)" if dry_run else ""))
+        render(report["differences"], False, empty="no differences: ledger and exchange agree")
+    sys.exit(RECONCILE_EXIT[report["status"]])
+
+
+@main.command()
+@click.option("--reason", default="manual halt", show_default=True)
+@click.pass_context
+@refusing
+def halt(ctx, reason) -> None:
+    """Stop new entries until `resume` (open positions stay managed)."""
+    from ledger import Fact
+
+    with Ledger(ctx.obj["db"]) as ledger:
+        ledger.append([Fact("halt", WallClock().now_ms(), reason=reason,
+                            data={"kind": "manual", "detail": reason})])
+    click.echo(f"halted: {reason}")
+
+
+@main.command()
+@click.option("--kind", default="all", show_default=True,
+              type=click.Choice(["all", "manual", "drawdown", "daily_loss"]))
+@click.pass_context
+@refusing
+def resume(ctx, kind) -> None:
+    """Lift halts (all, or one kind). After a drawdown halt, the peak restarts from here."""
+    from ledger import Fact
+
+    with Ledger(ctx.obj["db"]) as ledger:
+        halts = ledger.state().halts
+        if not halts:
+            click.echo("not halted")
+            return
+        ledger.append([Fact("resume", WallClock().now_ms(), reason=f"resume {kind}",
+                            data={"kind": kind})])
+    click.echo(f"resumed ({kind}); was: {', '.join(halts)}")
+
+
+@main.command("job")
+@click.argument("name", type=click.Choice(["scan", "rotate", "daily_reset", "reconcile"]))
+@json_option
+@click.pass_context
+@refusing
+def job_cmd(ctx, name, as_json) -> None:
+    """Run one job once, now (the service must not be running)."""
+    import scheduler
+    from jobs.runner import run_job
+
+    lock, rt = _locked_runtime(ctx)
+    try:
+        record = run_job(rt, name, scheduler.JOBS[name])
+    finally:
+        rt.close()
+        lock.release()
+    if as_json:
+        click.echo(json.dumps(record, indent=2, default=str))
+    else:
+        click.echo(f"{name}: {record['outcome']} in {record['duration_ms']} ms "
+                   f"{json.dumps(record['summary'], default=str)}")
+    sys.exit(0 if record["outcome"] != "error" else 1)
+
+
+# -- config -----------------------------------------------------------------------------
+
+
+@main.group("config")
+def config_group() -> None:
+    """Inspect the effective configuration."""
+
+
+@config_group.command("show")
+@json_option
+@click.pass_context
+@refusing
+def config_show(ctx, as_json) -> None:
+    """The effective config (defaults + bot.toml); secrets shown only as set/not set."""
+    cfg = load_config(ctx.find_root())
+    values = config_mod.to_mapping(cfg)
+    secrets = {var: config_mod.mask(getattr(cfg.secrets, name))
+               for name, var in config_mod.SECRET_ENV.items()}
+    if as_json:
+        click.echo(json.dumps({"source": cfg.source, "config": values,
+                               "secrets_from_environment": secrets}, indent=2))
+        return
+    click.echo(f"# effective config from {cfg.source}")
+    for section, items in values.items():
+        click.echo(f"\n[{section}]")
+        for key, value in items.items():
+            click.echo(f"{key} = {json.dumps(value)}")
+    click.echo("\n# secrets (environment variables only)")
+    for var, shown in secrets.items():
+        click.echo(f"# {var}: {shown}")
+
+
+if __name__ == "__main__":
+    main()

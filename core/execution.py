@@ -1,0 +1,385 @@
+"""Sending orders the write-ahead way, and the position flows built on it.
+
+Every order goes: intent committed -> submitted committed -> sent once -> outcome
+committed. The intent carries a client order id derived from the decision
+(core.orders.client_order_id), so deciding the same thing twice finds the intent
+already in the ledger and sends nothing. An ambiguous submission is recorded as
+``unknown``; reconciliation resolves it by client id, never by sending again.
+
+Flows:
+* open_position: entry order; the position is what filled (a resting remainder is
+  cancelled); fills, the order's final state and position_opened land in one batch;
+  then a reduce-only stop is placed at once.
+* close_position: cancel the stop first; if it filled meanwhile, record that close
+  and send nothing (no reverse position); otherwise a reduce-only exit order.
+* move_stop: new stop first, then cancel the old one, so the position is never bare;
+  at most once per ``exits.stop_move_interval_s``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from decimal import Decimal
+
+import ccxt
+
+from core.exchange_types import BadExchangeData, FillReport, OrderReport, OrderRequest, SubmitResult
+from core.exits import stop_price
+from core.orders import client_order_id, state_of, transition
+from ledger import Fact, Ledger
+
+log = logging.getLogger(__name__)
+
+READ_ERRORS = (ccxt.BaseError, BadExchangeData)
+ZERO = Decimal(0)
+
+
+def opposite(side: str) -> str:
+    return "sell" if side in ("long", "buy") else "buy"
+
+
+def realized_pnl(side: str, amount: Decimal, entry: Decimal, exit_: Decimal,
+                 fees: Decimal) -> Decimal:
+    """PnL of closing ``amount`` net of all fees paid on the position (linear contracts)."""
+    gross = (exit_ - entry) * amount
+    return (gross if side == "long" else -gross) - fees
+
+
+@dataclass(frozen=True)
+class Settlement:
+    """What an accepted order turned into, ready to record."""
+
+    report: OrderReport
+    state: str
+    filled: Decimal
+    average: Decimal | None
+    fee: Decimal
+    facts: list[Fact]
+
+
+@dataclass
+class Executor:
+    """Sends and records orders for one job run. ``lock`` serialises exchange writes."""
+
+    ledger: Ledger
+    client: object  # core.exchange.ExchangeClient
+    clock: object
+    config: object
+    run_id: str | None = None
+    lock: threading.RLock = field(default_factory=threading.RLock)
+
+    # -- recording ------------------------------------------------------------------------
+
+    def fact(self, type_: str, **kw) -> Fact:
+        return Fact(type_, self.clock.now_ms(), run_id=self.run_id, **kw)
+
+    def record(self, facts: Sequence[Fact]) -> None:
+        self.ledger.append(list(facts))
+
+    def order_state(self, coid: str) -> str | None:
+        """The order's last recorded state (None if the ledger never heard of it)."""
+        state = None
+        for row in self.ledger.facts_for_order(coid):
+            kind = row[2]
+            if kind == "order_intent":
+                state = "intent"
+            elif kind == "order_submitted":
+                state = "submitted"
+            elif kind == "order_update":
+                state = _json_state(row[-1])
+        return state
+
+    def update(self, req: OrderRequest, current: str, new: str, *, reason: str | None = None,
+               exchange_order_id: str | None = None, position_id: str | None = None,
+               data: dict | None = None) -> Fact:
+        """The fact of one FSM transition (raises before recording an illegal one)."""
+        transition(current, new)
+        return self.fact("order_update", symbol=req.symbol, side=req.side,
+                         client_order_id=req.client_order_id, position_id=position_id,
+                         exchange_order_id=exchange_order_id, reason=reason,
+                         data={"state": new, "from": current, **(data or {})})
+
+    # -- one order ------------------------------------------------------------------------
+
+    def send(self, req: OrderRequest, purpose: str, *, position_id: str | None = None,
+             before: Sequence[Fact] = (), ref_price: Decimal | None = None
+             ) -> SubmitResult | None:
+        """Write ahead, send once, record rejected/unknown. None: already decided before."""
+        with self.lock:
+            if self.ledger.facts_for_order(req.client_order_id):
+                log.info("order %s already in the ledger: not sent again", req.client_order_id)
+                return None
+            self.record([*before, self.fact(
+                "order_intent", symbol=req.symbol, side=req.side, amount=req.amount,
+                price=req.trigger_price, client_order_id=req.client_order_id,
+                position_id=position_id,
+                data={"purpose": purpose, "type": req.type, "reduce_only": req.reduce_only,
+                      "trigger_price": req.trigger_price})])
+            self.record([self.fact("order_submitted", symbol=req.symbol, side=req.side,
+                                   client_order_id=req.client_order_id,
+                                   position_id=position_id)])
+            result = self.client.submit(req, ref_price)
+            if result.status != "accepted":
+                log.warning("order %s %s: %s", req.client_order_id, result.status, result.reason)
+                self.record([self.update(req, "submitted", result.status, reason=result.reason,
+                                         position_id=position_id)])
+            return result
+
+    def settle(self, req: OrderRequest, order: OrderReport | None, current: str,
+               position_id: str | None, since_ms: int) -> Settlement:
+        """Verify an accepted order by fetching it back; its fills and final state.
+
+        A market order's unfilled remainder is cancelled: the position is what filled.
+        """
+        trigger = req.type == "stop_market"
+        try:
+            fetched = self.client.order_by_client_id(req.symbol, req.client_order_id,
+                                                     trigger=trigger)
+        except READ_ERRORS as exc:
+            log.warning("order %s: fetch back failed (%s)", req.client_order_id, exc)
+            fetched = None
+        report = fetched or order
+        if report is None:
+            raise BadExchangeData(f"order {req.client_order_id}: no report to settle")
+        if not trigger and report.status == "open":
+            report = self.client.cancel(req.symbol, client_order_id=req.client_order_id) \
+                or report
+        new = state_of(report.status, report.amount, report.filled)
+        fills = self.fills_of(report, since_ms) if report.filled > 0 else []
+        facts = [self.fill_fact(f, position_id) for f in fills]
+        fee = sum((f.fee for f in fills), ZERO)
+        facts.append(self.update(req, current, new, exchange_order_id=report.exchange_order_id,
+                                 position_id=position_id,
+                                 data={"filled": report.filled, "average": report.average_price}))
+        average = report.average_price
+        if fills and average is None:
+            average = sum((f.price * f.amount for f in fills), ZERO) / report.filled
+        return Settlement(report, new, report.filled, average, fee, facts)
+
+    def fills_of(self, report: OrderReport, since_ms: int) -> list[FillReport]:
+        """The account trades of one order; a synthetic one for any part not yet listed."""
+        try:
+            trades = self.client.fills(report.symbol, since_ms)
+        except READ_ERRORS as exc:
+            log.warning("fills of %s unavailable (%s)", report.client_order_id, exc)
+            trades = []
+        mine = [t for t in trades if (report.exchange_order_id and
+                                      t.exchange_order_id == report.exchange_order_id)
+                or (report.client_order_id and t.client_order_id == report.client_order_id)]
+        missing = report.filled - sum((t.amount for t in mine), ZERO)
+        if missing > 0 and report.average_price is not None:
+            # Trades can lag the order; the order itself is proof of the fill. Reconcile
+            # skips orders whose fills add up, so this is never counted twice.
+            mine.append(FillReport(report.symbol, f"order:{report.exchange_order_id}:rest",
+                                   report.exchange_order_id, report.client_order_id, report.side,
+                                   missing, report.average_price, ZERO, "", report.ts or 0))
+        return mine
+
+    def fill_fact(self, f: FillReport, position_id: str | None) -> Fact:
+        return self.fact("fill", symbol=f.symbol, side=f.side, amount=f.amount, price=f.price,
+                         fee=f.fee, position_id=position_id, client_order_id=f.client_order_id,
+                         exchange_order_id=f.exchange_order_id,
+                         data={"trade_id": f.trade_id, "fee_currency": f.fee_currency,
+                               "exchange_ts": f.ts, "realized_pnl": f.realized_pnl})
+
+    # -- positions ------------------------------------------------------------------------
+
+    def open_position(self, symbol: str, side: str, amount: Decimal, decision_ms: int, *,
+                      stop_pct: float | None, ref_price: Decimal | None = None,
+                      before: Sequence[Fact] = ()) -> dict | None:
+        """Enter; return the recorded position (None if nothing filled or already decided).
+
+        The stop is placed ``stop_pct`` from the actual average fill price.
+        """
+        coid = client_order_id(self.config.bot.id, symbol, "entry", decision_ms)
+        req = OrderRequest(symbol, "buy" if side == "long" else "sell", amount, coid)
+        since = self.clock.now_ms() - 60_000
+        with self.lock:
+            try:
+                self.client.ensure_symbol_settings(symbol)  # leverage, margin mode: once
+            except READ_ERRORS as exc:
+                log.warning("%s: leverage/margin mode not set (%s); entry skipped", symbol, exc)
+                self.record([*before, self.fact("note", symbol=symbol,
+                                                reason=f"entry skipped: symbol settings: {exc}")])
+                return None
+            result = self.send(req, "entry", position_id=coid, before=before,
+                               ref_price=ref_price)
+            if result is None or result.status != "accepted":
+                return None
+            done = self.settle(result.request, result.order, "submitted", coid, since)
+            facts = list(done.facts)
+            position = None
+            if done.filled > 0 and done.average is not None:
+                facts.append(self.fact("position_opened", symbol=symbol, side=side,
+                                       amount=done.filled, price=done.average, fee=done.fee,
+                                       position_id=coid, client_order_id=coid,
+                                       data={"decision_ms": decision_ms}))
+            self.record(facts)
+            if done.filled > 0:
+                position = self.ledger.state().positions.get(symbol)
+                if position is not None and stop_pct is not None:
+                    self.place_stop(position, stop_price(side, done.average, stop_pct))
+            return position
+
+    def stop_attempts(self, position_id: str) -> int:
+        rows = self.ledger.select(
+            "SELECT count(*) AS n FROM facts WHERE position_id = ? AND type = 'order_intent' "
+            "AND json_extract(data, '$.purpose') = 'stop'", (position_id,))
+        return rows[0]["n"]
+
+    def place_stop(self, position: dict, trigger: Decimal, *, moved: bool = False
+                   ) -> str | None:
+        """A reduce-only stop for the whole position; its client id, or None if not placed."""
+        symbol, pid = position["symbol"], position["position_id"]
+        n = self.stop_attempts(pid) + 1
+        coid = client_order_id(self.config.bot.id, symbol, "stop", position["opened_ts"], n)
+        req = OrderRequest(symbol, opposite(position["side"]), Decimal(position["amount"]), coid,
+                           type="stop_market", reduce_only=True,
+                           trigger_price=self.client.prepare_price(symbol, trigger))
+        with self.lock:
+            result = self.send(req, "stop", position_id=pid)
+            if result is None or result.status != "accepted":
+                return None
+            sent = result.request
+            order = result.order
+            state = state_of(order.status, order.amount, order.filled) if order else "accepted"
+            facts = [self.update(sent, "submitted", state if state != "filled" else "accepted",
+                                 exchange_order_id=order.exchange_order_id if order else None,
+                                 position_id=pid),
+                     self.fact("stop_moved" if moved else "stop_placed", symbol=symbol,
+                               side=sent.side, amount=sent.amount, price=sent.trigger_price,
+                               client_order_id=coid, position_id=pid,
+                               exchange_order_id=order.exchange_order_id if order else None)]
+            self.record(facts)
+            return coid
+
+    def cancel_stop(self, position: dict, stop: dict) -> OrderReport | None:
+        """Cancel one stop; record it. Returns the report (status 'closed' = it had filled)."""
+        symbol, pid = position["symbol"], position["position_id"]
+        req = OrderRequest(symbol, opposite(position["side"]), Decimal(position["amount"]),
+                           stop["client_order_id"], type="stop_market", reduce_only=True,
+                           trigger_price=Decimal(stop["price"]))
+        with self.lock:
+            report = self.client.cancel(symbol, client_order_id=stop["client_order_id"],
+                                        trigger=True)
+            current = self.order_state(stop["client_order_id"]) or "accepted"
+            if report is not None and report.status == "closed":
+                return report
+            if current in ("filled", "cancelled", "rejected", "expired"):
+                return report
+            new = "cancelled" if report is None or report.status != "expired" else "expired"
+            self.record([self.update(req, current, new, position_id=pid,
+                                     exchange_order_id=stop.get("exchange_order_id"),
+                                     reason="stop cancelled"),
+                         self.fact("stop_cancelled", symbol=symbol,
+                                   client_order_id=stop["client_order_id"], position_id=pid,
+                                   price=stop["price"])])
+            return report
+
+    def close_position(self, position: dict, reason: str, decision_ms: int, *,
+                       before: Sequence[Fact] = ()) -> bool:
+        """Exit a position; True when the ledger now shows it closed."""
+        symbol, pid, side = position["symbol"], position["position_id"], position["side"]
+        with self.lock:
+            stop = position.get("stop")
+            if stop:
+                report = self.cancel_stop(position, stop)
+                if report is not None and report.status == "closed":
+                    log.info("%s: stop %s filled before the exit; recording that close", symbol,
+                             stop["client_order_id"])
+                    self.record_stop_fill(position, stop, report)
+                    return True
+            coid = client_order_id(self.config.bot.id, symbol, "exit", decision_ms)
+            amount = Decimal(position["amount"])
+            req = OrderRequest(symbol, opposite(side), amount, coid, reduce_only=True)
+            since = self.clock.now_ms() - 60_000
+            result = self.send(req, "exit", position_id=pid, before=before)
+            if result is None:
+                return False
+            if result.status != "accepted":
+                if result.status == "rejected" and stop:
+                    self._reprotect(position)
+                return False
+            done = self.settle(result.request, result.order, "submitted", pid, since)
+            facts = list(done.facts)
+            closed = done.filled >= amount and done.average is not None
+            if closed:
+                facts.append(self.close_fact(position, done.average, done.fee, reason))
+            elif done.filled > 0:
+                facts.append(self.fact("position_changed", symbol=symbol, side=side,
+                                       amount=amount - done.filled, position_id=pid,
+                                       fee=Decimal(position.get("fees") or 0) + done.fee,
+                                       reason=f"partial exit: {reason}"))
+            self.record(facts)
+            if not closed:
+                self._reprotect(self.ledger.state().positions.get(symbol))
+            return closed
+
+    def close_fact(self, position: dict, exit_price: Decimal, exit_fee: Decimal,
+                   reason: str) -> Fact:
+        amount = Decimal(position["amount"])
+        fees = Decimal(position.get("fees") or 0) + exit_fee
+        pnl = realized_pnl(position["side"], amount, Decimal(position["entry_price"]),
+                           exit_price, fees)
+        return self.fact("position_closed", symbol=position["symbol"], side=position["side"],
+                         amount=amount, price=exit_price, fee=fees, pnl=pnl,
+                         position_id=position["position_id"], reason=reason,
+                         data={"entry_price": position["entry_price"],
+                               "opened_ts": position["opened_ts"]})
+
+    def record_stop_fill(self, position: dict, stop: dict, report: OrderReport) -> None:
+        """The exchange's stop closed the position: its fills, its final state, the close."""
+        req = OrderRequest(position["symbol"], opposite(position["side"]), report.amount,
+                           stop["client_order_id"], type="stop_market", reduce_only=True,
+                           trigger_price=Decimal(stop["price"]))
+        current = self.order_state(stop["client_order_id"]) or "accepted"
+        if current in ("filled", "cancelled", "rejected", "expired"):
+            return
+        fills = self.fills_of(report, stop.get("ts") or position["opened_ts"])
+        fee = sum((f.fee for f in fills), ZERO)
+        filled = sum((f.amount for f in fills), ZERO)
+        average = report.average_price or (
+            sum((f.price * f.amount for f in fills), ZERO) / filled if filled else None)
+        if average is None:
+            log.error("%s: stop %s filled but no price is known; left for reconcile",
+                      position["symbol"], stop["client_order_id"])
+            return
+        facts = [self.fill_fact(f, position["position_id"]) for f in fills]
+        facts.append(self.update(req, current, "filled", position_id=position["position_id"],
+                                 exchange_order_id=report.exchange_order_id))
+        facts.append(self.close_fact(position, average, fee, "stop_loss"))
+        self.record(facts)
+
+    def move_stop(self, position: dict, trigger: Decimal) -> bool:
+        """Replace the resting stop with one at ``trigger``: new first, then cancel old."""
+        old = position.get("stop")
+        interval = self.config.exits.stop_move_interval_s * 1000
+        if old and old.get("ts") is not None and self.clock.now_ms() - old["ts"] < interval:
+            return False
+        with self.lock:
+            new_coid = self.place_stop(position, trigger, moved=bool(old))
+            if new_coid is None:
+                return False
+            if old:
+                report = self.cancel_stop(position, old)
+                if report is not None and report.status == "closed":
+                    # The old stop filled first: the position is gone; so must the new stop.
+                    self.record_stop_fill(position, old, report)
+                    self.cancel_stop(position, {"client_order_id": new_coid, "price": trigger})
+            return True
+
+    def _reprotect(self, position: dict | None) -> None:
+        """After a failed or partial exit, make sure a stop rests for what remains."""
+        if position is None or position.get("stop"):
+            return
+        level = stop_price(position["side"], Decimal(position["entry_price"]),
+                           self.config.exits.stop_loss_pct)
+        self.place_stop(position, level)
+
+
+def _json_state(data: str) -> str | None:
+    return json.loads(data).get("state")

@@ -1,0 +1,490 @@
+"""Position sizing and risk limits, as pure functions.
+
+Every decision is a dataclass with a machine-readable ``reason``, a human ``detail``
+and the numbers it used, for the caller to record (``risk_decision`` facts). Nothing
+here reads a clock: ``now_ms`` is passed in.
+
+Sizing (``[risk] sizing``):
+
+* ``fraction`` - target notional = ``equity * trade_fraction * leverage / slots``
+  (slots = ``[rotation] top_n``): the leveraged balance split evenly over the slots.
+  Equity, not free balance, so the eighth slot is as large as the first.
+* ``risk`` - target notional = ``equity * risk_pct / stop_loss_pct``: the position
+  loses ``risk_pct`` % of equity if the stop hits.
+
+The target is then capped by ``max_position_notional``, by what is left of
+``max_total_notional``, and by the free margin (``free * leverage``, keeping 2 %
+for fees) - the balance is re-checked before every entry. The amount is truncated
+to the market's amount step (as ccxt's ``amount_to_precision`` does) and must meet
+the market's minimum amount and minimum notional; it is never rounded up.
+
+Entry limits, in order (the first that fails is the reason): active halts
+(``halted:<kind>``), daily loss limit, max drawdown, a position already open in the
+symbol, max open positions, cooldown after a losing exit, return correlation with an
+open position, notional caps, balance, minimums.
+
+Account limits (:func:`check_account`):
+
+* **Daily loss** = ``(day_start_equity - equity) / day_start_equity`` with equity
+  including unrealised PnL (stricter than realised-only: a deep open loss counts).
+  At ``daily_loss_limit_pct`` -> halt ``daily_loss`` until the next UTC midnight
+  (optionally closing everything).
+* **Drawdown** = ``(peak - equity) / peak`` from the recorded equity peak. At
+  ``max_drawdown_pct`` -> halt ``drawdown``: close all, cancel orders, until
+  ``cli.py resume``. (The fold must reset the equity peak on resume, or the next check
+  halts again.)
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field, replace
+from decimal import Decimal
+from types import MappingProxyType
+from typing import Any, Literal
+
+import numpy as np
+import pandas as pd
+
+from core.clock import DAY_MS, day_start_ms, utc_day
+from core.exchange_types import MarketInfo
+from core.exits import as_decimal, pct
+
+ZERO = Decimal(0)
+HUNDRED = Decimal(100)
+FREE_BALANCE_USE = Decimal("0.98")  # share of free margin an entry may use (fees, slippage)
+HALT_ORDER = ("drawdown", "daily_loss")  # reported first when several halts are active
+SizingMode = Literal["fraction", "risk"]
+
+
+# -- state ---------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class OpenExposure:
+    symbol: str
+    side: str  # "long" | "short"
+    notional: Decimal  # at entry price
+
+
+@dataclass(frozen=True)
+class RiskState:
+    """The slice of the folded ledger state the risk checks read."""
+
+    positions: tuple[OpenExposure, ...] = ()
+    halts: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
+    day_start_equity: Decimal | None = None
+    realized_today: Decimal = ZERO
+    equity_peak: Decimal | None = None
+    last_loss_exit_ms: Mapping[str, int] = field(default_factory=lambda: MappingProxyType({}))
+
+    @classmethod
+    def from_summary(cls, summary: Mapping[str, Any]) -> RiskState:
+        """From a plain summary dict with the same keys as the fields. ``positions`` may be
+        a list or a dict of ledger position dicts: each needs symbol, side and either
+        ``notional`` or ``amount`` and ``entry_price`` (times ``contract_size``, default 1)."""
+        raw = summary.get("positions") or ()
+        items = raw.values() if isinstance(raw, Mapping) else raw
+        positions = []
+        for p in items:
+            if isinstance(p, OpenExposure):
+                positions.append(p)
+                continue
+            notional = as_decimal(p.get("notional"))
+            if notional is None:
+                amount, entry = as_decimal(p.get("amount")), as_decimal(p.get("entry_price"))
+                size = as_decimal(p.get("contract_size")) or Decimal(1)
+                notional = abs(amount * entry * size) if amount is not None and entry else ZERO
+            positions.append(OpenExposure(str(p["symbol"]), str(p["side"]), notional))
+        return cls(
+            positions=tuple(positions),
+            halts=MappingProxyType(dict(summary.get("halts") or {})),
+            day_start_equity=as_decimal(summary.get("day_start_equity")),
+            realized_today=as_decimal(summary.get("realized_today")) or ZERO,
+            equity_peak=as_decimal(summary.get("equity_peak")),
+            last_loss_exit_ms=MappingProxyType({str(k): int(v) for k, v in
+                                                (summary.get("last_loss_exit_ms") or {}).items()}),
+        )
+
+    @classmethod
+    def from_ledger(cls, state: Any, now_ms: int) -> RiskState:
+        """From the ledger fold's ``State`` (or its ``to_dict()``): positions keyed by
+        symbol, halts ``{kind: {reason, ts}}``, ``last_loss_exit``, and realised PnL that
+        counts only if its ``day`` is today's UTC day."""
+        d = state.to_dict() if hasattr(state, "to_dict") else dict(state)
+        today = d.get("day") == utc_day(now_ms)
+        return cls.from_summary({**d, "realized_today": d.get("realized_today") if today else 0,
+                                 "last_loss_exit_ms": d.get("last_loss_exit_ms")
+                                 or d.get("last_loss_exit") or {}})
+
+    @property
+    def total_notional(self) -> Decimal:
+        return sum((p.notional for p in self.positions), ZERO)
+
+    def symbols(self) -> set[str]:
+        return {p.symbol for p in self.positions}
+
+    def active_halts(self, now_ms: int) -> dict[str, str]:
+        """kind -> reason of every halt in force. A halt value is a reason string, True, or
+        a dict with optional ``reason``, ``ts`` and ``until_ms`` (expired once now >=
+        until_ms). A ``daily_loss`` halt with a ``ts`` but no ``until_ms`` ends at the next
+        UTC midnight after ``ts`` even if the daily reset has not run yet."""
+        active = {}
+        for kind, value in self.halts.items():
+            if not value:
+                continue
+            if isinstance(value, Mapping):
+                until = value.get("until_ms")
+                if until is None and kind == "daily_loss" and value.get("ts") is not None:
+                    until = next_utc_midnight(int(value["ts"]))
+                if until is not None and now_ms >= int(until):
+                    continue
+                active[kind] = str(value.get("reason") or kind)
+            else:
+                active[kind] = value if isinstance(value, str) else kind
+        return active
+
+    def with_entry(self, symbol: str, side: str, notional: Decimal) -> RiskState:
+        """The state after an approved entry fills (a scan checks several entries in turn)."""
+        return replace(self, positions=(*self.positions, OpenExposure(symbol, side, notional)))
+
+    def with_exit(self, symbol: str, now_ms: int, loss: bool) -> RiskState:
+        """The state after the position in ``symbol`` closed (a loss starts the cooldown)."""
+        last = dict(self.last_loss_exit_ms)
+        if loss:
+            last[symbol] = now_ms
+        return replace(self, positions=tuple(p for p in self.positions if p.symbol != symbol),
+                       last_loss_exit_ms=MappingProxyType(last))
+
+
+# -- sizing --------------------------------------------------------------------------
+
+def truncate_amount(amount: Decimal, step: Decimal | None) -> Decimal:
+    """Down to a multiple of ``step`` (toward zero), like ccxt's amount_to_precision."""
+    if step is None or step <= 0:
+        return amount
+    out = (amount // step) * step  # // is exact integer division, toward zero
+    return out.quantize(Decimal(1)) if out.as_tuple().exponent > 0 else out  # no "1.2E+2"
+
+
+@dataclass(frozen=True)
+class SizeResult:
+    ok: bool
+    reason: str  # "ok" | "bad_input" | "below_min_amount" | "below_min_notional"
+    detail: str
+    amount: Decimal
+    notional: Decimal
+    target_notional: Decimal
+    capped_by: str | None = None
+
+
+def target_notional(mode: SizingMode, equity: Decimal, *, trade_fraction: float,
+                    risk_pct: float, leverage: int, slots: int, stop_pct: float) -> Decimal:
+    """Notional the sizing mode aims for, before caps and precision."""
+    if mode == "fraction":
+        return equity * pct(trade_fraction) * leverage / max(int(slots), 1)
+    if mode == "risk":
+        return equity * pct(risk_pct) / pct(stop_pct)
+    raise ValueError(f"sizing must be 'fraction' or 'risk', not {mode!r}")
+
+
+def size_entry(*, mode: SizingMode, price: Any, equity: Any, market: MarketInfo,
+               trade_fraction: float, risk_pct: float, leverage: int, slots: int,
+               stop_pct: float, caps: Mapping[str, Decimal] | None = None) -> SizeResult:
+    """Amount to enter at ``price``: target notional, capped by the smallest of ``caps``
+    (name -> max notional), truncated to the amount step, checked against minimums."""
+    p, eq = as_decimal(price), as_decimal(equity)
+    if p is None or p <= 0 or eq is None or eq <= 0 or leverage < 1 or stop_pct <= 0:
+        return SizeResult(False, "bad_input", f"price {price!r}, equity {equity!r}, leverage "
+                          f"{leverage}, stop {stop_pct}%: cannot size", ZERO, ZERO, ZERO)
+    target = target_notional(mode, eq, trade_fraction=trade_fraction, risk_pct=risk_pct,
+                             leverage=leverage, slots=slots, stop_pct=stop_pct)
+    wanted, capped_by = target, None
+    for name, cap in (caps or {}).items():
+        if cap < wanted:
+            wanted, capped_by = max(cap, ZERO), name
+    unit = p * market.contract_size
+    amount = truncate_amount(wanted / unit, market.amount_step)
+    notional = amount * unit
+    result = dict(amount=amount, notional=notional, target_notional=target, capped_by=capped_by)
+    if amount <= 0 or (market.min_amount is not None and amount < market.min_amount):
+        return SizeResult(False, "below_min_amount", f"amount {amount} below the minimum "
+                          f"{market.min_amount or 'step'} (notional wanted {wanted:.4f})",
+                          **result)
+    if market.min_notional is not None and notional < market.min_notional:
+        return SizeResult(False, "below_min_notional", f"notional {notional} below the minimum "
+                          f"{market.min_notional}", **result)
+    return SizeResult(True, "ok", f"{amount} at {p} = {notional:.4f} notional "
+                      f"({mode} sizing, target {target:.4f}"
+                      + (f", capped by {capped_by}" if capped_by else "") + ")", **result)
+
+
+# -- correlation ---------------------------------------------------------------------
+
+def closes_series(data: Any) -> pd.Series:
+    """Closes indexed by candle ts, from a Series (already so) or a candle frame."""
+    if isinstance(data, pd.DataFrame):
+        return pd.Series(data["close"].to_numpy(float), index=data["ts"].to_numpy())
+    return pd.Series(data, dtype=float)
+
+
+def return_correlation(a: Any, b: Any, window: int) -> float | None:
+    """Pearson correlation of the last ``window`` candle returns of two close series,
+    aligned on timestamps; None with too little overlap (under ``min(window, max(10,
+    window // 2))`` returns) or a flat series."""
+    joined = pd.concat([closes_series(a).rename("a"), closes_series(b).rename("b")], axis=1,
+                       join="inner").sort_index()
+    joined = joined[~joined.index.duplicated(keep="last")]
+    rets = joined.pct_change(fill_method=None).iloc[1:].replace([np.inf, -np.inf], np.nan)
+    rets = rets.dropna().tail(window)
+    if len(rets) < min(window, max(10, window // 2)):
+        return None
+    x, y = rets["a"].to_numpy(), rets["b"].to_numpy()
+    if np.std(x) == 0 or np.std(y) == 0:
+        return None
+    c = float(np.corrcoef(x, y)[0, 1])
+    return c if math.isfinite(c) else None
+
+
+# -- entry check ---------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class RiskDecision:
+    """Whether an entry may go ahead, and with which amount."""
+
+    approved: bool
+    reason: str  # "approved" or the first failed check, e.g. "max_positions", "halted:drawdown"
+    detail: str
+    symbol: str
+    side: str
+    amount: Decimal | None = None
+    notional: Decimal | None = None
+    checks: Mapping[str, Any] = field(default_factory=dict)  # the numbers looked at
+
+    def to_record(self) -> dict[str, Any]:
+        """JSON-ready (Decimals as strings) for the ledger."""
+        return {"approved": self.approved, "reason": self.reason, "detail": self.detail,
+                "symbol": self.symbol, "side": self.side,
+                "amount": None if self.amount is None else str(self.amount),
+                "notional": None if self.notional is None else str(self.notional),
+                "checks": _plain(self.checks)}
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, Decimal):
+        return str(value)
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple | set):
+        return [_plain(v) for v in value]
+    return value
+
+
+def daily_loss_pct(state: RiskState, equity: Decimal) -> Decimal | None:
+    dse = state.day_start_equity
+    if dse is None or dse <= 0:
+        return None
+    return (dse - equity) / dse * HUNDRED
+
+
+def drawdown_pct(state: RiskState, equity: Decimal) -> Decimal | None:
+    peak = max(state.equity_peak or equity, equity)
+    if peak <= 0:
+        return None
+    return (peak - equity) / peak * HUNDRED
+
+
+def check_entry(*, symbol: str, side: str, price: Any, market: MarketInfo, state: RiskState,
+                balance: Any, now_ms: int, config: Any,
+                closes: Mapping[str, Any] | None = None,
+                stop_pct: float | None = None) -> RiskDecision:
+    """Approve or refuse one entry and size it.
+
+    ``balance``: a fresh ``BalanceReport`` (or anything with ``free`` and ``equity``);
+    ``config``: the whole Config (risk, exchange.leverage, rotation.top_n,
+    exits.stop_loss_pct); ``closes``: symbol -> closes (Series by ts, or a candle frame)
+    for the candidate and the open positions' symbols, for the correlation limit;
+    ``stop_pct``: the strategy's stop distance if it differs from ``[exits]``.
+    """
+    rc = config.risk
+    leverage = int(config.exchange.leverage)
+    stop = float(stop_pct if stop_pct is not None else config.exits.stop_loss_pct)
+    checks: dict[str, Any] = {}
+
+    def refuse(reason: str, detail: str) -> RiskDecision:
+        return RiskDecision(False, reason, detail, symbol, side, None, None, checks)
+
+    p = as_decimal(price)
+    equity = as_decimal(getattr(balance, "equity", None))
+    free = as_decimal(getattr(balance, "free", None))
+    checks.update(price=p, equity=equity, free=free)
+    if side not in ("long", "short"):
+        return refuse("bad_input", f"side {side!r} is not long/short")
+    if p is None or p <= 0 or equity is None or free is None:
+        return refuse("bad_input", f"price {price!r} / balance {balance!r} not usable")
+
+    halts = state.active_halts(now_ms)
+    checks["halts"] = sorted(halts)
+    if halts:
+        kind = next((k for k in HALT_ORDER if k in halts), sorted(halts)[0])
+        return refuse(f"halted:{kind}", f"trading halted ({kind}: {halts[kind]})")
+
+    loss = daily_loss_pct(state, equity)
+    checks["daily_loss_pct"] = loss
+    if loss is not None and loss >= pct(rc.daily_loss_limit_pct):
+        return refuse("daily_loss_limit", f"down {loss:.2f}% since the UTC day start "
+                      f"(limit {rc.daily_loss_limit_pct}%)")
+    dd = drawdown_pct(state, equity)
+    checks["drawdown_pct"] = dd
+    if dd is not None and dd >= pct(rc.max_drawdown_pct):
+        return refuse("max_drawdown", f"drawdown {dd:.2f}% from the equity peak "
+                      f"(limit {rc.max_drawdown_pct}%)")
+
+    if symbol in state.symbols():
+        return refuse("position_open", f"a position in {symbol} is already open")
+    checks["open_positions"] = len(state.positions)
+    if len(state.positions) >= rc.max_open_positions:
+        return refuse("max_positions", f"{len(state.positions)} positions open "
+                      f"(max {rc.max_open_positions})")
+
+    last_loss = state.last_loss_exit_ms.get(symbol)
+    if last_loss is not None:
+        until = last_loss + rc.cooldown_minutes * 60_000
+        checks["cooldown_until_ms"] = until
+        if now_ms < until:
+            return refuse("cooldown", f"{symbol} exited at a loss; cooldown "
+                          f"{rc.cooldown_minutes} min ends at {until}")
+
+    blocked = _correlation_check(symbol, side, state, closes, rc, checks)
+    if blocked:
+        return refuse("correlation", blocked)
+
+    caps: dict[str, Decimal] = {}
+    if rc.max_position_notional > 0:
+        caps["max_position_notional"] = pct(rc.max_position_notional)
+    if rc.max_total_notional > 0:
+        room = pct(rc.max_total_notional) - state.total_notional
+        checks["total_notional_room"] = room
+        if room <= 0:
+            return refuse("max_total_notional", f"open notional {state.total_notional} is at the "
+                          f"limit {rc.max_total_notional}")
+        caps["max_total_notional"] = room
+    caps["free_balance"] = max(free, ZERO) * FREE_BALANCE_USE * leverage
+
+    size = size_entry(mode=rc.sizing, price=p, equity=equity, market=market,
+                      trade_fraction=rc.trade_fraction, risk_pct=rc.risk_pct, leverage=leverage,
+                      slots=config.rotation.top_n, stop_pct=stop, caps=caps)
+    checks.update(sizing=rc.sizing, target_notional=size.target_notional,
+                  capped_by=size.capped_by, amount=size.amount, notional=size.notional,
+                  margin=size.notional / leverage)
+    if not size.ok:
+        reason = size.reason
+        if size.capped_by == "free_balance":
+            reason = "insufficient_balance"
+        elif size.capped_by == "max_total_notional":
+            reason = "max_total_notional"
+        return refuse(reason, size.detail)
+    return RiskDecision(True, "approved", f"{side} {symbol}: {size.detail}", symbol, side,
+                        size.amount, size.notional, checks)
+
+
+def _correlation_check(symbol: str, side: str, state: RiskState,
+                       closes: Mapping[str, Any] | None, rc: Any,
+                       checks: dict[str, Any]) -> str | None:
+    """Detail text when an open position is too correlated with the candidate.
+
+    Direction-aware: correlation times the two directions (a long and a short on
+    correlated coins hedge each other, so that pair is not blocked)."""
+    if not closes or not state.positions:
+        return None
+    mine = closes.get(symbol)
+    seen: dict[str, float | None] = {}
+    checks["correlation"] = seen
+    if mine is None:
+        checks["correlation_missing"] = [symbol]
+        return None
+    direction = 1 if side == "long" else -1
+    for pos in state.positions:
+        other = closes.get(pos.symbol)
+        c = None if other is None else return_correlation(mine, other, rc.correlation_window)
+        seen[pos.symbol] = None if c is None else round(c, 4)
+        if c is None:
+            continue
+        signed = c * direction * (1 if pos.side == "long" else -1)
+        if signed > rc.correlation_max:
+            return (f"returns correlate {c:.3f} with open {pos.side} {pos.symbol} "
+                    f"(max {rc.correlation_max})")
+    return None
+
+
+# -- account limits ------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class HaltAction:
+    """A halt to record and carry out. ``new`` is False when the halt is already recorded
+    and only positions remain to be closed (a previous close failed)."""
+
+    kind: Literal["daily_loss", "drawdown"]
+    reason: str  # "daily_loss_limit" | "max_drawdown"
+    detail: str
+    close_all: bool
+    cancel_orders: bool
+    until_ms: int | None  # daily_loss: next UTC midnight; drawdown: None (until resume)
+    new: bool = True
+    numbers: Mapping[str, str] = field(default_factory=dict)
+
+
+def next_utc_midnight(now_ms: int) -> int:
+    return day_start_ms(now_ms) + DAY_MS
+
+
+def check_account(state: RiskState, equity: Any, now_ms: int, risk: Any) -> list[HaltAction]:
+    """Halts the account's equity calls for (``risk`` is ``config.risk``)."""
+    eq = as_decimal(equity)
+    if eq is None:
+        return []
+    halts = state.active_halts(now_ms)
+    actions: list[HaltAction] = []
+    numbers = {"equity": str(eq), "day_start_equity": str(state.day_start_equity),
+               "equity_peak": str(max(state.equity_peak or eq, eq)),
+               "realized_today": str(state.realized_today)}
+
+    dd = drawdown_pct(state, eq)
+    if "drawdown" in halts:
+        if state.positions:
+            actions.append(HaltAction("drawdown", "max_drawdown", "halted for drawdown; "
+                                      f"{len(state.positions)} position(s) still to close",
+                                      True, True, None, new=False, numbers=numbers))
+    elif dd is not None and dd >= pct(risk.max_drawdown_pct):
+        actions.append(HaltAction("drawdown", "max_drawdown", f"equity {eq} is {dd:.2f}% below "
+                                  f"the peak (limit {risk.max_drawdown_pct}%): close all, halt "
+                                  "until resume", True, True, None,
+                                  numbers={**numbers, "drawdown_pct": f"{dd:.4f}"}))
+
+    loss = daily_loss_pct(state, eq)
+    close_all = bool(risk.daily_loss_close_all)
+    if "daily_loss" in halts:
+        if close_all and state.positions and "drawdown" not in halts and not actions:
+            actions.append(HaltAction("daily_loss", "daily_loss_limit", "halted for daily loss; "
+                                      f"{len(state.positions)} position(s) still to close",
+                                      True, True, next_utc_midnight(now_ms), new=False,
+                                      numbers=numbers))
+    elif loss is not None and loss >= pct(risk.daily_loss_limit_pct):
+        actions.append(HaltAction("daily_loss", "daily_loss_limit", f"equity {eq} is {loss:.2f}% "
+                                  f"below the day start {state.day_start_equity} (limit "
+                                  f"{risk.daily_loss_limit_pct}%): no entries until "
+                                  "the next UTC day" + (", close all" if close_all else ""),
+                                  close_all, close_all, next_utc_midnight(now_ms),
+                                  numbers={**numbers, "daily_loss_pct": f"{loss:.4f}"}))
+    return actions
+
+
+def exposures(positions: Iterable[Mapping[str, Any]]) -> tuple[OpenExposure, ...]:
+    """OpenExposure tuple from ledger position dicts (see RiskState.from_summary)."""
+    return RiskState.from_summary({"positions": list(positions)}).positions
+
+
+__all__ = ["OpenExposure", "RiskState", "SizeResult", "RiskDecision", "HaltAction",
+           "truncate_amount", "target_notional", "size_entry", "return_correlation",
+           "closes_series", "check_entry", "check_account", "daily_loss_pct", "drawdown_pct",
+           "next_utc_midnight", "exposures", "FREE_BALANCE_USE"]

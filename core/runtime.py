@@ -1,0 +1,57 @@
+"""Everything a job needs, built once from the config: the imperative shell's handles.
+
+A job is a plain function of a Runtime (clock, ledger, exchange client, config,
+strategy, and the lock that serialises exchange writes across jobs).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from core.config import Config
+from core.exchange import ExchangeClient
+from core.strategies import Strategy, load_strategy
+from ledger import Ledger
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Runtime:
+    config: Config
+    clock: object
+    ledger: Ledger
+    client: ExchangeClient
+    strategy: Strategy
+    # Clients used to fetch market data concurrently (public reads); the first is `client`.
+    data_clients: list[ExchangeClient] = field(default_factory=list)
+    lock: threading.RLock = field(default_factory=threading.RLock)
+    venue: object = None  # the raw venue (a SimExchange in sim/paper/backtest)
+
+    def __post_init__(self) -> None:
+        if not self.data_clients:
+            self.data_clients = [self.client]
+
+    def close(self) -> None:
+        self.ledger.close()
+        closer = getattr(self.venue, "close", None)
+        if callable(closer):
+            closer()
+
+
+def build(config: Config, db_path: str | Path, *, clock=None, venue=None,
+          data_venues: list | None = None) -> Runtime:
+    """A runtime for ``config.bot.mode``; ``venue``/``clock`` override (tests, backtests)."""
+    from core import venues
+
+    if venue is None:
+        clock, venue, data_venues = venues.for_mode(config, clock)
+    ledger = Ledger(db_path, checkpoint_every=config.bot.checkpoint_every)
+    client = ExchangeClient(venue, config, clock)
+    data_clients = [client] + [ExchangeClient(v, config, clock) for v in (data_venues or [])]
+    return Runtime(config=config, clock=clock, ledger=ledger, client=client,
+                   strategy=load_strategy(config.strategy), data_clients=data_clients,
+                   venue=venue)

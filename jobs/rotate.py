@@ -1,0 +1,48 @@
+"""Coin rotation: the top N coins by 24 h quote volume become the active coins.
+
+Positions in coins that drop out stay managed by the scan until they close (the scan
+covers active coins and coins with open positions).
+"""
+
+from __future__ import annotations
+
+import logging
+
+from core import rotation
+from ledger import Fact
+
+log = logging.getLogger(__name__)
+
+
+def run(rt, scheduled_ms: int, run_id: str) -> dict:
+    cfg = rt.config.rotation
+    state = rt.ledger.state()
+    if state.last_rotation and state.last_rotation.get("scheduled_ms") == scheduled_ms:
+        return {"skipped": True, "reason": "already rotated for this instant"}
+    # fetch
+    tickers = rt.client.tickers()
+    tradable = rt.client.load_markets()
+    # decide
+    ranked = rotation.rank_by_volume(tickers, quote=rt.config.exchange.quote,
+                                     min_quote_volume=cfg.min_quote_volume,
+                                     blacklist=cfg.blacklist, tradable=tradable)
+    if cfg.rank_by == "volatility":
+        candidates = ranked[: cfg.top_n * 3]
+        vols = {}
+        for r in candidates:
+            candles = rt.client.closed_candles(r.symbol, rt.config.strategy.timeframe, 100)
+            vols[r.symbol] = rotation.volatility([c.close for c in candles])
+        ranked = rotation.rank_by_volatility(candidates, vols)
+    coins = rotation.choose(ranked, cfg.top_n)
+    previous = state.active_coins
+    # record
+    rt.ledger.append([Fact(
+        "rotation", rt.clock.now_ms(), run_id=run_id,
+        reason=f"top {cfg.top_n} by {cfg.rank_by}",
+        data={"coins": coins, "scheduled_ms": scheduled_ms,
+              "added": [c for c in coins if c not in previous],
+              "removed": [c for c in previous if c not in coins],
+              "ranking": [{"symbol": r.symbol, "quote_volume": r.quote_volume,
+                           "volatility": r.volatility} for r in ranked[: cfg.top_n * 2]]})])
+    log.info("rotation: %s", ", ".join(coins) or "(no eligible coins)")
+    return {"coins": len(coins), "added": len([c for c in coins if c not in previous])}

@@ -1,0 +1,183 @@
+"""Market scan: for every active coin and every coin with an open position.
+
+fetch  closed candles (concurrently), the balance
+decide account limits (halts), exits of open positions, entry signals, risk
+record  signals, risk decisions, best prices, halts; execute orders write-ahead
+
+Each symbol is decided once per closed candle: the ``signal`` fact records the candle
+it decided on, so a second scan of the same candle does nothing (idempotent), and a
+restart resumes exactly where the ledger says.
+"""
+
+from __future__ import annotations
+
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from decimal import Decimal
+
+import pandas as pd
+
+from core import exits, risk
+from core.exchange_types import BadExchangeData, Candle
+from core.execution import Executor
+from ledger import Fact
+
+log = logging.getLogger(__name__)
+
+
+def run(rt, scheduled_ms: int, run_id: str) -> dict:
+    cfg = rt.config
+    state = rt.ledger.state()
+    symbols = sorted(set(state.active_coins) | set(state.positions))
+    if not symbols:
+        return {"skipped": True, "reason": "no active coins and no open positions"}
+    # fetch
+    candles = fetch_candles(rt, symbols)
+    fresh = {s: c for s, c in candles.items() if c and c[-1].ts > state.last_signal.get(s, -1)}
+    if not fresh:
+        return {"symbols": len(symbols), "new_candles": 0}
+    balance = rt.client.balance()
+    now = rt.clock.now_ms()
+    ex = Executor(rt.ledger, rt.client, rt.clock, cfg, run_id, rt.lock)
+    summary = {"symbols": len(symbols), "new_candles": len(fresh), "entries": 0, "exits": 0}
+    rt.ledger.append([balance_fact(balance, now, run_id)])
+
+    # decide + record: account limits first (a halt may close everything)
+    state = rt.ledger.state()
+    for action in risk.check_account(risk.RiskState.from_ledger(state, now), balance.equity, now,
+                                     cfg.risk):
+        apply_halt(rt, ex, state, action, now, run_id)
+        summary.setdefault("halts", []).append(action.kind)
+    state = rt.ledger.state()
+
+    frames = {s: frame(c) for s, c in candles.items() if c}
+    entries = []
+    for symbol, series in sorted(fresh.items()):
+        signal = rt.strategy.decide(frames[symbol])
+        new = [c for c in series if c.ts > state.last_signal.get(symbol, -1)]
+        signal_fact = Fact("signal", now, run_id=run_id, symbol=symbol, side=signal.side,
+                           reason=signal.reason, price=Decimal(repr(series[-1].close)),
+                           data={**signal.to_record(), "candle_ts": series[-1].ts})
+        position = state.positions.get(symbol)
+        if position is not None:
+            summary["exits"] += manage_position(rt, ex, position, series, new, signal_fact,
+                                                now, run_id)
+        elif signal.side in ("long", "short") and symbol in state.active_coins:
+            entries.append((symbol, signal, signal_fact, series[-1]))
+        else:
+            rt.ledger.append([signal_fact])
+
+    for symbol, signal, signal_fact, last in entries:
+        summary["entries"] += enter(rt, ex, symbol, signal, signal_fact, last, frames, run_id)
+    return summary
+
+
+def fetch_candles(rt, symbols: list[str]) -> dict[str, list[Candle]]:
+    """Closed candles per symbol, fetched concurrently over the data clients."""
+    tf, limit = rt.config.strategy.timeframe, rt.config.strategy.candles
+    clients = rt.data_clients
+
+    def one(i_symbol):
+        i, symbol = i_symbol
+        try:
+            return symbol, clients[i % len(clients)].closed_candles(symbol, tf, limit)
+        except BadExchangeData as exc:
+            log.warning("%s: candles unusable, skipped this scan (%s)", symbol, exc)
+        except Exception as exc:  # noqa: BLE001 - one coin's failure must not stop the scan
+            log.warning("%s: candles unavailable, skipped this scan (%s)", symbol, exc)
+        return symbol, []
+
+    if len(clients) == 1:
+        return dict(map(one, enumerate(symbols)))
+    with ThreadPoolExecutor(max_workers=min(len(clients), len(symbols))) as pool:
+        return dict(pool.map(one, enumerate(symbols)))
+
+
+def frame(candles: list[Candle]) -> pd.DataFrame:
+    return pd.DataFrame([(c.ts, c.open, c.high, c.low, c.close, c.volume) for c in candles],
+                        columns=["ts", "open", "high", "low", "close", "volume"])
+
+
+def balance_fact(balance, now: int, run_id: str) -> Fact:
+    return Fact("balance", now, run_id=run_id,
+                data={"currency": balance.currency, "total": balance.total,
+                      "free": balance.free, "used": balance.used, "equity": balance.equity})
+
+
+def manage_position(rt, ex: Executor, position: dict, series: list[Candle],
+                    new: list[Candle], signal_fact: Fact, now: int, run_id: str) -> int:
+    """Exit rules on the candles closed since the last decision. 1 if it exited."""
+    rules = rt.strategy.exit_rules(rt.config.exits)
+    prev = [c for c in series if c.ts < new[0].ts]
+    decision = exits.evaluate_exit(position, max(c.high for c in new), min(c.low for c in new),
+                                   new[-1].close, prev[-1].close if prev else None, rules)
+    facts = [signal_fact]
+    if decision.changed:
+        facts.append(Fact("best_price", now, run_id=run_id, symbol=position["symbol"],
+                          price=decision.best_price, position_id=position["position_id"],
+                          reason=decision.reason,
+                          data={"trailing_active": decision.trailing_active,
+                                "trail_pct": decision.trail_pct, "detail": decision.detail}))
+    if decision.exit:
+        log.info("%s: exit (%s) %s", position["symbol"], decision.reason, decision.detail)
+        ex.close_position(position, decision.reason, new[-1].ts, before=facts)
+        return 1
+    rt.ledger.append(facts)
+    stop = position.get("stop") or {}
+    resting = exits.as_decimal(stop.get("price"))
+    market = rt.client.market(position["symbol"])
+    if decision.stop_price is not None and exits.stop_needs_move(
+            position["side"], resting, decision.stop_price, stop.get("ts"), now,
+            rules.stop_move_interval_s, market.price_step):
+        fresh = rt.ledger.state().positions.get(position["symbol"])
+        if fresh is not None:
+            ex.move_stop(fresh, decision.stop_price)
+    return 0
+
+
+def enter(rt, ex: Executor, symbol: str, signal, signal_fact: Fact, last: Candle,
+          frames: dict, run_id: str) -> int:
+    """Risk-check one entry against fresh state and balance; send it if approved."""
+    state = rt.ledger.state()
+    now = rt.clock.now_ms()
+    try:
+        balance = rt.client.balance()  # re-checked before each entry
+        market = rt.client.market(symbol)
+    except Exception as exc:  # noqa: BLE001 - skip this entry, keep the scan going
+        log.warning("%s: entry skipped, balance/market unavailable (%s)", symbol, exc)
+        rt.ledger.append([signal_fact])
+        return 0
+    closes = {s: f.set_index("ts")["close"] for s, f in frames.items()
+              if s == symbol or s in state.positions}
+    rules = rt.strategy.exit_rules(rt.config.exits)
+    decision = risk.check_entry(symbol=symbol, side=signal.side, price=last.close, market=market,
+                                state=risk.RiskState.from_ledger(state, now), balance=balance,
+                                now_ms=now,
+                                config=rt.config, closes=closes, stop_pct=rules.stop_loss_pct)
+    risk_fact = Fact("risk_decision", now, run_id=run_id, symbol=symbol, side=signal.side,
+                     amount=decision.amount if decision.approved else None,
+                     reason=decision.reason, data=decision.to_record())
+    if not decision.approved:
+        log.info("%s: %s entry refused: %s (%s)", symbol, signal.side, decision.reason,
+                 decision.detail)
+        rt.ledger.append([signal_fact, risk_fact])
+        return 0
+    log.info("%s: %s entry approved: %s", symbol, signal.side, decision.detail)
+    position = ex.open_position(symbol, signal.side, decision.amount, last.ts,
+                                stop_pct=rules.stop_loss_pct,
+                                ref_price=Decimal(repr(last.close)),
+                                before=[signal_fact, risk_fact])
+    return 1 if position is not None else 0
+
+
+def apply_halt(rt, ex: Executor, state, action, now: int, run_id: str) -> None:
+    """Record a new halt; close positions and cancel stops when the limit says so."""
+    if action.new:
+        log.warning("HALT %s: %s", action.kind, action.detail)
+        rt.ledger.append([Fact("halt", now, run_id=run_id, reason=action.reason,
+                               data={"kind": action.kind, "detail": action.detail,
+                                     "until_ms": action.until_ms, "close_all": action.close_all,
+                                     "numbers": dict(action.numbers)})])
+    if action.close_all:
+        for position in list(state.positions.values()):
+            ex.close_position(position, f"halt:{action.kind}", now)

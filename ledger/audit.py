@@ -1,0 +1,83 @@
+"""Read-side questions people ask of the ledger, answered from the SQL views."""
+
+from __future__ import annotations
+
+from core.clock import day_ms
+
+from .schema import VIEW_NAMES
+from .store import Ledger
+
+
+def _since_ms(since: str) -> int:
+    """YYYY-MM-DD (UTC midnight) or a full ISO timestamp ending in Z."""
+    if len(since) == 10:
+        try:
+            return day_ms(since)
+        except ValueError:
+            raise ValueError(f"--since {since!r}: not a valid day; use YYYY-MM-DD") from None
+    from datetime import datetime
+
+    try:
+        dt = datetime.fromisoformat(since.replace("Z", "+00:00"))
+    except ValueError:
+        raise ValueError(f"--since {since!r}: use YYYY-MM-DD or an ISO time like "
+                         "2026-01-02T03:04:05Z") from None
+    if dt.tzinfo is None:
+        raise ValueError(f"--since {since!r}: give the time zone (Z for UTC)")
+    return int(dt.timestamp() * 1000)
+
+
+def positions(ledger: Ledger) -> list[dict]:
+    return ledger.select("SELECT * FROM open_positions ORDER BY opened_seq")
+
+
+def trades(ledger: Ledger, since: str | None = None, symbol: str | None = None,
+           limit: int | None = None) -> list[dict]:
+    where, params = ["1"], []
+    if since:
+        where.append("closed_seq IN (SELECT seq FROM facts WHERE type = 'position_closed' "
+                     "AND ts >= ?)")
+        params.append(_since_ms(since))
+    if symbol:
+        where.append("symbol = ?")
+        params.append(symbol)
+    sql = f"SELECT * FROM closed_trades WHERE {' AND '.join(where)} ORDER BY closed_seq"
+    rows = ledger.select(sql, params)
+    return rows[-limit:] if limit else rows
+
+
+def pnl(ledger: Ledger, by: str = "day") -> list[dict]:
+    if by == "day":
+        return ledger.select("SELECT * FROM daily_pnl")
+    if by == "symbol":
+        return ledger.select(
+            "SELECT symbol, count(*) AS trades, sum(CAST(realized_pnl AS REAL) > 0) AS wins, "
+            "round(sum(CAST(realized_pnl AS REAL)), 8) AS realized_pnl, "
+            "round(sum(CAST(fees AS REAL)), 8) AS fees "
+            "FROM closed_trades GROUP BY symbol ORDER BY realized_pnl DESC")
+    raise ValueError(f"--by {by!r}: allowed: day | symbol")
+
+
+def orders(ledger: Ledger, tail: int | None = None) -> list[dict]:
+    rows = ledger.select("SELECT * FROM orders_timeline")
+    return rows[-tail:] if tail else rows
+
+
+def events(ledger: Ledger, tail: int = 20) -> list[dict]:
+    rows = ledger.select(
+        "SELECT seq, time, type, symbol, side, amount, price, pnl, client_order_id, reason "
+        "FROM ledger WHERE seq > (SELECT ifnull(max(seq), 0) FROM facts) - ? ORDER BY seq",
+        (tail,))
+    return rows
+
+
+def export(ledger: Ledger, view: str) -> list[dict]:
+    if view not in VIEW_NAMES:
+        raise ValueError(f"unknown view {view!r}; views: {', '.join(VIEW_NAMES)}")
+    return ledger.select(f"SELECT * FROM {view}")
+
+
+def job_runs(ledger: Ledger, tail: int = 50) -> list[dict]:
+    return ledger.select("SELECT * FROM job_runs WHERE seq IN (SELECT seq FROM facts "
+                         "WHERE type = 'job_run' ORDER BY seq DESC LIMIT ?) ORDER BY seq",
+                         (tail,))

@@ -1,0 +1,346 @@
+"""The bot's state as a pure fold over ledger rows.
+
+Nothing here reads a clock, a file or the network: ``fold(rows, state)`` is all the
+bot knows after a crash. Rows are tuples in chain.COLUMNS order (plus nothing else),
+exactly as stored. Amounts stay decimal strings; sums use Decimal.
+
+State shape (JSON-safe, so a checkpoint can hold it):
+  seq            last folded sequence number
+  positions      {symbol: {position_id, symbol, side, amount, entry_price, opened_ts,
+                  opened_seq, best_price, trailing_active, trail_pct, stop, stops_placed,
+                  fees}}  (fees paid so far)
+                 stop = {client_order_id, exchange_order_id, price, ts} | None
+  orders         {client_order_id: {...}} orders not yet terminal (intent, submitted,
+                 accepted, partially_filled, unknown)
+  day            UTC day of the last realized PnL, realized_today / fees_today for it
+  day_start_equity  equity recorded at the last day close
+  last_day_closed   YYYY-MM-DD of the last day_close
+  equity, equity_peak  from balance snapshots
+  halts          {kind: {reason, ts}}
+  active_coins   [symbol, ...] from the last rotation
+  last_runs      {job: {ts, outcome, scheduled_ms, duration_ms, seq}}
+  last_loss_exit {symbol: ts} of the last losing exit (risk cooldown)
+  last_reconcile_ts
+  last_rotation  {scheduled_ms, ts} of the last rotation
+  last_signal    {symbol: candle_ts} of the last candle a strategy decided on
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field, fields
+from decimal import Context, Decimal, InvalidOperation
+
+from core.clock import utc_day
+
+from .chain import COLUMNS
+
+TERMINAL_STATES = frozenset({"filled", "cancelled", "rejected", "expired"})
+UNRESOLVED_STATES = frozenset({"intent", "submitted", "unknown"})
+
+_I = {name: i for i, name in enumerate(COLUMNS)}
+SEQ, TS, TYPE, SYMBOL, SIDE = _I["seq"], _I["ts"], _I["type"], _I["symbol"], _I["side"]
+AMOUNT, PRICE, FEE, PNL = _I["amount"], _I["price"], _I["fee"], _I["pnl"]
+POSITION_ID, CLIENT_ID, EXCHANGE_ID = _I["position_id"], _I["client_order_id"], \
+    _I["exchange_order_id"]
+REASON, DATA = _I["reason"], _I["data"]
+
+
+@dataclass
+class State:
+    seq: int = 0
+    positions: dict = field(default_factory=dict)
+    orders: dict = field(default_factory=dict)
+    day: str = ""
+    realized_today: str = "0"
+    fees_today: str = "0"
+    day_start_equity: str | None = None
+    last_day_closed: str | None = None
+    equity: str | None = None
+    equity_peak: str | None = None
+    halts: dict = field(default_factory=dict)
+    active_coins: list = field(default_factory=list)
+    last_runs: dict = field(default_factory=dict)
+    last_loss_exit: dict = field(default_factory=dict)
+    last_reconcile_ts: int | None = None
+    last_rotation: dict | None = None
+    last_signal: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return {name: _clone(getattr(self, name)) for name in _FIELDS}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> State:
+        return cls(**{name: _clone(value) for name, value in d.items()})
+
+    def copy(self) -> State:
+        """A deep copy (the state is plain JSON data, so this is cheap)."""
+        return State(**self.to_dict())
+
+    # Derived views, still pure.
+    def unresolved_orders(self) -> list[dict]:
+        return [o for o in self.orders.values() if o["state"] in UNRESOLVED_STATES]
+
+    def realized_on(self, day: str) -> Decimal:
+        return Decimal(self.realized_today) if self.day == day else Decimal(0)
+
+    def realized_today_at(self, now_ms: int) -> Decimal:
+        return self.realized_on(utc_day(now_ms))
+
+    def halted(self) -> bool:
+        return bool(self.halts)
+
+
+_FIELDS = tuple(f.name for f in fields(State))
+
+
+def _clone(value):
+    """Deep copy of JSON-shaped data: much cheaper than copy.deepcopy."""
+    if type(value) is dict:
+        return {k: _clone(v) for k, v in value.items()}
+    if type(value) is list:
+        return [_clone(v) for v in value]
+    return value
+
+
+def fold(rows, state: State | None = None) -> State:
+    """Apply rows (in seq order) to a copy of ``state`` and return it."""
+    return fold_into(State() if state is None else state.copy(), rows)
+
+
+def fold_into(s: State, rows) -> State:
+    """fold() without the copy: ``s`` changes in place (half-changed if it raises).
+
+    Every rule accepts any row a valid Fact can produce: an odd value in ``data`` must
+    never stop the fold, or the bot could not start again.
+    """
+    handlers = _HANDLERS
+    for row in rows:
+        handler = handlers.get(row[TYPE])
+        if handler is not None:
+            handler(s, row)
+        s.seq = row[SEQ]
+    return s
+
+
+def _data(row) -> dict:
+    return json.loads(row[DATA])
+
+
+# Sums must not depend on the caller's decimal context: the fold is pure.
+_SUM = Context(prec=60)
+
+
+def _add(a: str, b: str | None) -> str:
+    return a if b is None else format(_SUM.add(Decimal(a), Decimal(b)), "f")
+
+
+def _amount(value) -> str | None:
+    """A quantity found in ``data`` as decimal text, or None if it is not one."""
+    if isinstance(value, bool) or not isinstance(value, str | int | float):
+        return None
+    try:
+        d = Decimal(value) if isinstance(value, str) else Decimal(repr(value))
+    except InvalidOperation:
+        return None
+    if not d.is_finite():
+        return None
+    return value if isinstance(value, str) else format(d, "f")
+
+
+def _key(value, default: str) -> str:
+    """A dict key that survives a checkpoint's JSON unchanged (JSON keys are strings)."""
+    if value is None:
+        return default
+    return value if isinstance(value, str) else json.dumps(value, sort_keys=True)
+
+
+def _order_intent(s: State, row) -> None:
+    d = _data(row)
+    s.orders[row[CLIENT_ID]] = {
+        "client_order_id": row[CLIENT_ID], "symbol": row[SYMBOL], "side": row[SIDE],
+        "amount": row[AMOUNT], "purpose": d.get("purpose"), "type": d.get("type", "market"),
+        "reduce_only": bool(d.get("reduce_only", False)), "trigger_price": d.get("trigger_price"),
+        "position_id": row[POSITION_ID], "state": "intent", "filled": "0",
+        "exchange_order_id": None, "intent_seq": row[SEQ], "ts": row[TS],
+    }
+
+
+def _order_submitted(s: State, row) -> None:
+    order = s.orders.get(row[CLIENT_ID])
+    if order is not None:
+        order["state"] = "submitted"
+
+
+def _order_update(s: State, row) -> None:
+    order = s.orders.get(row[CLIENT_ID])
+    if order is None:
+        return
+    state = _data(row).get("state")
+    if isinstance(state, str) and state in TERMINAL_STATES:
+        del s.orders[row[CLIENT_ID]]
+        return
+    order["state"] = state
+    if row[EXCHANGE_ID]:
+        order["exchange_order_id"] = row[EXCHANGE_ID]
+
+
+def _fill(s: State, row) -> None:
+    order = s.orders.get(row[CLIENT_ID]) if row[CLIENT_ID] else None
+    if order is not None:
+        order["filled"] = _add(order["filled"], row[AMOUNT])
+    if row[FEE] is not None:
+        _roll_day(s, row[TS])
+        s.fees_today = _add(s.fees_today, row[FEE])
+
+
+def _position_opened(s: State, row) -> None:
+    s.positions[row[SYMBOL]] = {
+        "position_id": row[POSITION_ID], "symbol": row[SYMBOL], "side": row[SIDE],
+        "amount": row[AMOUNT], "entry_price": row[PRICE], "opened_ts": row[TS],
+        "opened_seq": row[SEQ], "best_price": row[PRICE], "trailing_active": False,
+        "trail_pct": None, "stop": None, "stops_placed": 0, "fees": row[FEE] or "0",
+    }
+
+
+def _position_of(s: State, row) -> dict | None:
+    p = s.positions.get(row[SYMBOL])
+    if p is None or (row[POSITION_ID] and p["position_id"] != row[POSITION_ID]):
+        return None
+    return p
+
+
+def _position_changed(s: State, row) -> None:
+    p = _position_of(s, row)
+    if p is not None:
+        p["amount"] = row[AMOUNT]
+        if row[PRICE] is not None:
+            p["entry_price"] = row[PRICE]
+        if row[FEE] is not None:
+            p["fees"] = row[FEE]
+
+
+def _position_closed(s: State, row) -> None:
+    p = _position_of(s, row)
+    if p is not None:
+        del s.positions[row[SYMBOL]]
+    _roll_day(s, row[TS])
+    s.realized_today = _add(s.realized_today, row[PNL])
+    if row[PNL] is not None and Decimal(row[PNL]) < 0:
+        s.last_loss_exit[row[SYMBOL]] = row[TS]
+
+
+def _roll_day(s: State, ts: int) -> None:
+    day = utc_day(ts)
+    if day != s.day:
+        s.day, s.realized_today, s.fees_today = day, "0", "0"
+
+
+def _best_price(s: State, row) -> None:
+    p = _position_of(s, row)
+    if p is not None:
+        d = _data(row)
+        p["best_price"] = row[PRICE]
+        p["trailing_active"] = bool(d.get("trailing_active", p["trailing_active"]))
+        if d.get("trail_pct") is not None:
+            p["trail_pct"] = d["trail_pct"]
+
+
+def _stop_placed(s: State, row) -> None:
+    p = _position_of(s, row)
+    if p is not None:
+        p["stop"] = {"client_order_id": row[CLIENT_ID], "exchange_order_id": row[EXCHANGE_ID],
+                     "price": row[PRICE], "ts": row[TS]}
+        p["stops_placed"] += 1
+
+
+def _stop_cancelled(s: State, row) -> None:
+    p = s.positions.get(row[SYMBOL])
+    if p is not None and p["stop"] and p["stop"]["client_order_id"] == row[CLIENT_ID]:
+        p["stop"] = None
+
+
+def _balance(s: State, row) -> None:
+    equity = _amount(_data(row).get("equity"))
+    if equity is None:
+        return
+    s.equity = equity
+    if s.equity_peak is None or Decimal(equity) > Decimal(s.equity_peak):
+        s.equity_peak = equity
+
+
+def _rotation(s: State, row) -> None:
+    d = _data(row)
+    coins = d.get("coins", [])
+    s.active_coins = coins if isinstance(coins, list) else []
+    s.last_rotation = {"scheduled_ms": d.get("scheduled_ms"), "ts": row[TS]}
+
+
+def _signal(s: State, row) -> None:
+    candle_ts = _data(row).get("candle_ts")
+    if candle_ts is not None and row[SYMBOL]:
+        s.last_signal[row[SYMBOL]] = candle_ts
+
+
+def _day_close(s: State, row) -> None:
+    d = _data(row)
+    day = d.get("day")
+    s.last_day_closed = day if day is None or isinstance(day, str) else json.dumps(day)
+    equity = _amount(d.get("equity"))
+    if equity is not None:
+        s.day_start_equity = equity
+    s.halts.pop("daily_loss", None)
+
+
+def _halt(s: State, row) -> None:
+    d = _data(row)
+    s.halts[_key(d.get("kind"), "manual")] = {"reason": row[REASON], "ts": row[TS],
+                                               "until_ms": d.get("until_ms")}
+
+
+def _resume(s: State, row) -> None:
+    kind = _key(_data(row).get("kind"), "all")
+    if kind == "all":
+        s.halts.clear()
+    else:
+        s.halts.pop(kind, None)
+    if kind in ("all", "drawdown"):
+        # A human accepted the loss: drawdown is measured from here on, or the halt
+        # would fire again at once.
+        s.equity_peak = s.equity
+
+
+def _job_run(s: State, row) -> None:
+    d = _data(row)
+    s.last_runs[_key(d.get("job"), "?")] = {
+        "ts": row[TS], "outcome": d.get("outcome"), "scheduled_ms": d.get("scheduled_ms"),
+        "duration_ms": d.get("duration_ms"), "seq": row[SEQ],
+    }
+
+
+def _reconcile_run(s: State, row) -> None:
+    if not _data(row).get("dry_run"):
+        s.last_reconcile_ts = row[TS]
+
+
+_HANDLERS = {
+    "order_intent": _order_intent,
+    "order_submitted": _order_submitted,
+    "order_update": _order_update,
+    "fill": _fill,
+    "position_opened": _position_opened,
+    "position_changed": _position_changed,
+    "position_closed": _position_closed,
+    "best_price": _best_price,
+    "stop_placed": _stop_placed,
+    "stop_moved": _stop_placed,
+    "stop_cancelled": _stop_cancelled,
+    "balance": _balance,
+    "rotation": _rotation,
+    "signal": _signal,
+    "day_close": _day_close,
+    "halt": _halt,
+    "resume": _resume,
+    "job_run": _job_run,
+    "reconcile_run": _reconcile_run,
+}

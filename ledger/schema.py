@@ -1,0 +1,169 @@
+"""Schema of the ledger, as numbered migrations (PRAGMA user_version).
+
+One append-only table, ``facts``, ordered by one global sequence. Columns an auditor
+filters on are real columns; the rest of a fact lives in ``data`` (canonical JSON).
+Triggers refuse every UPDATE and DELETE (and so every upsert), and every INSERT
+that does not extend the sequence (so INSERT OR REPLACE cannot rewrite history).
+Views present the facts to people; they are documentation you can query.
+"""
+
+from __future__ import annotations
+
+APPLICATION_ID = 0x4C424F54  # "LBOT": marks a file as our ledger
+
+ISO = "strftime('%Y-%m-%dT%H:%M:%fZ', {col} / 1000.0, 'unixepoch')"
+
+
+def iso(col: str) -> str:
+    return ISO.format(col=col)
+
+
+FACTS_TABLE = """
+CREATE TABLE facts (
+    seq               INTEGER PRIMARY KEY,   -- one global order of all facts
+    ts                INTEGER NOT NULL,      -- UTC milliseconds, from the bot's clock
+    type              TEXT NOT NULL,         -- see ledger/facts.py FACT_TYPES
+    run_id            TEXT,                  -- the job run that recorded it
+    symbol            TEXT,
+    side              TEXT,                  -- buy|sell for orders, long|short for positions
+    amount            TEXT,                  -- decimal strings, exactly as sent/received
+    price             TEXT,
+    fee               TEXT,
+    pnl               TEXT,
+    position_id       TEXT,
+    client_order_id   TEXT,
+    exchange_order_id TEXT,
+    reason            TEXT,
+    data              TEXT NOT NULL,         -- canonical JSON of the rest of the fact
+    hash              BLOB NOT NULL          -- sha256(previous hash || canonical(row))
+)
+"""
+
+TRIGGERS = """
+CREATE TRIGGER facts_no_update BEFORE UPDATE ON facts
+BEGIN SELECT RAISE(ABORT, 'ledger is append-only: UPDATE refused'); END;
+CREATE TRIGGER facts_no_delete BEFORE DELETE ON facts
+BEGIN SELECT RAISE(ABORT, 'ledger is append-only: DELETE refused'); END;
+CREATE TRIGGER facts_append_only BEFORE INSERT ON facts
+WHEN NEW.seq IS NULL OR NEW.seq <= (SELECT ifnull(max(seq), 0) FROM facts)
+BEGIN SELECT RAISE(ABORT, 'ledger is append-only: a new fact must extend the sequence'); END;
+"""
+
+# Only partial indexes on the columns few rows carry: every index entry costs each
+# append, and appends must stay fast (fsync already dominates a commit).
+INDEXES = """
+CREATE INDEX facts_client_order ON facts(client_order_id) WHERE client_order_id IS NOT NULL;
+CREATE INDEX facts_position ON facts(position_id) WHERE position_id IS NOT NULL;
+"""
+
+VIEWS = f"""
+CREATE VIEW ledger AS
+SELECT seq, {iso('ts')} AS time, type, symbol, side, amount, price, fee, pnl, position_id,
+       client_order_id, exchange_order_id, reason, run_id, data, lower(hex(hash)) AS hash
+FROM facts;
+
+CREATE VIEW open_positions AS
+SELECT o.position_id, o.symbol, o.side,
+       coalesce((SELECT c.amount FROM facts c WHERE c.type = 'position_changed'
+                 AND c.position_id = o.position_id ORDER BY c.seq DESC LIMIT 1), o.amount)
+         AS amount,
+       coalesce((SELECT c.price FROM facts c WHERE c.type = 'position_changed'
+                 AND c.position_id = o.position_id ORDER BY c.seq DESC LIMIT 1), o.price)
+         AS entry_price,
+       (SELECT b.price FROM facts b WHERE b.type = 'best_price'
+          AND b.position_id = o.position_id ORDER BY b.seq DESC LIMIT 1) AS best_price,
+       (SELECT s.price FROM facts s WHERE s.type IN ('stop_placed', 'stop_moved')
+          AND s.position_id = o.position_id ORDER BY s.seq DESC LIMIT 1) AS stop_price,
+       {iso('o.ts')} AS opened_at, o.seq AS opened_seq
+FROM facts o
+WHERE o.type = 'position_opened'
+  AND NOT EXISTS (SELECT 1 FROM facts c WHERE c.type = 'position_closed'
+                  AND c.position_id = o.position_id);
+
+CREATE VIEW closed_trades AS
+SELECT c.position_id, c.symbol, o.side,
+       coalesce(c.amount,
+                (SELECT p.amount FROM facts p WHERE p.type = 'position_changed'
+                   AND p.position_id = c.position_id ORDER BY p.seq DESC LIMIT 1),
+                o.amount) AS amount,
+       o.price AS entry_price, c.price AS exit_price,
+       c.fee AS fees, c.pnl AS realized_pnl, c.reason AS exit_reason,
+       {iso('o.ts')} AS opened_at, {iso('c.ts')} AS closed_at,
+       round((c.ts - o.ts) / 1000.0, 3) AS duration_s,
+       o.seq AS opened_seq, c.seq AS closed_seq
+FROM facts c
+JOIN facts o ON o.type = 'position_opened' AND o.position_id = c.position_id
+WHERE c.type = 'position_closed';
+
+CREATE VIEW orders_timeline AS
+SELECT seq, {iso('ts')} AS time, client_order_id, exchange_order_id, symbol, side, type AS event,
+       CASE type WHEN 'order_intent' THEN 'intent'
+                 WHEN 'order_submitted' THEN 'submitted'
+                 WHEN 'fill' THEN 'fill'
+                 ELSE json_extract(data, '$.state') END AS state,
+       amount, price, fee, json_extract(data, '$.purpose') AS purpose, reason, position_id
+FROM facts
+WHERE type IN ('order_intent', 'order_submitted', 'order_update', 'fill')
+ORDER BY seq;
+
+CREATE VIEW daily_pnl AS
+SELECT strftime('%Y-%m-%d', ts / 1000, 'unixepoch') AS day,
+       count(*) AS trades,
+       sum(CAST(pnl AS REAL) > 0) AS wins,
+       round(sum(CAST(pnl AS REAL)), 8) AS realized_pnl,
+       round(sum(CAST(fee AS REAL)), 8) AS fees,
+       (SELECT json_extract(d.data, '$.equity') FROM facts d WHERE d.type = 'day_close'
+          AND json_extract(d.data, '$.day') = strftime('%Y-%m-%d', f.ts / 1000, 'unixepoch')
+          ORDER BY d.seq DESC LIMIT 1) AS closing_equity
+FROM facts f
+WHERE type = 'position_closed'
+GROUP BY day
+ORDER BY day;
+
+CREATE VIEW job_runs AS
+SELECT seq, json_extract(data, '$.job') AS job,
+       {iso("json_extract(data, '$.scheduled_ms')")} AS scheduled_for,
+       {iso("json_extract(data, '$.started_ms')")} AS started_at,
+       json_extract(data, '$.duration_ms') AS duration_ms,
+       json_extract(data, '$.outcome') AS outcome,
+       reason AS error, run_id
+FROM facts
+WHERE type = 'job_run'
+ORDER BY seq;
+
+CREATE VIEW risk_events AS
+SELECT seq, {iso('ts')} AS time, type, symbol, side, amount, reason,
+       json_extract(data, '$.detail') AS detail
+FROM facts
+WHERE (type = 'risk_decision' AND json_extract(data, '$.approved') = 0)
+   OR type IN ('halt', 'resume')
+ORDER BY seq;
+
+CREATE VIEW reconciliations AS
+SELECT seq, {iso('ts')} AS time, json_extract(data, '$.status') AS status,
+       json_array_length(data, '$.differences') AS differences,
+       json_array_length(data, '$.corrections') AS corrections,
+       json_extract(data, '$.dry_run') AS dry_run, data
+FROM facts
+WHERE type = 'reconcile_run'
+ORDER BY seq;
+
+CREATE VIEW balances AS
+SELECT seq, {iso('ts')} AS time, json_extract(data, '$.currency') AS currency,
+       json_extract(data, '$.total') AS total, json_extract(data, '$.free') AS free,
+       json_extract(data, '$.equity') AS equity
+FROM facts
+WHERE type = 'balance'
+ORDER BY seq;
+"""
+
+VIEW_NAMES = ("ledger", "open_positions", "closed_trades", "orders_timeline", "daily_pnl",
+              "job_runs", "risk_events", "reconciliations", "balances")
+
+# Each migration is a script run inside one transaction. Never edit a released one:
+# append a new one. The list index + 1 is the schema version.
+MIGRATIONS: tuple[str, ...] = (
+    FACTS_TABLE + ";" + TRIGGERS + INDEXES + VIEWS,
+)
+
+SCHEMA_VERSION = len(MIGRATIONS)

@@ -1,0 +1,450 @@
+"""Opening, appending to, reading and verifying the ledger file.
+
+Rules this module keeps: WAL, synchronous=FULL, a busy timeout on every connection,
+one connection per thread, every write in BEGIN IMMEDIATE, readers open the file
+read-only. A batch of facts commits whole or not at all. A file that is not ours is
+never written to.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+import sqlite3
+import threading
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import schema
+from .chain import (
+    CANONICAL_SQL,
+    COLUMNS,
+    GENESIS,
+    canonical,
+    check_chain,
+    encode_tail,
+    link,
+    link_tail,
+)
+from .facts import Fact, FactError
+from .fold import State, fold, fold_into
+
+log = logging.getLogger(__name__)
+
+BUSY_TIMEOUT_S = 10.0
+SQLITE_HEADER = b"SQLite format 3\x00"
+SELECT_ROWS = f"SELECT {', '.join(COLUMNS)} FROM facts"
+INSERT_ROW = (f"INSERT INTO facts ({', '.join(COLUMNS)}, hash) "
+              f"VALUES ({', '.join('?' * (len(COLUMNS) + 1))})")
+
+
+ROWS_PER_INSERT = 1000  # 16 bound variables a row; SQLite allows 32766 per statement
+
+
+@functools.lru_cache(maxsize=64)
+def _insert_many(n: int) -> str:
+    """One INSERT of n rows: far fewer round trips than executemany."""
+    row = f"({', '.join('?' * (len(COLUMNS) + 1))})"
+    return f"INSERT INTO facts ({', '.join(COLUMNS)}, hash) VALUES {', '.join([row] * n)}"
+
+
+class LedgerError(Exception):
+    """The ledger cannot be opened or used as asked (the CLI exits 2)."""
+
+
+class LedgerWriteError(LedgerError):
+    """A batch could not be committed; nothing of it was written."""
+
+
+@dataclass(frozen=True)
+class VerifyReport:
+    ok: bool
+    rows: int
+    last_seq: int
+    first_bad_seq: int | None = None
+    problem: str = ""
+
+
+def check_path(path: Path, *, for_writing: bool) -> None:
+    """Refuse, with the path named, anything that is not (or cannot become) our ledger."""
+    if path.is_dir():
+        raise LedgerError(f"{path}: is a directory, not a ledger file")
+    if not path.exists():
+        if not for_writing:
+            raise LedgerError(f"{path}: no ledger here (the bot creates it on its first run)")
+        parent = path.parent if str(path.parent) else Path(".")
+        if not parent.is_dir():
+            raise LedgerError(f"{path}: folder {parent} does not exist")
+        if not os.access(parent, os.W_OK):
+            why = "read-only filesystem" if _read_only_fs(parent) else "no write permission"
+            raise LedgerError(f"{path}: cannot create the ledger: folder {parent} is not "
+                              f"writable ({why})")
+        return
+    try:
+        with open(path, "rb") as fh:
+            header = fh.read(16)
+    except OSError as exc:
+        raise LedgerError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    if header and header != SQLITE_HEADER:
+        raise LedgerError(f"{path}: not an SQLite database; refusing to touch it")
+    if for_writing and not os.access(path, os.W_OK):
+        why = "read-only filesystem" if _read_only_fs(path) else "no write permission"
+        raise LedgerError(f"{path}: not writable ({why}); nothing was changed")
+
+
+def _read_only_fs(path: Path) -> bool:
+    try:
+        return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
+    except OSError:
+        return False
+
+
+def _configure(conn: sqlite3.Connection) -> None:
+    conn.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
+    conn.execute("PRAGMA synchronous = FULL")
+
+
+def connect(path: Path, *, readonly: bool) -> sqlite3.Connection:
+    try:
+        if readonly:
+            conn = _connect_ro(path, "mode=ro")
+            try:
+                _configure(conn)
+            except sqlite3.OperationalError:
+                # WAL readers need a -shm file. On a read-only filesystem nobody can
+                # create one, but nobody can write either: with no -wal file the main
+                # file alone is the whole ledger, so reading it as immutable is exact.
+                conn.close()
+                if not _read_only_fs(path) or os.path.exists(f"{path}-wal"):
+                    raise
+                conn = _connect_ro(path, "immutable=1")
+                _configure(conn)
+        else:
+            conn = sqlite3.connect(path, timeout=BUSY_TIMEOUT_S, isolation_level=None)
+            _configure(conn)
+    except sqlite3.Error as exc:
+        raise LedgerError(f"{path}: cannot open ({exc})") from None
+    return conn
+
+
+def _connect_ro(path: Path, mode: str) -> sqlite3.Connection:
+    uri = f"{Path(path).absolute().as_uri()}?{mode}"
+    conn = sqlite3.connect(uri, uri=True, timeout=BUSY_TIMEOUT_S, isolation_level=None)
+    conn.execute("PRAGMA query_only = 1")
+    return conn
+
+
+def _identify(conn: sqlite3.Connection, path: Path) -> int:
+    """The schema version of our ledger; 0 for an empty new file. Refuses foreign files."""
+    try:
+        app_id = conn.execute("PRAGMA application_id").fetchone()[0]
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        tables = conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]
+    except sqlite3.DatabaseError as exc:
+        raise LedgerError(f"{path}: not a readable SQLite database ({exc}); refusing to "
+                          "touch it") from None
+    if app_id == schema.APPLICATION_ID:
+        if version > schema.SCHEMA_VERSION:
+            raise LedgerError(f"{path}: ledger schema version {version} is newer than this "
+                              f"code's version {schema.SCHEMA_VERSION}; upgrade the bot")
+        return version
+    if app_id == 0 and version == 0 and tables == 0:
+        return 0
+    raise LedgerError(f"{path}: an SQLite database, but not a ledger of this bot "
+                      f"(application_id {app_id}, {tables} schema objects); refusing to "
+                      "modify it")
+
+
+def _migrate(conn: sqlite3.Connection, path: Path, current: int) -> None:
+    if current == schema.SCHEMA_VERSION:
+        return
+    try:
+        conn.execute("PRAGMA journal_mode = WAL")
+        conn.execute("BEGIN IMMEDIATE")
+        # Re-read inside the lock: another process may have migrated meanwhile.
+        current = _identify(conn, path)
+        for version in range(current + 1, schema.SCHEMA_VERSION + 1):
+            for statement in _statements(schema.MIGRATIONS[version - 1]):
+                conn.execute(statement)
+            conn.execute(f"PRAGMA user_version = {version}")
+        conn.execute(f"PRAGMA application_id = {schema.APPLICATION_ID}")
+        conn.execute("COMMIT")
+    except sqlite3.Error as exc:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise LedgerError(f"{path}: cannot create or migrate the ledger ({exc})") from None
+
+
+def _statements(script: str) -> Iterator[str]:
+    """Split a migration script into complete statements (triggers contain ';')."""
+    buf = ""
+    for line in script.splitlines(keepends=True):
+        buf += line
+        if sqlite3.complete_statement(buf):
+            if buf.strip().strip(";").strip():
+                yield buf
+            buf = ""
+    if buf.strip():
+        raise ValueError(f"incomplete statement in migration: {buf[:80]!r}")
+
+
+class Ledger:
+    """The append-only ledger at ``path``. Safe to share between threads."""
+
+    def __init__(self, path: str | os.PathLike, *, readonly: bool = False,
+                 checkpoint_every: int = 5000) -> None:
+        self.path = Path(path)
+        self.readonly = readonly
+        self.checkpoint_every = checkpoint_every
+        self._local = threading.local()
+        self._all_conns: list[sqlite3.Connection] = []
+        self._conns_lock = threading.Lock()
+        self._state_lock = threading.Lock()
+        self._state: State | None = None  # folded up to _state.seq, guarded by _state_lock
+        self._known_checkpoint = 0
+        if checkpoint_every < 1:
+            raise ValueError(f"checkpoint_every must be at least 1, got {checkpoint_every}")
+        check_path(self.path, for_writing=not readonly)
+        if readonly:
+            version = _identify(self._conn(), self.path)
+            if version != schema.SCHEMA_VERSION:
+                raise LedgerError(f"{self.path}: ledger schema version {version}, this code "
+                                  f"reads {schema.SCHEMA_VERSION}; run the bot once to "
+                                  "migrate it")
+            return
+        if self.path.exists() and self.path.stat().st_size > 0:
+            # Look through a read-only connection first: a file that is not ours must
+            # not even have its WAL checkpointed by our closing connection.
+            probe = connect(self.path, readonly=True)
+            try:
+                _identify(probe, self.path)
+            finally:
+                probe.close()
+        conn = self._conn()
+        _migrate(conn, self.path, _identify(conn, self.path))
+
+    # -- connections -------------------------------------------------------------------
+
+    def _conn(self) -> sqlite3.Connection:
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = connect(self.path, readonly=self.readonly)
+            self._local.conn = conn
+            with self._conns_lock:
+                self._all_conns.append(conn)
+        return conn
+
+    def close(self) -> None:
+        with self._conns_lock:
+            for conn in self._all_conns:
+                try:
+                    conn.close()
+                except sqlite3.ProgrammingError:
+                    pass  # made in another thread that already ended
+            self._all_conns.clear()
+        self._local = threading.local()
+
+    def __enter__(self) -> Ledger:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- writing -----------------------------------------------------------------------
+
+    def append(self, facts: Sequence[Fact]) -> list[int]:
+        """Commit ``facts`` as one atomic batch; return their sequence numbers."""
+        if self.readonly:
+            raise LedgerError(f"{self.path}: opened read-only")
+        if not facts:
+            return []
+        # Validate, normalise and encode everything before taking the write lock: a bad
+        # fact anywhere in the batch refuses the whole batch before anything is written.
+        prepared = []
+        for fact in facts:
+            if not isinstance(fact, Fact):
+                raise FactError(f"not a Fact: {type(fact).__name__}")
+            values = fact.values()
+            prepared.append((values, encode_tail(values)))
+        conn = self._conn()
+        new_state = None
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            last = conn.execute("SELECT seq, hash FROM facts ORDER BY seq DESC LIMIT 1")
+            seq, prev = last.fetchone() or (0, GENESIS)
+            first = seq + 1
+            rows, params = [], []
+            for values, tail in prepared:
+                seq += 1
+                prev = link_tail(prev, seq, tail)
+                rows.append((seq, *values))
+                params += (seq, *values, prev)
+            width = len(COLUMNS) + 1
+            for i in range(0, len(rows), ROWS_PER_INSERT):
+                chunk = params[i * width:(i + ROWS_PER_INSERT) * width]
+                conn.execute(_insert_many(len(chunk) // width), chunk)
+            if self._checkpoint_due(conn, seq):
+                new_state = self._fold_to(conn, seq, rows)
+                seq += 1
+                values = Fact("checkpoint", facts[-1].ts,
+                              data={"state": new_state.to_dict()}).row(seq)
+                conn.execute(INSERT_ROW, (*values, link(prev, values)))
+                new_state.seq = seq
+            conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            self._rollback(conn)
+            raise LedgerWriteError(f"{self.path}: batch of {len(facts)} facts not recorded "
+                                   f"({exc}); earlier facts are intact") from None
+        except BaseException:
+            self._rollback(conn)
+            raise
+        self._committed(rows, new_state)
+        return list(range(first, first + len(rows)))
+
+    def _committed(self, rows: list[tuple], checkpoint: State | None) -> None:
+        """Keep the cached state current with what this thread just committed.
+
+        Folding the rows we still hold costs less than reading them back later, and
+        spreads the fold a checkpoint needs over the appends. Rows another connection
+        committed in between are picked up by state() from the file.
+        """
+        with self._state_lock:
+            if checkpoint is not None:
+                self._known_checkpoint = max(self._known_checkpoint, checkpoint.seq)
+                if self._state is None or self._state.seq < checkpoint.seq:
+                    self._state = checkpoint
+            elif self._state is not None and self._state.seq == rows[0][0] - 1:
+                try:
+                    fold_into(self._state, rows)
+                except Exception:
+                    log.exception("%s: cannot fold seq %d..%d; state() will retry",
+                                  self.path, rows[0][0], rows[-1][0])
+                    self._state = None
+
+    @staticmethod
+    def _rollback(conn: sqlite3.Connection) -> None:
+        if conn.in_transaction:
+            try:
+                conn.execute("ROLLBACK")
+            except sqlite3.Error:
+                pass  # SQLite already rolled back (e.g. after SQLITE_FULL)
+
+    def _checkpoint_due(self, conn: sqlite3.Connection, last_seq: int) -> bool:
+        if last_seq - self._known_checkpoint < self.checkpoint_every:
+            return False
+        # Another process may have written one since we last looked.
+        row = conn.execute("SELECT seq FROM facts WHERE type = 'checkpoint' AND seq > ? "
+                           "ORDER BY seq DESC LIMIT 1",
+                           (last_seq - self.checkpoint_every,)).fetchone()
+        if row is not None:
+            self._known_checkpoint = row[0]
+            return False
+        return True
+
+    def checkpoint(self, ts: int) -> int:
+        """Append a checkpoint of the current state now; return its seq."""
+        conn = self._conn()
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            last = conn.execute("SELECT seq, hash FROM facts ORDER BY seq DESC LIMIT 1")
+            seq, prev = last.fetchone() or (0, GENESIS)
+            state = self._fold_to(conn, seq)
+            values = Fact("checkpoint", ts, data={"state": state.to_dict()}).row(seq + 1)
+            conn.execute(INSERT_ROW, (*values, link(prev, values)))
+            conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            self._rollback(conn)
+            raise LedgerWriteError(f"{self.path}: checkpoint not recorded ({exc})") from None
+        state.seq = seq + 1
+        self._committed([], state)
+        return seq + 1
+
+    # -- reading -----------------------------------------------------------------------
+
+    def rows(self, after: int = 0, upto: int | None = None,
+             conn: sqlite3.Connection | None = None) -> Iterator[tuple]:
+        conn = conn or self._conn()
+        if upto is None:
+            return conn.execute(f"{SELECT_ROWS} WHERE seq > ? ORDER BY seq", (after,))
+        return conn.execute(f"{SELECT_ROWS} WHERE seq > ? AND seq <= ? ORDER BY seq",
+                            (after, upto))
+
+    def select(self, sql: str, params: Iterable = ()) -> list[sqlite3.Row]:
+        conn = self._conn()
+        cur = conn.execute(sql, tuple(params))
+        names = [d[0] for d in cur.description or ()]
+        return [dict(zip(names, row, strict=True)) for row in cur]
+
+    def last_seq(self) -> int:
+        return self._conn().execute("SELECT ifnull(max(seq), 0) FROM facts").fetchone()[0]
+
+    def facts_for_order(self, client_order_id: str) -> list[tuple]:
+        return list(self._conn().execute(
+            f"{SELECT_ROWS} WHERE client_order_id = ? ORDER BY seq", (client_order_id,)))
+
+    def state(self) -> State:
+        """The folded state of everything committed so far (checkpoint + tail)."""
+        conn = self._conn()
+        with self._state_lock:
+            if self._state is None:
+                self._state = self._from_checkpoint(conn)
+            try:
+                fold_into(self._state, self.rows(after=self._state.seq, conn=conn))
+            except BaseException:
+                self._state = None  # half folded: start again from a checkpoint next time
+                raise
+            return self._state.copy()
+
+    def _fold_to(self, conn: sqlite3.Connection, upto: int, new_rows: Sequence = ()) -> State:
+        """The state at ``upto`` inside the write transaction; ``new_rows`` (already
+        inserted, ending at ``upto``) are folded from memory when the cache reaches them."""
+        with self._state_lock:
+            base = self._state.copy() if self._state is not None else None
+        if base is not None and new_rows and base.seq == new_rows[0][0] - 1:
+            return fold_into(base, new_rows)
+        if base is None or base.seq > upto:
+            base = self._from_checkpoint(conn, upto)
+        return fold_into(base, self.rows(after=base.seq, upto=upto, conn=conn))
+
+    def _from_checkpoint(self, conn: sqlite3.Connection, upto: int | None = None) -> State:
+        sql = "SELECT seq, data FROM facts WHERE type = 'checkpoint'"
+        params: tuple = ()
+        if upto is not None:
+            sql += " AND seq <= ?"
+            params = (upto,)
+        # No index on type (it would tax every append); checkpoints are at most
+        # checkpoint_every rows apart, so this backward scan is short.
+        row = conn.execute(sql + " ORDER BY seq DESC LIMIT 1", params).fetchone()
+        if row is None:
+            return State()
+        state = State.from_dict(json.loads(row[1])["state"])
+        state.seq = row[0]
+        return state
+
+    def replay(self) -> State:
+        """Fold every row from the first: the slow, checkpoint-free path (for checks)."""
+        return fold(self.rows(after=0))
+
+    def verify(self) -> VerifyReport:
+        """Recompute the hash chain from the first row; name the first bad one."""
+        conn = connect(self.path, readonly=True)
+        try:
+            conn.execute("BEGIN")  # one consistent snapshot while the service appends
+            cur = conn.execute(f"SELECT seq, hash, {CANONICAL_SQL} FROM facts ORDER BY seq")
+            n, last, bad = check_chain(cur, recheck=lambda seq: _python_canonical(conn, seq))
+            conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            raise LedgerError(f"{self.path}: cannot read the ledger to verify it ({exc})") \
+                from None
+        finally:
+            conn.close()
+        if bad is None:
+            return VerifyReport(True, n, last)
+        return VerifyReport(False, n, last, bad[0], bad[1])
+
+
+def _python_canonical(conn: sqlite3.Connection, seq: int) -> bytes:
+    return canonical(conn.execute(f"{SELECT_ROWS} WHERE seq = ?", (seq,)).fetchone())

@@ -1,0 +1,51 @@
+"""Helpers shared by the simulated exchange's tests (real venue, real SQLite, virtual clock)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from core.clock import VirtualClock
+from core.sim_exchange import SimExchange
+from core.sim_market import CsvMarket, SyntheticMarket
+
+T0 = 1_700_006_400_000  # 2023-11-15 00:00 UTC, a 5-minute boundary
+TF = 300_000
+DAY = 86_400_000
+REPO = Path(__file__).resolve().parents[1]
+SHARED_OHLCV = REPO.parent / "shared" / "data" / "ohlcv"
+
+
+def synthetic(n: int = 4, seed: int = 42) -> SyntheticMarket:
+    return SyntheticMarket(seed, n, "5m", origin_ms=T0 - 3 * DAY)
+
+
+def make_sim(source=None, clock=None, **kw) -> tuple[SimExchange, VirtualClock]:
+    clock = clock or VirtualClock(T0)
+    kw.setdefault("slippage_bps", 0.0)
+    return SimExchange(source or synthetic(), clock, **kw), clock
+
+
+def qty_for(ex: SimExchange, symbol: str, notional: float) -> str:
+    """An amount worth about ``notional`` USDT at the current price."""
+    return ex.amount_to_precision(symbol, notional / ex.fetch_ticker(symbol)["last"])
+
+
+def write_csv(folder: Path, name: str, rows: list[tuple]) -> None:
+    """rows: (ts, open, high, low, close, volume)."""
+    lines = ["timestamp,open,high,low,close,volume"]
+    lines += [",".join(str(x) for x in r) for r in rows]
+    (folder / name).write_text("\n".join(lines) + "\n")
+
+
+def csv_market(folder: Path, closes_by_base: dict[str, list[tuple]]) -> CsvMarket:
+    """A CSV folder of hand-made 5 m candles (o, h, l, c[, v]) starting at T0 - 10 candles."""
+    for base, candles in closes_by_base.items():
+        rows = [(T0 - 10 * TF + i * TF, *c[:4], c[4] if len(c) > 4 else 1000.0)
+                for i, c in enumerate(candles)]
+        write_csv(folder, f"{base}_USDT-5m.csv", rows)
+    return CsvMarket(folder, "5m", "USDT")
+
+
+def flat(price: float, n: int) -> list[tuple]:
+    """n quiet candles around ``price``."""
+    return [(price, price * 1.001, price * 0.999, price)] * n
