@@ -96,7 +96,8 @@ def status(ctx: click.Context, as_json: bool) -> None:
         state = ledger.state()
         # In sim mode the bot's clock runs ahead of the wall clock: never report a run
         # from the future; the last fact's time is the bot's latest "now".
-        last_ts = ledger.select("SELECT max(ts) AS ts FROM facts")[0]["ts"] or 0
+        last = ledger.select("SELECT ts FROM facts ORDER BY seq DESC LIMIT 1")
+        last_ts = last[0]["ts"] if last else 0
         now = max(WallClock().now_ms(), last_ts)
         mode = ledger.select("SELECT json_extract(data, '$.mode') AS mode FROM facts "
                              "WHERE type = 'service' ORDER BY seq DESC LIMIT 1")
@@ -424,6 +425,82 @@ def job_cmd(ctx, name, as_json) -> None:
         click.echo(f"{name}: {record['outcome']} in {record['duration_ms']} ms "
                    f"{json.dumps(record['summary'], default=str)}")
     sys.exit(0 if record["outcome"] != "error" else 1)
+
+
+# -- dashboard --------------------------------------------------------------------------
+
+
+@main.command()
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to listen on; beyond localhost needs BOT_DASHBOARD_TOKEN.")
+@click.option("--port", default=8050, show_default=True, type=click.IntRange(0, 65535))
+@click.pass_context
+@refusing
+def dashboard(ctx, host, port) -> None:
+    """Serve the read-only web dashboard: positions, P&L, job health (GET /health)."""
+    from core import dashboard as web
+
+    web.serve(load_config(ctx), ctx.obj["db"], host, port, echo=click.echo)
+
+
+# -- backtests (core/backtest_run.py does the work) -------------------------------------
+
+
+def _backtest_db(ctx: click.Context, db_path: str | None) -> str:
+    """`backtest --db`, else the group's --db if given explicitly, else backtest.db."""
+    if db_path:
+        return db_path
+    explicit = ctx.find_root().get_parameter_source("db") != click.core.ParameterSource.DEFAULT
+    return ctx.obj["db"] if explicit else "backtest.db"
+
+
+@main.command()
+@click.option("--data", "data_dir", required=True, type=click.Path(),
+              help="Folder of BASE_QUOTE-TF.csv candles.")
+@click.option("--strategy", help="Strategy name (default: [strategy] name of the config).")
+@click.option("--from", "start", help="First candle: YYYY-MM-DD or ISO time (UTC).")
+@click.option("--to", "end", help="End, exclusive: YYYY-MM-DD or ISO time (UTC).")
+@click.option("--db", "db_path", type=click.Path(dir_okay=False),
+              help="Ledger to write [default: backtest.db]; an earlier backtest's is replaced.")
+@click.option("--plot", type=click.Path(dir_okay=False),
+              help="Write the equity and drawdown chart (HTML; .svg for the bare SVG).")
+@json_option
+@click.pass_context
+@refusing
+def backtest(ctx, data_dir, strategy, start, end, db_path, plot, as_json) -> None:
+    """Replay candles through the live strategy, risk and execution code into a ledger."""
+    from core.backtest_run import backtest_command
+
+    click.echo(backtest_command(load_config(ctx), data_dir, strategy=strategy, start=start,
+                                end=end, db_path=_backtest_db(ctx, db_path), plot=plot,
+                                as_json=as_json))
+
+
+@main.command()
+@click.option("--data", "data_dir", required=True, type=click.Path(),
+              help="Folder of BASE_QUOTE-TF.csv candles.")
+@click.option("--grid", "grid_path", required=True, type=click.Path(dir_okay=False),
+              help="TOML file of parameter lists per config section (see core/walkforward.py).")
+@click.option("--train", default="7d", show_default=True, help="Training window: 7d, 36h, ...")
+@click.option("--test", default="2d", show_default=True, help="Test window that follows it.")
+@click.option("--strategy", help="Strategy name (default: [strategy] name of the config).")
+@click.option("--from", "start", help="Start of the data used (YYYY-MM-DD, UTC).")
+@click.option("--to", "end", help="End of the data used, exclusive.")
+@click.option("--objective", default="total_return", show_default=True,
+              type=click.Choice(["total_return", "sharpe", "sortino", "profit_factor"]))
+@click.option("--workers", type=click.IntRange(min=1), help="Processes [default: all cores].")
+@json_option
+@click.pass_context
+@refusing
+def walkforward(ctx, data_dir, grid_path, train, test, strategy, start, end, objective,
+                workers, as_json) -> None:
+    """Optimise on rolling training windows, judge on the windows that follow."""
+    from core.backtest_run import walkforward_command
+
+    click.echo(walkforward_command(load_config(ctx), data_dir, grid_path=grid_path,
+                                   train=train, test=test, strategy=strategy, start=start,
+                                   end=end, objective=objective, workers=workers,
+                                   as_json=as_json))
 
 
 # -- config -----------------------------------------------------------------------------

@@ -5,9 +5,18 @@ start, before the first scan: reconcile, close the UTC days that ended while the
 was down, rotate if no coins are active. SIGTERM/SIGINT let the running job finish,
 record the shutdown and exit 0 within SHUTDOWN_GRACE_S.
 
-In sim mode the bot's clock runs ``sim.speed`` times faster than the wall clock, so
-every interval is divided by the speed and the daily reset polls (it closes whatever
-UTC days the bot's clock has finished) instead of waiting for a wall-clock midnight.
+In paper and live mode the bot's clock is the wall clock and the daily reset is a cron
+at 00:00 UTC. In sim mode the bot's clock runs ``sim.speed`` times faster than the wall
+clock (and resumes where the simulated exchange stopped), so every interval is divided
+by the speed and the daily reset polls every 5 bot-minutes: it closes whatever UTC days
+the bot's clock has finished, instead of waiting for a wall-clock midnight.
+
+Runs that do not happen are recorded too (a ``job_run`` fact with outcome ``missed``,
+``skipped`` or ``error`` and the reason), so the ledger accounts for every scheduled run:
+APScheduler reports runs it missed (later than the misfire grace) and runs it dropped
+(the previous one still going); runs it merged into a later one (coalescing, after the
+scheduler itself was late) it does not report, so the service counts them from the
+trigger and records each as skipped.
 """
 
 from __future__ import annotations
@@ -18,15 +27,23 @@ import math
 import os
 import signal
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from apscheduler.events import EVENT_JOB_MAX_INSTANCES, EVENT_JOB_MISSED
+from apscheduler.events import (
+    EVENT_JOB_ERROR,
+    EVENT_JOB_MAX_INSTANCES,
+    EVENT_JOB_MISSED,
+    EVENT_JOB_SUBMITTED,
+)
+from apscheduler.schedulers.base import SchedulerNotRunningError
 from apscheduler.schedulers.blocking import BlockingScheduler
 from apscheduler.triggers.cron import CronTrigger
 from apscheduler.triggers.interval import IntervalTrigger
 
 from core import logs, runtime
+from core.clock import WallClock
 from core.config import Config
 from jobs import daily_reset, reconcile, rotate, scan
 from jobs.runner import record_not_run, run_job
@@ -35,6 +52,14 @@ from ledger import Fact
 log = logging.getLogger(__name__)
 
 SHUTDOWN_GRACE_S = 30
+DAILY_POLL_S = 300  # sim mode: the daily reset looks for ended days every 5 bot-minutes
+NOT_RUN = {
+    EVENT_JOB_MISSED: ("missed", "started too late (misfire grace exceeded)"),
+    EVENT_JOB_MAX_INSTANCES: ("skipped", "previous run still going (max_instances=1)"),
+    EVENT_JOB_ERROR: ("error", "the job wrapper raised"),
+}
+COALESCED = "coalesced: due while the scheduler was late; the next run covers it"
+MAX_COALESCED_RECORDS = 100  # per late wake-up (a suspended host can miss thousands)
 JOBS = {"scan": scan.run, "rotate": rotate.run, "daily_reset": daily_reset.run,
         "reconcile": reconcile.run}
 
@@ -57,7 +82,8 @@ def speed_of(config: Config) -> float:
 
 
 def schedules(config: Config) -> dict[str, Schedule]:
-    """The triggers of the four jobs. Pure, so tests can ask them for fire times."""
+    """The triggers of the four jobs (wall-clock triggers in UTC). Pure, so tests can ask
+    them for fire times."""
     s, speed = config.schedule, speed_of(config)
     scan_s = s.scan_interval_s / speed
     rotate_s = s.rotate_interval_h * 3600 / speed
@@ -70,13 +96,26 @@ def schedules(config: Config) -> dict[str, Schedule]:
         "reconcile": Schedule(IntervalTrigger(seconds=reconcile_s, timezone="UTC"),
                               max(reconcile_s / 2, 1.0), s.reconcile_interval_s * 1000),
     }
-    if speed == 1.0:
-        out["daily_reset"] = Schedule(CronTrigger(hour=0, minute=0, second=5, timezone="UTC"),
+    if config.bot.mode != "sim":  # the bot's clock is the wall clock
+        out["daily_reset"] = Schedule(CronTrigger(hour=0, minute=0, second=0, timezone="UTC"),
                                       3600, None)
     else:
-        poll_s = 300 / speed  # every 5 bot-minutes
+        poll_s = DAILY_POLL_S / speed
         out["daily_reset"] = Schedule(IntervalTrigger(seconds=poll_s, timezone="UTC"),
-                                      max(poll_s, 1.0), 300_000)
+                                      max(poll_s, 1.0), DAILY_POLL_S * 1000)
+    return out
+
+
+def fire_times_between(trigger, after, before, limit: int = MAX_COALESCED_RECORDS + 1) -> list:
+    """The trigger's fire times strictly between two of its fire times (at most
+    ``limit``). Pure."""
+    if isinstance(trigger, IntervalTrigger):
+        n = min(round((before - after) / trigger.interval) - 1, limit)
+        return [after + trigger.interval * k for k in range(1, n + 1)]
+    out, t = [], trigger.get_next_fire_time(after, after)
+    while t is not None and t < before and len(out) < limit:
+        out.append(t)
+        t = trigger.get_next_fire_time(t, t)
     return out
 
 
@@ -124,6 +163,11 @@ class Service:
         self.scheduler = BlockingScheduler(timezone="UTC", job_defaults={
             "coalesce": True, "max_instances": 1})
         self.stopping = threading.Event()
+        self._serving = False  # the scheduler is (about to be) started; guarded by _gate
+        self._gate = threading.Lock()
+        self._watchdog = threading.Timer(SHUTDOWN_GRACE_S, self._force_exit)
+        self._watchdog.daemon = True
+        self._last_due: dict = {}  # job -> the last run time APScheduler handled (wall)
 
     def job(self, name: str) -> None:
         if self.stopping.is_set():
@@ -134,10 +178,13 @@ class Service:
     def startup(self) -> None:
         """Reconcile before the first scan; catch up missed days; rotate if needed."""
         self.record_service("started")
-        run_job(self.rt, "reconcile", JOBS["reconcile"])
-        run_job(self.rt, "daily_reset", JOBS["daily_reset"])
-        if not self.rt.ledger.state().active_coins:
-            run_job(self.rt, "rotate", JOBS["rotate"])
+        steps = [("reconcile", lambda: True), ("daily_reset", lambda: True),
+                 ("rotate", lambda: not self.rt.ledger.state().active_coins)]
+        for name, wanted in steps:
+            if self.stopping.is_set():
+                return
+            if wanted():
+                run_job(self.rt, name, JOBS[name])
 
     def record_service(self, event: str) -> None:
         try:
@@ -147,11 +194,43 @@ class Service:
         except Exception as exc:  # noqa: BLE001
             log.error("service %s not recorded: %s", event, exc)
 
+    def on_event(self, event) -> None:
+        """Listener (scheduler thread): account for runs merged away, then runs not run."""
+        if event.code in (EVENT_JOB_SUBMITTED, EVENT_JOB_MAX_INSTANCES):
+            self.on_due(event)
+        if event.code in NOT_RUN:
+            self.on_not_run(event)
+
+    def on_due(self, event) -> None:
+        """Record the fire times between the last run handled and this one: coalesced."""
+        plan, times = self.plan.get(event.job_id), event.scheduled_run_times
+        last = self._last_due.get(event.job_id)
+        self._last_due[event.job_id] = times[-1]
+        if plan is None or last is None:
+            return
+        dropped = fire_times_between(plan.trigger, last, times[0])
+        for run_time in dropped[:MAX_COALESCED_RECORDS]:
+            record_not_run(self.rt, event.job_id,
+                           slot(self.bot_ms(run_time), plan.interval_ms), "skipped", COALESCED)
+        if len(dropped) > MAX_COALESCED_RECORDS:
+            log.warning("job %s: more than %d runs coalesced; only the first %d recorded",
+                        event.job_id, MAX_COALESCED_RECORDS, MAX_COALESCED_RECORDS)
+
     def on_not_run(self, event) -> None:
-        outcome = "missed" if event.code == EVENT_JOB_MISSED else "skipped"
-        reason = ("started too late (misfire grace exceeded)" if outcome == "missed"
-                  else "previous run still going (max_instances=1)")
-        record_not_run(self.rt, event.job_id, self.rt.clock.now_ms(), outcome, reason)
+        """A run APScheduler missed, dropped, or whose wrapper raised."""
+        outcome, reason = NOT_RUN[event.code]
+        if event.code == EVENT_JOB_ERROR:
+            reason = f"{reason}: {type(event.exception).__name__}: {event.exception}"
+        times = getattr(event, "scheduled_run_times", None) or [event.scheduled_run_time]
+        plan = self.plan.get(event.job_id)
+        for run_time in times:
+            scheduled = slot(self.bot_ms(run_time), plan.interval_ms if plan else None)
+            record_not_run(self.rt, event.job_id, scheduled, outcome, reason)
+
+    def bot_ms(self, run_time) -> int:
+        """The bot-clock instant of a wall-clock run time (the clocks differ in sim mode)."""
+        late_ms = WallClock().now_ms() - int(run_time.timestamp() * 1000)
+        return self.rt.clock.now_ms() - int(max(late_ms, 0) * speed_of(self.rt.config))
 
     def request_stop(self, signum=None, frame=None) -> None:
         """Signal-safe: sets a flag and lets a thread shut the scheduler down."""
@@ -162,13 +241,20 @@ class Service:
         threading.Thread(target=self._shutdown, name="shutdown", daemon=True).start()
 
     def _shutdown(self) -> None:
-        watchdog = threading.Timer(SHUTDOWN_GRACE_S, self._force_exit)
-        watchdog.daemon = True
-        watchdog.start()
-        try:
-            self.scheduler.shutdown(wait=True)
-        except Exception as exc:  # noqa: BLE001 - not started yet, or already down
-            log.debug("scheduler shutdown: %s", exc)
+        self._watchdog.start()  # cancelled by run() once it returns
+        while True:
+            with self._gate:
+                if not self._serving:
+                    return  # run() sees the flag and never starts the scheduler
+            try:
+                self.scheduler.shutdown(wait=True)  # waits for the running job
+                return
+            except SchedulerNotRunningError:
+                # run() is between deciding to start and start() setting the state.
+                time.sleep(0.05)
+            except Exception as exc:  # noqa: BLE001 - already down
+                log.debug("scheduler shutdown: %s", exc)
+                return
 
     def _force_exit(self) -> None:
         log.error("a job did not finish within %s s; exiting anyway (the ledger is crash-safe)",
@@ -176,17 +262,29 @@ class Service:
         self.record_service("stopped (forced)")
         os._exit(0)
 
-    def run(self) -> int:
-        self.startup()
+    def install(self) -> None:
+        """The four jobs on their triggers, and the listener that records runs not run."""
+        self.plan = schedules(self.rt.config)  # interval triggers count from now
         for name, plan in self.plan.items():
             self.scheduler.add_job(self.job, plan.trigger, args=[name], id=name, name=name,
+                                   coalesce=True, max_instances=1,
                                    misfire_grace_time=math.ceil(plan.misfire_grace_s))
-        self.scheduler.add_listener(self.on_not_run, EVENT_JOB_MISSED | EVENT_JOB_MAX_INSTANCES)
-        if not self.stopping.is_set():
+        self.scheduler.add_listener(self.on_event, EVENT_JOB_SUBMITTED | EVENT_JOB_MISSED
+                                    | EVENT_JOB_MAX_INSTANCES | EVENT_JOB_ERROR)
+
+    def run(self) -> int:
+        """Start-up jobs, then the scheduler until a stop is requested. Returns 0."""
+        self.startup()
+        self.install()
+        with self._gate:
+            self._serving = not self.stopping.is_set()
+        if self._serving:
             log.info("service running: mode %s, exchange %s, ledger %s",
                      self.rt.config.bot.mode, self.rt.config.exchange.id, self.rt.ledger.path)
             self.scheduler.start()
+        self._watchdog.cancel()
         self.record_service("stopped")
+        log.info("service stopped")
         return 0
 
 

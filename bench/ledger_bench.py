@@ -29,6 +29,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from core.orders import client_order_id  # noqa: E402
 from ledger import Fact, Ledger  # noqa: E402
 
 START_MS = 1_767_225_600_000  # 2026-01-01T00:00:00Z
@@ -68,7 +69,7 @@ def realistic_facts(seed: int = 1) -> Iterator[Fact]:
                            data={"approved": approved, "checks": ["exposure", "cooldown"]})
                 if not approved:
                     continue
-                cid = f"e-{n}-{symbol[:3]}"
+                cid = client_order_id("bot1", symbol, "entry", ts)
                 order_side = "buy" if side == "long" else "sell"
                 yield Fact("order_intent", ts, symbol=symbol, side=order_side, amount=amount,
                            client_order_id=cid, run_id=run,
@@ -82,17 +83,17 @@ def realistic_facts(seed: int = 1) -> Iterator[Fact]:
                            price=str(price), fee=fee, client_order_id=cid, run_id=run,
                            data={"trade_id": str(rng.getrandbits(40)), "fee_currency": "USDT",
                                  "source": "exchange"})
-                pid = f"p-{n}-{symbol[:3]}"
+                pid = cid  # the project names a position after its entry order
                 yield Fact("position_opened", ts + 41, symbol=symbol, side=side, amount=amount,
                            price=str(price), fee=fee, position_id=pid, run_id=run)
                 stop = f"{price * (0.98 if side == 'long' else 1.02):.4f}"
+                stop_cid = client_order_id("bot1", symbol, "stop", ts)
                 yield Fact("stop_placed", ts + 60, symbol=symbol, price=stop, position_id=pid,
-                           client_order_id=f"s-{n}-{symbol[:3]}", run_id=run,
-                           data={"purpose": "stop"})
+                           client_order_id=stop_cid, run_id=run, data={"purpose": "stop"})
                 open_pos[symbol] = {"pid": pid, "side": side, "amount": amount,
-                                    "entry": price, "stop_cid": f"s-{n}-{symbol[:3]}"}
+                                    "entry": price, "stop_cid": stop_cid}
             elif rng.random() < 0.15:
-                cid = f"x-{n}-{symbol[:3]}"
+                cid = client_order_id("bot1", symbol, "exit", ts)
                 order_side = "sell" if pos["side"] == "long" else "buy"
                 yield Fact("order_intent", ts, symbol=symbol, side=order_side,
                            amount=pos["amount"], client_order_id=cid, run_id=run,

@@ -156,6 +156,7 @@ class SimSection:
     slippage_bps: float = param(2.0, "Slippage of market orders, basis points.", lo=0, hi=10_000)
     partial_fill_prob: float = param(0.0, "Probability that a market order fills partially.",
                                      lo=0, hi=1)
+    latency_ms: float = param(0.0, "Simulated network latency of every venue call, ms.", lo=0, hi=60_000)
 
 
 @dataclass(frozen=True)
@@ -173,6 +174,8 @@ class FaultsSection:
     bad_candles: float = param(0.0, "Duplicated / missing / out-of-order / NaN candles.",
                                lo=0, hi=1)
     clock_skew: float = param(0.0, "Timestamp (-1021) error.", lo=0, hi=1)
+    crash_before_accept: float = param(0.0, "TEST ONLY: the bot process SIGKILLs itself as an order is sent (intent committed, order never reaches the book).", lo=0, hi=1)
+    crash_after_accept: float = param(0.0, "TEST ONLY: the bot process SIGKILLs itself right after the exchange accepted an order (its ack never recorded).", lo=0, hi=1)
 
 
 SECTIONS: dict[str, type] = {

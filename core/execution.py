@@ -11,9 +11,11 @@ Flows:
   cancelled); fills, the order's final state and position_opened land in one batch;
   then a reduce-only stop is placed at once.
 * close_position: cancel the stop first; if it filled meanwhile, record that close
-  and send nothing (no reverse position); otherwise a reduce-only exit order.
+  and send nothing (no reverse position); otherwise a reduce-only exit order. A
+  position left open (exit refused, ambiguous or partial) gets a stop again.
 * move_stop: new stop first, then cancel the old one, so the position is never bare;
-  at most once per ``exits.stop_move_interval_s``.
+  at most once per ``exits.stop_move_interval_s``. If the old stop filled in between,
+  the close is recorded and the new stop cancelled.
 """
 
 from __future__ import annotations
@@ -22,14 +24,14 @@ import json
 import logging
 import threading
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from decimal import Decimal
 
 import ccxt
 
 from core.exchange_types import BadExchangeData, FillReport, OrderReport, OrderRequest, SubmitResult
 from core.exits import stop_price
-from core.orders import client_order_id, state_of, transition
+from core.orders import TERMINAL, client_order_id, state_of, transition
 from ledger import Fact, Ledger
 
 log = logging.getLogger(__name__)
@@ -47,6 +49,17 @@ def realized_pnl(side: str, amount: Decimal, entry: Decimal, exit_: Decimal,
     """PnL of closing ``amount`` net of all fees paid on the position (linear contracts)."""
     gross = (exit_ - entry) * amount
     return (gross if side == "long" else -gross) - fees
+
+
+def executed(report: OrderReport | None) -> bool:
+    """Did a stop that is no longer working execute (all or part)?"""
+    return report is not None and report.status != "open" and report.filled > 0
+
+
+def unsettled(report: OrderReport | None) -> bool:
+    """A triggered stop whose execution is not visible yet (Binance's algo TRIGGERED reads
+    ``closed`` with nothing filled): its fate is unknown, so nothing may be sent on it."""
+    return report is not None and report.status == "closed" and report.filled == 0
 
 
 @dataclass(frozen=True)
@@ -126,7 +139,11 @@ class Executor:
             if result.status != "accepted":
                 log.warning("order %s %s: %s", req.client_order_id, result.status, result.reason)
                 self.record([self.update(req, "submitted", result.status, reason=result.reason,
-                                         position_id=position_id)])
+                                         position_id=position_id,
+                                         exchange_order_id=result.order.exchange_order_id
+                                         if result.order else None,
+                                         data={"errors": result.errors} if result.errors
+                                         else None)])
             return result
 
     def settle(self, req: OrderRequest, order: OrderReport | None, current: str,
@@ -146,8 +163,11 @@ class Executor:
         if report is None:
             raise BadExchangeData(f"order {req.client_order_id}: no report to settle")
         if not trigger and report.status == "open":
-            report = self.client.cancel(req.symbol, client_order_id=req.client_order_id) \
-                or report
+            try:
+                report = self.client.cancel(req.symbol, client_order_id=req.client_order_id) \
+                    or report
+            except READ_ERRORS as exc:  # recorded as partially filled; reconcile finishes it
+                log.warning("order %s: remainder not cancelled (%s)", req.client_order_id, exc)
         new = state_of(report.status, report.amount, report.filled)
         fills = self.fills_of(report, since_ms) if report.filled > 0 else []
         facts = [self.fill_fact(f, position_id) for f in fills]
@@ -155,29 +175,49 @@ class Executor:
         facts.append(self.update(req, current, new, exchange_order_id=report.exchange_order_id,
                                  position_id=position_id,
                                  data={"filled": report.filled, "average": report.average_price}))
-        average = report.average_price
-        if fills and average is None:
-            average = sum((f.price * f.amount for f in fills), ZERO) / report.filled
-        return Settlement(report, new, report.filled, average, fee, facts)
+        return Settlement(report, new, report.filled, _average(report, fills), fee, facts)
 
     def fills_of(self, report: OrderReport, since_ms: int) -> list[FillReport]:
-        """The account trades of one order; a synthetic one for any part not yet listed."""
+        """The account trades of one order; a synthetic one for any part not yet listed.
+
+        Binance's trade list carries no client order id, and a triggered stop trades
+        under the id of the market order it turned into, found by the stop's client id.
+        Every fill returned carries the order's client id, so the ledger ties it to its
+        order.
+        """
         try:
             trades = self.client.fills(report.symbol, since_ms)
         except READ_ERRORS as exc:
             log.warning("fills of %s unavailable (%s)", report.client_order_id, exc)
             trades = []
-        mine = [t for t in trades if (report.exchange_order_id and
-                                      t.exchange_order_id == report.exchange_order_id)
+        ids = {report.exchange_order_id} - {None}
+        if report.is_trigger and report.client_order_id and trades:
+            ids |= self._triggered_order_ids(report)
+        mine = [t for t in trades if t.exchange_order_id in ids
                 or (report.client_order_id and t.client_order_id == report.client_order_id)]
+        if report.client_order_id:
+            mine = [t if t.client_order_id else replace(t, client_order_id=report.client_order_id)
+                    for t in mine]
         missing = report.filled - sum((t.amount for t in mine), ZERO)
         if missing > 0 and report.average_price is not None:
             # Trades can lag the order; the order itself is proof of the fill. Reconcile
             # skips orders whose fills add up, so this is never counted twice.
+            log.warning("order %s: %s filled without a listed trade; fee unknown",
+                        report.client_order_id, missing)
             mine.append(FillReport(report.symbol, f"order:{report.exchange_order_id}:rest",
                                    report.exchange_order_id, report.client_order_id, report.side,
                                    missing, report.average_price, ZERO, "", report.ts or 0))
         return mine
+
+    def _triggered_order_ids(self, stop: OrderReport) -> set[str]:
+        try:
+            child = self.client.order_by_client_id(stop.symbol, stop.client_order_id)
+        except READ_ERRORS as exc:
+            log.info("stop %s: triggered order not found (%s)", stop.client_order_id, exc)
+            return set()
+        if child is None or child.side != stop.side or not child.exchange_order_id:
+            return set()
+        return {child.exchange_order_id}
 
     def fill_fact(self, f: FillReport, position_id: str | None) -> Fact:
         return self.fact("fill", symbol=f.symbol, side=f.side, amount=f.amount, price=f.price,
@@ -212,18 +252,30 @@ class Executor:
                 return None
             done = self.settle(result.request, result.order, "submitted", coid, since)
             facts = list(done.facts)
-            position = None
-            if done.filled > 0 and done.average is not None:
+            opened = done.filled > 0 and done.average is not None
+            if opened:
                 facts.append(self.fact("position_opened", symbol=symbol, side=side,
                                        amount=done.filled, price=done.average, fee=done.fee,
                                        position_id=coid, client_order_id=coid,
                                        data={"decision_ms": decision_ms}))
+            elif done.filled > 0:
+                log.error("%s: entry %s filled %s at no known price; left for reconcile",
+                          symbol, coid, done.filled)
             self.record(facts)
-            if done.filled > 0:
-                position = self.ledger.state().positions.get(symbol)
-                if position is not None and stop_pct is not None:
-                    self.place_stop(position, stop_price(side, done.average, stop_pct))
-            return position
+            if not opened:
+                return None
+            position = self.ledger.state().positions.get(symbol)
+            if position is not None and stop_pct is not None:
+                level = stop_price(side, done.average, stop_pct)
+                # One more try when the first was refused outright (e.g. rate limited);
+                # never after an ambiguous one, which may be resting already.
+                for _ in range(2):
+                    if self.place_stop(position, level) is not None \
+                            or self.pending_stop(position["position_id"]):
+                        break
+                else:
+                    log.error("%s: no stop could be placed; reconcile places one", symbol)
+            return self.ledger.state().positions.get(symbol)
 
     def stop_attempts(self, position_id: str) -> int:
         rows = self.ledger.select(
@@ -231,34 +283,55 @@ class Executor:
             "AND json_extract(data, '$.purpose') = 'stop'", (position_id,))
         return rows[0]["n"]
 
+    def pending_stop(self, position_id: str) -> bool:
+        """Is a stop of this position still unresolved (intent, submitted, unknown)?"""
+        return any(o["position_id"] == position_id and o["purpose"] == "stop"
+                   and o["state"] in ("intent", "submitted", "unknown")
+                   for o in self.ledger.state().orders.values())
+
     def place_stop(self, position: dict, trigger: Decimal, *, moved: bool = False
                    ) -> str | None:
         """A reduce-only stop for the whole position; its client id, or None if not placed."""
         symbol, pid = position["symbol"], position["position_id"]
-        n = self.stop_attempts(pid) + 1
-        coid = client_order_id(self.config.bot.id, symbol, "stop", position["opened_ts"], n)
-        req = OrderRequest(symbol, opposite(position["side"]), Decimal(position["amount"]), coid,
-                           type="stop_market", reduce_only=True,
-                           trigger_price=self.client.prepare_price(symbol, trigger))
+        try:
+            trigger = self.client.prepare_price(symbol, trigger)
+        except READ_ERRORS as exc:  # submit rounds it again, or refuses it
+            log.warning("%s: stop price %s not rounded (%s)", symbol, trigger, exc)
         with self.lock:
+            n = self.stop_attempts(pid) + 1
+            coid = client_order_id(self.config.bot.id, symbol, "stop", position["opened_ts"], n)
+            req = OrderRequest(symbol, opposite(position["side"]), Decimal(position["amount"]),
+                               coid, type="stop_market", reduce_only=True, trigger_price=trigger)
             result = self.send(req, "stop", position_id=pid)
             if result is None or result.status != "accepted":
                 return None
-            sent = result.request
-            order = result.order
+            sent, order = result.request, result.order
+            eid = order.exchange_order_id if order else None
             state = state_of(order.status, order.amount, order.filled) if order else "accepted"
-            facts = [self.update(sent, "submitted", state if state != "filled" else "accepted",
-                                 exchange_order_id=order.exchange_order_id if order else None,
-                                 position_id=pid),
-                     self.fact("stop_moved" if moved else "stop_placed", symbol=symbol,
-                               side=sent.side, amount=sent.amount, price=sent.trigger_price,
-                               client_order_id=coid, position_id=pid,
-                               exchange_order_id=order.exchange_order_id if order else None)]
-            self.record(facts)
+            if state in TERMINAL and not executed(order):
+                # Found gone after an ambiguous submission: it does not rest.
+                self.record([self.update(sent, "submitted", state, exchange_order_id=eid,
+                                         position_id=pid)])
+                return None
+            # A stop that already triggered is recorded as placed, then its fill below.
+            self.record([self.update(sent, "submitted", "accepted", exchange_order_id=eid,
+                                     position_id=pid),
+                         self.fact("stop_moved" if moved else "stop_placed", symbol=symbol,
+                                   side=sent.side, amount=sent.amount, price=sent.trigger_price,
+                                   client_order_id=coid, position_id=pid,
+                                   exchange_order_id=eid)])
+            if executed(order):
+                stop = {"client_order_id": coid, "price": sent.trigger_price,
+                        "ts": self.clock.now_ms()}
+                self.record_stop_fill(position, stop, order)
             return coid
 
     def cancel_stop(self, position: dict, stop: dict) -> OrderReport | None:
-        """Cancel one stop; record it. Returns the report (status 'closed' = it had filled)."""
+        """Cancel one stop; record it. Returns the exchange's report afterwards.
+
+        Nothing is recorded when the stop executed (``executed(report)``: the caller
+        records the fill), still rests, or its execution is not visible yet.
+        """
         symbol, pid = position["symbol"], position["position_id"]
         req = OrderRequest(symbol, opposite(position["side"]), Decimal(position["amount"]),
                            stop["client_order_id"], type="stop_market", reduce_only=True,
@@ -266,119 +339,207 @@ class Executor:
         with self.lock:
             report = self.client.cancel(symbol, client_order_id=stop["client_order_id"],
                                         trigger=True)
+            if executed(report) or unsettled(report):
+                return report
+            if report is not None and report.status == "open":
+                log.warning("%s: stop %s still rests after cancelling", symbol,
+                            stop["client_order_id"])
+                return report
             current = self.order_state(stop["client_order_id"]) or "accepted"
-            if report is not None and report.status == "closed":
+            if current in TERMINAL:
                 return report
-            if current in ("filled", "cancelled", "rejected", "expired"):
-                return report
-            new = "cancelled" if report is None or report.status != "expired" else "expired"
+            # Unknown to the exchange: it does not rest, whatever became of it.
+            new = "cancelled" if report is None else state_of(report.status, report.amount,
+                                                              report.filled)
             self.record([self.update(req, current, new, position_id=pid,
                                      exchange_order_id=stop.get("exchange_order_id"),
                                      reason="stop cancelled"),
                          self.fact("stop_cancelled", symbol=symbol,
                                    client_order_id=stop["client_order_id"], position_id=pid,
-                                   price=stop["price"])])
+                                   price=stop["price"], reason=f"stop {new}")])
             return report
 
     def close_position(self, position: dict, reason: str, decision_ms: int, *,
                        before: Sequence[Fact] = ()) -> bool:
         """Exit a position; True when the ledger now shows it closed."""
         symbol, pid, side = position["symbol"], position["position_id"], position["side"]
+        coid = client_order_id(self.config.bot.id, symbol, "exit", decision_ms)
         with self.lock:
+            if self.ledger.facts_for_order(coid):
+                # Decided before: its outcome is recorded or reconcile settles it. The stop
+                # (re-placed after that attempt) stays.
+                log.info("exit %s already in the ledger: not sent again", coid)
+                return False
             stop = position.get("stop")
             if stop:
-                report = self.cancel_stop(position, stop)
-                if report is not None and report.status == "closed":
-                    log.info("%s: stop %s filled before the exit; recording that close", symbol,
+                try:
+                    report = self.cancel_stop(position, stop)
+                except READ_ERRORS as exc:
+                    log.warning("%s: stop %s not cancelled (%s); no exit sent this time",
+                                symbol, stop["client_order_id"], exc)
+                    return False
+                if unsettled(report):
+                    log.warning("%s: stop %s triggered, its fill not visible yet; no exit sent",
+                                symbol, stop["client_order_id"])
+                    return False
+                if executed(report):
+                    log.info("%s: stop %s filled before the exit; recording that", symbol,
                              stop["client_order_id"])
-                    self.record_stop_fill(position, stop, report)
+                    outcome = self.record_stop_fill(position, stop, report, before=before)
+                    if outcome:
+                        return True
+                    if outcome is not None:
+                        before = ()  # recorded with the partial fill
+                position = self.ledger.state().positions.get(symbol)
+                if position is None or position["position_id"] != pid:
                     return True
-            coid = client_order_id(self.config.bot.id, symbol, "exit", decision_ms)
             amount = Decimal(position["amount"])
             req = OrderRequest(symbol, opposite(side), amount, coid, reduce_only=True)
             since = self.clock.now_ms() - 60_000
             result = self.send(req, "exit", position_id=pid, before=before)
             if result is None:
                 return False
-            if result.status != "accepted":
-                if result.status == "rejected" and stop:
-                    self._reprotect(position)
-                return False
-            done = self.settle(result.request, result.order, "submitted", pid, since)
-            facts = list(done.facts)
-            closed = done.filled >= amount and done.average is not None
-            if closed:
-                facts.append(self.close_fact(position, done.average, done.fee, reason))
-            elif done.filled > 0:
-                facts.append(self.fact("position_changed", symbol=symbol, side=side,
-                                       amount=amount - done.filled, position_id=pid,
-                                       fee=Decimal(position.get("fees") or 0) + done.fee,
-                                       reason=f"partial exit: {reason}"))
-            self.record(facts)
+            closed = False
+            if result.status == "accepted":
+                done = self.settle(result.request, result.order, "submitted", pid, since)
+                facts = list(done.facts)
+                closed = done.filled >= amount and done.average is not None
+                if closed:
+                    facts.append(self.close_fact(position, done.average, done.fee, reason))
+                elif done.filled > 0 and done.average is not None:
+                    facts.append(self.reduced_fact(position, done.filled, done.average, done.fee,
+                                                   f"partial exit: {reason}"))
+                self.record(facts)
             if not closed:
+                # Refused, ambiguous or partial: whatever is left must rest behind a stop.
+                # (After an ambiguous exit the position may be gone; a reduce-only stop
+                # can then never open one, and reconcile cancels it.)
                 self._reprotect(self.ledger.state().positions.get(symbol))
             return closed
 
     def close_fact(self, position: dict, exit_price: Decimal, exit_fee: Decimal,
                    reason: str) -> Fact:
+        """The close of what is left of a position: PnL of the whole position, all fees."""
         amount = Decimal(position["amount"])
         fees = Decimal(position.get("fees") or 0) + exit_fee
         pnl = realized_pnl(position["side"], amount, Decimal(position["entry_price"]),
-                           exit_price, fees)
+                           exit_price, fees) + self.realized_before(position["position_id"])
         return self.fact("position_closed", symbol=position["symbol"], side=position["side"],
                          amount=amount, price=exit_price, fee=fees, pnl=pnl,
                          position_id=position["position_id"], reason=reason,
                          data={"entry_price": position["entry_price"],
                                "opened_ts": position["opened_ts"]})
 
-    def record_stop_fill(self, position: dict, stop: dict, report: OrderReport) -> None:
-        """The exchange's stop closed the position: its fills, its final state, the close."""
+    def reduced_fact(self, position: dict, filled: Decimal, price: Decimal, fee: Decimal,
+                     reason: str) -> Fact:
+        """Part of a position closed: the new size, fees so far, and (pnl) the gross PnL
+        of the part closed, which the final close adds to its own."""
+        gross = realized_pnl(position["side"], filled, Decimal(position["entry_price"]), price,
+                             ZERO)
+        return self.fact("position_changed", symbol=position["symbol"], side=position["side"],
+                         amount=Decimal(position["amount"]) - filled,
+                         position_id=position["position_id"],
+                         fee=Decimal(position.get("fees") or 0) + fee, pnl=gross, reason=reason,
+                         data={"closed": filled, "exit_price": price})
+
+    def realized_before(self, position_id: str) -> Decimal:
+        """Gross PnL of the parts of a position closed before (partial exits)."""
+        rows = self.ledger.select("SELECT pnl FROM facts WHERE type = 'position_changed' "
+                                  "AND position_id = ? AND pnl IS NOT NULL", (position_id,))
+        return sum((Decimal(r["pnl"]) for r in rows), ZERO)
+
+    def record_stop_fill(self, position: dict, stop: dict, report: OrderReport, *,
+                         before: Sequence[Fact] = ()) -> bool | None:
+        """The exchange's stop executed: its fills, its final state, the close (or the
+        smaller position if it filled only part, which then has no stop).
+
+        True: the position is closed; False: it is smaller; None: nothing recorded (the
+        stop was settled before, or no price is known).
+        """
         req = OrderRequest(position["symbol"], opposite(position["side"]), report.amount,
                            stop["client_order_id"], type="stop_market", reduce_only=True,
                            trigger_price=Decimal(stop["price"]))
         current = self.order_state(stop["client_order_id"]) or "accepted"
-        if current in ("filled", "cancelled", "rejected", "expired"):
-            return
+        if current in TERMINAL:
+            return None
         fills = self.fills_of(report, stop.get("ts") or position["opened_ts"])
         fee = sum((f.fee for f in fills), ZERO)
-        filled = sum((f.amount for f in fills), ZERO)
-        average = report.average_price or (
-            sum((f.price * f.amount for f in fills), ZERO) / filled if filled else None)
+        average = _average(report, fills)
         if average is None:
             log.error("%s: stop %s filled but no price is known; left for reconcile",
                       position["symbol"], stop["client_order_id"])
-            return
-        facts = [self.fill_fact(f, position["position_id"]) for f in fills]
-        facts.append(self.update(req, current, "filled", position_id=position["position_id"],
-                                 exchange_order_id=report.exchange_order_id))
-        facts.append(self.close_fact(position, average, fee, "stop_loss"))
+            return None
+        facts = [*before, *(self.fill_fact(f, position["position_id"]) for f in fills)]
+        facts.append(self.update(req, current, state_of(report.status, report.amount,
+                                                        report.filled),
+                                 position_id=position["position_id"],
+                                 exchange_order_id=report.exchange_order_id,
+                                 data={"filled": report.filled, "average": average}))
+        closed = report.filled >= Decimal(position["amount"])
+        if closed:
+            facts.append(self.close_fact(position, average, fee, "stop_loss"))
+        else:
+            facts += [self.reduced_fact(position, report.filled, average, fee,
+                                        "stop filled in part"),
+                      self.fact("stop_cancelled", symbol=position["symbol"],
+                                client_order_id=stop["client_order_id"],
+                                position_id=position["position_id"], price=stop["price"],
+                                reason="stop filled in part")]
         self.record(facts)
+        return closed
 
     def move_stop(self, position: dict, trigger: Decimal) -> bool:
-        """Replace the resting stop with one at ``trigger``: new first, then cancel old."""
+        """Replace the resting stop with one at ``trigger``: new first, then cancel old.
+
+        True when the new stop rests (or the old one closed the position meanwhile).
+        """
         old = position.get("stop")
         interval = self.config.exits.stop_move_interval_s * 1000
         if old and old.get("ts") is not None and self.clock.now_ms() - old["ts"] < interval:
             return False
         with self.lock:
             new_coid = self.place_stop(position, trigger, moved=bool(old))
-            if new_coid is None:
-                return False
-            if old:
-                report = self.cancel_stop(position, old)
-                if report is not None and report.status == "closed":
-                    # The old stop filled first: the position is gone; so must the new stop.
-                    self.record_stop_fill(position, old, report)
-                    self.cancel_stop(position, {"client_order_id": new_coid, "price": trigger})
-            return True
+            if old is None:
+                return new_coid is not None
+            try:
+                if new_coid is None:
+                    # Refused: the old one protects on, unless it is what took the position.
+                    report = self.client.order_by_client_id(position["symbol"],
+                                                            old["client_order_id"], trigger=True)
+                else:
+                    report = self.cancel_stop(position, old)
+            except READ_ERRORS as exc:
+                log.warning("%s: old stop %s not settled (%s); reconcile does it",
+                            position["symbol"], old["client_order_id"], exc)
+                return new_coid is not None
+            if executed(report):
+                # The old stop filled first: the position is gone; so must the new stop be.
+                log.info("%s: stop %s filled during the move", position["symbol"],
+                         old["client_order_id"])
+                closed = self.record_stop_fill(position, old, report)
+                if new_coid is not None and closed:
+                    self.cancel_stop(position, {"client_order_id": new_coid,
+                                                "price": str(trigger)})
+                elif new_coid is None and closed is False:
+                    self._reprotect(self.ledger.state().positions.get(position["symbol"]))
+                return True
+            return new_coid is not None
 
     def _reprotect(self, position: dict | None) -> None:
         """After a failed or partial exit, make sure a stop rests for what remains."""
-        if position is None or position.get("stop"):
+        if position is None or position.get("stop") \
+                or self.pending_stop(position["position_id"]):
             return
         level = stop_price(position["side"], Decimal(position["entry_price"]),
                            self.config.exits.stop_loss_pct)
         self.place_stop(position, level)
+
+
+def _average(report: OrderReport, fills: Sequence[FillReport]) -> Decimal | None:
+    if report.average_price is not None:
+        return report.average_price
+    filled = sum((f.amount for f in fills), ZERO)
+    return sum((f.price * f.amount for f in fills), ZERO) / filled if filled else None
 
 
 def _json_state(data: str) -> str | None:

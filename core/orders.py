@@ -3,6 +3,11 @@
     intent -> submitted -> accepted -> partially_filled -> filled | cancelled | expired
     submitted -> rejected | unknown;  unknown -> (resolved by lookup) any outcome
     intent -> rejected (refused before sending, or never reached the exchange)
+    accepted -> rejected (a triggered stop refused by the matching engine: Binance's
+                algo order REJECTED, e.g. on a margin check)
+
+``intent -> unknown`` exists for reconciliation: an intent whose outcome was never
+recorded is looked up by client id and may have to pass through ``unknown``.
 
 Every transition is recorded as a ledger row; an illegal one raises before anything
 is recorded.
@@ -21,7 +26,7 @@ OUTCOMES = frozenset({"accepted", "partially_filled", "filled", "cancelled", "re
 TRANSITIONS: dict[str, frozenset[str]] = {
     "intent": frozenset({"submitted", "rejected", "unknown"}),
     "submitted": OUTCOMES | {"unknown"},
-    "accepted": frozenset({"partially_filled", "filled", "cancelled", "expired"}),
+    "accepted": frozenset({"partially_filled", "filled", "cancelled", "expired", "rejected"}),
     "partially_filled": frozenset({"partially_filled", "filled", "cancelled", "expired"}),
     "unknown": OUTCOMES | {"unknown"},
     "filled": frozenset(),
@@ -44,9 +49,13 @@ def transition(current: str, new: str) -> str:
 
 
 def state_of(report_status: str, amount, filled) -> str:
-    """Our state for an exchange order report (ccxt's status plus how much filled)."""
+    """Our state for an exchange order report (ccxt's status plus how much filled).
+
+    ccxt reports Binance's algo status FINISHED as ``closed`` whether or not the
+    triggered order executed: closed with nothing filled is ``expired``, not filled.
+    """
     if report_status == "closed":
-        return "filled"
+        return "expired" if filled is not None and filled == 0 else "filled"
     if report_status == "open":
         return "partially_filled" if filled and filled > 0 else "accepted"
     if report_status == "canceled":
@@ -61,6 +70,10 @@ def state_of(report_status: str, amount, filled) -> str:
 CLIENT_ID_RE = re.compile(r"^[.A-Z:/a-z0-9_-]{1,36}$")  # Binance's rule
 PURPOSE_CODES = {"entry": "E", "exit": "X", "stop": "S"}
 _B36 = "0123456789abcdefghijklmnopqrstuvwxyz"
+# A linear perpetual in ccxt's notation, BASE/QUOTE:QUOTE: its compact name BASEQUOTE is
+# the exchange's own market id, so it names the market uniquely on that exchange.
+_PERPETUAL = re.compile(r"^([A-Z0-9]+)/([A-Z0-9]+):\2$")
+_DIGEST = 6
 
 
 def _base36(n: int) -> str:
@@ -76,17 +89,26 @@ def client_order_id(bot_id: str, symbol: str, purpose: str, decision_ms: int, n:
     """The id of the order a decision makes: same decision, same id, always.
 
     bot id, purpose code (+ n for the n-th stop of a position), market, and the
-    decision's candle time in base-36 seconds: ``bot1-E-BTCUSDT-t5kq9c``.
+    decision's candle time in base-36 seconds: ``bot1-E-BTCUSDT-t5kq9c``. Any other
+    symbol shape (or one too long) gets a digest of the full symbol, so that two
+    symbols never share an id.
     """
+    if purpose not in PURPOSE_CODES:
+        raise ValueError(f"unknown order purpose {purpose!r}")
+    if n < 0 or decision_ms < 0:
+        raise ValueError(f"n and decision_ms must not be negative: {n}, {decision_ms}")
     code = PURPOSE_CODES[purpose] + (str(n) if n else "")
-    market = re.sub(r"[^A-Za-z0-9]", "", symbol.split(":")[0])
     stamp = _base36(decision_ms // 1000)
+    perpetual = _PERPETUAL.match(symbol)
+    if perpetual:
+        market = perpetual.group(1) + perpetual.group(2)
+    else:
+        market = re.sub(r"[^A-Za-z0-9]", "", symbol)
     coid = f"{bot_id}-{code}-{market}-{stamp}"
-    if len(coid) > 36:
-        # Long market names: keep a prefix and a digest of the full symbol, so ids stay unique.
-        digest = hashlib.sha256(symbol.encode()).hexdigest()[:6]
-        room = 36 - len(f"{bot_id}-{code}--{stamp}") - len(digest)
-        coid = f"{bot_id}-{code}-{market[:max(room, 1)]}{digest}-{stamp}"
+    if not perpetual or len(coid) > 36:
+        digest = hashlib.sha256(symbol.encode()).hexdigest()[:_DIGEST]
+        room = 36 - len(f"{bot_id}-{code}--{stamp}") - _DIGEST
+        coid = f"{bot_id}-{code}-{market[:max(room, 0)]}{digest}-{stamp}"
     if not CLIENT_ID_RE.match(coid):
         raise ValueError(f"cannot make a valid client order id from {bot_id!r}, {symbol!r}")
     return coid

@@ -47,9 +47,15 @@ def build(config: Config, db_path: str | Path, *, clock=None, venue=None,
     """A runtime for ``config.bot.mode``; ``venue``/``clock`` override (tests, backtests)."""
     from core import venues
 
-    if venue is None:
-        clock, venue, data_venues = venues.for_mode(config, clock)
     ledger = Ledger(db_path, checkpoint_every=config.bot.checkpoint_every)
+    if venue is None:
+        rows = ledger.select("SELECT ts FROM facts ORDER BY seq DESC LIMIT 1")
+        last = rows[0]["ts"] if rows else None
+        try:
+            clock, venue, data_venues = venues.for_mode(config, clock, not_before_ms=last)
+        except BaseException:
+            ledger.close()
+            raise
     client = ExchangeClient(venue, config, clock)
     data_clients = [client] + [ExchangeClient(v, config, clock) for v in (data_venues or [])]
     return Runtime(config=config, clock=clock, ledger=ledger, client=client,

@@ -28,9 +28,12 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import random
 import re
+import signal
 import threading
+import time
 from collections import defaultdict
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -44,7 +47,7 @@ import numpy as np
 from core.clock import DAY_MS, TIMEFRAME_MS, day_start_ms
 from core.sim_account import ZERO, Account, D, Spec, account, apply_fill, fee, margin_ok, plain
 from core.sim_binance import Wire, raw_account, raw_order, raw_position, raw_ticker, raw_trade
-from core.sim_faults import PRICE_FAULTS, FaultInjector
+from core.sim_faults import CRASH_FAULTS, PRICE_FAULTS, FaultInjector
 from core.sim_market import Candles, CsvMarket, LiveMarket, SyntheticMarket, aggregate
 from core.sim_store import SimOrder, SimStore, SimTrade
 
@@ -74,17 +77,22 @@ class SimExchange:
            "fetchOpenOrders": True, "cancelOrder": True, "fetchMyTrades": True,
            "setLeverage": True, "setMarginMode": True, "fetchTime": True}
 
+    enableLastJsonResponse = True  # noqa: N815 (ccxt's name): last_json_response is the body
+    last_json_response: Any = None
+
     def __init__(self, source, clock, *, settle: str = "USDT", start_balance: float = 10_000.0,
                  taker_fee_pct: float = 0.05, maker_fee_pct: float = 0.02,
                  slippage_bps: float = 2.0, partial_fill_prob: float = 0.0,
                  faults: FaultInjector | None = None, state_path: str | Path | None = None,
-                 seed: int = 42, default_leverage: int = DEFAULT_LEVERAGE) -> None:
+                 seed: int = 42, default_leverage: int = DEFAULT_LEVERAGE,
+                 latency_ms: float = 0.0) -> None:
         self.source = source
         self.clock = clock
         self.settle = settle
         self.taker, self.maker = D(taker_fee_pct) / 100, D(maker_fee_pct) / 100
         self.slippage = D(slippage_bps) / 10_000
         self.partial_fill_prob = partial_fill_prob
+        self.latency_s = latency_ms / 1000  # per venue call, slept outside the lock
         self.default_leverage = default_leverage
         self.faults = faults or FaultInjector()
         self.rng = random.Random(seed)
@@ -124,7 +132,7 @@ class SimExchange:
                    taker_fee_pct=sim.taker_fee_pct, maker_fee_pct=sim.maker_fee_pct,
                    slippage_bps=sim.slippage_bps, partial_fill_prob=sim.partial_fill_prob,
                    faults=FaultInjector(config.faults, sim.seed), state_path=state_path,
-                   seed=sim.seed)
+                   seed=sim.seed, latency_ms=sim.latency_ms)
 
     @staticmethod
     def stored_now_ms(state_path: str | Path) -> int | None:
@@ -164,9 +172,16 @@ class SimExchange:
     # ----------------------------------------------------------------- the call frame
     @contextmanager
     def _venue(self, method: str, algo: bool = False) -> Iterator[str | None]:
-        """One venue call: draw a fault, catch up with the clock, run atomically."""
+        """One venue call: draw a fault, catch up with the clock, run atomically.
+
+        The simulated network latency is slept before taking the lock, so calls made
+        concurrently (through several clients) overlap as they would on the wire."""
+        if self.latency_s > 0:
+            time.sleep(self.latency_s)  # wall-clock latency, whatever the bot's clock
         with self._lock:
             fault = self.faults.draw(method)
+            if fault == "crash_before_accept":
+                _crash(method, fault)
             if fault in PRE_FAULTS or (fault == "timeout_after_accept"
                                        and method not in ("create_order", "cancel_order")):
                 self._wire.fault(method, fault, algo)
@@ -174,12 +189,12 @@ class SimExchange:
                 yield fault
 
     @contextmanager
-    def _frame(self) -> Iterator[None]:
+    def _frame(self, until: int = 0) -> Iterator[None]:
         # A venue refusal (ccxt error) still commits the catch-up work done before it.
         with self.store.transaction(keep=(ccxt.BaseError,)):
             if self.store.stale():
                 self._load_state()
-            self._sync()
+            self._sync(until)
             yield
 
     def _after(self, method: str, fault: str | None, algo: bool = False) -> None:
@@ -194,13 +209,11 @@ class SimExchange:
 
     def step_to(self, ms: int) -> None:
         """Advance the venue to ``ms`` (backtests): match every candle closed by then."""
-        with self._lock:
-            self._now = max(self._now, int(ms))
-            with self._frame():
-                pass
+        with self._lock, self._frame(int(ms)):
+            pass
 
-    def _sync(self) -> None:
-        now = self.now_ms()
+    def _sync(self, until: int = 0) -> None:
+        now = max(self.now_ms(), until)
         if now != self._now:
             self._now = now
             self._marks.clear()
@@ -217,45 +230,63 @@ class SimExchange:
         by_symbol: dict[str, list[SimOrder]] = defaultdict(list)
         for o in self._open.values():
             by_symbol[o.symbol].append(o)
+        one = end - start == tf and hasattr(self.source, "candle_at")  # a backtest step
         events = []
         for symbol, orders in by_symbol.items():
-            first = min(o.created_ms - o.created_ms % tf for o in orders)
-            c = self.source.candles(symbol, max(start, first), end)
-            if len(c):
-                for o in orders:
-                    hit = self._first_hit(o, c)
-                    if hit:
-                        events.append((hit[0], _priority(o), o.id, hit[1]))
+            if one:
+                row = self.source.candle_at(symbol, start)
+                hits = [(o, self._hit(o, start, *row)) for o in orders] if row else []
+            else:
+                first = min(o.created_ms - o.created_ms % tf for o in orders)
+                c = self.source.candles(symbol, max(start, first), end)
+                hits = [(o, self._first_hit(o, c)) for o in orders] if len(c) else []
+            events += [(h[0], _priority(o), o.id, h[1]) for o, h in hits if h]
         for ts, _, oid, price in sorted(events):
             o = self._open.get(oid)
             if o is not None:
                 self._trigger(o, self._spec[o.symbol].round_price(D(price)), ts)
 
     def _first_hit(self, o: SimOrder, c: Candles) -> tuple[int, float] | None:
-        """(fill time, price) of the first candle that reaches the order, if any."""
-        tf = self._tf
-        t0 = o.created_ms - o.created_ms % tf
-        k0 = int(np.searchsorted(c.ts, t0))
+        """(fill time, price) at the first of the candles ``c`` that reaches the order."""
+        k0 = int(np.searchsorted(c.ts, o.created_ms - o.created_ms % self._tf))
         if k0 >= len(c):
             return None
         level = float(o.trigger_price if o.algo else o.price)
-        low_side = _low_side(o)
-        if o.algo:
-            hit = c.low[k0:] <= level if low_side else c.h[k0:] >= level
-        else:  # a resting limit fills only when the price trades through it
-            hit = c.low[k0:] < level if low_side else c.h[k0:] > level
-        mid = o.created_ms > t0 and int(c.ts[k0]) == t0
-        if mid:  # placed inside this candle: only the move from its price to the close
-            pp, cl = float(o.place_price), float(c.c[k0])
-            hit[0] = min(pp, cl) <= level if low_side else max(pp, cl) >= level
+        if _low_side(o):
+            hit = c.low[k0:] <= level if o.algo else c.low[k0:] < level
+        else:
+            hit = c.h[k0:] >= level if o.algo else c.h[k0:] > level
+        if o.created_ms > int(c.ts[k0]):  # placed inside its first candle
+            hit[0] = self._hit(o, int(c.ts[k0]), c.o[k0], c.h[k0], c.low[k0], c.c[k0]) is not None
         idx = np.flatnonzero(hit)
         if not len(idx):
             return None
         k = k0 + int(idx[0])
-        opn = float(c.o[k])
-        if not (mid and k == k0) and (opn <= level if low_side else opn >= level):
-            return int(c.ts[k]), opn  # gapped through the level: fills at the open
-        return int(c.ts[k]) + tf - 1, level
+        return self._hit(o, int(c.ts[k]), c.o[k], c.h[k], c.low[k], c.c[k])
+
+    def _hit(self, o: SimOrder, ts: int, opn, high, low, close) -> tuple[int, float] | None:
+        """(fill time, price) if the candle opening at ``ts`` reaches the order, else None.
+
+        Stops fire when the price touches the trigger; a resting limit fills only when the
+        price trades through it. A candle that opens beyond the level (a gap) fills at the
+        open. An order placed inside the candle only sees the move from its price to the
+        close (the wicks may have come before it)."""
+        if o.created_ms >= ts + self._tf:
+            return None  # placed after this candle
+        level = float(o.trigger_price if o.algo else o.price)
+        low_side, mid = _low_side(o), o.created_ms > ts
+        if mid:
+            pp = float(o.place_price)
+            low, high = min(pp, close), max(pp, close)
+        if low_side:
+            reached = low <= level if o.algo else low < level
+        else:
+            reached = high >= level if o.algo else high > level
+        if not reached:
+            return None
+        if not mid and (opn <= level if low_side else opn >= level):
+            return ts, float(opn)
+        return ts + self._tf - 1, level
 
     def _trigger(self, o: SimOrder, price: Decimal, ts: int) -> None:
         del self._open[o.id]
@@ -402,6 +433,12 @@ class SimExchange:
         with self._venue("fetch_time"):
             return self._now
 
+    def load_time_difference(self, params: dict | None = None) -> int:
+        """ccxt's clock re-sync (after -1021): the venue and its clock agree, by design."""
+        with self._venue("fetch_time"):
+            self.options["timeDifference"] = 0
+            return 0
+
     def fetch_ohlcv(self, symbol: str, timeframe: str = "1m", since: int | None = None,
                     limit: int | None = None, params: dict | None = None) -> list[list]:
         """Closed candles then the forming one, like Binance's klines (500 by default)."""
@@ -471,7 +508,7 @@ class SimExchange:
                 t = self.source.ticker(s, self._now)
                 if t is not None:
                     raws.append(raw_ticker(self.markets[s]["id"], t, self._spec[s]))
-            out = self._parser.parse_tickers(raws, symbols)
+            out = self._parser.parse_tickers(self._body(raws), symbols)
         if fault in PRICE_FAULTS and out:
             t = out[self.faults.rng.choice(sorted(out))]
             t["last"] = t["close"] = {"nan_price": float("nan"), "none_price": None,
@@ -482,7 +519,7 @@ class SimExchange:
     def fetch_balance(self, params: dict | None = None) -> dict:
         with self._venue("fetch_balance"):
             raw = raw_account(self._account(), self._positions, self.settle, self._wallet_ms)
-            return self._parser.parse_balance_custom(raw, "linear")
+            return self._parser.parse_balance_custom(self._body(raw), "linear")
 
     def fetch_positions(self, symbols: list[str] | None = None,
                         params: dict | None = None) -> list[dict]:
@@ -491,9 +528,10 @@ class SimExchange:
                                          "argument for symbols")
         with self._venue("fetch_positions"):
             marks = self._account().marks
-            out = [self._parser.parse_position_risk(raw_position(
-                       self.markets[s]["id"], p, marks[s], self._lev(s), self._spec[s],
-                       self.settle)) for s, p in sorted(self._positions.items())]
+            raws = self._body([raw_position(self.markets[s]["id"], p, marks[s], self._lev(s),
+                                            self._spec[s], self.settle)
+                               for s, p in sorted(self._positions.items())])
+            out = [self._parser.parse_position_risk(r) for r in raws]
             return self._parser.filter_by_array_positions(out, "symbol",
                                                           self._parser.market_symbols(symbols))
 
@@ -556,10 +594,12 @@ class SimExchange:
             o = self._place(symbol, kind, side_u, qty, limit_px, trigger,
                             bool(p.get("reduceOnly")) or close_position, close_position,
                             client_id)
+        if fault == "crash_after_accept":  # committed above: the exchange has the order
+            _crash("create_order", fault)
         self._after("create_order", fault, algo)
         raw = raw_order(o, self.markets[symbol]["id"], self._spec[symbol])
         raw.pop("time", None)  # the POST answer carries updateTime only
-        return self._parser.parse_order(raw, self.markets[symbol])
+        return self._parser.parse_order(self._body(raw), self.markets[symbol])
 
     def _order_kind(self, symbol: str, type_: str, p: dict) -> tuple[str, Decimal | None]:
         t = str(type_).upper()
@@ -669,7 +709,9 @@ class SimExchange:
         """Resting limit orders, or with ``{'trigger': True}`` the working stop orders."""
         algo = _is_trigger(params or {})
         market = self.market(symbol) if symbol is not None else None
-        if market is None and (self.options.get("fetchOpenOrders") or {}).get("warnWithoutSymbol"):
+        warn = (self.options.get("fetchOpenOrders") or {}).get("warnWithoutSymbol")
+        legacy = self.options.get("warnOnFetchOpenOrdersWithoutSymbol")  # as ccxt reads them
+        if market is None and (legacy is True or (legacy is None and warn is True)):
             raise ccxt.ExchangeError(
                 f"{self.id} fetchOpenOrders() WARNING: fetching open orders without specifying a "
                 "symbol has stricter rate limits (10 times more for spot, 40 times more for other "
@@ -680,7 +722,7 @@ class SimExchange:
             raws = [raw_order(o, self.markets[o.symbol]["id"], self._spec[o.symbol])
                     for o in sorted(self._open.values(), key=lambda o: o.id)
                     if o.algo == algo and (market is None or o.symbol == market["symbol"])]
-            return self._parser.parse_orders(raws, market, since, limit)
+            return self._parser.parse_orders(self._body(raws), market, since, limit)
 
     def cancel_order(self, id: str | None, symbol: str | None = None,  # noqa: A002
                      params: dict | None = None) -> dict:
@@ -723,11 +765,24 @@ class SimExchange:
             trades = self.store.trades(market["symbol"], start, end)
             trades = trades[:limit] if since is not None else trades[-limit:]
             raws = [raw_trade(t, market["id"], self._spec[t.symbol], self.settle) for t in trades]
-            return self._parser.parse_trades(raws, market, since, limit)
+            return self._parser.parse_trades(self._body(raws), market, since, limit)
 
     def _order_dict(self, o: SimOrder) -> dict:
         raw = raw_order(o, self.markets[o.symbol]["id"], self._spec[o.symbol])
-        return self._parser.parse_order(raw, self.markets[o.symbol])
+        return self._parser.parse_order(self._body(raw), self.markets[o.symbol])
+
+    def _body(self, raw: Any) -> Any:
+        """Keep the raw Binance body, as ccxt does with enableLastJsonResponse."""
+        if self.enableLastJsonResponse:
+            self.last_json_response = raw
+        return raw
+
+
+def _crash(method: str, fault: str) -> None:
+    """Test-only fault: the venue runs inside the bot's process, so this kills the bot."""
+    assert fault in CRASH_FAULTS
+    log.warning("sim: injected %s in %s: SIGKILL to process %d", fault, method, os.getpid())
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _is_trigger(params: dict) -> bool:
@@ -757,9 +812,13 @@ def make_source(config, clock, stored: dict | None, live_exchange: Any = None,
     sim, settle, tf = config.sim, config.exchange.quote, config.strategy.timeframe
     if stored:
         kind = stored["source"]
+        if kind != sim.source:  # e.g. a sim-mode file reused for paper trading
+            raise ValueError(f"the simulated exchange's state file holds a {kind} market, but "
+                             f"[sim] source = {sim.source!r}; use another state file or "
+                             "delete it")
         wanted = {"synthetic": {"seed": sim.seed, "symbols": sim.symbols},
                   "csv": {"data_dir": sim.data_dir}}.get(kind, {})
-        if kind != sim.source or any(stored.get(k) != v for k, v in wanted.items()):
+        if any(stored.get(k) != v for k, v in wanted.items()):
             log.warning("the simulated exchange's state file keeps its own market %s, which "
                         "differs from [sim]; delete the file to start a fresh market", stored)
         if kind == "synthetic":

@@ -25,7 +25,15 @@ out_of_order_candles       two closed candles swap places
 nan_price / none_price /   one price of one candle (or one ticker's last price) is NaN,
 zero_price                 None or 0
 high_below_low             one candle's high and low are swapped
+crash_before_accept        TEST ONLY: the venue, running inside the bot process, SIGKILLs that
+                           process as create_order starts (the bot's intent is committed, the
+                           order never reaches the book)
+crash_after_accept         TEST ONLY: SIGKILL right after the order was accepted and persisted
+                           (the exchange has it, the bot never records the acknowledgement)
 =========================  ==================================================================
+
+The two crash faults exist for crash-recovery tests that run the bot as a subprocess
+(``[faults] crash_before_accept`` / ``crash_after_accept``); never script them in-process.
 """
 
 from __future__ import annotations
@@ -44,6 +52,7 @@ PRIVATE = METHODS - PUBLIC
 CANDLE_FAULTS = ("duplicate_candle", "missing_candle", "out_of_order_candles", "nan_price",
                  "none_price", "zero_price", "high_below_low")
 PRICE_FAULTS = ("nan_price", "none_price", "zero_price")
+CRASH_FAULTS = ("crash_before_accept", "crash_after_accept")
 
 GENERIC = {"network_error", "timeout", "server_error", "rate_limit"}
 APPLIES: dict[str, set[str]] = {
@@ -53,6 +62,7 @@ APPLIES: dict[str, set[str]] = {
     "clock_skew": PRIVATE,
     "insufficient_funds": {"create_order"},
     "reject": {"create_order"},
+    **{f: {"create_order"} for f in CRASH_FAULTS},
     "forming_candle": {"fetch_ohlcv"},
     **{f: {"fetch_ohlcv", "fetch_ticker", "fetch_tickers"} if f in PRICE_FAULTS
        else {"fetch_ohlcv"} for f in CANDLE_FAULTS},
@@ -117,6 +127,7 @@ class FaultInjector:
         if method in PRIVATE:
             draws.append((c.clock_skew, "clock_skew"))
         if method == "create_order":
+            draws += [(getattr(c, f, 0.0), f) for f in CRASH_FAULTS]
             draws += [(c.insufficient_funds, "insufficient_funds"), (c.reject, "reject")]
         if method == "fetch_ohlcv":
             draws += [(c.forming_candle, "forming_candle"), (c.bad_candles, "bad_candles")]

@@ -14,7 +14,8 @@ rolling 24 h ticker. Candles are floats (market data); money is the venue's busi
   settles in one currency (``settle``, USDT by default), so every pair is listed as the
   linear perpetual ``BASE/<settle>:<settle>`` and its prices are replayed as they are, as if
   quoted in the settle currency (``ETH_BTC-5m.csv`` becomes ``ETH/USDT:USDT`` at ~0.1).
-  The file's own quote stays visible in the market's ``info['sourceQuote']``.
+  The file's own quote stays visible in the market's ``info['sourceQuote']``. Holes in
+  the data stay holes; after its last candle a symbol stays at its last close.
 * ``LiveMarket`` — public data of a real ccxt exchange (paper trading): its markets,
   candles and tickers, untouched; the venue matches stops on its closed 1 m candles.
 """
@@ -25,6 +26,7 @@ import logging
 import math
 import re
 from dataclasses import dataclass
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -128,7 +130,7 @@ def partial(c: Candles, i: int, frac: float, tick: float) -> tuple[float, ...]:
     low = min(o, p) - (min(o, cl) - lo) * frac
     d = step_decimals(tick)
     rnd = [round(round(x / tick) * tick, d) for x in (p, hi, low)]
-    return o, rnd[1], rnd[2], rnd[0], float(c.v[i]) * frac
+    return o, rnd[1], rnd[2], rnd[0], round(float(c.v[i]) * frac, 8)
 
 
 def aggregate(c: Candles, tf_ms: int) -> Candles:
@@ -168,6 +170,14 @@ class ArraySource:
             return None
         return start, partial(s, i, (now_ms - start) / tf, self.ticks[symbol])
 
+    def candle_at(self, symbol: str, start_ms: int) -> tuple[float, float, float, float] | None:
+        """Open, high, low, close of the candle opening at start_ms (None: no candle)."""
+        s = self.series(symbol, start_ms)
+        i = int(s.ts.searchsorted(start_ms))
+        if i >= len(s.ts) or s.ts[i] != start_ms:
+            return None
+        return float(s.o[i]), float(s.h[i]), float(s.low[i]), float(s.c[i])
+
     def full_candle(self, symbol: str, start_ms: int) -> tuple[float, ...] | None:
         """The complete candle opening at start_ms (what it will be once closed)."""
         s = self.series(symbol, start_ms)
@@ -195,11 +205,14 @@ class ArraySource:
         boundary = now_ms - now_ms % tf_ms  # open time of the forming candle
         start = boundary - tf_ms * (limit - 1) if since is None else since - since % tf_ms
         start = max(start, 0)
-        closed = self.candles(symbol, start, now_ms - now_ms % base)
+        end = now_ms - now_ms % base
+        if since is not None:
+            end = min(end, start + tf_ms * limit)  # no need to build what is not returned
+        closed = self.candles(symbol, start, end)
         rows = aggregate(closed, tf_ms) if tf_ms != base else closed
         out = rows.rows()
         f = self.forming(symbol, now_ms)
-        if f is not None and f[0] >= start:
+        if f is not None and start <= f[0] and (since is None or f[0] < start + tf_ms * limit):
             fts, (o, h, lo, c, v) = f
             bucket = fts - fts % tf_ms
             if out and out[-1][0] == bucket:
@@ -260,7 +273,6 @@ class SyntheticMarket(ArraySource):
         self.symbols = [f"{p.base}/{settle}:{settle}" for p in self.params]
         self.ticks = {s: p.tick for s, p in zip(self.symbols, self.params, strict=True)}
         self._index = {s: i for i, s in enumerate(self.symbols)}
-        self._blocks: list[list[tuple]] = [[] for _ in self.params]  # per symbol
         self._carry: list[float] = [math.log(p.price) for p in self.params]
         self._cache: dict[int, Candles] = {}
 
@@ -284,15 +296,20 @@ class SyntheticMarket(ArraySource):
                 for p in self.params]
 
     def series(self, symbol: str, upto_ms: int) -> Candles:
+        """All candles of ``symbol`` generated so far, at least through ``upto_ms``."""
         i = self._index[symbol]
-        need = (upto_ms - self.origin_ms) // self.timeframe_ms + 1  # candles through upto_ms
+        need = (upto_ms - self.origin_ms) // self.timeframe_ms + 1
         cached = self._cache.get(i)
-        if cached is not None and len(cached) >= need:
+        have = 0 if cached is None else len(cached)
+        if have >= need:
             return cached
-        blocks = self._blocks[i]
-        while len(blocks) * BLOCK < need:
-            blocks.append(self._block(i, len(blocks)))
-        arrays = [np.concatenate([b[k] for b in blocks]) for k in range(5)]
+        blocks = []
+        while (have // BLOCK + len(blocks)) * BLOCK < need:
+            blocks.append(self._block(i, have // BLOCK + len(blocks)))
+        old = [] if cached is None else [[cached.o], [cached.h], [cached.low], [cached.c],
+                                         [cached.v]]
+        arrays = [np.concatenate((old[k] if old else []) + [b[k] for b in blocks])
+                  for k in range(5)]
         ts = self.origin_ms + np.arange(len(arrays[0]), dtype=np.int64) * self.timeframe_ms
         self._cache[i] = Candles(ts, *arrays)
         return self._cache[i]
@@ -388,7 +405,7 @@ class CsvMarket(ArraySource):
         df = pd.read_csv(path, dtype={"timestamp": "int64"})
         cols = ["open", "high", "low", "close", "volume"]
         text = pd.read_csv(path, usecols=cols[:4], dtype=str, nrows=5000)
-        decimals = max(len(v.split(".")[1]) if "." in v else 0
+        decimals = max(-min(0, Decimal(v).as_tuple().exponent)  # "5.288e-05" -> 8
                        for v in text.to_numpy().ravel() if isinstance(v, str))
         df = df.sort_values("timestamp").drop_duplicates("timestamp")
         prices = df[cols[:4]].to_numpy(dtype=float)

@@ -15,11 +15,16 @@ from pathlib import Path
 from core.clock import AcceleratedClock, WallClock
 from core.config import Config, ConfigError, Secrets
 
-PUBLIC_DATA_CLIENTS = 4  # extra keyless ccxt instances: candles fetched concurrently
+PUBLIC_DATA_CLIENTS = 4  # keyless ccxt instances in all: candles fetched concurrently
+SIM_DATA_CLIENTS_MAX = 16
 
 
-def for_mode(config: Config, clock=None):
-    """(clock, venue, extra data venues) for ``config.bot.mode``."""
+def for_mode(config: Config, clock=None, not_before_ms: int | None = None):
+    """(clock, venue, extra data venues) for ``config.bot.mode``.
+
+    In sim mode the clock resumes where the simulated exchange's state file stopped (the
+    simulated market pauses while no bot runs), and never before ``not_before_ms`` (the
+    ledger's last fact), so the ledger's time never runs backwards across a restart."""
     from core.exchange import build_ccxt
     from core.sim_exchange import SimExchange
 
@@ -28,15 +33,19 @@ def for_mode(config: Config, clock=None):
         state = Path(config.sim.state_path)
         if clock is None:
             start = SimExchange.stored_now_ms(state) if state.exists() else None
+            if start is not None and not_before_ms is not None:
+                start = max(start, not_before_ms)
             clock = AcceleratedClock(start or WallClock().now_ms(), config.sim.speed)
         venue = SimExchange.from_config(config, clock, state_path=state)
         quiet_open_orders(venue)
-        return clock, venue, []
+        return clock, venue, sim_data_venues(config, venue)
     if mode == "paper":
         clock = clock or WallClock()
         public = build_ccxt(config, Secrets())
+        # Its own file: a sim-mode state file holds a synthetic market, not the live one.
+        state = Path(config.sim.state_path)
         venue = SimExchange.from_config(config.with_values(sim={"source": "live"}), clock,
-                                        state_path=Path(config.sim.state_path),
+                                        state_path=state.with_name(f"paper_{state.name}"),
                                         live_exchange=public)
         quiet_open_orders(venue)
         return clock, venue, []
@@ -48,6 +57,16 @@ def for_mode(config: Config, clock=None):
         data = [build_ccxt(config, Secrets()) for _ in range(PUBLIC_DATA_CLIENTS - 1)]
         return clock, venue, data
     raise ConfigError(f"[bot] mode = {mode!r} is not served by `run`; use `cli.py backtest`")
+
+
+def sim_data_venues(config: Config, venue) -> list:
+    """With simulated latency, the scan fetches candles concurrently as in live mode: one
+    client per active coin (capped). The same thread-safe venue serves them all (it sleeps
+    its latency outside its lock); each client gets its own lock."""
+    if config.sim.latency_ms <= 0:
+        return []
+    n = min(max(PUBLIC_DATA_CLIENTS, config.rotation.top_n), SIM_DATA_CLIENTS_MAX)
+    return [venue] * (n - 1)
 
 
 def quiet_open_orders(venue) -> None:

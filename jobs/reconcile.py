@@ -15,17 +15,21 @@ right after a correction finds nothing to do. ``dry_run`` records nothing.
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass, field
 from decimal import Decimal
 
-from core.exchange_types import BadExchangeData, OrderReport, OrderRequest
+from core.exchange import NOT_FOUND_FINAL_MS
+from core.exchange_types import BadExchangeData, OrderReport, OrderRequest, SubmitResult
 from core.execution import READ_ERRORS, Executor, opposite
 from core.exits import stop_price
 from core.orders import TERMINAL, TRANSITIONS, state_of
 from ledger import Fact
 
 log = logging.getLogger(__name__)
+
+FILL_LAG_MS = 10 * 60_000  # how late an exchange may list a trade
 
 
 @dataclass
@@ -44,11 +48,14 @@ class Difference:
 
 def run(rt, scheduled_ms: int, run_id: str, dry_run: bool = False) -> dict:
     ex = Executor(rt.ledger, rt.client, rt.clock, rt.config, run_id, rt.lock)
+    previous = last_report(rt)
+    since = fills_since(rt)
     diffs: list[Difference] = []
     with rt.lock:
         diffs += settle_orders(rt, ex, dry_run)
-        diffs += compare_positions(rt, ex, dry_run)
+        diffs += compare_positions(rt, ex, dry_run, previous)
         diffs += compare_stops(rt, ex, dry_run)
+        diffs += sweep_fills(rt, ex, dry_run, since)
         balance_changed = snapshot_balance(rt, run_id, dry_run)
     status = ("needs_human" if any(d.severity == "human" for d in diffs)
               else "corrected" if any(d.severity == "fix" for d in diffs) else "in_sync")
@@ -56,7 +63,10 @@ def run(rt, scheduled_ms: int, run_id: str, dry_run: bool = False) -> dict:
               "differences": [d.to_record() for d in diffs],
               "corrections": [d.correction for d in diffs
                               if d.correction and d.severity == "fix" and not dry_run]}
-    if diffs and not dry_run:
+    # A run that corrected nothing and found what the last one left standing adds nothing
+    # but its job record: a flagged position is not re-recorded every few minutes.
+    if diffs and not dry_run and (report["corrections"]
+                                  or standing(report["differences"]) != standing(previous)):
         rt.ledger.append([Fact("reconcile_run", rt.clock.now_ms(), run_id=run_id, reason=status,
                                data=report)])
     for d in diffs:
@@ -64,6 +74,32 @@ def run(rt, scheduled_ms: int, run_id: str, dry_run: bool = False) -> dict:
                 "reconcile %s %s: %s -> %s", d.kind, d.symbol or "", d.detail,
                 d.correction or "no action")
     return {**report, "balance_changed": balance_changed}
+
+
+def last_report(rt) -> list[dict]:
+    """The differences the last recorded (not dry) reconciliation found."""
+    rows = rt.ledger.select("SELECT data FROM facts WHERE type = 'reconcile_run' "
+                            "AND NOT coalesce(json_extract(data, '$.dry_run'), 0) "
+                            "ORDER BY seq DESC LIMIT 1")
+    return json.loads(rows[0]["data"]).get("differences", []) if rows else []
+
+
+def standing(differences: list[dict]) -> list[dict]:
+    """The differences left as they are (for a human, or for information)."""
+    return [d for d in differences if d.get("severity") != "fix"]
+
+
+def fills_since(rt) -> int:
+    """Fills are compared from the start of the last successful reconciliation on (less
+    a margin for trades the exchange lists late), else from the ledger's first fact."""
+    rows = rt.ledger.select(
+        "SELECT max(json_extract(data, '$.started_ms')) AS ms FROM facts WHERE type = "
+        "'job_run' AND json_extract(data, '$.job') = 'reconcile' "
+        "AND json_extract(data, '$.outcome') = 'ok'")
+    if rows and rows[0]["ms"] is not None:
+        return int(rows[0]["ms"]) - FILL_LAG_MS
+    first = rt.ledger.select("SELECT min(ts) AS ts FROM facts")
+    return first[0]["ts"] if first and first[0]["ts"] is not None else rt.clock.now_ms()
 
 
 # -- orders -----------------------------------------------------------------------------
@@ -86,6 +122,10 @@ def settle_orders(rt, ex: Executor, dry_run: bool) -> list[Difference]:
         try:
             if order["state"] in ("intent", "submitted", "unknown"):
                 result = rt.client.resolve_unknown(req, order["ts"])
+                if result.status == "unknown" and trigger:
+                    if open_ids is None:
+                        open_ids = {o.client_order_id for o in rt.client.open_orders()}
+                    result = settle_unknown_stop(rt, req, order, open_ids, result)
                 if result.status == "unknown":
                     diffs.append(Difference("unresolved_order", req.symbol,
                                             f"{req.client_order_id} ({order['purpose']}) is "
@@ -125,6 +165,25 @@ def settle_orders(rt, ex: Executor, dry_run: bool) -> list[Difference]:
         if not dry_run:
             apply_outcome(rt, ex, order, req, report, new)
     return diffs
+
+
+def settle_unknown_stop(rt, req: OrderRequest, order: dict, open_ids: set,
+                        result: SubmitResult) -> SubmitResult:
+    """A stop the lookup by client id did not find (Binance's algo service has answered
+    "does not exist" for stops that do): the list of working stops decides. Resting ->
+    accepted. Not resting, not found, and sent long enough ago -> never placed. (Had it
+    rested and filled, the position is gone, and the position check records the close.)
+    """
+    if req.client_order_id in open_ids:
+        found = next((o for o in rt.client.open_orders(req.symbol)
+                      if o.client_order_id == req.client_order_id), None)
+        if found is not None:
+            return SubmitResult("accepted", req, found)
+    age = rt.clock.now_ms() - order["ts"]
+    if age >= NOT_FOUND_FINAL_MS and req.client_order_id not in open_ids:
+        return SubmitResult("rejected", req, reason=f"stop not found and not resting "
+                            f"{age // 1000} s after sending: never placed")
+    return result
 
 
 def ex_path(ex: Executor, req: OrderRequest, order: dict, new: str, **kw) -> list[Fact]:
@@ -195,7 +254,8 @@ def apply_outcome(rt, ex: Executor, order: dict, req: OrderRequest, report: Orde
 
 # -- positions --------------------------------------------------------------------------
 
-def compare_positions(rt, ex: Executor, dry_run: bool) -> list[Difference]:
+def compare_positions(rt, ex: Executor, dry_run: bool,
+                      previous: list[dict] = ()) -> list[Difference]:
     diffs = []
     state = rt.ledger.state()
     exchange = {p.symbol: p for p in rt.client.positions()}
@@ -208,32 +268,70 @@ def compare_positions(rt, ex: Executor, dry_run: bool) -> list[Difference]:
                                     f"{p['amount']}, exchange {theirs.side} {theirs.amount}",
                                     "human"))
         elif theirs.amount != Decimal(p["amount"]):
-            diffs.append(Difference("position_size", symbol, f"ledger {p['amount']}, exchange "
-                                    f"{theirs.amount}", correction=f"size set to {theirs.amount}"))
-            if not dry_run:
-                ex.record([ex.fact("position_changed", symbol=symbol, side=p["side"],
-                                   amount=theirs.amount, position_id=p["position_id"],
-                                   reason="reconcile: size on the exchange",
-                                   data={"source": "reconcile", "ledger_amount": p["amount"]})])
+            diffs.append(resized_on_exchange(rt, ex, p, theirs, dry_run))
     for symbol, theirs in sorted(exchange.items()):
         if symbol not in state.positions:
-            diffs.append(external_position(rt, ex, theirs, dry_run))
+            diffs.append(external_position(rt, ex, theirs, dry_run, previous))
     return diffs
+
+
+def unknown_fills(rt, p: dict, side: str):
+    """Fills in ``side`` since the position opened that the ledger has not recorded."""
+    since = p["opened_ts"] - 60_000
+    fills = [f for f in rt.client.fills(p["symbol"], since) if f.side == side and f.ts >= since]
+    known = recorded_trade_ids(rt, since)
+    return [f for f in fills if f.trade_id not in known]
+
+
+def recorded_trade_ids(rt, since_ms: int) -> set[str]:
+    """Trade ids of the fills recorded since ``since_ms`` (a trade is recorded after it
+    happened, so nothing that traded since then is recorded earlier)."""
+    return {r["trade_id"] for r in rt.ledger.select(
+        "SELECT json_extract(data, '$.trade_id') AS trade_id FROM facts "
+        "WHERE type = 'fill' AND ts >= ?", (since_ms,))}
+
+
+def resized_on_exchange(rt, ex: Executor, p: dict, theirs, dry_run: bool) -> Difference:
+    """The exchange holds more or less than the ledger: take its size (and its average
+    entry price when it grew); when fills that the ledger never saw explain a reduction,
+    record them and the PnL of that part."""
+    symbol, held, amount = p["symbol"], Decimal(p["amount"]), theirs.amount
+    diff = Difference("position_size", symbol, f"ledger {p['amount']}, exchange {amount}",
+                      correction=f"size set to {amount}")
+    closing = []
+    if amount < held:
+        try:
+            closing = unknown_fills(rt, p, opposite(p["side"]))
+        except READ_ERRORS as exc:
+            log.warning("%s: fills unavailable (%s); size taken without them", symbol, exc)
+        if sum((f.amount for f in closing), Decimal(0)) != held - amount:
+            closing = []
+    if dry_run:
+        return diff
+    if closing:
+        avg = sum((f.price * f.amount for f in closing), Decimal(0)) / (held - amount)
+        fee = sum((f.fee for f in closing), Decimal(0))
+        diff.correction += f" with {len(closing)} fill(s) at {avg}"
+        ex.record([*(ex.fill_fact(f, p["position_id"]) for f in closing),
+                   ex.reduced_fact(p, held - amount, avg, fee,
+                                   "reduced on the exchange (reconcile)")])
+    else:
+        ex.record([ex.fact("position_changed", symbol=symbol, side=p["side"], amount=amount,
+                           price=theirs.entry_price if amount > held else None,
+                           position_id=p["position_id"],
+                           reason="reconcile: size on the exchange",
+                           data={"source": "reconcile", "ledger_amount": p["amount"]})])
+    return diff
 
 
 def closed_on_exchange(rt, ex: Executor, p: dict, dry_run: bool) -> Difference:
     """The ledger holds a position the exchange no longer has: find and record its close."""
     symbol = p["symbol"]
     try:
-        fills = [f for f in rt.client.fills(symbol, p["opened_ts"] - 60_000)
-                 if f.side == opposite(p["side"]) and f.ts >= p["opened_ts"] - 60_000]
+        closing = unknown_fills(rt, p, opposite(p["side"]))
     except READ_ERRORS as exc:
         return Difference("position_gone", symbol, f"not on the exchange; fills unavailable "
                           f"({exc})", "human")
-    known = {r["trade_id"] for r in rt.ledger.select(
-        "SELECT json_extract(data, '$.trade_id') AS trade_id FROM facts "
-        "WHERE position_id = ? AND type = 'fill'", (p["position_id"],))}
-    closing = [f for f in fills if f.trade_id not in known]
     amount = sum((f.amount for f in closing), Decimal(0))
     if amount < Decimal(p["amount"]) or amount == 0:
         return Difference("position_gone", symbol, f"ledger {p['side']} {p['amount']} is not on "
@@ -249,11 +347,14 @@ def closed_on_exchange(rt, ex: Executor, p: dict, dry_run: bool) -> Difference:
     return diff
 
 
-def external_position(rt, ex: Executor, theirs, dry_run: bool) -> Difference:
+def external_position(rt, ex: Executor, theirs, dry_run: bool,
+                      previous: list[dict] = ()) -> Difference:
     adopt = rt.config.reconcile.external_positions == "adopt"
     detail = f"{theirs.side} {theirs.amount} at {theirs.entry_price} is not in the ledger"
     if not adopt:
-        if not dry_run:
+        seen = any(d.get("kind") == "external_position" and d.get("symbol") == theirs.symbol
+                   and d.get("detail") == detail for d in previous)
+        if not dry_run and not seen:  # flagged once, reported every run
             ex.record([ex.fact("external_position", symbol=theirs.symbol, side=theirs.side,
                                amount=theirs.amount, price=theirs.entry_price,
                                reason="flagged", data={"adopted": False})])
@@ -317,9 +418,70 @@ def compare_stops(rt, ex: Executor, dry_run: bool) -> list[Difference]:
         diffs.append(Difference("orphan_stop", order.symbol, f"stop {coid} rests without a "
                                 "position in the ledger", correction="cancelled"))
         if not dry_run:
-            rt.client.cancel(order.symbol, client_order_id=coid, trigger=True)
-            ex.record([ex.fact("stop_cancelled", symbol=order.symbol, client_order_id=coid,
-                               reason="orphaned stop cancelled by reconcile")])
+            report = rt.client.cancel(order.symbol, client_order_id=coid, trigger=True)
+            facts = []
+            tracked = state.orders.get(coid)
+            if tracked is not None and report is not None:
+                facts += ex_path(ex, request_of(tracked), tracked,
+                                 state_of(report.status, report.amount, report.filled))
+            facts.append(ex.fact("stop_cancelled", symbol=order.symbol, client_order_id=coid,
+                                 reason="orphaned stop cancelled by reconcile"))
+            ex.record(facts)
+    return diffs
+
+
+# -- fills ------------------------------------------------------------------------------
+
+def sweep_fills(rt, ex: Executor, dry_run: bool, since: int) -> list[Difference]:
+    """Account trades since ``since`` that nothing above recorded: someone else traded
+    (or the ledger lost track). Each is recorded once, as a fill of no order of ours.
+
+    Looked at: the symbols the bot trades, holds, or has recorded fills in since then.
+    A trade of an order whose recorded fills already add up (a fill recorded from the
+    order before its trade was listed) is not counted twice.
+    """
+    state = rt.ledger.state()
+    symbols = set(state.active_coins) | set(state.positions) | {r["symbol"] for r in
+        rt.ledger.select("SELECT DISTINCT symbol FROM facts WHERE type IN ('fill', "
+                         "'order_intent', 'external_position') AND ts >= ?", (since,))}
+    try:
+        symbols |= {p.symbol for p in rt.client.positions()}
+    except READ_ERRORS as exc:
+        log.warning("reconcile: positions unavailable for the fill sweep (%s)", exc)
+    known = recorded_trade_ids(rt, since)
+    per_order = {r["oid"]: sum((Decimal(a) for a in r["amounts"].split()), Decimal(0))
+                 for r in rt.ledger.select(
+        "SELECT exchange_order_id AS oid, group_concat(amount, ' ') AS amounts FROM facts "
+        "WHERE type = 'fill' AND ts >= ? AND exchange_order_id IS NOT NULL "
+        "GROUP BY exchange_order_id", (since,))}
+    diffs, facts = [], []
+    for symbol in sorted(symbols):
+        try:
+            trades = rt.client.fills(symbol, since)
+        except READ_ERRORS as exc:
+            diffs.append(Difference("fills", symbol, f"fills unavailable ({exc})", "info"))
+            continue
+        by_order: dict[str | None, Decimal] = {}
+        for t in trades:
+            by_order[t.exchange_order_id] = by_order.get(t.exchange_order_id, Decimal(0)) \
+                + t.amount
+        for t in trades:
+            if t.trade_id in known or (t.exchange_order_id is not None and per_order.get(
+                    t.exchange_order_id, Decimal(0)) >= by_order[t.exchange_order_id]):
+                continue
+            diffs.append(Difference("unrecorded_fill", symbol, f"{t.side} {t.amount} at "
+                                    f"{t.price} (trade {t.trade_id}, order "
+                                    f"{t.client_order_id or t.exchange_order_id}) is not in "
+                                    "the ledger", correction="fill recorded"))
+            facts.append(ex.fact("fill", symbol=symbol, side=t.side, amount=t.amount,
+                                 price=t.price, fee=t.fee, client_order_id=t.client_order_id,
+                                 exchange_order_id=t.exchange_order_id,
+                                 reason="unattributed: found by reconcile",
+                                 data={"trade_id": t.trade_id, "fee_currency": t.fee_currency,
+                                       "exchange_ts": t.ts, "realized_pnl": t.realized_pnl,
+                                       "source": "reconcile"}))
+    if facts and not dry_run:
+        ex.record(facts)
     return diffs
 
 

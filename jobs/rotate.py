@@ -13,6 +13,8 @@ from ledger import Fact
 
 log = logging.getLogger(__name__)
 
+VOLATILITY_CANDLES = 100
+
 
 def run(rt, scheduled_ms: int, run_id: str) -> dict:
     cfg = rt.config.rotation
@@ -28,11 +30,9 @@ def run(rt, scheduled_ms: int, run_id: str) -> dict:
                                      blacklist=cfg.blacklist, tradable=tradable)
     if cfg.rank_by == "volatility":
         candidates = ranked[: cfg.top_n * 3]
-        vols = {}
-        for r in candidates:
-            candles = rt.client.closed_candles(r.symbol, rt.config.strategy.timeframe, 100)
-            vols[r.symbol] = rotation.volatility([c.close for c in candles])
-        ranked = rotation.rank_by_volatility(candidates, vols)
+        vols = {r.symbol: closes(rt, r.symbol) for r in candidates}
+        ranked = rotation.rank_by_volatility(candidates, {
+            s: rotation.volatility(c) if c else None for s, c in vols.items()})
     coins = rotation.choose(ranked, cfg.top_n)
     previous = state.active_coins
     # record
@@ -46,3 +46,14 @@ def run(rt, scheduled_ms: int, run_id: str) -> dict:
                            "volatility": r.volatility} for r in ranked[: cfg.top_n * 2]]})])
     log.info("rotation: %s", ", ".join(coins) or "(no eligible coins)")
     return {"coins": len(coins), "added": len([c for c in coins if c not in previous])}
+
+
+def closes(rt, symbol: str) -> list[float]:
+    """Closes for the volatility ranking; none when the candles are unavailable (the
+    symbol then ranks last instead of stopping the rotation)."""
+    try:
+        return [c.close for c in rt.client.closed_candles(symbol, rt.config.strategy.timeframe,
+                                                          VOLATILITY_CANDLES)]
+    except Exception as exc:  # noqa: BLE001 - one coin's data must not stop the rotation
+        log.warning("rotation: %s candles unavailable (%s); ranked last", symbol, exc)
+        return []

@@ -1,8 +1,11 @@
 """Market scan: for every active coin and every coin with an open position.
 
-fetch  closed candles (concurrently), the balance
+fetch  closed candles (concurrently, outside the lock), the balance
 decide account limits (halts), exits of open positions, entry signals, risk
 record  signals, risk decisions, best prices, halts; execute orders write-ahead
+
+Everything after the candle fetch holds ``rt.lock``, so it never interleaves with
+another job's exchange writes (reconcile).
 
 Each symbol is decided once per closed candle: the ``signal`` fact records the candle
 it decided on, so a second scan of the same candle does nothing (idempotent), and a
@@ -18,6 +21,7 @@ from decimal import Decimal
 import pandas as pd
 
 from core import exits, risk
+from core.clock import iso, timeframe_ms
 from core.exchange_types import BadExchangeData, Candle
 from core.execution import Executor
 from ledger import Fact
@@ -26,13 +30,22 @@ log = logging.getLogger(__name__)
 
 
 def run(rt, scheduled_ms: int, run_id: str) -> dict:
-    cfg = rt.config
     state = rt.ledger.state()
     symbols = sorted(set(state.active_coins) | set(state.positions))
     if not symbols:
         return {"skipped": True, "reason": "no active coins and no open positions"}
-    # fetch
+    # fetch (the slow part, concurrent, outside the lock)
     candles = fetch_candles(rt, symbols)
+    # The rest reads the ledger, decides and sends orders: serialised with the other jobs'
+    # exchange writes (a reconcile must not close a position this scan is managing).
+    with rt.lock:
+        return decide_and_act(rt, symbols, candles, run_id)
+
+
+def decide_and_act(rt, symbols: list[str], candles: dict[str, list[Candle]],
+                   run_id: str) -> dict:
+    cfg = rt.config
+    state = rt.ledger.state()
     fresh = {s: c for s, c in candles.items() if c and c[-1].ts > state.last_signal.get(s, -1)}
     if not fresh:
         return {"symbols": len(symbols), "new_candles": 0}
@@ -42,7 +55,7 @@ def run(rt, scheduled_ms: int, run_id: str) -> dict:
     summary = {"symbols": len(symbols), "new_candles": len(fresh), "entries": 0, "exits": 0}
     rt.ledger.append([balance_fact(balance, now, run_id)])
 
-    # decide + record: account limits first (a halt may close everything)
+    # account limits first (a halt may close everything)
     state = rt.ledger.state()
     for action in risk.check_account(risk.RiskState.from_ledger(state, now), balance.equity, now,
                                      cfg.risk):
@@ -51,21 +64,28 @@ def run(rt, scheduled_ms: int, run_id: str) -> dict:
     state = rt.ledger.state()
 
     frames = {s: frame(c) for s, c in candles.items() if c}
-    entries = []
+    tf = timeframe_ms(cfg.strategy.timeframe)
+    entries, quiet = [], []
     for symbol, series in sorted(fresh.items()):
         signal = rt.strategy.decide(frames[symbol])
-        new = [c for c in series if c.ts > state.last_signal.get(symbol, -1)]
         signal_fact = Fact("signal", now, run_id=run_id, symbol=symbol, side=signal.side,
                            reason=signal.reason, price=Decimal(repr(series[-1].close)),
                            data={**signal.to_record(), "candle_ts": series[-1].ts})
         position = state.positions.get(symbol)
-        if position is not None:
+        # The candles closed since the last decision, and not before the position opened
+        # (an adopted position has no decision yet: its past is not its own).
+        new = [c for c in series if c.ts > state.last_signal.get(symbol, -1)
+               and (position is None or c.ts + tf > position["opened_ts"])]
+        if position is not None and new:
             summary["exits"] += manage_position(rt, ex, position, series, new, signal_fact,
                                                 now, run_id)
-        elif signal.side in ("long", "short") and symbol in state.active_coins:
+        elif position is None and signal.side in ("long", "short") \
+                and symbol in state.active_coins:
             entries.append((symbol, signal, signal_fact, series[-1]))
         else:
-            rt.ledger.append([signal_fact])
+            quiet.append(signal_fact)
+    if quiet:  # decisions that act on nothing: one transaction for all of them
+        rt.ledger.append(quiet)
 
     for symbol, signal, signal_fact, last in entries:
         summary["entries"] += enter(rt, ex, symbol, signal, signal_fact, last, frames, run_id)
@@ -76,21 +96,42 @@ def fetch_candles(rt, symbols: list[str]) -> dict[str, list[Candle]]:
     """Closed candles per symbol, fetched concurrently over the data clients."""
     tf, limit = rt.config.strategy.timeframe, rt.config.strategy.candles
     clients = rt.data_clients
+    tf_ms = timeframe_ms(tf)
+    lookback = max(int(rt.strategy.warmup), 1) + 1  # the candles a decision rests on
 
-    def one(i_symbol):
-        i, symbol = i_symbol
+    def one(client, symbol: str) -> tuple[str, list[Candle]]:
         try:
-            return symbol, clients[i % len(clients)].closed_candles(symbol, tf, limit)
+            candles = client.closed_candles(symbol, tf, limit)
+            hole = first_gap(candles[-lookback:], tf_ms)
+            if hole is None:
+                return symbol, candles
+            # Rows were dropped (bad data) or are missing: the decision would rest on a
+            # damaged series. Skip it; the next scan fetches again.
+            log.warning("%s: candle %s missing among the last %d; skipped this scan", symbol,
+                        iso(hole), lookback)
         except BadExchangeData as exc:
             log.warning("%s: candles unusable, skipped this scan (%s)", symbol, exc)
         except Exception as exc:  # noqa: BLE001 - one coin's failure must not stop the scan
             log.warning("%s: candles unavailable, skipped this scan (%s)", symbol, exc)
         return symbol, []
 
-    if len(clients) == 1:
-        return dict(map(one, enumerate(symbols)))
-    with ThreadPoolExecutor(max_workers=min(len(clients), len(symbols))) as pool:
-        return dict(pool.map(one, enumerate(symbols)))
+    def share(j: int) -> list[tuple[str, list[Candle]]]:
+        # Each client fetches its own share in turn: a client serves one call at a time.
+        return [one(clients[j], symbol) for symbol in symbols[j::len(clients)]]
+
+    workers = min(len(clients), len(symbols))
+    if workers <= 1:
+        return dict(share(0)) if symbols else {}
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="candles") as pool:
+        return {s: c for part in pool.map(share, range(workers)) for s, c in part}
+
+
+def first_gap(candles: list[Candle], tf_ms: int) -> int | None:
+    """Open time of the first candle missing between the first and the last given."""
+    for a, b in zip(candles, candles[1:], strict=False):
+        if b.ts - a.ts != tf_ms:
+            return a.ts + tf_ms
+    return None
 
 
 def frame(candles: list[Candle]) -> pd.DataFrame:

@@ -107,18 +107,20 @@ WHERE type IN ('order_intent', 'order_submitted', 'order_update', 'fill')
 ORDER BY seq;
 
 CREATE VIEW daily_pnl AS
-SELECT strftime('%Y-%m-%d', ts / 1000, 'unixepoch') AS day,
-       count(*) AS trades,
-       sum(CAST(pnl AS REAL) > 0) AS wins,
-       round(sum(CAST(pnl AS REAL)), 8) AS realized_pnl,
-       round(sum(CAST(fee AS REAL)), 8) AS fees,
-       (SELECT json_extract(d.data, '$.equity') FROM facts d WHERE d.type = 'day_close'
-          AND json_extract(d.data, '$.day') = strftime('%Y-%m-%d', f.ts / 1000, 'unixepoch')
-          ORDER BY d.seq DESC LIMIT 1) AS closing_equity
-FROM facts f
-WHERE type = 'position_closed'
-GROUP BY day
-ORDER BY day;
+WITH closes AS (
+    SELECT strftime('%Y-%m-%d', ts / 1000, 'unixepoch') AS day,
+           count(*) AS trades,
+           sum(CAST(pnl AS REAL) > 0) AS wins,
+           round(sum(CAST(pnl AS REAL)), 8) AS realized_pnl,
+           round(sum(CAST(fee AS REAL)), 8) AS fees
+    FROM facts WHERE type = 'position_closed' GROUP BY day),
+equity AS (  -- the last day_close of each day (SQLite: bare columns follow max())
+    SELECT json_extract(data, '$.day') AS day, json_extract(data, '$.equity') AS equity,
+           max(seq)
+    FROM facts WHERE type = 'day_close' GROUP BY 1)
+SELECT c.day, c.trades, c.wins, c.realized_pnl, c.fees, e.equity AS closing_equity
+FROM closes c LEFT JOIN equity e ON e.day = c.day
+ORDER BY c.day;
 
 CREATE VIEW job_runs AS
 SELECT seq, json_extract(data, '$.job') AS job,

@@ -125,9 +125,35 @@ def connect(path: Path, *, readonly: bool) -> sqlite3.Connection:
         else:
             conn = sqlite3.connect(path, timeout=BUSY_TIMEOUT_S, isolation_level=None)
             _configure(conn)
-    except sqlite3.Error as exc:
+    except sqlite3.OperationalError as exc:
         raise LedgerError(f"{path}: cannot open ({exc})") from None
+    except sqlite3.DatabaseError as exc:
+        raise _unreadable(path, exc) from None
     return conn
+
+
+def _unreadable(path: Path, exc: Exception) -> LedgerError:
+    return LedgerError(f"{path}: not a readable SQLite database ({exc}); refusing to touch it")
+
+
+def _probe(path: Path) -> None:
+    """Refuse a file that is not our ledger (or is newer) without changing any file.
+
+    Any connection to a WAL-mode file creates -wal/-shm files beside it, and a writer's
+    close checkpoints the WAL into the file. With no -wal file the main file is complete
+    and can be read as immutable (no side files at all); with one, read-only.
+    """
+    mode = "mode=ro" if os.path.exists(f"{path}-wal") else "immutable=1"
+    try:
+        conn = _connect_ro(path, mode)
+    except sqlite3.OperationalError as exc:
+        raise LedgerError(f"{path}: cannot open ({exc})") from None
+    except sqlite3.DatabaseError as exc:
+        raise _unreadable(path, exc) from None
+    try:
+        _identify(conn, path)
+    finally:
+        conn.close()
 
 
 def _connect_ro(path: Path, mode: str) -> sqlite3.Connection:
@@ -144,8 +170,7 @@ def _identify(conn: sqlite3.Connection, path: Path) -> int:
         version = conn.execute("PRAGMA user_version").fetchone()[0]
         tables = conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]
     except sqlite3.DatabaseError as exc:
-        raise LedgerError(f"{path}: not a readable SQLite database ({exc}); refusing to "
-                          "touch it") from None
+        raise _unreadable(path, exc) from None
     if app_id == schema.APPLICATION_ID:
         if version > schema.SCHEMA_VERSION:
             raise LedgerError(f"{path}: ledger schema version {version} is newer than this "
@@ -208,23 +233,21 @@ class Ledger:
         if checkpoint_every < 1:
             raise ValueError(f"checkpoint_every must be at least 1, got {checkpoint_every}")
         check_path(self.path, for_writing=not readonly)
-        if readonly:
-            version = _identify(self._conn(), self.path)
-            if version != schema.SCHEMA_VERSION:
-                raise LedgerError(f"{self.path}: ledger schema version {version}, this code "
-                                  f"reads {schema.SCHEMA_VERSION}; run the bot once to "
-                                  "migrate it")
-            return
         if self.path.exists() and self.path.stat().st_size > 0:
-            # Look through a read-only connection first: a file that is not ours must
-            # not even have its WAL checkpointed by our closing connection.
-            probe = connect(self.path, readonly=True)
-            try:
-                _identify(probe, self.path)
-            finally:
-                probe.close()
-        conn = self._conn()
-        _migrate(conn, self.path, _identify(conn, self.path))
+            _probe(self.path)
+        try:
+            conn = self._conn()
+            version = _identify(conn, self.path)
+            if readonly:
+                if version != schema.SCHEMA_VERSION:
+                    raise LedgerError(f"{self.path}: ledger schema version {version}, this "
+                                      f"code reads {schema.SCHEMA_VERSION}; run the bot once "
+                                      "to migrate it")
+            else:
+                _migrate(conn, self.path, version)
+        except BaseException:
+            self.close()
+            raise
 
     # -- connections -------------------------------------------------------------------
 

@@ -401,3 +401,44 @@ def test_many_symbols_with_stops_step_quickly_and_consistently():
     for s in stopped:
         t = ex.fetch_my_trades(s, since=T0)[-1]
         assert t["side"] == "sell" and not math.isnan(t["price"])
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 60), st.sampled_from(["stop", "tp", "limit"]),
+                          st.floats(0.002, 0.02)), min_size=1, max_size=6))
+def test_catching_up_in_one_jump_equals_stepping_candle_by_candle(plan):
+    """Same orders at the same instants: a venue polled rarely ends where one stepped on
+    every candle does (same fills, prices, times)."""
+    venues = [make_sim(synthetic(2), start_balance=100_000.0) for _ in range(2)]
+    s = venues[0][0].symbols[0]
+    for ex, _ in venues:
+        ex.create_order(s, "market", "buy", qty_for(ex, s, 5000))
+    for k, kind, pct in sorted(plan):
+        at = T0 + k * 97_000  # placements fall inside candles
+        for i, (ex, clock) in enumerate(venues):
+            if i == 0:
+                while clock.now_ms() + TF <= at:  # the polled-every-candle venue
+                    clock.advance(TF)
+                    ex.step_to(clock.now_ms())
+            clock.set(at)
+            px = ex.fetch_ticker(s)["last"]
+            q = qty_for(ex, s, 500)
+            if kind == "stop":
+                ex.create_order(s, "market", "sell", q, params={"triggerPrice": px * (1 - pct),
+                                                               "reduceOnly": True})
+            elif kind == "tp":
+                ex.create_order(s, "market", "sell", q, params={"takeProfitPrice": px * (1 + pct),
+                                                               "reduceOnly": True})
+            else:
+                ex.create_order(s, "limit", "buy", q, px * (1 - pct))
+    end = T0 + 2 * DAY
+    (a, ca), (b, cb) = venues
+    while ca.now_ms() + TF <= end:
+        ca.advance(TF)
+        a.step_to(ca.now_ms())
+    cb.set(ca.now_ms())
+    strip = [{k: t[k] for k in ("timestamp", "side", "price", "amount", "fee")}
+             for t in a.fetch_my_trades(s, since=T0)]
+    assert strip == [{k: t[k] for k in ("timestamp", "side", "price", "amount", "fee")}
+                     for t in b.fetch_my_trades(s, since=T0)]
+    assert a.fetch_balance()["info"] == b.fetch_balance()["info"]

@@ -1,0 +1,403 @@
+"""Backtest: the live scan's decisions, replayed over recorded candles on a virtual clock.
+
+Same code, different clock. At every candle close (a *step*) the backtest does what the
+scan job (``jobs/scan.py``) does when it finds that candle closed, with the same
+functions: ``scan.balance_fact``, ``risk.check_account`` / ``scan.apply_halt``,
+``scan.manage_position`` (``exits.evaluate_exit``, stop moves), ``scan.enter``
+(``risk.check_entry``, sizing) and the ``Executor`` - against the simulated exchange, in
+memory, whose clock stands at the step. The rotation and daily-reset jobs run as they
+are (``jobs/rotate.py``, ``jobs/daily_reset.py``). The ledger gets the live schema and
+fact types; ``cli.py --db backtest.db trades|pnl|verify`` read it like any other.
+
+Timing, and why there is no look-ahead:
+
+* the strategy decides on the close of candle ``t`` (``Strategy.signals`` is causal; the
+  row of ``t`` equals ``Strategy.decide`` on the candles up to ``t``);
+* the order goes out at that instant, which is the open of ``t+1``: a market order fills
+  at the open of ``t+1`` plus slippage, minus the taker fee (the venue's price at an
+  instant is the candle opening then; in a hole in the data, the last close);
+* the protective stop rests on the venue and triggers inside a candle on its high/low
+  (a gap through it fills at the open). The exit rules see a candle's extremes, not their
+  order: the stop (and the trail from the previous best) are checked against the
+  adverse extreme first, and a new best reached in the same candle cannot save the
+  position - when stop and profit both lie inside one candle, the worse is assumed.
+  The venue makes the same choice (stops first within a candle);
+* candle holes: a symbol without a candle at a step is not decided on (the live scan
+  sees no new candle either); orders fill at the last close until candles resume.
+
+Rotation as in live: the top ``[rotation] top_n`` by 24 h quote volume (computed from
+the candles, as the venue's tickers are), at the start and then whenever the clock
+enters a new ``rotate_interval_h`` slot (epoch-aligned, as the scheduler's slots are),
+before the scan of that step. The daily reset runs after the scan of the first step of
+each UTC day.
+
+What is skipped is only what cannot change anything (see ``core.backtest_watch``): steps
+where no symbol has an entry signal, no open position's exit rules can fire or change
+state, no rotation or day boundary falls, and the equity makes neither a new peak nor
+a loss near a limit. The live scan records a ``signal`` fact for every symbol on every
+candle ("none" almost always); the backtest records the signals it acts on (entries,
+refused entries, exit evaluations) - the orders and fills are the same.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from core import risk
+from core.backtest_data import MarketData, signal_of
+from core.backtest_ledger import BufferedLedger
+from core.backtest_venue import BacktestClient, BacktestExecutor, build_venue
+from core.backtest_watch import MARGIN, next_due, watch_for
+from core.clock import DAY_MS, VirtualClock, day_start_ms
+from core.config import Config, to_mapping
+from core.exchange import ExchangeClient
+from core.execution import Executor
+from core.runtime import Runtime
+from core.sim_account import D, account
+from core.sim_binance import Q8
+from core.sim_store import SimPosition
+from core.strategies import Strategy, load_strategy
+from jobs import daily_reset, rotate, scan
+from ledger import Fact, Ledger
+
+log = logging.getLogger(__name__)
+
+PCT_MARGIN = 1e-6  # percentage points: a limit this close is checked by the exact rules
+BACKTEST_KIND = "backtest"
+Progress = Callable[[int, int], None]
+
+
+@dataclass
+class BacktestResult:
+    """What a run produced: the ledger file, and float series for the report."""
+
+    db_path: str
+    config: Config
+    strategy: str
+    params: dict
+    symbols: list[str]
+    times: np.ndarray  # step instants (UTC ms)
+    equity: np.ndarray  # account equity at each step (after its orders)
+    open_positions: np.ndarray  # positions open after each step
+    start_equity: float
+    trades: list[dict]  # closed trades (the ledger's closed_trades view)
+    still_open: list[dict]  # positions open at the end
+    fees: float
+    facts: int
+    elapsed_s: float
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def is_backtest_ledger(path: str | Path) -> bool:
+    """True if ``path`` is a ledger a backtest wrote (its first fact says so)."""
+    with Ledger(path, readonly=True) as ledger:
+        rows = ledger.select("SELECT type, json_extract(data, '$.kind') AS kind FROM facts "
+                             "ORDER BY seq LIMIT 1")
+    return not rows or (rows[0]["type"] == "note" and rows[0]["kind"] == BACKTEST_KIND)
+
+
+def run_backtest(config: Config, source, db_path: str | Path, *, start_ms: int | None = None,
+                 end_ms: int | None = None, data: MarketData | None = None,
+                 progress: Progress | None = None, reference: bool = False) -> BacktestResult:
+    """Backtest ``config``'s strategy on ``source``'s candles opening in [start, end)
+    (candles before ``start`` warm the indicators up); write the ledger to ``db_path``
+    (a new file).
+
+    ``reference=True`` runs the plain, slow path that the fast one must equal: every
+    step scanned, every open position evaluated on every candle, the plain Ledger,
+    Executor and ExchangeClient (tickers from the venue), real candle DataFrames. Tests
+    compare the two."""
+    t0 = time.perf_counter()
+    strategy = load_strategy(config.strategy)
+    if data is None:
+        data = MarketData(source, strategy)
+    t1 = time.perf_counter()
+    engine = Engine(config, strategy, data, db_path, start_ms, end_ms, progress, reference)
+    try:
+        engine.run()
+        t2 = time.perf_counter()
+        result = engine.result()
+    finally:
+        engine.close()
+    t3 = time.perf_counter()
+    result.timings.update(prepare_s=t1 - t0, loop_s=t2 - t1, ledger_s=t3 - t2)
+    result.elapsed_s = t3 - t0
+    return result
+
+
+def active_halts(state, now: int) -> dict[str, str]:
+    """The halts in force (what RiskState.from_ledger(state).active_halts says, cheaper)."""
+    return risk.RiskState.from_summary({"halts": state.halts}).active_halts(now)
+
+
+class Engine:
+    """One backtest run (see the module docstring)."""
+
+    def __init__(self, config: Config, strategy: Strategy, data: MarketData,
+                 db_path: str | Path, start_ms: int | None, end_ms: int | None,
+                 progress: Progress | None = None, reference: bool = False) -> None:
+        self.cfg = config
+        self.strategy = strategy
+        self.rules = strategy.exit_rules(config.exits)
+        self.data = data
+        self.k0, self.k1 = data.steps(start_ms, end_ms)
+        if self.k0 >= self.k1:
+            raise ValueError("no candles to backtest in the chosen period")
+        self.progress = progress
+        self.reference = reference
+        self.clock = VirtualClock(data.at(self.k0))
+        self.venue = build_venue(config, data.source, self.clock)
+        real = ExchangeClient(self.venue, config, self.clock, sleep=lambda s: None)
+        ledger = Ledger(db_path, checkpoint_every=config.bot.checkpoint_every)
+        if reference:
+            ledger.select("PRAGMA synchronous = OFF")
+            self.client, self.ledger, self.executor = real, ledger, Executor
+        else:
+            self.client = BacktestClient(real, data, self.clock)
+            self.ledger, self.executor = BufferedLedger(ledger), BacktestExecutor
+        self.rt = Runtime(config=config, clock=self.clock, ledger=self.ledger, client=self.client,
+                          strategy=strategy, venue=self.venue)
+        n = self.k1 - self.k0
+        self.equity = np.full(n, np.nan)
+        self.npos = np.zeros(n, dtype=np.int32)
+        self.entries = data.entries_by_step(self.k0, self.k1)
+        self.entry_steps = sorted(self.entries)
+        self.wake: dict[str, int] = {}  # symbol -> step its position must be evaluated at
+        self.watched: dict[str, dict] = {}  # symbol -> position dict the wake was computed for
+        self.rotate_ms = int(config.schedule.rotate_interval_h * 3_600_000)
+        self.last_slot: int | None = None
+        self.last_day: int | None = None
+        self.start_equity = float(self.client.balance().equity)
+        self.account: dict[str, Any] = {}
+
+    # -- the run -----------------------------------------------------------------------
+
+    def run(self) -> None:
+        self.record_start()
+        k, ei = self.k0, 0
+        shown = time.monotonic()
+        while k < self.k1:
+            self.step(k)
+            while ei < len(self.entry_steps) and self.entry_steps[ei] <= k:
+                ei += 1
+            nxt = min(self.entry_steps[ei] if ei < len(self.entry_steps) else self.k1,
+                      min(self.wake.values(), default=self.k1),
+                      self.next_rotation_step(), self.next_day_step(), self.k1)
+            k = self.quiet_until(k + 1, max(nxt, k + 1))
+            if self.progress is not None and time.monotonic() - shown > 0.2:
+                shown = time.monotonic()
+                self.progress(k - self.k0, self.k1 - self.k0)
+        if self.progress is not None:
+            self.progress(self.k1 - self.k0, self.k1 - self.k0)
+        self.ledger.append([Fact("note", self.clock.now_ms(), reason="backtest end",
+                                 data={"kind": "backtest_end", "steps": self.k1 - self.k0})])
+
+    def step(self, k: int) -> None:
+        """Everything the jobs would do at step k's instant, in the service's order."""
+        now = self.data.at(k)
+        self.clock.set(now)
+        if self.rotation_due(now):
+            slot = now - now % self.rotate_ms
+            rotate.run(self.rt, slot, f"rotate-{now}")
+            self.last_slot = slot
+        self.scan(k, now)
+        if self.last_day is None or day_start_ms(now) > self.last_day:
+            if self.last_day is not None:
+                daily_reset.run(self.rt, now, f"daily_reset-{now}")
+            self.last_day = day_start_ms(now)
+        self.after_step(k)
+
+    def scan(self, k: int, now: int) -> None:
+        """jobs/scan.py's run for the candles closing at ``now``, on the symbols due."""
+        rt, run_id = self.rt, f"scan-{now}"
+        balance = rt.client.balance()
+        ex = self.executor(rt.ledger, rt.client, rt.clock, self.cfg, run_id, rt.lock)
+        rt.ledger.append([scan.balance_fact(balance, now, run_id)])
+        state = rt.ledger.state()
+        for action in risk.check_account(risk.RiskState.from_ledger(state, now), balance.equity,
+                                         now, self.cfg.risk):
+            scan.apply_halt(rt, ex, state, action, now, run_id)
+        state = rt.ledger.state()
+        candle_ts = int(self.data.grid[k])
+        entries = []
+        for symbol in sorted(set(state.positions) | set(self.entries.get(k, ()))):
+            d = self.data.data[symbol]
+            i = d.last_at(candle_ts)
+            if i < 0 or int(d.ts[i]) != candle_ts:
+                continue  # no new candle for this symbol (a hole)
+            position = state.positions.get(symbol)
+            if position is not None:
+                if self.reference or self.wake.get(symbol) == k:
+                    scan.manage_position(rt, ex, position, [d.candle(i - 1), d.candle(i)],
+                                         [d.candle(i)], self.signal_fact(d, i, now, run_id),
+                                         now, run_id)
+            elif int(d.signal[i]) != 0 and symbol in state.active_coins:
+                entries.append((symbol, d, i))
+        for symbol, d, i in entries:
+            signal = signal_of(self.strategy, d, i)
+            scan.enter(rt, ex, symbol, signal, self.signal_fact(d, i, now, run_id, signal),
+                       d.candle(i), self.frames(symbol, candle_ts), run_id)
+
+    def signal_fact(self, d, i: int, now: int, run_id: str, signal=None) -> Fact:
+        """The scan's signal fact for candle i of d (as jobs/scan.py builds it)."""
+        signal = signal or signal_of(self.strategy, d, i)
+        return Fact("signal", now, run_id=run_id, symbol=d.symbol, side=signal.side,
+                    reason=signal.reason, price=Decimal(repr(float(d.c[i]))),
+                    data={**signal.to_record(), "candle_ts": int(d.ts[i])})
+
+    def frames(self, symbol: str, candle_ts: int) -> dict:
+        """The closed-candle frames scan.enter reads: the candidate's and the open positions'."""
+        wanted = {symbol, *self.ledger.state().positions}
+        out = {}
+        for s in sorted(wanted):
+            d = self.data.data[s]
+            i = d.last_at(candle_ts)
+            if i >= 0:
+                limit = self.cfg.strategy.candles
+                out[s] = d.frame(i, limit) if self.reference else d.closes(i, limit)
+        return out
+
+    def halting(self, state, now: int) -> bool:
+        """A halt that closes every position is in force while positions remain: every
+        scan retries the close (risk.check_account says so), so every step is looked at."""
+        halts = active_halts(state, now)
+        return bool(state.positions) and ("drawdown" in halts or (
+            "daily_loss" in halts and self.cfg.risk.daily_loss_close_all))
+
+    # -- between steps -----------------------------------------------------------------
+
+    def after_step(self, k: int) -> None:
+        """Refresh what the quiet steps are measured against, and record this step."""
+        state = self.ledger.state()
+        balance = self.client.balance()  # cached unless orders went out
+        positions = state.positions
+        for symbol in list(self.wake):
+            if symbol not in positions:
+                del self.wake[symbol]
+                self.watched.pop(symbol, None)
+        for symbol, p in positions.items():
+            if self.watched.get(symbol) != p or self.wake.get(symbol, k) <= k:
+                self.watched[symbol] = p
+                self.wake[symbol] = self.due_step(symbol, p, k)
+        now = self.clock.now_ms()
+        self.account = {
+            "wallet": float(balance.total),
+            "wallet_exact": balance.total,
+            "legs": [(s, Decimal(p["amount"]) * (1 if p["side"] == "long" else -1),
+                      Decimal(p["entry_price"])) for s, p in sorted(positions.items())],
+            "peak": float(state.equity_peak) if state.equity_peak else None,
+            "peak_exact": Decimal(state.equity_peak) if state.equity_peak else None,
+            "day_start": float(state.day_start_equity) if state.day_start_equity else None,
+            "halts": active_halts(state, now),
+            "halting": self.halting(state, now),
+        }
+        self.equity[k - self.k0] = float(balance.equity)
+        self.npos[k - self.k0] = len(positions)
+
+    def due_step(self, symbol: str, position: dict, k: int) -> int:
+        """The step at which this position's exit rules must next be evaluated."""
+        d = self.data.data[symbol]
+        w = watch_for(position, self.rules, self.client.market(symbol).price_step)
+        i0 = d.last_at(int(self.data.grid[k])) + 1
+        j = next_due(w, d.h, d.low, d.c, i0)
+        return int(d.step[j]) if j < len(d.ts) else self.k1
+
+    def quiet_until(self, k: int, end: int) -> int:
+        """Fill the equity of steps [k, end) where nothing is scheduled; return the first
+        of them the scan must look at after all (a new equity peak to record, a loss near
+        a limit, a halt closing positions), else ``end``."""
+        if k >= end:
+            return k
+        a = self.account
+        if a["halting"] or self.reference:
+            return k
+        i0 = k - self.k0
+        eq = np.full(end - k, a["wallet"])
+        for symbol, signed, entry in a["legs"]:
+            eq += float(signed) * (self.data.data[symbol].marks[k:end] - float(entry))
+        trigger = np.zeros(end - k, dtype=bool)
+        peak = a["peak"]
+        if peak:
+            trigger |= eq > peak * (1 + MARGIN)
+            near = np.flatnonzero((eq > peak * (1 - MARGIN)) & ~trigger)
+            for j in near[:1] if not a["legs"] else near:
+                trigger[j] = self.new_peak_exactly(k + j)
+            if "drawdown" not in a["halts"]:
+                trigger |= (peak - eq) / peak * 100 >= self.cfg.risk.max_drawdown_pct - PCT_MARGIN
+        dse = a["day_start"]
+        if dse and "daily_loss" not in a["halts"]:
+            trigger |= (dse - eq) / dse * 100 >= self.cfg.risk.daily_loss_limit_pct - PCT_MARGIN
+        hit = np.flatnonzero(trigger)
+        stop = int(hit[0]) if len(hit) else end - k
+        self.equity[i0:i0 + stop] = eq[:stop]
+        self.npos[i0:i0 + stop] = len(a["legs"])
+        return k + stop if len(hit) else end
+
+    def new_peak_exactly(self, k: int) -> bool:
+        """Would the venue's equity at step k exceed the recorded peak? (Only asked when the
+        float estimate is within MARGIN of the peak.) The venue values positions at its
+        last price: the same pure account arithmetic, with the same prices."""
+        a, now = self.account, self.data.at(k)
+        legs = {s: SimPosition(signed, entry, now) for s, signed, entry in a["legs"]}
+        marks = {s: D(float(self.data.source.price(s, now))) for s in legs}
+        equity = account(a["wallet_exact"], legs, marks, dict.fromkeys(legs, 1), []).equity
+        return equity.quantize(Q8) > a["peak_exact"]
+
+    def rotation_due(self, now: int) -> bool:
+        return self.last_slot is None or now - now % self.rotate_ms > self.last_slot
+
+    def next_rotation_step(self) -> int:
+        if self.last_slot is None:
+            return self.k0
+        return self.step_at_or_after(self.last_slot + self.rotate_ms)
+
+    def next_day_step(self) -> int:
+        if self.last_day is None:
+            return self.k0
+        return self.step_at_or_after(self.last_day + DAY_MS)
+
+    def step_at_or_after(self, ms: int) -> int:
+        """The first step whose instant is at or after ``ms``."""
+        return min(self.k1, int(np.searchsorted(self.data.grid, ms - self.data.tf_ms)))
+
+    # -- records and results -----------------------------------------------------------
+
+    def record_start(self) -> None:
+        cfg = to_mapping(self.cfg)
+        self.ledger.append([Fact(
+            "note", self.clock.now_ms(), reason="backtest start",
+            data={"kind": BACKTEST_KIND, "strategy": self.strategy.name,
+                  "params": dict(self.strategy.params), "symbols": self.data.symbols,
+                  "source": self.data.source.describe(),
+                  "first_candle_ms": int(self.data.grid[self.k0]),
+                  "last_candle_ms": int(self.data.grid[self.k1 - 1]), "config": cfg})])
+
+    def result(self) -> BacktestResult:
+        if not self.reference:
+            self.ledger.flush()
+        trades = self.ledger.select("SELECT * FROM closed_trades ORDER BY closed_seq")
+        still_open = self.ledger.select("SELECT * FROM open_positions ORDER BY opened_seq")
+        fees = self.ledger.select(
+            "SELECT total(CAST(fee AS REAL)) AS fees FROM facts WHERE type = 'fill'")[0]["fees"]
+        return BacktestResult(
+            db_path=str(self.ledger.path), config=self.cfg, strategy=self.strategy.name,
+            params=dict(self.strategy.params), symbols=list(self.data.symbols),
+            times=self.data.grid[self.k0:self.k1] + self.data.tf_ms, equity=self.equity,
+            open_positions=self.npos, start_equity=self.start_equity, trades=trades,
+            still_open=still_open, fees=float(fees or 0.0), facts=self.ledger.last_seq(),
+            elapsed_s=0.0)
+
+    def close(self) -> None:
+        self.ledger.close()
+        self.venue.close()
+
+
+__all__ = ["BacktestResult", "Engine", "run_backtest", "is_backtest_ledger", "BACKTEST_KIND"]

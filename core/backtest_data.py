@@ -1,0 +1,237 @@
+"""The candles a backtest replays, laid out for speed: arrays per symbol on one time grid.
+
+Built once per run from an ``ArraySource`` (``CsvMarket`` for ``--data DIR``, or the
+seeded ``SyntheticMarket``), the same object the simulated exchange fills orders from,
+so the backtest decides on exactly the candles the venue trades on.
+
+* ``grid`` - every candle open time of any symbol, ascending. Step ``k`` is the instant
+  ``grid[k] + timeframe``: the close of the candles opening at ``grid[k]``, when a scan
+  decides on them (and the open of the next ones, where orders fill).
+* per symbol: its candles, the strategy's vectorised ``signals`` (row ``t`` uses candles
+  ``<= t`` only, so it equals ``Strategy.decide`` on the closed candles up to ``t``), the
+  grid step of each candle, and the venue's price at every step (``marks``: the open of
+  the candle starting then, else the last close - a hole in the data).
+
+A symbol with a hole simply has no candle at that step: it is not decided on, exactly as
+the live scan finds no new closed candle for it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from decimal import Decimal
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from core.clock import DAY_MS
+from core.exchange_types import Candle, Ticker
+from core.strategies import SIDE_OF, Signal, Strategy
+
+INDICATOR_SKIP = ("signal", "reason")
+
+
+def parse_when(text: str, flag: str) -> int:
+    """UTC ms from ``YYYY-MM-DD`` (midnight UTC) or an ISO time with a zone (``...Z``)."""
+    value = text.strip()
+    try:
+        if len(value) == 10:
+            dt = datetime.strptime(value, "%Y-%m-%d").replace(tzinfo=UTC)
+        else:
+            dt = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        raise ValueError(f"{flag} {text!r}: not a date; use YYYY-MM-DD or an ISO time like "
+                         "2018-01-15T12:00:00Z") from None
+    if dt.tzinfo is None:
+        raise ValueError(f"{flag} {text!r}: give the time zone (Z for UTC)")
+    return int(dt.timestamp() * 1000)
+
+
+@dataclass
+class SymbolData:
+    """One symbol's candles (as the venue has them) and the strategy's decision on each."""
+
+    symbol: str
+    ts: np.ndarray
+    o: np.ndarray
+    h: np.ndarray
+    low: np.ndarray
+    c: np.ndarray
+    v: np.ndarray
+    signal: np.ndarray  # int8 +1/-1/0 per candle
+    reason: np.ndarray  # object: reason code per candle
+    indicators: dict[str, np.ndarray]  # column -> values per candle, in the strategy's order
+    step: np.ndarray  # grid step of each candle
+    marks: np.ndarray  # float per grid step: the venue's price at the step's instant
+    tick: float
+
+    def candle(self, i: int) -> Candle:
+        return Candle(int(self.ts[i]), float(self.o[i]), float(self.h[i]), float(self.low[i]),
+                      float(self.c[i]), float(self.v[i]))
+
+    def frame(self, i: int, limit: int) -> pd.DataFrame:
+        """The last ``limit`` closed candles up to candle ``i``: what the scan fetches."""
+        a = max(0, i + 1 - limit)
+        return pd.DataFrame({"ts": self.ts[a:i + 1], "open": self.o[a:i + 1],
+                             "high": self.h[a:i + 1], "low": self.low[a:i + 1],
+                             "close": self.c[a:i + 1], "volume": self.v[a:i + 1]})
+
+    def closes(self, i: int, limit: int) -> CloseFrame:
+        """``frame(i, limit)`` as far as the scan's entry reads it (the closes by time)."""
+        a = max(0, i + 1 - limit)
+        return CloseFrame(self.ts[a:i + 1], self.c[a:i + 1])
+
+    def last_at(self, ms: int) -> int:
+        """Index of the last candle opening at or before ``ms`` (-1: none yet)."""
+        return int(np.searchsorted(self.ts, ms, side="right")) - 1
+
+    def quote_volume_24h(self, now_ms: int, tf_ms: int) -> float | None:
+        """The rolling 24 h quote volume the venue's ticker reports at ``now_ms`` (a candle
+        boundary, where the forming candle adds nothing yet); None before the first candle."""
+        end = now_ms - now_ms % tf_ms
+        i0, i1 = np.searchsorted(self.ts, [now_ms - DAY_MS, end])
+        if self.last_at(now_ms) < 0:
+            return None
+        v, h, lo, c = self.v[i0:i1], self.h[i0:i1], self.low[i0:i1], self.c[i0:i1]
+        return float((v * (h + lo + c) / 3).sum())
+
+
+class CloseFrame:
+    """What ``jobs/scan.enter`` reads of a symbol's candle frame - ``set_index("ts")["close"]``,
+    the closes by time for the correlation limit - without building a DataFrame per
+    entry. Asking it for anything else fails loudly."""
+
+    __slots__ = ("ts", "close", "_by")
+
+    def __init__(self, ts: np.ndarray, close: np.ndarray, by: str | None = None) -> None:
+        self.ts, self.close, self._by = ts, close, by
+
+    def set_index(self, column: str) -> CloseFrame:
+        if column != "ts":
+            raise KeyError(f"a backtest close frame is indexed by ts only, not {column!r}")
+        return CloseFrame(self.ts, self.close, "ts")
+
+    def __getitem__(self, column: str) -> pd.Series:
+        if column != "close" or self._by != "ts":
+            raise KeyError(f"a backtest close frame serves set_index('ts')['close'] only, "
+                           f"not {column!r}")
+        return pd.Series(self.close, index=pd.Index(self.ts, name="ts"), name="close")
+
+
+def signal_of(strategy: Strategy, data: SymbolData, i: int) -> Signal:
+    """``strategy.decide`` on the closed candles up to ``i``, from the precomputed row."""
+    values = {k: _num(col[i]) for k, col in data.indicators.items()}
+    reason = str(data.reason[i])
+    return Signal(strategy.name, SIDE_OF[int(data.signal[i])], reason,
+                  strategy.explain(reason, values), int(data.ts[i]), values,
+                  dict(strategy.params))
+
+
+def _num(x: Any) -> float | None:
+    try:
+        f = float(x)
+    except (TypeError, ValueError):
+        return None
+    return f if math.isfinite(f) else None
+
+
+def ticker_from_volume(symbol: str, last: float, quote_volume: float, now_ms: int,
+                       price_decimals: int) -> Ticker:
+    """The Ticker the exchange client returns for the venue's 24 h statistics: the venue
+    prints quoteVolume with 2 decimals and the last price on its tick; ccxt reads them as
+    floats; the client keeps their shortest text as Decimal."""
+    qv = float(f"{quote_volume:.2f}")
+    px = float(f"{last:.{price_decimals}f}")
+    return Ticker(symbol=symbol, last=Decimal(repr(px)), quote_volume=Decimal(repr(qv)),
+                  ts=now_ms)
+
+
+class MarketData:
+    """Every symbol of a source on one time grid (see the module docstring)."""
+
+    def __init__(self, source, strategy: Strategy, symbols: list[str] | None = None) -> None:
+        self.source = source
+        self.tf_ms = int(source.timeframe_ms)
+        self.symbols = sorted(symbols if symbols is not None else source.symbols)
+        series = {s: source.series(s, _far_future(source)) for s in self.symbols}
+        series = {s: c for s, c in series.items() if len(c)}
+        self.symbols = sorted(series)
+        if not self.symbols:
+            raise ValueError("no candles to backtest")
+        self.grid = np.unique(np.concatenate([c.ts for c in series.values()]))
+        self.data: dict[str, SymbolData] = {}
+        for s in self.symbols:
+            self.data[s] = self._prepare(s, series[s], strategy)
+
+    def _prepare(self, symbol: str, c, strategy: Strategy) -> SymbolData:
+        frame = pd.DataFrame({"ts": c.ts, "open": c.o, "high": c.h, "low": c.low, "close": c.c,
+                              "volume": c.v})
+        sig = strategy.signals(frame)
+        indicators = {k: sig[k].to_numpy() for k in sig.columns if k not in INDICATOR_SKIP}
+        step = np.searchsorted(self.grid, c.ts).astype(np.int64)
+        tick = float(self.source.ticks[symbol])
+        return SymbolData(symbol, c.ts, c.o, c.h, c.low, c.c, c.v,
+                          sig["signal"].to_numpy(np.int8), sig["reason"].to_numpy(object),
+                          indicators, step, self._marks(c, tick), tick)
+
+    def _marks(self, c, tick: float) -> np.ndarray:
+        """The venue's last price at each step's instant: the forming candle at that instant
+        is the next one (its open, on the tick grid), else the last close (a hole)."""
+        at = self.grid + self.tf_ms
+        i = np.searchsorted(c.ts, at, side="right") - 1  # last candle opening at or before
+        out = np.full(len(self.grid), np.nan)
+        has = i >= 0
+        idx = i[has]
+        opens_now = c.ts[idx] == at[has]
+        rounded_open = np.round(np.round(c.o[idx] / tick) * tick, _decimals(tick))
+        out[has] = np.where(opens_now, rounded_open, c.c[idx])
+        return out
+
+    def steps(self, start_ms: int | None, end_ms: int | None) -> tuple[int, int]:
+        """[k0, k1): the steps whose candles open in [start_ms, end_ms)."""
+        k0 = 0 if start_ms is None else int(np.searchsorted(self.grid, start_ms))
+        k1 = len(self.grid) if end_ms is None else int(np.searchsorted(self.grid, end_ms))
+        return k0, k1
+
+    def at(self, k: int) -> int:
+        """The instant of step ``k``: the close of the candles opening at grid[k]."""
+        return int(self.grid[k]) + self.tf_ms
+
+    def entries_by_step(self, k0: int, k1: int) -> dict[int, list[str]]:
+        """step -> symbols (sorted) whose candle closing then carries an entry signal."""
+        out: dict[int, list[str]] = {}
+        for s in self.symbols:
+            d = self.data[s]
+            rows = np.flatnonzero(d.signal != 0)
+            steps = d.step[rows]
+            for k in steps[(steps >= k0) & (steps < k1)].tolist():
+                out.setdefault(k, []).append(s)
+        return out
+
+    def tickers(self, now_ms: int, price_decimals: Mapping[str, int]) -> dict[str, Ticker]:
+        """The 24 h tickers at ``now_ms`` (rotation), as the exchange client reports them."""
+        out = {}
+        for s in self.symbols:
+            d = self.data[s]
+            qv = d.quote_volume_24h(now_ms, self.tf_ms)
+            if qv is None:
+                continue
+            last = self.source.price(s, now_ms)
+            out[s] = ticker_from_volume(s, last, qv, now_ms, price_decimals[s])
+        return out
+
+
+def _decimals(step: float) -> int:
+    return max(0, -int(math.floor(math.log10(step) + 1e-9)))
+
+
+def _far_future(source) -> int:
+    end = getattr(source, "end_ms", None)
+    return int(end) if end is not None else 2**62
+
+
+__all__ = ["CloseFrame", "MarketData", "SymbolData", "parse_when", "signal_of", "ticker_from_volume"]

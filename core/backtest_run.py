@@ -1,0 +1,203 @@
+"""``cli.py backtest`` and ``cli.py walkforward``: the imperative shell around the engines.
+
+Reads the candles, checks the user's input (a bad folder, date, strategy or grid is a
+``ValueError``: the CLI prints one line and exits 2), runs, prints the report, writes
+the chart. Venue refusals during a backtest (an order too small, too large) are facts
+in the ledger, not console noise: only errors reach stderr.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any, TextIO
+
+from core.config import Config
+
+PROGRESS_AFTER_S = 2.0
+
+
+class ProgressBar:
+    """A progress bar on stderr, shown only once a run has taken PROGRESS_AFTER_S."""
+
+    def __init__(self, label: str, stream: TextIO | None = None) -> None:
+        self.label = label
+        self.stream = stream or sys.stderr
+        self.t0 = time.monotonic()
+        self.shown = False
+        self.last_tenth = -1
+
+    def __call__(self, done: int, total: int) -> None:
+        elapsed = time.monotonic() - self.t0
+        if elapsed < PROGRESS_AFTER_S or total <= 0:
+            return
+        frac = min(1.0, done / total)
+        tty = getattr(self.stream, "isatty", lambda: False)()
+        if not tty:  # a log file: one line per tenth
+            tenth = int(frac * 10)
+            if tenth == self.last_tenth:
+                return
+            self.last_tenth = tenth
+        bar = "#" * int(frac * 30)
+        line = f"{self.label} [{bar:<30}] {frac * 100:5.1f}% {done:,}/{total:,} {elapsed:.1f} s"
+        self.stream.write(("\r" + line) if tty else line + "\n")
+        if tty and done >= total:
+            self.stream.write("\n")
+        self.stream.flush()
+        self.shown = True
+
+
+def quiet_logging() -> None:
+    """Only errors on the console while a backtest runs (refusals are in the ledger)."""
+    root = logging.getLogger()
+    if not root.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setLevel(logging.ERROR)
+        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+        root.addHandler(handler)
+
+
+def open_source(config: Config, data_dir: str | Path):
+    """The CSV candles of ``data_dir`` as the simulated exchange's market."""
+    from core.sim_market import CsvMarket
+
+    path = Path(data_dir)
+    if not path.exists():
+        raise ValueError(f"--data {data_dir}: no such folder")
+    if not path.is_dir():
+        raise ValueError(f"--data {data_dir}: not a folder")
+    try:
+        return CsvMarket(path, config.strategy.timeframe, config.exchange.quote)
+    except (OSError, KeyError, ValueError) as exc:
+        raise ValueError(f"--data {data_dir}: cannot use these candles ({exc})") from None
+
+
+def with_strategy(config: Config, name: str | None) -> Config:
+    """``config`` with ``--strategy`` applied; refuses an unknown name before any work."""
+    from core.strategies import load_strategy
+
+    if name:
+        config = config.with_values(strategy={"name": name})
+    load_strategy(config.strategy)  # StrategyError (a ValueError) names the choices
+    return config
+
+
+def prepare_db(path: str | Path) -> Path:
+    """A backtest writes a new ledger; an earlier backtest's file is replaced, anything
+    else is refused (a live ledger must never be touched)."""
+    from core.backtest import is_backtest_ledger
+
+    p = Path(path)
+    if p.exists():
+        if not is_backtest_ledger(p):  # LedgerError for a file that is not a ledger at all
+            raise ValueError(f"--db {p}: a ledger that is not a backtest's; refusing to "
+                             "replace it (choose another path)")
+        for suffix in ("", "-wal", "-shm"):
+            Path(f"{p}{suffix}").unlink(missing_ok=True)
+    return p
+
+
+def _window(start: str | None, end: str | None) -> tuple[int | None, int | None]:
+    from core.backtest_data import parse_when
+
+    s = parse_when(start, "--from") if start else None
+    e = parse_when(end, "--to") if end else None
+    if s is not None and e is not None and e <= s:
+        raise ValueError(f"--to {end} is not after --from {start}")
+    return s, e
+
+
+def backtest_command(config: Config, data_dir: str, *, strategy: str | None,
+                     start: str | None, end: str | None, db_path: str | Path,
+                     plot: str | None, as_json: bool) -> str:
+    """Run one backtest; the text (or JSON) to print."""
+    from core.backtest import run_backtest
+    from core.report import metrics, summary_text, write_chart
+
+    t0 = time.perf_counter()
+    config = with_strategy(config, strategy)
+    start_ms, end_ms = _window(start, end)
+    db = prepare_db(db_path)
+    quiet_logging()
+    source = open_source(config, data_dir)
+    load_s = time.perf_counter() - t0
+    result = run_backtest(config, source, db, start_ms=start_ms, end_ms=end_ms,
+                          progress=ProgressBar("backtest"))
+    result.timings["load_s"] = load_s
+    result.elapsed_s += load_s
+    m = metrics(result)
+    if plot:
+        m["chart"] = str(write_chart(plot, result, m, config.exchange.quote))
+    if as_json:
+        return json.dumps(m, indent=2, default=str)
+    text = summary_text(m, config.exchange.quote)
+    if plot:
+        text += f"\n\nchart: {m['chart']}"
+    return text + f"\n\nread the ledger: cli.py --db {db} trades | pnl | verify"
+
+
+def walkforward_command(config: Config, data_dir: str, *, grid_path: str, train: str,
+                        test: str, strategy: str | None, start: str | None, end: str | None,
+                        objective: str, workers: int | None, as_json: bool) -> str:
+    """Run a walk-forward; the text (or JSON) to print."""
+    from core.walkforward import load_grid, parse_span, walk_forward
+
+    config = with_strategy(config, strategy)
+    train_ms, test_ms = parse_span(train, "--train"), parse_span(test, "--test")
+    start_ms, end_ms = _window(start, end)
+    grid = load_grid(grid_path, config)
+    quiet_logging()
+    source = open_source(config, data_dir)
+    first = min(int(source.series(s, 2**62).ts[0]) for s in source.symbols)
+    last = max(int(source.series(s, 2**62).ts[-1]) for s in source.symbols) + \
+        source.timeframe_ms
+    report = walk_forward(config, str(data_dir), grid, train_ms, test_ms,
+                          first_ms=max(first, start_ms or first),
+                          end_ms=min(last, end_ms or last), objective=objective,
+                          workers=workers, progress=ProgressBar("walkforward"))
+    if as_json:
+        return json.dumps(report, indent=2, default=str)
+    return walkforward_text(report)
+
+
+def walkforward_text(r: dict[str, Any]) -> str:
+    from tabulate import tabulate
+
+    from core.report import when_utc
+
+    def pct(x):
+        return "-" if x is None else f"{x * 100:.2f} %"
+
+    rows = []
+    for f in r["folds"]:
+        params = ", ".join(f"{k}={v}" for sec in f["params"].values() for k, v in sec.items())
+        rows.append({"fold": f["fold"], "test window": f"{when_utc(f['test_start_ms'])} .. "
+                     f"{when_utc(f['test_end_ms'])}", "chosen": params,
+                     "in-sample": pct(f["in_sample"]["total_return"]),
+                     "out-of-sample": pct(f["out_of_sample"]["total_return"]),
+                     "oos trades": f["out_of_sample"]["total_trades"],
+                     "oos max dd": pct(f["out_of_sample"]["max_drawdown"])})
+    a = r["aggregate"]
+    lines = [
+        f"walk-forward: {a['folds']} folds x {r['combinations']} combinations, objective "
+        f"{r['objective']}, {r['backtests']} backtests on {r['workers']} workers in "
+        f"{r['elapsed_s']:.1f} s",
+        "",
+        tabulate(rows, headers="keys", tablefmt="simple", disable_numparse=True),
+        "",
+        f"out of sample  {pct(a['out_of_sample_return'])} chained over the test windows "
+        f"({a['out_of_sample_trades']} trades, {a['out_of_sample_positive_folds']} of "
+        f"{a['folds']} folds positive)",
+        f"per day        in sample {pct(a['mean_in_sample_return_per_day'])}, out of sample "
+        f"{pct(a['mean_out_of_sample_return_per_day'])}: in-sample flattered by "
+        f"{pct(a['in_sample_flattery_per_day'])} a day",
+        f"params changed between folds {a['params_changed']} time(s)",
+    ]
+    return "\n".join(lines)
+
+
+__all__ = ["backtest_command", "walkforward_command", "open_source", "prepare_db",
+           "ProgressBar", "walkforward_text"]

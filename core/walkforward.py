@@ -1,0 +1,286 @@
+"""Walk-forward optimisation: pick parameters on a training window, judge them on the next.
+
+The data's time range is cut into rolling folds: train on ``[s, s + train)``, test on
+``[s + train, s + train + test)``, then move ``s`` on by ``test``. For each fold every
+parameter combination of the grid is backtested on the training window; the best one
+(by the objective) is backtested on the test window, out of sample. Each backtest
+starts flat with ``[sim] start_balance`` and is warmed up by the candles before its
+window. The report gives each fold's choice, in- and out-of-sample results, and how far
+the in-sample results flattered (return per day in sample minus out of sample).
+
+The grid is a TOML file of parameter lists, one table per config section; every
+combination is tried (values are validated like the config file):
+
+    [strategy]
+    min_body_pct = [0.5, 0.7, 0.9]
+    long_volume_ratio = [1.5, 1.8]
+
+    [exits]
+    trailing_stop_pct = [0.3, 0.5]
+
+All cores are used: the backtests run in a process pool, in chunks that each read the
+candles once and compute the strategy's signals once per strategy parameter set.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import os
+import re
+import tempfile
+import time
+import tomllib
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from core.config import SECTIONS, Config, ConfigError, from_mapping, to_mapping
+
+OBJECTIVES = ("total_return", "sharpe", "sortino", "profit_factor")
+MAX_COMBOS = 5000
+SPAN = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([mhdw])\s*$")
+SPAN_MS = {"m": 60_000, "h": 3_600_000, "d": 86_400_000, "w": 7 * 86_400_000}
+
+
+def parse_span(text: str, flag: str) -> int:
+    """``7d``, ``36h``, ``90m``, ``2w`` -> milliseconds."""
+    m = SPAN.match(str(text))
+    if not m or float(m.group(1)) <= 0:
+        raise ValueError(f"{flag} {text!r}: give a length like 7d, 36h, 90m or 2w")
+    return int(float(m.group(1)) * SPAN_MS[m.group(2)])
+
+
+@dataclass(frozen=True)
+class Grid:
+    """Parameter lists per config section; ``combos()`` is their cartesian product."""
+
+    lists: dict[str, dict[str, list]]
+
+    def combos(self) -> list[dict[str, dict[str, Any]]]:
+        keys = [(sec, key) for sec, params in self.lists.items() for key in params]
+        out = []
+        for values in itertools.product(*(self.lists[s][k] for s, k in keys)):
+            combo: dict[str, dict[str, Any]] = {}
+            for (sec, key), value in zip(keys, values, strict=True):
+                combo.setdefault(sec, {})[key] = value
+            out.append(combo)
+        return out
+
+    def size(self) -> int:
+        return math.prod(len(v) for params in self.lists.values() for v in params.values())
+
+
+def load_grid(path: str | Path, config: Config) -> Grid:
+    """Read and validate a grid file (see the module docstring). ValueError if bad."""
+    p = Path(path)
+    try:
+        raw = tomllib.loads(p.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ValueError(f"{p}: grid file not found") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{p}: cannot read the grid file ({exc})") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ValueError(f"{p}: not valid TOML ({exc})") from None
+    lists: dict[str, dict[str, list]] = {}
+    for section, params in raw.items():
+        if section not in SECTIONS or section in ("bot", "schedule", "sim", "faults"):
+            allowed = "strategy, exits, risk, rotation, exchange, reconcile"
+            raise ValueError(f"{p}: [{section}] cannot be searched; sections: {allowed}")
+        if not isinstance(params, dict) or not params:
+            raise ValueError(f"{p}: [{section}] must be a table of parameter lists")
+        for key, values in params.items():
+            if not isinstance(values, list) or not values:
+                raise ValueError(f"{p}: [{section}] {key} must be a non-empty list of values, "
+                                 f"e.g. {key} = [1, 2]")
+            for v in values:
+                try:
+                    config.with_values(**{section: {key: v}})
+                except ConfigError as exc:
+                    detail = str(exc).split("\n", 1)[-1].strip()
+                    raise ValueError(f"{p}: {detail}") from None
+            lists.setdefault(section, {})[key] = list(values)
+    if not lists:
+        raise ValueError(f"{p}: the grid names no parameters")
+    grid = Grid(lists)
+    if grid.size() > MAX_COMBOS:
+        raise ValueError(f"{p}: {grid.size()} combinations; at most {MAX_COMBOS}")
+    for combo in grid.combos():  # cross-field rules (e.g. sma_fast < sma_slow)
+        try:
+            config.with_values(**combo)
+        except ConfigError as exc:
+            raise ValueError(f"{p}: combination {combo} is not a valid config: "
+                             f"{str(exc).split(chr(10), 1)[-1].strip()}") from None
+    return grid
+
+
+@dataclass(frozen=True)
+class Fold:
+    index: int
+    train_start: int
+    train_end: int  # = test start
+    test_end: int
+
+
+def make_folds(first_ms: int, end_ms: int, train_ms: int, test_ms: int) -> list[Fold]:
+    """Rolling folds over [first_ms, end_ms); the test windows follow each other."""
+    folds, s = [], first_ms
+    while s + train_ms + test_ms <= end_ms:
+        folds.append(Fold(len(folds), s, s + train_ms, s + train_ms + test_ms))
+        s += test_ms
+    return folds
+
+
+# -- running the backtests -----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Job:
+    """One backtest: a combination on a window."""
+
+    key: tuple  # (fold index, "train"|"test", combo index)
+    combo: dict
+    start_ms: int
+    end_ms: int
+
+
+def _strategy_key(combo: dict) -> str:
+    return repr(sorted(combo.get("strategy", {}).items()))
+
+
+def run_chunk(base: dict, data_dir: str, jobs: list[Job]) -> list[tuple[tuple, dict]]:
+    """Backtest ``jobs`` in one process: the candles are read once, the signals computed
+    once per strategy parameter set. Returns (key, metrics) pairs."""
+    from core.backtest import run_backtest
+    from core.backtest_data import MarketData
+    from core.backtest_run import open_source
+    from core.report import metrics
+    from core.strategies import load_strategy
+
+    config = from_mapping(base)
+    source = open_source(config, data_dir)
+    prepared: dict[str, MarketData] = {}
+    out = []
+    with tempfile.TemporaryDirectory(prefix="walkforward-") as tmp:
+        for n, job in enumerate(jobs):
+            cfg = config.with_values(**job.combo)
+            skey = _strategy_key(job.combo)
+            if skey not in prepared:
+                prepared[skey] = MarketData(source, load_strategy(cfg.strategy))
+            db = Path(tmp) / f"run{n}.db"
+            result = run_backtest(cfg, source, db, start_ms=job.start_ms, end_ms=job.end_ms,
+                                  data=prepared[skey])
+            m = metrics(result)
+            m.pop("per_symbol", None)
+            out.append((job.key, m))
+            for suffix in ("", "-wal", "-shm"):
+                Path(f"{db}{suffix}").unlink(missing_ok=True)
+    return out
+
+
+def _chunks(jobs: list[Job], n: int) -> list[list[Job]]:
+    """About n chunks, jobs of one strategy parameter set kept together where possible."""
+    jobs = sorted(jobs, key=lambda j: (_strategy_key(j.combo), j.key))
+    size = max(1, math.ceil(len(jobs) / max(n, 1)))
+    return [jobs[i:i + size] for i in range(0, len(jobs), size)]
+
+
+def run_jobs(config: Config, data_dir: str, jobs: list[Job], workers: int,
+             progress: Callable[[int, int], None] | None = None) -> dict[tuple, dict]:
+    base = to_mapping(config)
+    chunks = _chunks(jobs, workers * 2)
+    results: dict[tuple, dict] = {}
+    if workers <= 1 or len(chunks) == 1:
+        for chunk in chunks:
+            results.update(run_chunk(base, data_dir, chunk))
+            if progress:
+                progress(len(results), len(jobs))
+        return results
+    with ProcessPoolExecutor(max_workers=workers) as pool:
+        futures = [pool.submit(run_chunk, base, data_dir, chunk) for chunk in chunks]
+        for f in as_completed(futures):
+            results.update(f.result())
+            if progress:
+                progress(len(results), len(jobs))
+    return results
+
+
+def score(m: dict, objective: str) -> float:
+    v = m.get(objective)
+    return float(v) if v is not None and math.isfinite(float(v)) else -math.inf
+
+
+def per_day(m: dict, span_ms: int) -> float:
+    return m["total_return"] / (span_ms / 86_400_000)
+
+
+def walk_forward(config: Config, data_dir: str, grid: Grid, train_ms: int, test_ms: int, *,
+                 first_ms: int, end_ms: int, objective: str = "total_return",
+                 workers: int | None = None,
+                 progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
+    """Run the walk-forward (see the module docstring); the report as a dict."""
+    if objective not in OBJECTIVES:
+        raise ValueError(f"objective {objective!r}; choose one of {', '.join(OBJECTIVES)}")
+    folds = make_folds(first_ms, end_ms, train_ms, test_ms)
+    if not folds:
+        raise ValueError(f"the data ({(end_ms - first_ms) / 86_400_000:.1f} days) is shorter "
+                         "than one training plus one test window")
+    workers = workers or os.cpu_count() or 1
+    combos = grid.combos()
+    t0 = time.monotonic()
+    train_jobs = [Job((f.index, "train", c), combo, f.train_start, f.train_end)
+                  for f in folds for c, combo in enumerate(combos)]
+    insample = run_jobs(config, data_dir, train_jobs, workers, progress)
+    best = {}
+    for f in folds:
+        scores = [(score(insample[(f.index, "train", c)], objective), -c) for c in
+                  range(len(combos))]
+        best[f.index] = -max(scores)[1]  # highest score; ties: the first combination
+    test_jobs = [Job((f.index, "test", best[f.index]), combos[best[f.index]], f.train_end,
+                     f.test_end) for f in folds]
+    outsample = run_jobs(config, data_dir, test_jobs, workers)
+    rows = []
+    for f in folds:
+        c = best[f.index]
+        ism, oos = insample[(f.index, "train", c)], outsample[(f.index, "test", c)]
+        rows.append({
+            "fold": f.index + 1, "train_start_ms": f.train_start, "test_start_ms": f.train_end,
+            "test_end_ms": f.test_end, "params": combos[c],
+            "in_sample": _brief(ism), "out_of_sample": _brief(oos),
+            "in_sample_return_per_day": per_day(ism, f.train_end - f.train_start),
+            "out_of_sample_return_per_day": per_day(oos, f.test_end - f.train_end),
+        })
+    return {"objective": objective, "combinations": len(combos), "folds": rows,
+            "aggregate": aggregate(rows), "workers": workers, "backtests":
+            len(train_jobs) + len(test_jobs), "elapsed_s": round(time.monotonic() - t0, 3)}
+
+
+def _brief(m: dict) -> dict:
+    keys = ("total_return", "max_drawdown", "sharpe", "sortino", "profit_factor",
+            "total_trades", "win_rate", "fees")
+    return {k: m.get(k) for k in keys}
+
+
+def aggregate(rows: list[dict]) -> dict[str, Any]:
+    """Out-of-sample results chained over the folds, and the in-sample flattery."""
+    oos = [r["out_of_sample"]["total_return"] for r in rows]
+    compounded = math.prod(1 + r for r in oos) - 1
+    is_day = sum(r["in_sample_return_per_day"] for r in rows) / len(rows)
+    oos_day = sum(r["out_of_sample_return_per_day"] for r in rows) / len(rows)
+    return {
+        "folds": len(rows),
+        "out_of_sample_return": compounded,
+        "out_of_sample_trades": sum(r["out_of_sample"]["total_trades"] for r in rows),
+        "out_of_sample_positive_folds": sum(1 for r in oos if r > 0),
+        "mean_in_sample_return_per_day": is_day,
+        "mean_out_of_sample_return_per_day": oos_day,
+        "in_sample_flattery_per_day": is_day - oos_day,
+        "params_changed": sum(1 for a, b in zip(rows, rows[1:], strict=False)
+                              if a["params"] != b["params"]),
+    }
+
+
+__all__ = ["Grid", "Fold", "Job", "load_grid", "make_folds", "parse_span", "walk_forward",
+           "aggregate", "run_chunk", "OBJECTIVES"]

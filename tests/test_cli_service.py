@@ -1,0 +1,226 @@
+"""The service commands of cli.py: reconcile, halt, resume, job.
+
+In sim mode the simulated exchange keeps its state in a file (``[sim] state_path``), so
+the test's setup and the command share one "exchange", as the bot and Binance would.
+Commands run in-process through click's runner; the ledger lock is held by a real
+second process where a test needs one.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from test_jobs_scan import T0, Pick
+
+import cli
+from core import config as config_mod
+from core import runtime
+from core.clock import VirtualClock
+from core.sim_exchange import SimExchange
+from core.venues import quiet_open_orders
+from ledger import Ledger
+
+SYM = "ALPHA/USDT:USDT"  # the synthetic market's first symbol
+TOML = """\
+[bot]
+mode = "sim"
+log_dir = "{folder}/logs"
+
+[sim]
+state_path = "{folder}/sim_exchange.db"
+symbols = 4
+speed = 1.0
+slippage_bps = 0.0
+"""
+
+
+class World:
+    """A ledger and a persisted simulated exchange in a folder, and the CLI over them."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.toml = folder / "bot.toml"
+        self.toml.write_text(TOML.format(folder=folder))
+        self.db = folder / "bot.db"
+        self.config = config_mod.load(self.toml)
+        self.now = T0 + 1_000
+
+    def runtime(self) -> runtime.Runtime:
+        """The bot, as a process of its own would build it (at the world's time)."""
+        clock = VirtualClock(self.now)
+        venue = SimExchange.from_config(self.config, clock, state_path=self.config.sim.state_path)
+        quiet_open_orders(venue)
+        return runtime.build(self.config, self.db, clock=clock, venue=venue)
+
+    def cli(self, *args: str):
+        result = CliRunner().invoke(cli.main, ["--db", str(self.db), "--config", str(self.toml),
+                                               *args])
+        if result.exception and not isinstance(result.exception, SystemExit):
+            raise result.exception
+        return result
+
+    def last_seq(self) -> int:
+        with Ledger(self.db, readonly=True) as ledger:
+            return ledger.state().seq
+
+    def facts(self, type_: str) -> list[dict]:
+        with Ledger(self.db, readonly=True) as ledger:
+            return ledger.select("SELECT * FROM facts WHERE type = ? ORDER BY seq", (type_,))
+
+
+@pytest.fixture
+def world(tmp_path) -> World:
+    return World(tmp_path)
+
+
+def trading(world: World) -> dict:
+    """The bot opened a long in SYM (with its stop) and stopped."""
+    from jobs import scan
+    from jobs.runner import run_job
+    from ledger import Fact
+
+    rt = world.runtime()
+    try:
+        rt.strategy = Pick(long_at=[T0 - 300_000])
+        rt.ledger.append([Fact("rotation", world.now, data={"coins": [SYM]})])
+        run_job(rt, "scan", scan.run, T0)
+        position = rt.ledger.state().positions[SYM]
+        assert position["stop"]
+        return position
+    finally:
+        rt.close()
+
+
+def behind_the_bots_back(world: World, action) -> None:
+    clock = VirtualClock(world.now + 60_000)
+    venue = SimExchange.from_config(world.config, clock, state_path=world.config.sim.state_path)
+    try:
+        action(venue)
+    finally:
+        venue.close()
+
+
+# -- reconcile ----------------------------------------------------------------------------
+
+def test_reconcile_on_a_fresh_ledger_is_in_sync(world):
+    result = world.cli("reconcile")
+    assert result.exit_code == 0, result.output
+    assert "status: in_sync" in result.output
+    assert "no differences" in result.output
+
+
+def test_reconcile_corrects_a_manual_close_then_finds_nothing_to_do(world):
+    position = trading(world)
+    behind_the_bots_back(world, lambda v: v.create_order(
+        SYM, "market", "sell", float(position["amount"]), None, {"reduceOnly": True}))
+
+    seq = world.last_seq()
+    data = world.db.read_bytes()
+    dry = world.cli("reconcile", "--dry-run")
+    assert dry.exit_code == 1, dry.output
+    assert "(dry run)" in dry.output and "position_gone" in dry.output
+    assert world.last_seq() == seq and world.db.read_bytes() == data  # recorded nothing
+
+    fixed = world.cli("reconcile")
+    assert fixed.exit_code == 1, fixed.output
+    assert "status: corrected" in fixed.output
+    for word in ("position_gone", "orphan_stop", "recorded the closing fills", "cancelled"):
+        assert word in fixed.output
+    [closed] = world.facts("position_closed")
+    assert closed["reason"] == "closed_on_exchange"
+
+    again = world.cli("reconcile", "--json")
+    assert again.exit_code == 0, again.output
+    report = json.loads(again.output)
+    assert report["status"] == "in_sync" and report["differences"] == []
+
+
+def test_reconcile_exits_2_when_a_human_must_look(world):
+    def someone_buys(venue):
+        venue.create_order(SYM, "market", "buy", float(venue.amount_to_precision(
+            SYM, 500 / venue.fetch_ticker(SYM)["last"])))
+
+    behind_the_bots_back(world, someone_buys)
+    result = world.cli("reconcile", "--json")
+    assert result.exit_code == 2, result.output
+    report = json.loads(result.output)
+    assert report["status"] == "needs_human"
+    assert [d["kind"] for d in report["differences"] if d["severity"] == "human"] == [
+        "external_position"]
+    assert len(world.facts("external_position")) == 1
+    assert world.cli("reconcile").exit_code == 2  # still there, still for a human
+    assert len(world.facts("external_position")) == 1
+
+
+# -- halt, resume, job ---------------------------------------------------------------------
+
+def test_halt_and_resume(world):
+    assert world.cli("resume").output.strip() == "not halted"
+    result = world.cli("halt", "--reason", "going on holiday")
+    assert result.exit_code == 0 and "halted: going on holiday" in result.output
+    with Ledger(world.db, readonly=True) as ledger:
+        assert ledger.state().halts["manual"]["reason"] == "going on holiday"
+    result = world.cli("resume")
+    assert result.exit_code == 0 and "was: manual" in result.output
+    with Ledger(world.db, readonly=True) as ledger:
+        assert ledger.state().halts == {}
+
+
+def test_a_halt_from_the_cli_refuses_the_next_entry(world):
+    world.cli("halt")
+    rt = world.runtime()
+    try:
+        from jobs import scan
+        from jobs.runner import run_job
+        from ledger import Fact
+
+        rt.strategy = Pick(long_at=[T0 - 300_000])
+        rt.ledger.append([Fact("rotation", world.now, data={"coins": [SYM]})])
+        run_job(rt, "scan", scan.run, T0)
+        [decision] = rt.ledger.select("SELECT reason FROM facts WHERE type = 'risk_decision'")
+        assert decision["reason"] == "halted:manual"
+        assert rt.ledger.state().positions == {}
+    finally:
+        rt.close()
+
+
+def test_job_runs_one_job_once_and_records_it(world):
+    result = world.cli("job", "rotate")
+    assert result.exit_code == 0, result.output
+    assert result.output.startswith("rotate: ok")
+    [rotation] = world.facts("rotation")
+    assert len(json.loads(rotation["data"])["coins"]) == 4
+    result = world.cli("job", "scan", "--json")
+    assert result.exit_code == 0, result.output
+    record = json.loads(result.output)
+    assert record["job"] == "scan" and record["outcome"] == "ok"
+    assert record["summary"]["symbols"] == 4
+    runs = [json.loads(r["data"])["job"] for r in world.facts("job_run")]
+    assert runs == ["rotate", "scan"]
+
+
+HOLD_LOCK = """
+import sys, time
+import scheduler
+lock = scheduler.LedgerLock(sys.argv[1])
+lock.acquire()
+print("locked", flush=True)
+time.sleep(60)
+"""
+
+
+@pytest.mark.parametrize("args", [("job", "scan"), ("reconcile",)])
+def test_job_and_reconcile_refuse_while_another_process_holds_the_ledger(world, spawn_python,
+                                                                         args):
+    holder = spawn_python(HOLD_LOCK, world.db)
+    assert holder.stdout.readline().strip() == "locked"
+    result = world.cli(*args)
+    assert result.exit_code == 2
+    assert f"in use by process {holder.pid}" in result.output
+    assert not world.db.exists() or world.last_seq() == 0  # nothing ran
+    holder.kill()
+    holder.wait()
+    assert world.cli(*args).exit_code == 0  # free again

@@ -1,0 +1,432 @@
+"""Reconciliation (jobs/reconcile.py): the ledger squared with the exchange.
+
+Each scenario acts on the simulated exchange directly, behind the ledger's back, as a
+person, another program or a crash would, then runs the real reconcile job.
+"""
+
+from __future__ import annotations
+
+import json
+from decimal import Decimal
+
+import pytest
+from test_jobs_scan import (
+    AAA,
+    BBB,
+    PICK_FIRST,
+    T0,
+    TF,
+    added,
+    bots,
+    candle,
+    flat,
+)
+
+from core.exchange import NOT_FOUND_FINAL_MS
+from core.execution import Executor
+from core.sim_exchange import SimExchange
+from jobs import reconcile
+
+FALL = [candle(100, 100.5, 99.5, 100.2), candle(100.2, 100.3, 96.0, 96.5)]  # through 98
+
+
+@pytest.fixture
+def bot_factory(tmp_path):
+    yield from bots(tmp_path)
+
+
+class Crash(BaseException):
+    """The process dies here (nothing catches a BaseException on its way out)."""
+
+
+class CrashingSim(SimExchange):
+    """The simulated exchange; ``crash`` = (when, is_stop): the bot dies right before or
+    right after the exchange takes the next such order."""
+
+    crash: tuple[str, bool] | None = None
+
+    def create_order(self, symbol, type, side, amount, price=None, params=None):  # noqa: A002
+        stop = bool((params or {}).get("triggerPrice"))
+        when = self.crash[0] if self.crash and self.crash[1] == stop else None
+        if when == "before":
+            self.crash = None
+            raise Crash
+        order = super().create_order(symbol, type, side, amount, price, params)
+        if when == "after":
+            self.crash = None
+            raise Crash
+        return order
+
+
+def reconciled(bot, **kw) -> dict:
+    record = bot.job("reconcile", **kw)
+    assert record["outcome"] == "ok", record
+    return record["summary"]
+
+
+def kinds(report: dict) -> list[str]:
+    return sorted(d["kind"] for d in report["differences"])
+
+
+def assert_settled(bot) -> None:
+    """Run again right after: nothing to do, and nothing but the run record added."""
+    before = bot.counts()
+    again = reconciled(bot)
+    assert again["status"] == "in_sync", again["differences"]
+    assert added(before, bot.counts()) == {"job_run": 1}
+
+
+def assert_agrees(bot) -> None:
+    """The ledger's positions and stops are the exchange's."""
+    state = bot.ledger.state()
+    theirs = {s: (p["side"], Decimal(str(p["contracts"])))
+              for s, p in bot.exchange_positions().items()}
+    assert theirs == {s: (p["side"], Decimal(p["amount"])) for s, p in state.positions.items()}
+    stops = {o["clientOrderId"] for o in bot.resting_stops()}
+    assert stops == {p["stop"]["client_order_id"] for p in state.positions.values()}
+    assert not state.orders or all(o["purpose"] == "stop" and o["state"] == "accepted"
+                                   for o in state.orders.values())
+
+
+def open_long(bot, symbol: str = AAA) -> dict:
+    bot.set_coins([symbol])
+    bot.job("scan", T0)
+    position = bot.position(symbol)
+    assert position is not None and position["stop"]
+    return position
+
+
+def qty(bot, symbol: str, usdt: float = 500.0) -> float:
+    return float(bot.venue.amount_to_precision(
+        symbol, usdt / bot.venue.fetch_ticker(symbol)["last"]))
+
+
+# -- in sync -----------------------------------------------------------------------------
+
+def test_a_fresh_ledger_is_in_sync_and_a_second_run_adds_only_its_record(bot_factory):
+    bot = bot_factory()
+    first = reconciled(bot)
+    assert first["status"] == "in_sync" and first["differences"] == []
+    assert first["balance_changed"] is True and len(bot.facts("balance")) == 1
+    assert_settled(bot)
+
+
+def test_after_normal_trading_the_ledger_agrees(bot_factory):
+    bot = bot_factory(strat=PICK_FIRST, paths={"AAA": flat(100, 5), "BBB": flat(50, 5)})
+    bot.set_coins([AAA, BBB])
+    bot.job("scan", T0)
+    assert set(bot.ledger.state().positions) == {AAA, BBB}
+    report = reconciled(bot)
+    assert report["status"] == "in_sync", report["differences"]
+    assert_agrees(bot)
+    assert_settled(bot)
+
+
+# -- orders whose outcome the ledger never heard ---------------------------------------------
+
+def test_an_entry_the_exchange_took_before_the_bot_died_is_recorded_with_its_stop(bot_factory):
+    bot = bot_factory(strat=PICK_FIRST, paths={"AAA": flat(100, 5)}, venue_cls=CrashingSim)
+    bot.set_coins([AAA])
+    bot.venue.crash = ("after", False)
+    with pytest.raises(Crash):
+        bot.job("scan", T0)
+    [intent] = bot.facts("order_intent")
+    coid = intent["client_order_id"]
+    assert bot.ledger.state().orders[coid]["state"] == "submitted"
+    assert AAA in bot.exchange_positions() and not bot.position(AAA)
+
+    bot.clock.advance(30_000)  # the restart
+    report = reconciled(bot)
+    assert report["status"] == "corrected"
+    assert kinds(report) == ["missing_stop", "order_state"]
+    position = bot.position(AAA)
+    assert position["position_id"] == coid
+    [fill] = bot.facts("fill", client_order_id=coid)
+    trade = bot.venue.fetch_my_trades(AAA, T0 - TF)[0]
+    assert Decimal(fill["amount"]) == Decimal(position["amount"]) == Decimal(trade["info"]["qty"])
+    assert json.loads(fill["data"])["trade_id"] == trade["id"]
+    assert_agrees(bot)
+    assert len(bot.venue.fetch_my_trades(AAA, T0 - TF)) == 1  # never sent twice
+    assert_settled(bot)
+    # The scan goes on from here and does not enter again on the same candle.
+    bot.job("scan", T0 + 60_000)
+    assert len(bot.facts("order_intent", client_order_id=coid)) == 1
+
+
+def test_an_entry_that_never_left_is_declared_rejected_once_it_cannot_exist(bot_factory):
+    bot = bot_factory(strat=PICK_FIRST, paths={"AAA": flat(100, 5)}, venue_cls=CrashingSim)
+    bot.set_coins([AAA])
+    bot.venue.crash = ("before", False)
+    with pytest.raises(Crash):
+        bot.job("scan", T0)
+    [intent] = bot.facts("order_intent")
+    coid = intent["client_order_id"]
+
+    bot.clock.advance(5_000)  # too soon to tell: still ambiguous, nothing sent again
+    early = reconciled(bot)
+    assert early["status"] == "in_sync"  # nothing corrected; ...
+    assert [d["severity"] for d in early["differences"]] == ["info"]  # ...but reported
+    assert bot.ledger.state().orders[coid]["state"] == "submitted"
+
+    bot.clock.advance(NOT_FOUND_FINAL_MS)
+    report = reconciled(bot)
+    assert report["status"] == "corrected"
+    assert report["differences"][0]["correction"] == "marked rejected"
+    assert coid not in bot.ledger.state().orders
+    assert not bot.exchange_positions() and not bot.position(AAA)
+    assert_settled(bot)
+
+
+def test_a_stop_the_exchange_took_before_the_ack_is_adopted_not_doubled(bot_factory):
+    bot = bot_factory(strat=PICK_FIRST, paths={"AAA": flat(100, 5)}, venue_cls=CrashingSim)
+    bot.set_coins([AAA])
+    bot.venue.crash = ("after", True)
+    with pytest.raises(Crash):
+        bot.job("scan", T0)
+    assert bot.position(AAA)["stop"] is None and len(bot.resting_stops()) == 1
+    bot.clock.advance(30_000)
+    report = reconciled(bot)
+    assert report["status"] == "corrected" and kinds(report) == ["order_state"]
+    [stop] = bot.resting_stops()
+    assert bot.position(AAA)["stop"]["client_order_id"] == stop["clientOrderId"]
+    assert_agrees(bot)
+    assert_settled(bot)
+
+
+def test_an_exit_the_exchange_filled_before_the_bot_died_closes_the_position(bot_factory):
+    bot = bot_factory(strat=PICK_FIRST, paths={"AAA": flat(100, 5)}, venue_cls=CrashingSim)
+    position = open_long(bot)
+    bot.after_candle(0)
+    ex = Executor(bot.ledger, bot.client, bot.clock, bot.rt.config, "exit-test", bot.rt.lock)
+    bot.venue.crash = ("after", False)
+    with pytest.raises(Crash):
+        ex.close_position(bot.position(AAA), "test exit", T0)
+    assert not bot.exchange_positions() and bot.position(AAA) is not None
+    report = reconciled(bot)
+    assert report["status"] == "corrected" and kinds(report) == ["order_state"]
+    [closed] = bot.facts("position_closed", position_id=position["position_id"])
+    assert closed["reason"] == "exit (settled by reconcile)"
+    sells = [t for t in bot.venue.fetch_my_trades(AAA, T0 - TF) if t["side"] == "sell"]
+    assert len(sells) == 1 and Decimal(closed["price"]) == Decimal(sells[0]["info"]["price"])
+    assert_agrees(bot)
+    assert_settled(bot)
+
+
+def test_a_stop_that_never_left_is_declared_rejected_and_replaced(bot_factory):
+    bot = bot_factory(strat=PICK_FIRST, paths={"AAA": flat(100, 5)}, venue_cls=CrashingSim)
+    bot.set_coins([AAA])
+    bot.venue.crash = ("before", True)
+    with pytest.raises(Crash):
+        bot.job("scan", T0)
+    [lost] = [o for o in bot.ledger.state().orders.values() if o["purpose"] == "stop"]
+    assert not bot.resting_stops()
+    bot.clock.advance(5_000)  # the lookup cannot tell yet; nothing is sent twice
+    early = reconciled(bot)
+    assert [d["severity"] for d in early["differences"]] == ["info"]
+    assert not bot.resting_stops()
+    bot.clock.advance(NOT_FOUND_FINAL_MS)
+    report = reconciled(bot)
+    assert report["status"] == "corrected"
+    assert kinds(report) == ["missing_stop", "unresolved_order"]
+    assert bot.ledger.state().unresolved_orders() == []
+    [stop] = bot.resting_stops()
+    assert stop["clientOrderId"] != lost["client_order_id"]
+    assert_agrees(bot)
+    assert_settled(bot)
+
+
+# -- fills while the bot was down --------------------------------------------------------
+
+def test_a_stop_that_hit_while_the_bot_was_down_closes_the_position(bot_factory):
+    bot = bot_factory(strat=PICK_FIRST, paths={"AAA": FALL})
+    position = open_long(bot)
+    bot.after_candle(1)  # down; the stop fires on the exchange
+    assert not bot.exchange_positions()
+    report = reconciled(bot)
+    assert report["status"] == "corrected"
+    assert kinds(report) == ["order_state"]
+    assert bot.position(AAA) is None
+    [closed] = bot.facts("position_closed", position_id=position["position_id"])
+    assert closed["reason"] == "stop_loss" and Decimal(closed["pnl"]) < 0
+    stop_id = position["stop"]["client_order_id"]
+    [fill] = bot.facts("fill", client_order_id=stop_id)
+    assert Decimal(fill["amount"]) == Decimal(position["amount"])
+    assert Decimal(fill["price"]) <= Decimal(position["stop"]["price"])
+    assert report["balance_changed"] is True
+    assert_agrees(bot)
+    assert_settled(bot)
+
+
+def test_fills_the_ledger_never_saw_are_recorded_once(bot_factory):
+    bot = bot_factory(paths={"AAA": flat(100, 5), "BBB": flat(50, 5)})
+    bot.set_coins([AAA, BBB])
+    reconciled(bot)
+    bot.clock.advance(60_000)
+    # Someone trades BBB in and out while the bot is down.
+    q = qty(bot, BBB)
+    bot.venue.create_order(BBB, "market", "buy", q)
+    bot.venue.create_order(BBB, "market", "sell", q, None, {"reduceOnly": True})
+    bot.clock.advance(60_000)
+    report = reconciled(bot)
+    assert kinds(report) == ["unrecorded_fill", "unrecorded_fill"]
+    trades = {t["id"] for t in bot.venue.fetch_my_trades(BBB, T0)}
+    recorded = {json.loads(r["data"])["trade_id"] for r in bot.facts("fill", symbol=BBB)}
+    assert recorded == trades
+    assert_settled(bot)
+
+
+# -- positions ----------------------------------------------------------------------------
+
+def test_a_position_closed_by_hand_on_the_exchange_is_closed_in_the_ledger(bot_factory):
+    bot = bot_factory(strat=PICK_FIRST, paths={"AAA": flat(100, 5)})
+    position = open_long(bot)
+    bot.clock.advance(60_000)
+    bot.venue.create_order(AAA, "market", "sell", float(position["amount"]), None,
+                           {"reduceOnly": True})
+    report = reconciled(bot)
+    assert report["status"] == "corrected"
+    assert kinds(report) == ["orphan_stop", "position_gone"]
+    [closed] = bot.facts("position_closed", position_id=position["position_id"])
+    assert closed["reason"] == "closed_on_exchange"
+    manual = [t for t in bot.venue.fetch_my_trades(AAA, T0) if t["side"] == "sell"]
+    assert Decimal(closed["price"]) == Decimal(manual[0]["info"]["price"])
+    assert not bot.resting_stops()  # the orphaned stop was cancelled
+    assert coid_state(bot, position["stop"]["client_order_id"]) == "cancelled"
+    assert_agrees(bot)
+    assert_settled(bot)
+
+
+def coid_state(bot, coid: str) -> str:
+    return bot.ledger.select("SELECT state FROM orders_timeline WHERE client_order_id = ? "
+                             "ORDER BY seq DESC LIMIT 1", (coid,))[0]["state"]
+
+
+def test_a_position_reduced_by_hand_gets_its_size_and_its_fill(bot_factory):
+    bot = bot_factory(strat=PICK_FIRST, paths={"AAA": flat(100, 5)})
+    position = open_long(bot)
+    half = Decimal(position["amount"]) / 2
+    bot.venue.create_order(AAA, "market", "sell", float(half), None, {"reduceOnly": True})
+    report = reconciled(bot)
+    assert "position_size" in kinds(report)
+    assert Decimal(bot.position(AAA)["amount"]) == Decimal(position["amount"]) - half
+    sells = [r for r in bot.facts("fill", symbol=AAA) if r["side"] == "sell"]
+    assert len(sells) == 1 and sells[0]["position_id"] == position["position_id"]
+    assert_agrees(bot)  # the stop stays: reduce-only, it cannot close more than is left
+    assert_settled(bot)
+
+
+def test_a_position_grown_by_hand_takes_the_exchanges_size_and_entry(bot_factory):
+    bot = bot_factory(strat=PICK_FIRST, paths={"AAA": flat(100, 5)})
+    position = open_long(bot)
+    bot.venue.create_order(AAA, "market", "buy", float(position["amount"]))
+    report = reconciled(bot)
+    assert report["status"] == "corrected" and "position_size" in kinds(report)
+    theirs = bot.exchange_positions()[AAA]
+    ours = bot.position(AAA)
+    assert Decimal(ours["amount"]) == 2 * Decimal(position["amount"])
+    assert Decimal(ours["entry_price"]) == Decimal(theirs["info"]["entryPrice"])
+    assert_settled(bot)
+
+
+def test_an_external_position_is_flagged_for_a_human(bot_factory):
+    bot = bot_factory(paths={"AAA": flat(100, 5), "BBB": flat(50, 5)})
+    bot.venue.create_order(BBB, "market", "buy", qty(bot, BBB))
+    report = reconciled(bot)
+    assert report["status"] == "needs_human"
+    [diff] = [d for d in report["differences"] if d["kind"] == "external_position"]
+    assert diff["symbol"] == BBB and diff["severity"] == "human"
+    [ext] = bot.facts("external_position")
+    assert ext["symbol"] == BBB and ext["reason"] == "flagged"
+    assert bot.position(BBB) is None and not bot.resting_stops()
+    # Still there next time: still for a human, but recorded once.
+    before = bot.counts()
+    again = reconciled(bot)
+    assert again["status"] == "needs_human"
+    assert added(before, bot.counts()) == {"job_run": 1}
+
+
+def test_an_external_position_is_adopted_with_a_stop_and_managed(bot_factory):
+    # A deep dip at candle 0, long before the adoption: its low is not the position's.
+    path = [candle(100, 100.2, 90, 100), *flat(100, 5)]
+    bot = bot_factory(paths={"AAA": path}, reconcile={"external_positions": "adopt"},
+                      strat=PICK_FIRST)
+    bot.after_candle(3)
+    bot.venue.create_order(AAA, "market", "buy", qty(bot, AAA))
+    report = reconciled(bot)
+    assert report["status"] == "corrected"
+    assert kinds(report) == ["external_position", "missing_stop", "unrecorded_fill"]
+    position = bot.position(AAA)
+    assert position is not None and position["side"] == "long" and position["stop"]
+    [ext] = bot.facts("external_position")
+    assert ext["reason"] == "adopted"
+    assert_agrees(bot)
+    assert_settled(bot)
+    # The scan manages it from here, on its own candles only.
+    bot.after_candle(4)
+    record = bot.job("scan")
+    assert record["outcome"] == "ok" and record["summary"]["exits"] == 0
+    assert bot.position(AAA) is not None
+
+
+def test_a_stop_cancelled_behind_the_bots_back_is_replaced(bot_factory):
+    bot = bot_factory(strat=PICK_FIRST, paths={"AAA": flat(100, 5)})
+    position = open_long(bot)
+    old = position["stop"]["client_order_id"]
+    bot.venue.cancel_order(None, AAA, {"trigger": True, "clientOrderId": old})
+    report = reconciled(bot)
+    assert report["status"] == "corrected"
+    assert "missing_stop" in kinds(report)
+    new = bot.position(AAA)["stop"]
+    assert new and new["client_order_id"] != old
+    assert Decimal(new["price"]) == Decimal(position["stop"]["price"])
+    assert_agrees(bot)
+    assert_settled(bot)
+
+
+def test_an_orphaned_stop_of_ours_is_cancelled_but_a_foreign_one_is_left(bot_factory):
+    bot = bot_factory(paths={"AAA": flat(100, 5), "BBB": flat(50, 5)})
+    q = qty(bot, AAA)
+    bot.venue.create_order(AAA, "market", "sell", q, None,
+                           {"triggerPrice": 90, "reduceOnly": True, "clientOrderId": "bot1-S-x"})
+    bot.venue.create_order(BBB, "market", "sell", q, None,
+                           {"triggerPrice": 40, "reduceOnly": True, "clientOrderId": "other-1"})
+    report = reconciled(bot)
+    assert report["status"] == "corrected"
+    assert kinds(report) == ["foreign_order", "orphan_stop"]
+    assert [o["clientOrderId"] for o in bot.resting_stops()] == ["other-1"]
+    before = bot.counts()
+    again = reconciled(bot)
+    assert again["status"] == "in_sync" and kinds(again) == ["foreign_order"]
+    assert added(before, bot.counts()) == {"job_run": 1}
+
+
+# -- dry run ------------------------------------------------------------------------------
+
+def test_a_dry_run_records_nothing_and_changes_nothing(bot_factory):
+    bot = bot_factory(strat=PICK_FIRST, paths={"AAA": FALL, "BBB": flat(50, 5)})
+    open_long(bot)
+    bot.after_candle(1)
+    bot.venue.create_order(BBB, "market", "buy", qty(bot, BBB))
+    seq = bot.ledger.state().seq
+    data = bot.ledger.path.read_bytes()
+    orders = bot.venue.fetch_open_orders(None, params={"trigger": True})
+    report = reconcile.run(bot.rt, bot.clock.now_ms(), "dry", dry_run=True)
+    assert report["dry_run"] is True and report["status"] == "needs_human"
+    assert report["corrections"] == []
+    assert {"order_state", "external_position"} <= set(kinds(report))
+    assert bot.ledger.state().seq == seq and bot.ledger.path.read_bytes() == data
+    assert bot.venue.fetch_open_orders(None, params={"trigger": True}) == orders
+
+
+def test_every_correction_is_recorded_under_the_reconcile_run(bot_factory):
+    bot = bot_factory(strat=PICK_FIRST, paths={"AAA": FALL})
+    open_long(bot)
+    bot.after_candle(1)
+    reconciled(bot)
+    [run] = bot.facts("reconcile_run")
+    assert run["reason"] == "corrected"
+    assert json.loads(run["data"])["corrections"]
+    [job] = [r for r in bot.facts("job_run") if json.loads(r["data"])["job"] == "reconcile"]
+    assert run["run_id"] == job["run_id"]
+    for type_ in ("fill", "order_update", "position_closed"):
+        assert bot.facts(type_, run_id=run["run_id"]), type_

@@ -1,0 +1,324 @@
+"""The service's wiring (scheduler.py): triggers as pure functions, start-up order, the
+records of runs that did not run, the ledger lock, and a real scheduler run in-process.
+
+Real pieces: APScheduler's own triggers and events, a Ledger on a tmp file, the
+simulated exchange in memory. The process-level behaviour (signals, a second instance,
+`cli.py run` with no config) is in test_service_process.py.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+import time
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from apscheduler.events import (
+    EVENT_JOB_ERROR,
+    EVENT_JOB_MAX_INSTANCES,
+    EVENT_JOB_MISSED,
+    EVENT_JOB_SUBMITTED,
+    JobExecutionEvent,
+    JobSubmissionEvent,
+)
+from apscheduler.triggers.cron import CronTrigger
+from apscheduler.triggers.interval import IntervalTrigger
+
+import scheduler
+from core import runtime
+from core.clock import (
+    DAY_MS,
+    AcceleratedClock,
+    VirtualClock,
+    WallClock,
+    day_start_ms,
+    utc_day,
+)
+from core.config import Config
+from core.sim_exchange import SimExchange
+from core.venues import quiet_open_orders
+from ledger import Fact
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+T0 = 1_767_268_800_000  # 2026-01-01T12:00:00Z
+PAPER = Config().with_values(bot={"mode": "paper"})  # wall clock: no acceleration
+
+
+def at(*args) -> datetime:
+    return datetime(*args, tzinfo=UTC)
+
+
+# -- triggers (pure) ----------------------------------------------------------------------
+
+
+def test_interval_jobs_fire_at_their_configured_intervals():
+    plan = scheduler.schedules(PAPER)
+    prev, now = at(2026, 1, 1, 12), at(2026, 1, 1, 12, 0, 1)
+    assert plan["scan"].trigger.get_next_fire_time(prev, now) == prev + timedelta(seconds=10)
+    assert plan["rotate"].trigger.get_next_fire_time(prev, now) == prev + timedelta(hours=3)
+    assert plan["reconcile"].trigger.get_next_fire_time(prev, now) == prev + timedelta(minutes=5)
+    custom = scheduler.schedules(PAPER.with_values(schedule={
+        "scan_interval_s": 30, "rotate_interval_h": 0.5, "reconcile_interval_s": 60}))
+    assert custom["scan"].trigger.get_next_fire_time(prev, now) == prev + timedelta(seconds=30)
+    assert custom["rotate"].trigger.get_next_fire_time(prev, now) == prev + timedelta(minutes=30)
+    assert custom["reconcile"].trigger.get_next_fire_time(prev, now) == \
+        prev + timedelta(minutes=1)
+    assert custom["scan"].interval_ms == 30_000
+    assert custom["reconcile"].interval_ms == 60_000
+
+
+@pytest.mark.parametrize("now", [at(2026, 1, 1, 12), at(2026, 3, 8, 6, 30),  # US DST starts
+                                 at(2026, 3, 29, 0, 30),  # EU DST starts
+                                 at(2026, 11, 1, 5, 59), at(2026, 12, 31, 23, 59, 59)])
+def test_daily_reset_is_a_cron_at_midnight_utc(now):
+    plan = scheduler.schedules(PAPER)["daily_reset"]
+    assert isinstance(plan.trigger, CronTrigger)
+    assert str(plan.trigger.timezone) == "UTC"
+    fire = plan.trigger.get_next_fire_time(None, now)
+    assert fire.utcoffset() == timedelta(0)
+    assert (fire.hour, fire.minute, fire.second) == (0, 0, 0)
+    assert timedelta(0) < fire - now <= timedelta(days=1)
+    assert plan.misfire_grace_s >= 600  # a late wake-up still closes the day
+
+
+def test_daily_cron_ignores_the_host_timezone():
+    """Under TZ=America/New_York the cron still fires at 00:00 UTC; a bare CronTrigger
+    (the Freqtrade bug) would fire at 05:00 UTC: the check can tell them apart."""
+    code = """
+import time, sys
+from datetime import datetime
+from zoneinfo import ZoneInfo
+time.tzset()
+import scheduler
+from apscheduler.triggers.cron import CronTrigger
+from core.config import Config
+ny = ZoneInfo("America/New_York")
+trig = scheduler.schedules(Config().with_values(bot={"mode": "paper"}))["daily_reset"].trigger
+for now in (datetime(2026, 1, 15, 12, tzinfo=ny), datetime(2026, 7, 15, 21, tzinfo=ny)):
+    print(trig.get_next_fire_time(None, now).astimezone(ZoneInfo("UTC")).strftime("%H:%M"))
+print(CronTrigger(hour=0, minute=0).get_next_fire_time(None, datetime(2026, 1, 15, 12, tzinfo=ny))
+      .astimezone(ZoneInfo("UTC")).strftime("%H:%M"))
+"""
+    env = {**os.environ, "TZ": "America/New_York", "PYTHONDONTWRITEBYTECODE": "1"}
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["00:00", "00:00", "05:00"]
+
+
+def test_sim_mode_runs_every_interval_faster_by_the_speed():
+    cfg = Config().with_values(sim={"speed": 60.0})
+    plan = scheduler.schedules(cfg)
+    prev, now = at(2026, 1, 1, 12), at(2026, 1, 1, 12)
+    assert plan["scan"].trigger.get_next_fire_time(prev, now) == \
+        prev + timedelta(seconds=10 / 60)
+    assert plan["rotate"].trigger.get_next_fire_time(prev, now) == prev + timedelta(minutes=3)
+    assert plan["reconcile"].trigger.get_next_fire_time(prev, now) == prev + timedelta(seconds=5)
+    # The sim's clock is not the wall clock: the daily reset polls every 5 bot-minutes.
+    daily = plan["daily_reset"]
+    assert isinstance(daily.trigger, IntervalTrigger)
+    assert daily.trigger.get_next_fire_time(prev, now) == prev + timedelta(seconds=5)
+    assert daily.interval_ms == 300_000
+    # Intervals in the ledger stay in bot time.
+    assert plan["scan"].interval_ms == 10_000
+    assert plan["rotate"].interval_ms == 3 * 3_600_000
+
+
+def test_misfire_grace_suits_each_job():
+    plan = scheduler.schedules(PAPER)
+    assert plan["scan"].misfire_grace_s == 10  # a scan later than one interval is pointless
+    assert plan["reconcile"].misfire_grace_s == 150
+    assert plan["rotate"].misfire_grace_s == 45 * 60
+    assert plan["daily_reset"].misfire_grace_s == 3600
+    fast = scheduler.schedules(Config().with_values(sim={"speed": 1000.0}))
+    assert all(p.misfire_grace_s >= 1.0 for p in fast.values())
+
+
+def test_fire_times_between_two_runs_are_the_runs_coalescing_merged():
+    plan = scheduler.schedules(PAPER)
+    t = at(2026, 1, 1, 12)
+    scan = plan["scan"].trigger
+    assert scheduler.fire_times_between(scan, t, t + timedelta(seconds=10)) == []
+    assert scheduler.fire_times_between(scan, t, t + timedelta(seconds=40)) == [
+        t + timedelta(seconds=s) for s in (10, 20, 30)]
+    assert len(scheduler.fire_times_between(scan, t, t + timedelta(days=1))) == 101  # capped
+    daily = plan["daily_reset"].trigger
+    assert scheduler.fire_times_between(daily, at(2026, 1, 1), at(2026, 1, 4)) == [
+        at(2026, 1, 2), at(2026, 1, 3)]
+
+
+def test_slot_is_the_nominal_instant_of_a_run():
+    assert scheduler.slot(T0 + 7_345, 10_000) == T0
+    assert scheduler.slot(T0 + 10_000, 10_000) == T0 + 10_000
+    assert scheduler.slot(T0 + 7_345, None) == T0 + 7_345
+
+
+# -- the service in-process -----------------------------------------------------------------
+
+
+def make_rt(tmp_path, clock=None, **sections):
+    sections["sim"] = {"symbols": 4, **sections.get("sim", {})}
+    cfg = Config().with_values(**sections)
+    clock = clock or VirtualClock(T0)
+    venue = SimExchange.from_config(cfg, clock, origin_ms=day_start_ms(T0) - 6 * DAY_MS)
+    quiet_open_orders(venue)
+    data = [venue] * 3 if cfg.sim.latency_ms else []
+    return runtime.build(cfg, tmp_path / "bot.db", clock=clock, venue=venue, data_venues=data)
+
+
+def runs(ledger) -> list[dict]:
+    return ledger.select(
+        "SELECT seq, ts, reason, json_extract(data, '$.job') AS job, "
+        "json_extract(data, '$.outcome') AS outcome, "
+        "json_extract(data, '$.scheduled_ms') AS scheduled_ms "
+        "FROM facts WHERE type = 'job_run' ORDER BY seq")
+
+
+def test_jobs_are_installed_with_coalescing_one_instance_and_a_grace(tmp_path):
+    rt = make_rt(tmp_path, bot={"mode": "sim"})
+    try:
+        svc = scheduler.Service(rt)
+        svc.install()
+        jobs = {j.id: j for j in svc.scheduler.get_jobs()}
+        assert set(jobs) == {"scan", "rotate", "daily_reset", "reconcile"}
+        for name, job in jobs.items():
+            assert job.coalesce is True
+            assert job.max_instances == 1
+            assert job.misfire_grace_time >= svc.plan[name].misfire_grace_s
+        assert str(svc.scheduler.timezone) == "UTC"
+    finally:
+        rt.close()
+
+
+def test_startup_reconciles_first_catches_up_closed_days_and_rotates(tmp_path):
+    clock = VirtualClock(T0)
+    rt = make_rt(tmp_path, clock)
+    try:
+        # The bot last ran three days ago, then was down.
+        rt.ledger.append([Fact("note", T0 - 3 * DAY_MS, reason="last run before the outage")])
+        scheduler.Service(rt).startup()
+        done = runs(rt.ledger)
+        assert [r["job"] for r in done] == ["reconcile", "daily_reset", "rotate"]
+        assert all(r["outcome"] == "ok" for r in done)
+        closed = [r["day"] for r in rt.ledger.select(
+            "SELECT json_extract(data, '$.day') AS day FROM facts WHERE type = 'day_close' "
+            "ORDER BY seq")]
+        assert closed == [utc_day(T0 - k * DAY_MS) for k in (3, 2, 1)]
+        assert rt.ledger.state().active_coins
+        service = rt.ledger.select("SELECT data FROM facts WHERE type = 'service'")
+        assert '"event":"started"' in service[0]["data"]
+
+        # A restart the same day: nothing to catch up, coins are known, no rotation.
+        clock.advance(60_000)
+        scheduler.Service(rt).startup()
+        again = runs(rt.ledger)[len(done):]
+        assert [(r["job"], r["outcome"]) for r in again] == [("reconcile", "ok"),
+                                                             ("daily_reset", "skipped")]
+        # Midnight passed while down: exactly that day is closed at the next start.
+        clock.set(day_start_ms(T0) + DAY_MS + 5_000)
+        scheduler.Service(rt).startup()
+        assert rt.ledger.state().last_day_closed == utc_day(T0)
+    finally:
+        rt.close()
+
+
+def test_runs_not_run_are_recorded_with_their_reason_and_bot_time(tmp_path):
+    clock = VirtualClock(T0)
+    rt = make_rt(tmp_path, clock, sim={"speed": 60.0})
+    try:
+        svc = scheduler.Service(rt)
+        wall_now = datetime.fromtimestamp(WallClock().now_ms() / 1000, tz=UTC)
+        two_s_late = wall_now - timedelta(seconds=2)
+        svc.on_not_run(JobExecutionEvent(EVENT_JOB_MISSED, "scan", "default", two_s_late))
+        svc.on_not_run(JobSubmissionEvent(EVENT_JOB_MAX_INSTANCES, "reconcile", "default",
+                                          [wall_now]))
+        svc.on_not_run(JobExecutionEvent(EVENT_JOB_ERROR, "rotate", "default", wall_now,
+                                         exception=RuntimeError("boom")))
+        # Runs merged away (the scheduler itself was late) are counted from the trigger.
+        interval = timedelta(seconds=10 / 60)
+        svc.on_event(JobSubmissionEvent(EVENT_JOB_SUBMITTED, "scan", "default",
+                                        [wall_now - 3 * interval]))
+        svc.on_event(JobSubmissionEvent(EVENT_JOB_SUBMITTED, "scan", "default", [wall_now]))
+        missed, skipped, failed, merged, merged2 = runs(rt.ledger)
+        assert (missed["job"], missed["outcome"]) == ("scan", "missed")
+        assert "misfire grace" in missed["reason"]
+        # 2 wall seconds late at speed 60 is ~2 bot-minutes before now, on a 10 s slot.
+        assert T0 - 130_000 <= missed["scheduled_ms"] <= T0 - 110_000
+        assert missed["scheduled_ms"] % 10_000 == 0
+        assert (skipped["job"], skipped["outcome"]) == ("reconcile", "skipped")
+        assert "max_instances" in skipped["reason"]
+        assert (failed["job"], failed["outcome"]) == ("rotate", "error")
+        assert "RuntimeError: boom" in failed["reason"]
+        assert [(r["job"], r["outcome"]) for r in (merged, merged2)] == [("scan", "skipped")] * 2
+        assert "coalesced" in merged["reason"]
+        assert T0 - 40_000 <= merged["scheduled_ms"] <= merged2["scheduled_ms"] <= T0
+    finally:
+        rt.close()
+
+
+def test_a_real_scheduler_runs_the_jobs_records_overruns_and_stops_cleanly(tmp_path):
+    """Scans every 50 ms against a venue that answers in 150 ms: runs overlap, and each
+    one APScheduler drops is recorded as skipped. A stop lets the running job finish."""
+    clock = AcceleratedClock(T0, 200.0)
+    rt = make_rt(tmp_path, clock, sim={"speed": 200.0, "latency_ms": 150.0})
+    svc = scheduler.Service(rt)
+    code: list[int] = []
+    thread = threading.Thread(target=lambda: code.append(svc.run()))
+    try:
+        thread.start()
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            outcomes = {(r["job"], r["outcome"]) for r in runs(rt.ledger)}
+            if {("scan", "ok"), ("scan", "skipped")} <= outcomes:
+                break
+            time.sleep(0.1)
+        svc.request_stop()
+        thread.join(30)
+        assert not thread.is_alive() and code == [0]
+        done = runs(rt.ledger)
+        kinds = {(r["job"], r["outcome"]) for r in done}
+        assert {("reconcile", "ok"), ("rotate", "ok"), ("scan", "ok"), ("scan", "skipped")} \
+            <= kinds
+        last = rt.ledger.select("SELECT seq, data FROM facts ORDER BY seq DESC LIMIT 1")[0]
+        assert '"event":"stopped"' in last["data"]
+        assert max(r["seq"] for r in done) < last["seq"]  # nothing ran after the stop
+        skipped = [r for r in done if r["outcome"] == "skipped" and r["job"] == "scan"]
+        assert all(r["scheduled_ms"] % 10_000 == 0 for r in skipped)
+    finally:
+        svc.request_stop()
+        thread.join(30)
+        rt.close()
+
+
+def test_reconcile_waits_for_the_exchange_write_lock(tmp_path):
+    """One lock serialises exchange writes across jobs: reconcile cannot run while
+    another job holds it."""
+    rt = make_rt(tmp_path)
+    try:
+        finished = threading.Event()
+        with rt.lock:
+            worker = threading.Thread(target=lambda: (
+                scheduler.Service(rt).job("reconcile"), finished.set()))
+            worker.start()
+            assert not finished.wait(0.5)
+        assert finished.wait(30)
+        worker.join()
+    finally:
+        rt.close()
+
+
+def test_one_process_per_ledger(tmp_path):
+    db = tmp_path / "bot.db"
+    first = scheduler.LedgerLock(db)
+    first.acquire()
+    try:
+        with pytest.raises(scheduler.AlreadyRunning, match=f"process {os.getpid()}"):
+            scheduler.LedgerLock(db).acquire()
+    finally:
+        first.release()
+    again = scheduler.LedgerLock(db)
+    again.acquire()  # released: free again
+    again.release()

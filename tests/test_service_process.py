@@ -1,0 +1,119 @@
+"""The service as the user runs it: `cli.py run` in a folder, as a real process.
+
+* one instance per ledger: a second `run` exits 2 naming the holder;
+* SIGTERM / SIGINT: the running job finishes, the stop is recorded, exit 0;
+* with no config but a faster clock, it trades on the synthetic market, and
+  `status`, `trades` and `pnl` show it; no secret reaches a log, the console or a file.
+"""
+
+from __future__ import annotations
+
+import re
+import signal
+import time
+
+import pytest
+from service_helpers import (
+    SECRET_KEY,
+    SECRET_VALUE,
+    Bot,
+    count,
+    job_runs,
+    log_text,
+    service_events,
+    write_toml,
+)
+
+pytestmark = pytest.mark.slow
+
+
+def started(bot: Bot) -> bool:
+    return any(r["job"] == "scan" for r in job_runs(bot))
+
+
+def test_a_second_instance_on_the_same_ledger_exits_2_and_names_the_holder(tmp_path):
+    bot = Bot(tmp_path)
+    bot.start()
+    try:
+        bot.wait_for("the first scan", lambda: started(bot), timeout=60)
+        second = bot.cli("run", timeout=60)
+        assert second.returncode == 2, second.stderr
+        assert f"in use by process {bot.proc.pid}" in second.stderr
+        assert "bot.db" in second.stderr
+        # One-off commands that write are refused while the service runs, too.
+        job = bot.cli("reconcile", timeout=60)
+        assert job.returncode == 2 and str(bot.proc.pid) in job.stderr
+        assert bot.proc.poll() is None  # the first one is untouched
+    finally:
+        assert bot.stop() == 0
+    assert [e["event"] for e in service_events(bot)] == ["started", "stopped"]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_stop_signal_lets_the_running_job_finish_and_exits_0(tmp_path, sig):
+    # Every venue call takes 300 ms and scans are due every 167 ms: a scan is always
+    # running when the signal arrives.
+    write_toml(tmp_path, {"sim": {"latency_ms": 300.0}})
+    bot = Bot(tmp_path)
+    bot.start()
+    try:
+        bot.wait_for("two scans", lambda: sum(r["job"] == "scan" for r in job_runs(bot)) >= 2,
+                     timeout=60)
+        t0 = time.monotonic()
+        bot.send(sig)
+        code = bot.proc.wait(30)  # generous: a clean stop takes about one scan
+        took = time.monotonic() - t0
+    finally:
+        bot.kill()
+    assert code == 0, bot.console()
+    events = service_events(bot)
+    assert [e["event"] for e in events] == ["started", "stopped"]
+    assert events[-1]["pid"] == bot.proc.pid
+    assert max(r["seq"] for r in job_runs(bot)) < events[-1]["seq"]
+    console = bot.console()
+    after_stop = console[console.index("stop requested"):]
+    assert re.search(r"job scan (ok|error|skipped) in", after_stop.split("service stopped")[0]), \
+        "the scan running at the signal was not finished and recorded"
+    assert "service stopped" in after_stop
+    assert "Traceback" not in console
+    assert bot.cli("verify").returncode == 0
+    print(f"stopped {signal.Signals(sig).name} in {took:.2f} s")
+
+
+def test_run_with_no_config_trades_on_the_synthetic_market(tmp_path):
+    """The defaults, except a faster clock so a trade closes within the test's patience
+    (the default speed of 60 makes its first entry within minutes; see the README)."""
+    write_toml(tmp_path, {"sim": {"speed": 600.0}})
+    bot = Bot(tmp_path, BOT_API_KEY=SECRET_KEY, BOT_API_SECRET=SECRET_VALUE)
+    bot.start()
+    try:
+        bot.wait_for("a closed trade", lambda: count(bot, "position_closed") > 0,
+                     timeout=240, poll=0.5)
+    finally:
+        assert bot.stop() == 0
+    assert (tmp_path / "bot.db").exists() and (tmp_path / "sim_exchange.db").exists()
+    logs = list((tmp_path / "logs").glob("bot_*.log"))
+    assert logs and all(re.fullmatch(r"bot_\d{4}-\d{2}-\d{2}\.log", p.name) for p in logs)
+    text = log_text(tmp_path)
+    assert "entry approved" in text and "service running: mode sim" in text
+    assert "entry approved" in bot.console()  # and on the console
+
+    status = bot.cli("status")
+    assert status.returncode == 0, status.stderr
+    assert "mode        sim" in status.stdout
+    assert re.search(r"scan\s+\S+\s+\d+ s\s+ok", status.stdout)
+    trades = bot.cli("trades", "--json")
+    assert trades.returncode == 0, trades.stderr
+    closed = bot.query("SELECT symbol FROM facts WHERE type = 'position_closed'")
+    assert closed[0]["symbol"] in trades.stdout
+    pnl = bot.cli("pnl")
+    assert pnl.returncode == 0 and re.search(r"\d{4}-\d{2}-\d{2}", pnl.stdout), pnl.stdout
+    assert bot.cli("verify").returncode == 0
+
+    # No secret anywhere: logs, console, ledger, the exchange's state, CLI output.
+    for secret in (SECRET_KEY, SECRET_VALUE):
+        for path in tmp_path.rglob("*"):
+            if path.is_file():
+                assert secret.encode() not in path.read_bytes(), f"{secret} in {path}"
+        for out in (status, trades, pnl):
+            assert secret not in out.stdout + out.stderr
