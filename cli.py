@@ -74,6 +74,13 @@ def main(ctx: click.Context, db: str, config_path: str | None) -> None:
     ctx.obj = {"db": db, "config_path": config_path}
 
 
+def bot_now(ledger: Ledger) -> int:
+    """The bot's "now" for a command: in sim mode its clock runs ahead of the wall clock,
+    so never earlier than the last fact (facts stay in time order)."""
+    last = ledger.select("SELECT ts FROM facts ORDER BY seq DESC LIMIT 1")
+    return max(WallClock().now_ms(), last[0]["ts"] if last else 0)
+
+
 def reader(ctx: click.Context) -> Ledger:
     return Ledger(ctx.obj["db"], readonly=True)
 
@@ -94,11 +101,7 @@ def status(ctx: click.Context, as_json: bool) -> None:
     cfg = load_config(ctx)
     with reader(ctx) as ledger:
         state = ledger.state()
-        # In sim mode the bot's clock runs ahead of the wall clock: never report a run
-        # from the future; the last fact's time is the bot's latest "now".
-        last = ledger.select("SELECT ts FROM facts ORDER BY seq DESC LIMIT 1")
-        last_ts = last[0]["ts"] if last else 0
-        now = max(WallClock().now_ms(), last_ts)
+        now = bot_now(ledger)
         mode = ledger.select("SELECT json_extract(data, '$.mode') AS mode FROM facts "
                              "WHERE type = 'service' ORDER BY seq DESC LIMIT 1")
     report = {
@@ -379,7 +382,7 @@ def halt(ctx, reason) -> None:
     from ledger import Fact
 
     with Ledger(ctx.obj["db"]) as ledger:
-        ledger.append([Fact("halt", WallClock().now_ms(), reason=reason,
+        ledger.append([Fact("halt", bot_now(ledger), reason=reason,
                             data={"kind": "manual", "detail": reason})])
     click.echo(f"halted: {reason}")
 
@@ -395,10 +398,11 @@ def resume(ctx, kind) -> None:
 
     with Ledger(ctx.obj["db"]) as ledger:
         halts = ledger.state().halts
-        if not halts:
-            click.echo("not halted")
+        if not halts or (kind != "all" and kind not in halts):
+            # (A resume of drawdown also restarts the equity peak: never by mistake.)
+            click.echo(f"not halted{'' if kind == 'all' else f' for {kind}'}")
             return
-        ledger.append([Fact("resume", WallClock().now_ms(), reason=f"resume {kind}",
+        ledger.append([Fact("resume", bot_now(ledger), reason=f"resume {kind}",
                             data={"kind": kind})])
     click.echo(f"resumed ({kind}); was: {', '.join(halts)}")
 

@@ -144,6 +144,8 @@ class ExchangeClient:
                  sleep: Callable[[float], None] | None = None,
                  rng: random.Random | None = None) -> None:
         self.raw = raw
+        self._time_source: ExchangeClient | None = None
+        self._time_lock = threading.Lock()
         self.config = config
         self.settings = config.exchange
         self.clock = clock
@@ -246,23 +248,30 @@ class ExchangeClient:
 
     # ---- market data ---------------------------------------------------------------
 
+    def share_clock(self, keeper: ExchangeClient) -> None:
+        """Take the venue's clock from ``keeper`` (clients of one venue: one measurement)."""
+        self._time_source = keeper
+
     def server_now_ms(self) -> int:
         """The exchange's clock: its offset from ours, measured at most once a minute.
 
         The reading is late by up to half a round trip, so a candle that has only just
         closed may count as forming for a moment: the safe direction.
         """
-        now = self.clock.now_ms()
-        stale = (self._offset_measured_at is None
-                 or abs(now - self._offset_measured_at) >= SERVER_TIME_REFRESH_MS)
-        if stale:
-            server = self._retrying("fetch_time", self.raw.fetch_time)
-            server_ms = _timestamp(server)
-            if server_ms is None:
-                raise self._bad("fetch_time", "not a timestamp", server)
-            self._offset_ms = server_ms - now
-            self._offset_measured_at = now
-        return now + self._offset_ms
+        if self._time_source is not None:
+            return self._time_source.server_now_ms()
+        with self._time_lock:  # concurrent callers wait for one measurement
+            now = self.clock.now_ms()
+            stale = (self._offset_measured_at is None
+                     or abs(now - self._offset_measured_at) >= SERVER_TIME_REFRESH_MS)
+            if stale:
+                server = self._retrying("fetch_time", self.raw.fetch_time)
+                server_ms = _timestamp(server)
+                if server_ms is None:
+                    raise self._bad("fetch_time", "not a timestamp", server)
+                self._offset_ms = server_ms - now
+                self._offset_measured_at = now
+            return now + self._offset_ms
 
     def closed_candles(self, symbol: str, timeframe: str, limit: int) -> list[Candle]:
         """The last ``limit`` (or fewer) closed candles, oldest first, validated.

@@ -477,7 +477,7 @@ class Executor:
                                  data={"filled": report.filled, "average": average}))
         closed = report.filled >= Decimal(position["amount"])
         if closed:
-            facts.append(self.close_fact(position, average, fee, "stop_loss"))
+            facts.append(self.close_fact(position, average, fee, stop_reason(position, stop)))
         else:
             facts += [self.reduced_fact(position, report.filled, average, fee,
                                         "stop filled in part"),
@@ -540,6 +540,13 @@ def _average(report: OrderReport, fills: Sequence[FillReport]) -> Decimal | None
         return report.average_price
     filled = sum((f.amount for f in fills), ZERO)
     return sum((f.price * f.amount for f in fills), ZERO) / filled if filled else None
+
+
+def stop_reason(position: dict, stop: dict) -> str:
+    """Why a resting stop closed the position: a stop moved into profit was trailing it."""
+    entry, level = Decimal(position["entry_price"]), Decimal(stop["price"])
+    in_profit = level > entry if position["side"] == "long" else level < entry
+    return "trailing_stop" if in_profit else "stop_loss"
 
 
 def _json_state(data: str) -> str | None:

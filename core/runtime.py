@@ -57,7 +57,14 @@ def build(config: Config, db_path: str | Path, *, clock=None, venue=None,
             ledger.close()
             raise
     client = ExchangeClient(venue, config, clock)
-    data_clients = [client] + [ExchangeClient(v, config, clock) for v in (data_venues or [])]
+    extra = [ExchangeClient(v, config, clock) for v in (data_venues or [])]
+    # Lanes, so no call waits behind another on one client: the main client fetches the
+    # balance, the first extra client keeps the exchange's clock, the rest fetch candles.
+    keeper = extra[0] if extra else client
+    for c in [client, *extra[1:]]:
+        if c is not keeper:
+            c.share_clock(keeper)
+    data_clients = [client] + extra
     return Runtime(config=config, clock=clock, ledger=ledger, client=client,
                    strategy=load_strategy(config.strategy), data_clients=data_clients,
                    venue=venue)

@@ -15,8 +15,7 @@ from pathlib import Path
 from core.clock import AcceleratedClock, WallClock
 from core.config import Config, ConfigError, Secrets
 
-PUBLIC_DATA_CLIENTS = 4  # keyless ccxt instances in all: candles fetched concurrently
-SIM_DATA_CLIENTS_MAX = 16
+SIM_DATA_CLIENTS_MAX = 16  # candle lanes at most (live: keyless ccxt instances)
 
 
 def for_mode(config: Config, clock=None, not_before_ms: int | None = None):
@@ -54,7 +53,7 @@ def for_mode(config: Config, clock=None, not_before_ms: int | None = None):
             raise ConfigError("[bot] mode = 'live' needs BOT_API_KEY and BOT_API_SECRET")
         clock = clock or WallClock()
         venue = build_ccxt(config, config.secrets)
-        data = [build_ccxt(config, Secrets()) for _ in range(PUBLIC_DATA_CLIENTS - 1)]
+        data = [build_ccxt(config, Secrets()) for _ in range(data_lanes(config))]
         return clock, venue, data
     raise ConfigError(f"[bot] mode = {mode!r} is not served by `run`; use `cli.py backtest`")
 
@@ -65,8 +64,13 @@ def sim_data_venues(config: Config, venue) -> list:
     its latency outside its lock); each client gets its own lock."""
     if config.sim.latency_ms <= 0:
         return []
-    n = min(max(PUBLIC_DATA_CLIENTS, config.rotation.top_n), SIM_DATA_CLIENTS_MAX)
-    return [venue] * (n - 1)
+    return [venue] * data_lanes(config)
+
+
+def data_lanes(config: Config) -> int:
+    """Extra market-data clients: one keeps the exchange's clock, one per coin fetches
+    candles (capped), so a scan costs about one round trip."""
+    return 1 + min(config.rotation.top_n, SIM_DATA_CLIENTS_MAX)
 
 
 def quiet_open_orders(venue) -> None:

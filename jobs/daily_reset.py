@@ -56,13 +56,15 @@ def run(rt, scheduled_ms: int, run_id: str) -> dict:
         facts.append(Fact("day_close", now, run_id=run_id, pnl=realized, fee=fees,
                           data={"day": day, "realized_pnl": realized, "fees": fees,
                                 "trades": totals["trades"], "equity": equity}))
-    if "daily_loss" in state.halts:
+    lifted = "daily_loss" in state.halts
+    if lifted:
         facts.append(Fact("resume", now, run_id=run_id, reason="daily reset: new UTC day",
                           data={"kind": "daily_loss"}))
     # record
     rt.ledger.append(facts)
-    log.info("daily reset: closed %s", ", ".join(days))
-    return {"closed_days": days}
+    log.info("daily reset: closed %s%s", ", ".join(days),
+             "; daily-loss halt lifted" if lifted else "")
+    return {"closed_days": days, "halt_lifted": lifted}
 
 
 def _last_equity_before(ledger, ms: int) -> str | None:

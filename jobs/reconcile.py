@@ -2,15 +2,17 @@
 
 fetch   the exchange's positions, open orders (stops included), balance; every order the
         ledger has not seen finish, looked up by client order id; the fills of positions
-        the exchange no longer has
+        the exchange no longer has; the account's fills since the last reconciliation
 decide  a list of differences, each with its correction (or "a human must look")
-record  the corrections (as ordinary facts, marked source=reconcile) and one
-        reconcile_run fact listing differences and corrections
+record  the corrections (as ordinary facts, under this run's id) and one reconcile_run
+        fact listing differences and corrections
 
 Orders are settled first (unknown submissions, stops that filled while the bot was
-down), then positions and stops are compared against the corrected ledger. Status:
-``in_sync`` (exit 0), ``corrected`` (exit 1), ``needs_human`` (exit 2). Running it again
-right after a correction finds nothing to do. ``dry_run`` records nothing.
+down), then positions, stops and finally fills are compared against the corrected
+ledger. Status: ``in_sync`` (exit 0), ``corrected`` (exit 1), ``needs_human`` (exit 2).
+Running it again right after a correction finds nothing to do (and records nothing but
+its job run, even while a difference stands for a human). ``dry_run`` records nothing.
+The whole run holds ``rt.lock``: no scan acts in between.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from decimal import Decimal
 
 from core.exchange import NOT_FOUND_FINAL_MS
 from core.exchange_types import BadExchangeData, OrderReport, OrderRequest, SubmitResult
-from core.execution import READ_ERRORS, Executor, opposite
+from core.execution import READ_ERRORS, Executor, executed, opposite, unsettled
 from core.exits import stop_price
 from core.orders import TERMINAL, TRANSITIONS, state_of
 from ledger import Fact
@@ -48,14 +50,15 @@ class Difference:
 
 def run(rt, scheduled_ms: int, run_id: str, dry_run: bool = False) -> dict:
     ex = Executor(rt.ledger, rt.client, rt.clock, rt.config, run_id, rt.lock)
+    started = rt.clock.now_ms()
     previous = last_report(rt)
-    since = fills_since(rt)
+    checked = fills_checked(rt)
     diffs: list[Difference] = []
     with rt.lock:
         diffs += settle_orders(rt, ex, dry_run)
-        diffs += compare_positions(rt, ex, dry_run, previous)
-        diffs += compare_stops(rt, ex, dry_run)
-        diffs += sweep_fills(rt, ex, dry_run, since)
+        diffs += compare_positions(rt, ex, dry_run, previous, planned(diffs))
+        diffs += compare_stops(rt, ex, dry_run, planned(diffs))
+        diffs += sweep_fills(rt, ex, dry_run, checked - FILL_LAG_MS, planned(diffs))
         balance_changed = snapshot_balance(rt, run_id, dry_run)
     status = ("needs_human" if any(d.severity == "human" for d in diffs)
               else "corrected" if any(d.severity == "fix" for d in diffs) else "in_sync")
@@ -64,16 +67,31 @@ def run(rt, scheduled_ms: int, run_id: str, dry_run: bool = False) -> dict:
               "corrections": [d.correction for d in diffs
                               if d.correction and d.severity == "fix" and not dry_run]}
     # A run that corrected nothing and found what the last one left standing adds nothing
-    # but its job record: a flagged position is not re-recorded every few minutes.
-    if diffs and not dry_run and (report["corrections"]
-                                  or standing(report["differences"]) != standing(previous)):
+    # but its job record: a flagged position is not re-recorded every few minutes. When
+    # what stood is gone, that is recorded (an in_sync run).
+    if not dry_run and (report["corrections"]
+                        or standing(report["differences"]) != standing(previous)):
         rt.ledger.append([Fact("reconcile_run", rt.clock.now_ms(), run_id=run_id, reason=status,
                                data=report)])
     for d in diffs:
         log.log(logging.WARNING if d.severity != "info" else logging.INFO,
                 "reconcile %s %s: %s -> %s", d.kind, d.symbol or "", d.detail,
                 d.correction or "no action")
-    return {**report, "balance_changed": balance_changed}
+    # Fills are checked up to this run's start unless a symbol's could not be read.
+    complete = not any(d.kind == "fills" for d in diffs)
+    return {**report, "balance_changed": balance_changed,
+            "fills_checked_ms": started if complete else checked}
+
+
+def planned(diffs: list[Difference]) -> dict[str, set]:
+    """What the corrections found so far do to the ledger: the symbols whose position
+    they close ("closes") or open ("opens"), the trades they record ("trades"). A real
+    run has recorded them already; a dry run must not report them twice."""
+    out: dict[str, set] = {"closes": set(), "opens": set(), "trades": set()}
+    for d in diffs:
+        for key, values in d.data.items():
+            out.setdefault(key, set()).update(values)
+    return out
 
 
 def last_report(rt) -> list[dict]:
@@ -89,15 +107,17 @@ def standing(differences: list[dict]) -> list[dict]:
     return [d for d in differences if d.get("severity") != "fix"]
 
 
-def fills_since(rt) -> int:
-    """Fills are compared from the start of the last successful reconciliation on (less
-    a margin for trades the exchange lists late), else from the ledger's first fact."""
+def fills_checked(rt) -> int:
+    """Up to when the account's fills were checked: by the last successful reconciliation
+    (its summary says), else since the ledger began. The sweep looks from there on, less
+    a margin for trades an exchange lists late."""
+    # Newest first: the scan stops at the last such run, near the end of the ledger.
     rows = rt.ledger.select(
-        "SELECT max(json_extract(data, '$.started_ms')) AS ms FROM facts WHERE type = "
-        "'job_run' AND json_extract(data, '$.job') = 'reconcile' "
-        "AND json_extract(data, '$.outcome') = 'ok'")
+        "SELECT json_extract(data, '$.summary.fills_checked_ms') AS ms FROM facts "
+        "WHERE type = 'job_run' AND json_extract(data, '$.job') = 'reconcile' "
+        "AND json_extract(data, '$.outcome') = 'ok' ORDER BY seq DESC LIMIT 1")
     if rows and rows[0]["ms"] is not None:
-        return int(rows[0]["ms"]) - FILL_LAG_MS
+        return int(rows[0]["ms"])
     first = rt.ledger.select("SELECT min(ts) AS ts FROM facts")
     return first[0]["ts"] if first and first[0]["ts"] is not None else rt.clock.now_ms()
 
@@ -158,12 +178,16 @@ def settle_orders(rt, ex: Executor, dry_run: bool) -> list[Difference]:
         new = state_of(report.status, report.amount, report.filled)
         if new == order["state"]:
             continue
-        diffs.append(Difference("order_state", req.symbol,
-                                f"{req.client_order_id} ({order['purpose']}): ledger "
-                                f"{order['state']}, exchange {new}",
-                                correction=f"recorded {new}"))
+        diff = Difference("order_state", req.symbol, f"{req.client_order_id} "
+                          f"({order['purpose']}): ledger {order['state']}, exchange {new}",
+                          correction=f"recorded {new}")
+        diffs.append(diff)
         if not dry_run:
             apply_outcome(rt, ex, order, req, report, new)
+        elif report.filled > 0:
+            effect = "opens" if order["purpose"] == "entry" else "closes"
+            diff.data = {effect: {req.symbol},
+                         "trades": {f.trade_id for f in ex.fills_of(report, order["ts"] - 60_000)}}
     return diffs
 
 
@@ -216,7 +240,8 @@ def apply_outcome(rt, ex: Executor, order: dict, req: OrderRequest, report: Orde
         return
     facts = []
     fills = ex.fills_of(report, order["ts"] - 60_000) if report.filled > 0 else []
-    facts += [ex.fill_fact(f, order["position_id"]) for f in fills]
+    known = recorded_trade_ids(rt, order["ts"] - 60_000) if fills else set()
+    facts += [ex.fill_fact(f, order["position_id"]) for f in fills if f.trade_id not in known]
     if new not in TERMINAL or new != order["state"]:
         facts += ex_path(ex, req, order, new, exchange_order_id=report.exchange_order_id)
     fee = sum((f.fee for f in fills), Decimal(0))
@@ -232,10 +257,8 @@ def apply_outcome(rt, ex: Executor, order: dict, req: OrderRequest, report: Orde
         if report.filled >= Decimal(position["amount"]):
             facts.append(ex.close_fact(position, avg, fee, "exit (settled by reconcile)"))
         else:
-            facts.append(ex.fact("position_changed", symbol=req.symbol, side=position["side"],
-                                 amount=Decimal(position["amount"]) - report.filled,
-                                 position_id=position["position_id"],
-                                 reason="partial exit settled by reconcile"))
+            facts.append(ex.reduced_fact(position, report.filled, avg, fee,
+                                         "partial exit settled by reconcile"))
     elif purpose == "stop" and position is not None and new in ("accepted",) \
             and position["position_id"] == order["position_id"]:
         facts.append(ex.fact("stop_placed", symbol=req.symbol, side=req.side, amount=req.amount,
@@ -254,13 +277,16 @@ def apply_outcome(rt, ex: Executor, order: dict, req: OrderRequest, report: Orde
 
 # -- positions --------------------------------------------------------------------------
 
-def compare_positions(rt, ex: Executor, dry_run: bool,
-                      previous: list[dict] = ()) -> list[Difference]:
+def compare_positions(rt, ex: Executor, dry_run: bool, previous: list[dict] = (),
+                      plan: dict | None = None) -> list[Difference]:
     diffs = []
+    plan = plan or planned([])
     state = rt.ledger.state()
     exchange = {p.symbol: p for p in rt.client.positions()}
     for symbol, p in sorted(state.positions.items()):
         theirs = exchange.get(symbol)
+        if symbol in plan["closes"]:
+            continue  # a settled order closes it (dry run)
         if theirs is None:
             diffs.append(closed_on_exchange(rt, ex, p, dry_run))
         elif theirs.side != p["side"]:
@@ -270,7 +296,7 @@ def compare_positions(rt, ex: Executor, dry_run: bool,
         elif theirs.amount != Decimal(p["amount"]):
             diffs.append(resized_on_exchange(rt, ex, p, theirs, dry_run))
     for symbol, theirs in sorted(exchange.items()):
-        if symbol not in state.positions:
+        if symbol not in state.positions and symbol not in plan["opens"]:
             diffs.append(external_position(rt, ex, theirs, dry_run, previous))
     return diffs
 
@@ -306,6 +332,7 @@ def resized_on_exchange(rt, ex: Executor, p: dict, theirs, dry_run: bool) -> Dif
             log.warning("%s: fills unavailable (%s); size taken without them", symbol, exc)
         if sum((f.amount for f in closing), Decimal(0)) != held - amount:
             closing = []
+    diff.data = {"trades": {f.trade_id for f in closing}}
     if dry_run:
         return diff
     if closing:
@@ -339,7 +366,8 @@ def closed_on_exchange(rt, ex: Executor, p: dict, dry_run: bool) -> Difference:
     avg = sum((f.price * f.amount for f in closing), Decimal(0)) / amount
     fee = sum((f.fee for f in closing), Decimal(0))
     diff = Difference("position_gone", symbol, f"ledger {p['side']} {p['amount']} closed on the "
-                      f"exchange at {avg}", correction="recorded the closing fills and the close")
+                      f"exchange at {avg}", correction="recorded the closing fills and the close",
+                      data={"closes": {symbol}, "trades": {f.trade_id for f in closing}})
     if not dry_run:
         facts = [ex.fill_fact(f, p["position_id"]) for f in closing]
         facts.append(ex.close_fact(p, avg, fee, "closed_on_exchange"))
@@ -369,14 +397,16 @@ def external_position(rt, ex: Executor, theirs, dry_run: bool,
                            amount=theirs.amount, price=theirs.entry_price, position_id=pid,
                            reason="adopted external position", data={"source": "reconcile"})])
     return Difference("external_position", theirs.symbol, detail,
-                      correction="adopted; a stop follows")
+                      correction="adopted; a stop follows", data={"opens": {theirs.symbol}})
 
 
 # -- stops ------------------------------------------------------------------------------
 
-def compare_stops(rt, ex: Executor, dry_run: bool) -> list[Difference]:
+def compare_stops(rt, ex: Executor, dry_run: bool,
+                  plan: dict | None = None) -> list[Difference]:
     """Every position has its stop resting; no stop of ours rests without a position."""
     diffs = []
+    plan = plan or planned([])
     state = rt.ledger.state()
     try:
         resting = {o.client_order_id: o for o in rt.client.open_orders() if o.is_trigger}
@@ -386,6 +416,8 @@ def compare_stops(rt, ex: Executor, dry_run: bool) -> list[Difference]:
     pending = {o["position_id"] for o in state.orders.values()
                if o["purpose"] == "stop" and o["state"] in ("intent", "submitted", "unknown")}
     for symbol, p in sorted(state.positions.items()):
+        if symbol in plan["closes"]:
+            continue  # closed by a correction (dry run): its stop is an orphan
         stop = p.get("stop")
         if stop and stop["client_order_id"] in resting:
             wanted.add(stop["client_order_id"])
@@ -407,6 +439,9 @@ def compare_stops(rt, ex: Executor, dry_run: bool) -> list[Difference]:
             coid = ex.place_stop(p, level)
             if coid:
                 wanted.add(coid)
+    for symbol in sorted(plan["opens"] - set(state.positions)):  # dry run: opened above
+        diffs.append(Difference("missing_stop", symbol, "the position recorded above has no "
+                                "stop resting on the exchange", correction="stop placed"))
     prefix = f"{rt.config.bot.id}-"
     for coid, order in sorted(resting.items(), key=lambda kv: kv[0] or ""):
         if coid in wanted:
@@ -415,10 +450,14 @@ def compare_stops(rt, ex: Executor, dry_run: bool) -> list[Difference]:
             diffs.append(Difference("foreign_order", order.symbol, f"stop {coid or order.exchange_order_id} "
                                     "was not placed by this bot", "info"))
             continue
-        diffs.append(Difference("orphan_stop", order.symbol, f"stop {coid} rests without a "
-                                "position in the ledger", correction="cancelled"))
+        diff = Difference("orphan_stop", order.symbol, f"stop {coid} rests without a "
+                          "position in the ledger", correction="cancelled")
+        diffs.append(diff)
         if not dry_run:
             report = rt.client.cancel(order.symbol, client_order_id=coid, trigger=True)
+            if executed(report) or unsettled(report):  # it fired meanwhile: settled next run
+                diff.correction = f"not cancelled: it fired ({report.status})"
+                continue
             facts = []
             tracked = state.orders.get(coid)
             if tracked is not None and report is not None:
@@ -432,11 +471,15 @@ def compare_stops(rt, ex: Executor, dry_run: bool) -> list[Difference]:
 
 # -- fills ------------------------------------------------------------------------------
 
-def sweep_fills(rt, ex: Executor, dry_run: bool, since: int) -> list[Difference]:
+def sweep_fills(rt, ex: Executor, dry_run: bool, since: int,
+                plan: dict | None = None) -> list[Difference]:
     """Account trades since ``since`` that nothing above recorded: someone else traded
     (or the ledger lost track). Each is recorded once, as a fill of no order of ours.
 
-    Looked at: the symbols the bot trades, holds, or has recorded fills in since then.
+    Looked at: the symbols the bot trades, holds, or has recorded fills in since then,
+    except those where an order of ours still works or is unresolved (a resting stop
+    may trigger at any moment): its trades are recorded when that order is settled,
+    and a trade in the symbol of a position shows as a change of its size (above).
     A trade of an order whose recorded fills already add up (a fill recorded from the
     order before its trade was listed) is not counted twice.
     """
@@ -448,7 +491,9 @@ def sweep_fills(rt, ex: Executor, dry_run: bool, since: int) -> list[Difference]
         symbols |= {p.symbol for p in rt.client.positions()}
     except READ_ERRORS as exc:
         log.warning("reconcile: positions unavailable for the fill sweep (%s)", exc)
-    known = recorded_trade_ids(rt, since)
+    plan = plan or planned([])
+    symbols -= {o["symbol"] for o in state.orders.values()} | plan["opens"]
+    known = recorded_trade_ids(rt, since) | plan["trades"]
     per_order = {r["oid"]: sum((Decimal(a) for a in r["amounts"].split()), Decimal(0))
                  for r in rt.ledger.select(
         "SELECT exchange_order_id AS oid, group_concat(amount, ' ') AS amounts FROM facts "

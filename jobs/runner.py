@@ -34,8 +34,8 @@ def run_job(rt, name: str, job, scheduled_ms: int | None = None) -> dict:
               "finished_ms": rt.clock.now_ms(), "duration_ms": duration_ms,
               "outcome": outcome, "summary": summary}
     try:
-        rt.ledger.append([Fact("job_run", rt.clock.now_ms(), run_id=run_id, reason=error,
-                               data=record)])
+        rt.ledger.append([Fact("job_run", rt.clock.now_ms(), run_id=run_id,
+                               reason=error or summary.get("reason"), data=record)])
     except Exception as exc:  # noqa: BLE001 - e.g. disk full: log, keep the process alive
         log.error("job %s: run record not written: %s", name, exc)
     log.info("job %s %s in %.1f ms %s", name, outcome, duration_ms,

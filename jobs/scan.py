@@ -34,22 +34,38 @@ def run(rt, scheduled_ms: int, run_id: str) -> dict:
     symbols = sorted(set(state.active_coins) | set(state.positions))
     if not symbols:
         return {"skipped": True, "reason": "no active coins and no open positions"}
-    # fetch (the slow part, concurrent, outside the lock)
-    candles = fetch_candles(rt, symbols)
+    # fetch (the slow part, concurrent, outside the lock). When a new candle is due the
+    # balance is needed too: fetch it alongside rather than after (one round trip).
+    tf = timeframe_ms(rt.config.strategy.timeframe)
+    due = any(rt.clock.now_ms() >= state.last_signal.get(s, -tf) + 2 * tf for s in symbols)
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="balance") as pool:
+        pending = pool.submit(rt.client.balance) if due else None
+        candles = fetch_candles(rt, symbols)
+        balance = _result_or_none(pending)
     # The rest reads the ledger, decides and sends orders: serialised with the other jobs'
     # exchange writes (a reconcile must not close a position this scan is managing).
     with rt.lock:
-        return decide_and_act(rt, symbols, candles, run_id)
+        return decide_and_act(rt, symbols, candles, run_id, balance)
+
+
+def _result_or_none(pending):
+    if pending is None:
+        return None
+    try:
+        return pending.result()
+    except Exception as exc:  # noqa: BLE001 - fetched again (and reported) when needed
+        log.debug("balance prefetch failed: %s", exc)
+        return None
 
 
 def decide_and_act(rt, symbols: list[str], candles: dict[str, list[Candle]],
-                   run_id: str) -> dict:
+                   run_id: str, balance=None) -> dict:
     cfg = rt.config
     state = rt.ledger.state()
     fresh = {s: c for s, c in candles.items() if c and c[-1].ts > state.last_signal.get(s, -1)}
     if not fresh:
         return {"symbols": len(symbols), "new_candles": 0}
-    balance = rt.client.balance()
+    balance = balance or rt.client.balance()
     now = rt.clock.now_ms()
     ex = Executor(rt.ledger, rt.client, rt.clock, cfg, run_id, rt.lock)
     summary = {"symbols": len(symbols), "new_candles": len(fresh), "entries": 0, "exits": 0}
@@ -87,8 +103,11 @@ def decide_and_act(rt, symbols: list[str], candles: dict[str, list[Candle]],
     if quiet:  # decisions that act on nothing: one transaction for all of them
         rt.ledger.append(quiet)
 
+    current = balance  # fetched this scan; any order sent makes it stale
     for symbol, signal, signal_fact, last in entries:
-        summary["entries"] += enter(rt, ex, symbol, signal, signal_fact, last, frames, run_id)
+        sent = enter(rt, ex, symbol, signal, signal_fact, last, frames, run_id, current)
+        summary["entries"] += sent
+        current = None if sent else current
     return summary
 
 
@@ -115,15 +134,29 @@ def fetch_candles(rt, symbols: list[str]) -> dict[str, list[Candle]]:
             log.warning("%s: candles unavailable, skipped this scan (%s)", symbol, exc)
         return symbol, []
 
+    # With three or more clients the first two have other lanes (balance, the exchange's
+    # clock: see runtime.build) and the rest fetch candles.
+    lanes = clients[2:] if len(clients) > 2 else clients
+
     def share(j: int) -> list[tuple[str, list[Candle]]]:
         # Each client fetches its own share in turn: a client serves one call at a time.
-        return [one(clients[j], symbol) for symbol in symbols[j::len(clients)]]
+        return [one(lanes[j], symbol) for symbol in symbols[j::len(lanes)]]
 
-    workers = min(len(clients), len(symbols))
+    workers = min(len(lanes), len(symbols))
     if workers <= 1:
         return dict(share(0)) if symbols else {}
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="candles") as pool:
+    with ThreadPoolExecutor(max_workers=workers + 1, thread_name_prefix="candles") as pool:
+        # The exchange's clock (judging which candle is closed) is measured meanwhile,
+        # not after the candles: one round trip for the lot.
+        pool.submit(_warm_clock, clients[0])
         return {s: c for part in pool.map(share, range(workers)) for s, c in part}
+
+
+def _warm_clock(client) -> None:
+    try:
+        client.server_now_ms()
+    except Exception as exc:  # noqa: BLE001 - closed_candles retries and reports it
+        log.debug("exchange clock not measured ahead: %s", exc)
 
 
 def first_gap(candles: list[Candle], tf_ms: int) -> int | None:
@@ -177,12 +210,16 @@ def manage_position(rt, ex: Executor, position: dict, series: list[Candle],
 
 
 def enter(rt, ex: Executor, symbol: str, signal, signal_fact: Fact, last: Candle,
-          frames: dict, run_id: str) -> int:
-    """Risk-check one entry against fresh state and balance; send it if approved."""
+          frames: dict, run_id: str, balance=None) -> int:
+    """Risk-check one entry against fresh state and balance; send it if approved.
+
+    ``balance``: one fetched since the last order was sent (else it is fetched here), so
+    every entry is checked against the balance as it stands.
+    """
     state = rt.ledger.state()
     now = rt.clock.now_ms()
     try:
-        balance = rt.client.balance()  # re-checked before each entry
+        balance = balance or rt.client.balance()
         market = rt.client.market(symbol)
     except Exception as exc:  # noqa: BLE001 - skip this entry, keep the scan going
         log.warning("%s: entry skipped, balance/market unavailable (%s)", symbol, exc)

@@ -342,7 +342,7 @@ class Ledger:
             elif self._state is not None and self._state.seq == rows[0][0] - 1:
                 try:
                     fold_into(self._state, rows)
-                except Exception:
+                except Exception:  # the batch IS committed: raising would invite a retry
                     log.exception("%s: cannot fold seq %d..%d; state() will retry",
                                   self.path, rows[0][0], rows[-1][0])
                     self._state = None

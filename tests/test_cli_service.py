@@ -163,7 +163,13 @@ def test_halt_and_resume(world):
     assert result.exit_code == 0 and "halted: going on holiday" in result.output
     with Ledger(world.db, readonly=True) as ledger:
         assert ledger.state().halts["manual"]["reason"] == "going on holiday"
-    result = world.cli("resume")
+    # Resuming a kind that is not halted changes nothing (a drawdown resume would
+    # restart the equity peak).
+    seq = world.last_seq()
+    assert world.cli("resume", "--kind", "drawdown").output.strip() == \
+        "not halted for drawdown"
+    assert world.last_seq() == seq
+    result = world.cli("resume", "--kind", "manual")
     assert result.exit_code == 0 and "was: manual" in result.output
     with Ledger(world.db, readonly=True) as ledger:
         assert ledger.state().halts == {}

@@ -9,12 +9,13 @@ strategy that trades on nearly every candle. It is killed with SIGKILL over and 
   the submission are committed, the order never reaches the book) and
   ``crash_after_accept`` (the exchange has the order, the bot never records the ack);
 
-and started again each time. At the end, after one `cli.py reconcile`:
+and started again each time. At the end, after `cli.py reconcile` (with faults off):
 
 * no client order id reached the exchange twice, and each has exactly one intent;
+* every intent is resolved, and every open position has its stop resting;
 * no duplicate position: opens and closes alternate per symbol;
 * every position and every fill on the exchange is in the ledger;
-* the ledger verifies and nothing is left unresolved;
+* the ledger verifies;
 * the folded state's positions (symbol, side, amount) equal the exchange's.
 """
 
@@ -33,10 +34,8 @@ from service_helpers import REPO, Bot, read_db, write_toml
 
 from ledger import Ledger
 
-pytestmark = pytest.mark.slow
-
 SEED = int(os.environ.get("CRASH_TEST_SEED", "5"))  # another seed, another run of kills
-MIN_KILLS = 30
+MIN_KILLS = 40  # the issue asks for at least 30
 MAX_LIVES = 80
 CRASH_LINE = re.compile(r"sim: injected (crash_before_accept|crash_after_accept)")
 
@@ -81,6 +80,40 @@ def life(bot: Bot, rng: random.Random, n: int) -> str:
     return "random"
 
 
+CRASH_CODE = """
+import sys
+from core.clock import VirtualClock
+from core.config import Config
+from core.sim_exchange import SimExchange
+state, fault = sys.argv[1], sys.argv[2]
+cfg = Config().with_values(sim={"symbols": 2})
+venue = SimExchange.from_config(cfg, VirtualClock(1_767_268_800_000), state_path=state,
+                                origin_ms=1_767_268_800_000 - 3 * 86_400_000)
+symbol = venue.symbols[0]
+qty = venue.amount_to_precision(symbol, 500 / venue.fetch_ticker(symbol)["last"])
+venue.faults.script([("create_order", fault)])
+print("sending", flush=True)
+venue.create_order(symbol, "market", "buy", qty, params={"clientOrderId": "t-1"})
+print("survived", flush=True)
+"""
+
+
+@pytest.mark.parametrize(("fault", "on_book"), [("crash_before_accept", False),
+                                                 ("crash_after_accept", True)])
+def test_the_sim_crash_faults_kill_the_process_before_or_after_the_book(tmp_path, run_python,
+                                                                         fault, on_book):
+    state = tmp_path / "sim.db"
+    out = run_python(CRASH_CODE, state, fault)
+    assert out.returncode == -9, out.stderr
+    assert "sending" in out.stdout and "survived" not in out.stdout
+    assert f"injected {fault}" in out.stderr
+    orders = read_db(state, "SELECT client_id, status FROM orders")
+    trades = read_db(state, "SELECT id FROM trades")
+    assert (orders, bool(trades)) == (([{"client_id": "t-1", "status": "FILLED"}], True)
+                                      if on_book else ([], False))
+
+
+@pytest.mark.slow
 def test_sigkill_at_random_moments_and_inside_order_sends_loses_nothing(tmp_path):
     rng = random.Random(SEED)
     bot = Bot(tmp_path)
@@ -96,10 +129,17 @@ def test_sigkill_at_random_moments_and_inside_order_sends_loses_nothing(tmp_path
     assert kills["crash_before_accept"] >= 1 and kills["crash_after_accept"] >= 1, kills
     assert kills["random"] >= 5, kills
 
-    # The last word: reconcile with faults off and the simulated clock all but frozen,
-    # so the exchange does not move between the reconciliation and the checks.
+    # The last word, with faults off. First a reconcile on a fast clock: the bot stays
+    # down a few simulated minutes, so a send that died a moment ago is old enough to be
+    # declared never placed. Then with the simulated clock all but frozen, so the exchange
+    # does not move between the reconciliation and the checks: it corrects what the
+    # first left (a stop that filled meanwhile), and a third finds nothing to do.
     final = json.loads(json.dumps(SECTIONS))
     final["faults"] = {}
+    final["sim"]["speed"] = 3000.0
+    write_toml(tmp_path, final)
+    down = bot.cli("reconcile", "--json")
+    assert down.returncode in (0, 1), down.stdout + down.stderr
     final["sim"]["speed"] = 0.001
     write_toml(tmp_path, final)
     first = bot.cli("reconcile", "--json")
@@ -127,12 +167,15 @@ def test_sigkill_at_random_moments_and_inside_order_sends_loses_nothing(tmp_path
 
     with Ledger(tmp_path / "bot.db", readonly=True) as ledger:
         state = ledger.state()
-        # Nothing the exchange has is left unresolved. (A stop whose send died before the
-        # book stays "unknown" in the ledger: it is not on the exchange, see the README.)
-        on_exchange = {o["client_id"] for o in orders}
-        for order in state.unresolved_orders():
-            assert order["purpose"] == "stop", order
-            assert order["client_order_id"] not in on_exchange, order
+        # Every intent is resolved: sent or declared never placed.
+        assert state.unresolved_orders() == []
+        # Every open position has its stop resting on the exchange.
+        resting = defaultdict(list)
+        for o in orders:
+            if o["algo"] and o["status"] == "NEW":
+                resting[o["symbol"]].append(o["client_id"])
+        assert {s: [(p.get("stop") or {}).get("client_order_id")]
+                for s, p in state.positions.items()} == resting
         # Orders the bot never heard back about were settled from the exchange's answer.
         settled = ledger.select("SELECT count(*) AS n FROM facts WHERE type = 'order_update' "
                                 "AND json_extract(data, '$.source') = 'reconcile'")
@@ -156,4 +199,5 @@ def test_sigkill_at_random_moments_and_inside_order_sends_loses_nothing(tmp_path
     assert ours == theirs
     print(f"\n{sum(kills.values())} kills {dict(kills)} in {lives_s:.0f} s; "
           f"{len(orders)} orders, {len(trades)} fills, {len(intent_count)} intents; "
-          f"final reconcile exit {first.returncode}; open positions {len(ours)}")
+          f"final reconciles exit {down.returncode}, {first.returncode}, 0; "
+          f"open positions {len(ours)}")

@@ -242,7 +242,7 @@ def test_disk_full_rolls_the_batch_back_whole(ledger_path, recorded):
 
 def test_a_full_filesystem(tmpfs):
     """A small real tmpfs runs out of space in the middle of the WAL."""
-    folder = tmpfs("384k")
+    folder = tmpfs("512k")
     path = folder / "bot.db"
     with Ledger(path, checkpoint_every=50) as ledger:
         committed = 0

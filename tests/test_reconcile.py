@@ -275,6 +275,40 @@ def test_fills_the_ledger_never_saw_are_recorded_once(bot_factory):
     assert_settled(bot)
 
 
+def test_fills_missed_while_the_trade_list_was_unavailable_are_found_later(bot_factory):
+    bot = bot_factory(paths={"AAA": flat(100, 5), "BBB": flat(50, 5)},
+                      exchange={"read_retries": 0})
+    bot.set_coins([AAA, BBB])
+    reconciled(bot)
+    bot.clock.advance(60_000)
+    q = qty(bot, BBB)
+    bot.venue.create_order(BBB, "market", "buy", q)
+    bot.venue.create_order(BBB, "market", "sell", q, None, {"reduceOnly": True})
+    bot.clock.advance(30 * 60_000)
+    bot.venue.faults.script([("fetch_my_trades", "network_error")] * 2)  # AAA's and BBB's
+    blind = reconciled(bot)
+    assert kinds(blind) == ["fills", "fills"] and blind["status"] == "in_sync"
+    assert not bot.facts("fill")
+    bot.clock.advance(30 * 60_000)  # the trades are now long before the last run
+    report = reconciled(bot)
+    assert kinds(report) == ["unrecorded_fill", "unrecorded_fill"]
+    assert_settled(bot)
+
+
+def test_a_stop_that_fires_during_the_sweep_is_recorded_once(bot_factory):
+    bot = bot_factory(strat=PICK_FIRST, paths={"AAA": FALL})
+    position = open_long(bot)
+    bot.after_candle(1)  # the stop fired; the ledger still has it working
+    ex = Executor(bot.ledger, bot.client, bot.clock, bot.rt.config, "sweep", bot.rt.lock)
+    assert reconcile.sweep_fills(bot.rt, ex, False, T0) == []  # not the sweep's to record
+    reconciled(bot)
+    assert bot.position(AAA) is None
+    trade_ids = [json.loads(r["data"])["trade_id"] for r in bot.facts("fill")]
+    assert len(trade_ids) == len(set(trade_ids)) == 2  # the entry and the stop, once each
+    assert bot.facts("position_closed", position_id=position["position_id"])
+    assert_settled(bot)
+
+
 # -- positions ----------------------------------------------------------------------------
 
 def test_a_position_closed_by_hand_on_the_exchange_is_closed_in_the_ledger(bot_factory):
@@ -343,6 +377,13 @@ def test_an_external_position_is_flagged_for_a_human(bot_factory):
     again = reconciled(bot)
     assert again["status"] == "needs_human"
     assert added(before, bot.counts()) == {"job_run": 1}
+    # A human closes it: that is recorded once (the flag no longer stands), then quiet.
+    bot.venue.create_order(BBB, "market", "sell", float(ext["amount"]), None,
+                           {"reduceOnly": True})
+    cleared = reconciled(bot)
+    assert cleared["status"] == "corrected" and kinds(cleared) == ["unrecorded_fill"]
+    assert json.loads(bot.facts("reconcile_run")[-1]["data"])["status"] == "corrected"
+    assert_settled(bot)
 
 
 def test_an_external_position_is_adopted_with_a_stop_and_managed(bot_factory):
@@ -354,7 +395,7 @@ def test_an_external_position_is_adopted_with_a_stop_and_managed(bot_factory):
     bot.venue.create_order(AAA, "market", "buy", qty(bot, AAA))
     report = reconciled(bot)
     assert report["status"] == "corrected"
-    assert kinds(report) == ["external_position", "missing_stop", "unrecorded_fill"]
+    assert kinds(report) == ["external_position", "missing_stop"]
     position = bot.position(AAA)
     assert position is not None and position["side"] == "long" and position["stop"]
     [ext] = bot.facts("external_position")
@@ -398,6 +439,13 @@ def test_an_orphaned_stop_of_ours_is_cancelled_but_a_foreign_one_is_left(bot_fac
     again = reconciled(bot)
     assert again["status"] == "in_sync" and kinds(again) == ["foreign_order"]
     assert added(before, bot.counts()) == {"job_run": 1}
+    # Its owner cancels it: the change is recorded once, as an in_sync run.
+    bot.venue.cancel_order(None, BBB, {"trigger": True, "clientOrderId": "other-1"})
+    before = bot.counts()
+    assert reconciled(bot)["differences"] == []
+    assert added(before, bot.counts()) == {"job_run": 1, "reconcile_run": 1}
+    assert bot.facts("reconcile_run")[-1]["reason"] == "in_sync"
+    assert_settled(bot)
 
 
 # -- dry run ------------------------------------------------------------------------------
@@ -416,6 +464,61 @@ def test_a_dry_run_records_nothing_and_changes_nothing(bot_factory):
     assert {"order_state", "external_position"} <= set(kinds(report))
     assert bot.ledger.state().seq == seq and bot.ledger.path.read_bytes() == data
     assert bot.venue.fetch_open_orders(None, params={"trigger": True}) == orders
+
+
+def stop_hit(bot):
+    open_long(bot)
+    bot.after_candle(1)
+
+
+def closed_by_hand(bot):
+    position = open_long(bot)
+    bot.venue.create_order(AAA, "market", "sell", float(position["amount"]), None,
+                           {"reduceOnly": True})
+
+
+def reduced_by_hand(bot):
+    position = open_long(bot)
+    bot.venue.create_order(AAA, "market", "sell", float(Decimal(position["amount"]) / 2), None,
+                           {"reduceOnly": True})
+
+
+def external(bot):
+    bot.venue.create_order(BBB, "market", "buy", qty(bot, BBB))
+
+
+def entry_crash(bot):
+    bot.venue.crash = ("after", False)
+    with pytest.raises(Crash):
+        open_long(bot)
+    bot.clock.advance(30_000)
+
+
+def stop_cancelled(bot):
+    position = open_long(bot)
+    bot.venue.cancel_order(None, AAA, {"trigger": True,
+                                       "clientOrderId": position["stop"]["client_order_id"]})
+
+
+@pytest.mark.parametrize(("scenario", "adopt"), [
+    *((f, False) for f in (stop_hit, closed_by_hand, reduced_by_hand, external, entry_crash,
+                           stop_cancelled)),
+    (external, True)], ids=lambda x: getattr(x, "__name__", "adopt" if x else "flag"))
+def test_a_dry_run_reports_what_the_real_run_then_does(bot_factory, scenario, adopt):
+    bot = bot_factory(strat=PICK_FIRST, paths={"AAA": FALL, "BBB": flat(50, 5)},
+                      venue_cls=CrashingSim,
+                      reconcile={"external_positions": "adopt" if adopt else "flag"})
+    scenario(bot)
+    seq = bot.ledger.state().seq
+    dry = reconcile.run(bot.rt, bot.clock.now_ms(), "dry", dry_run=True)
+    assert bot.ledger.state().seq == seq
+    real = reconciled(bot)
+    assert real["status"] != "in_sync"
+    shape = [(d["kind"], d["symbol"], d["severity"]) for d in real["differences"]]
+    assert [(d["kind"], d["symbol"], d["severity"]) for d in dry["differences"]] == shape
+    assert dry["status"] == real["status"]
+    if real["status"] == "corrected":
+        assert_settled(bot)
 
 
 def test_every_correction_is_recorded_under_the_reconcile_run(bot_factory):

@@ -310,6 +310,46 @@ def test_reconcile_waits_for_the_exchange_write_lock(tmp_path):
         rt.close()
 
 
+def test_simulated_latency_overlaps_and_the_scan_fetches_concurrently(tmp_path, monkeypatch):
+    """[sim] latency_ms is slept outside the venue's lock, and with it the sim gives the
+    scan one data client per coin: the candle fetches of a scan wait out their latency
+    together (if the sleep held the lock, or the fetch were serial, one at a time)."""
+    from types import SimpleNamespace
+
+    from core import sim_exchange, venues
+
+    gate = threading.Lock()
+    sleeping = {"now": 0, "peak": 0}
+
+    def sleep(seconds):
+        with gate:
+            sleeping["now"] += 1
+            sleeping["peak"] = max(sleeping["peak"], sleeping["now"])
+        time.sleep(seconds)
+        with gate:
+            sleeping["now"] -= 1
+
+    monkeypatch.setattr(sim_exchange, "time", SimpleNamespace(sleep=sleep))
+    cfg = Config().with_values(sim={"symbols": 8, "latency_ms": 50.0}, rotation={"top_n": 8})
+    clock = VirtualClock(T0 + 1_000)
+    venue = SimExchange.from_config(cfg, clock, origin_ms=T0 - 3 * DAY_MS)
+    quiet_open_orders(venue)
+    extra = venues.sim_data_venues(cfg, venue)
+    # One client keeps the exchange's clock, one per coin fetches candles.
+    assert len(extra) == 1 + 8 and all(v is venue for v in extra)
+    assert venues.sim_data_venues(cfg.with_values(sim={"latency_ms": 0.0}), venue) == []
+    rt = runtime.build(cfg, tmp_path / "bot.db", clock=clock, venue=venue, data_venues=extra)
+    try:
+        assert len({id(c) for c in rt.data_clients}) == 10  # each client has its own lock
+        rt.ledger.append([Fact("rotation", T0, data={"coins": venue.symbols,
+                                                     "scheduled_ms": None})])
+        record = scheduler.Service(rt).job("scan") or runs(rt.ledger)[-1]
+        assert record["outcome"] == "ok"
+        assert sleeping["peak"] >= 8  # all eight coins' candles in flight at once
+    finally:
+        rt.close()
+
+
 def test_one_process_per_ledger(tmp_path):
     db = tmp_path / "bot.db"
     first = scheduler.LedgerLock(db)

@@ -44,8 +44,9 @@ def test_a_second_instance_on_the_same_ledger_exits_2_and_names_the_holder(tmp_p
         job = bot.cli("reconcile", timeout=60)
         assert job.returncode == 2 and str(bot.proc.pid) in job.stderr
         assert bot.proc.poll() is None  # the first one is untouched
-    finally:
         assert bot.stop() == 0
+    finally:
+        bot.kill()
     assert [e["event"] for e in service_events(bot)] == ["started", "stopped"]
 
 
@@ -80,6 +81,24 @@ def test_a_stop_signal_lets_the_running_job_finish_and_exits_0(tmp_path, sig):
     print(f"stopped {signal.Signals(sig).name} in {took:.2f} s")
 
 
+def test_a_stop_during_start_up_finishes_that_job_and_never_starts_the_scheduler(tmp_path):
+    write_toml(tmp_path, {"sim": {"latency_ms": 300.0}})  # start-up takes a few seconds
+    bot = Bot(tmp_path)
+    bot.start()
+    try:
+        bot.wait_for("the start", lambda: service_events(bot), timeout=60, poll=0.05)
+        bot.send(signal.SIGTERM)
+        code = bot.proc.wait(30)
+    finally:
+        bot.kill()
+    assert code == 0, bot.console()
+    assert [e["event"] for e in service_events(bot)] == ["started", "stopped"]
+    done = job_runs(bot)
+    assert done and done[0]["job"] == "reconcile"  # the job running at the signal finished
+    assert "scan" not in {r["job"] for r in done}
+    assert "service running" not in bot.console()
+
+
 def test_run_with_no_config_trades_on_the_synthetic_market(tmp_path):
     """The defaults, except a faster clock so a trade closes within the test's patience
     (the default speed of 60 makes its first entry within minutes; see the README)."""
@@ -89,8 +108,9 @@ def test_run_with_no_config_trades_on_the_synthetic_market(tmp_path):
     try:
         bot.wait_for("a closed trade", lambda: count(bot, "position_closed") > 0,
                      timeout=240, poll=0.5)
-    finally:
         assert bot.stop() == 0
+    finally:
+        bot.kill()
     assert (tmp_path / "bot.db").exists() and (tmp_path / "sim_exchange.db").exists()
     logs = list((tmp_path / "logs").glob("bot_*.log"))
     assert logs and all(re.fullmatch(r"bot_\d{4}-\d{2}-\d{2}\.log", p.name) for p in logs)
