@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import json
 from hashlib import sha256
-from itertools import islice
-from operator import add, methodcaller
 
 COLUMNS = (
     "seq", "ts", "type", "run_id", "symbol", "side", "amount", "price", "fee", "pnl",
@@ -24,7 +22,6 @@ COLUMNS = (
 )
 GENESIS = bytes(32)
 CANONICAL_SQL = f"CAST(json_array({', '.join(COLUMNS)}) AS BLOB)"
-
 
 
 def _unencodable(value):
@@ -89,10 +86,6 @@ def verify_rows(rows, prev: bytes = GENESIS, expected_seq: int = 1, recheck=None
     return check_chain(rows, prev, expected_seq, recheck)[2]
 
 
-_BLOCK = 4096
-_digest = methodcaller("digest")
-
-
 def check_chain(rows, prev: bytes = GENESIS, expected_seq: int = 1, recheck=None):
     """Walk (seq, hash, canonical bytes) rows in seq order.
 
@@ -100,32 +93,20 @@ def check_chain(rows, prev: bytes = GENESIS, expected_seq: int = 1, recheck=None
     or None. A gap in the sequence is reported even if every remaining link was
     recomputed. ``recheck(seq)`` returns the Python encoding of a row, used before
     declaring it bad. Each link is checked against the stored previous hash, so an
-    edited row is named itself and not every row after it.
+    edited row is named itself and not every row after it. (A plain loop: measured
+    faster than batching the rows through map() and zip().)
     """
-    n, last = 0, expected_seq - 1
-    it = iter(rows)
-    while block := list(islice(it, _BLOCK)):
-        # Fast path, all at C speed: a whole block of good links.
-        seqs, stored, bodies = zip(*block, strict=True)
-        try:
-            good = (seqs == tuple(range(expected_seq, expected_seq + len(block)))
-                    and list(map(_digest, map(sha256, map(add, (prev, *stored[:-1]),
-                                                          bodies)))) == list(stored))
-        except TypeError:  # a value of the wrong type: let the slow path name it
-            good = False
-        if good:
-            n, last, prev, expected_seq = n + len(block), seqs[-1], stored[-1], seqs[-1] + 1
-            continue
-        for seq, hash_, body in block:
-            n, last = n + 1, seq
-            if seq != expected_seq:
-                return n, last, (seq, f"sequence gap: expected {expected_seq}, found {seq}")
-            if type(hash_) is not bytes or len(hash_) != 32:
-                return n, last, (seq, "stored hash is not a 32-byte blob")
-            if type(body) is not bytes or sha256(prev + body).digest() != hash_:
-                if recheck is None or sha256(prev + recheck(seq)).digest() != hash_:
-                    return n, last, (seq, "hash does not match the row's contents and the "
-                                          "previous hash")
-            prev = hash_
-            expected_seq += 1
-    return n, last, None
+    start = expected_seq
+    for seq, stored, body in rows:
+        if seq != expected_seq:
+            return expected_seq - start + 1, seq, (
+                seq, f"sequence gap: expected {expected_seq}, found {seq}")
+        if sha256(prev + body).digest() != stored:
+            if type(stored) is not bytes or len(stored) != 32:
+                return expected_seq - start + 1, seq, (seq, "stored hash is not a 32-byte blob")
+            if recheck is None or sha256(prev + recheck(seq)).digest() != stored:
+                return expected_seq - start + 1, seq, (
+                    seq, "hash does not match the row's contents and the previous hash")
+        prev = stored
+        expected_seq += 1
+    return expected_seq - start, expected_seq - 1, None

@@ -123,8 +123,11 @@ def test_fact_normalisation():
     assert values[COLUMNS.index("symbol") - 1] == "a\ufffdb"  # no lone surrogates in UTF-8
     assert canonical_json({"b": Decimal("1.50"), "a": ("x", 1), "é": 1}) == \
         '{"a":["x",1],"b":"1.50","\\u00e9":1}'
+    cyclic: dict = {}
+    cyclic["me"] = cyclic
     for bad in (Fact("note", True), Fact("note", 2**63), Fact("note", 1.5), Fact(7, TS),
-                Fact("note", TS, data={"x": float("nan")}), Fact("note", TS, data={1: "a", "b": 2})):
+                Fact("note", TS, data={"x": float("nan")}), Fact("note", TS, data={1: "a", "b": 2}),
+                Fact("note", TS, data=cyclic)):
         with pytest.raises(FactError):
             bad.values()
 
@@ -148,7 +151,7 @@ def tamper(path, sql: str, params=()) -> None:
 
 @pytest.fixture(scope="module")
 def big_ledger(tmp_path_factory):
-    """9,000 rows: more than two of verify's 4,096-row blocks."""
+    """9,000 notes and their checkpoints, built once for the module."""
     path = tmp_path_factory.mktemp("chain") / "bot.db"
     with Ledger(path, checkpoint_every=1000) as ledger:
         for b in range(9):
