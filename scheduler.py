@@ -167,13 +167,19 @@ class Service:
         self._gate = threading.Lock()
         self._watchdog = threading.Timer(SHUTDOWN_GRACE_S, self._force_exit)
         self._watchdog.daemon = True
+        self._drained = threading.Event()  # set once no job can still be running
         self._last_due: dict = {}  # job -> the last run time APScheduler handled (wall)
+        self._running: set[str] = set()  # jobs in progress, named in the stop message
 
     def job(self, name: str) -> None:
         if self.stopping.is_set():
             return
-        run_job(self.rt, name, JOBS[name],
-                slot(self.rt.clock.now_ms(), self.plan[name].interval_ms))
+        self._running.add(name)
+        try:
+            run_job(self.rt, name, JOBS[name],
+                    slot(self.rt.clock.now_ms(), self.plan[name].interval_ms))
+        finally:
+            self._running.discard(name)
 
     def startup(self) -> None:
         """Reconcile before the first scan; catch up missed days; rotate if needed."""
@@ -237,7 +243,8 @@ class Service:
         if self.stopping.is_set():
             return
         self.stopping.set()
-        log.info("stop requested (signal %s): finishing the running job", signum)
+        log.info("stop requested (signal %s): finishing the running job(s): %s", signum,
+                 ", ".join(sorted(self._running)) or "none")
         threading.Thread(target=self._shutdown, name="shutdown", daemon=True).start()
 
     def _shutdown(self) -> None:
@@ -248,13 +255,14 @@ class Service:
                     return  # run() sees the flag and never starts the scheduler
             try:
                 self.scheduler.shutdown(wait=True)  # waits for the running job
-                return
+                break
             except SchedulerNotRunningError:
                 # run() is between deciding to start and start() setting the state.
                 time.sleep(0.05)
             except Exception as exc:  # noqa: BLE001 - already down
                 log.debug("scheduler shutdown: %s", exc)
-                return
+                break
+        self._drained.set()
 
     def _force_exit(self) -> None:
         log.error("a job did not finish within %s s; exiting anyway (the ledger is crash-safe)",
@@ -282,6 +290,9 @@ class Service:
             log.info("service running: mode %s, exchange %s, ledger %s",
                      self.rt.config.bot.mode, self.rt.config.exchange.id, self.rt.ledger.path)
             self.scheduler.start()
+            # start() can return as soon as the state says stopped, while the executor
+            # still runs the last job: wait for it before recording the stop and closing.
+            self._drained.wait()
         self._watchdog.cancel()
         self.record_service("stopped")
         log.info("service stopped")

@@ -23,7 +23,9 @@ Timing, and why there is no look-ahead:
   position - when stop and profit both lie inside one candle, the worse is assumed.
   The venue makes the same choice (stops first within a candle);
 * candle holes: a symbol without a candle at a step is not decided on (the live scan
-  sees no new candle either); orders fill at the last close until candles resume.
+  sees no new candle either), nor while a candle is missing among the last ``warmup + 1``
+  it would fetch (the scan skips a damaged series); the next decision then covers every
+  candle since the last one. Orders fill at the last close until candles resume.
 
 Rotation as in live: the top ``[rotation] top_n`` by 24 h quote volume (computed from
 the candles, as the venue's tickers are), at the start and then whenever the clock
@@ -32,11 +34,19 @@ before the scan of that step. The daily reset runs after the scan of the first s
 each UTC day.
 
 What is skipped is only what cannot change anything (see ``core.backtest_watch``): steps
-where no symbol has an entry signal, no open position's exit rules can fire or change
-state, no rotation or day boundary falls, and the equity makes neither a new peak nor
-a loss near a limit. The live scan records a ``signal`` fact for every symbol on every
-candle ("none" almost always); the backtest records the signals it acts on (entries,
-refused entries, exit evaluations) - the orders and fills are the same.
+where no active coin has an entry signal, no open position's exit rules can fire or
+change state, no rotation or day boundary falls, and the equity makes neither a new
+peak nor a loss near a limit. The live scan records a ``signal`` fact (and a balance
+snapshot) on every candle, "none" almost always; the backtest records those of the steps
+it acts on (entries, refused entries, exit evaluations) and a snapshot at every new
+equity peak, so the ledger's equity peak is the live one. Everything else - orders,
+fills, positions, stops, best prices, risk decisions, halts, rotations, day closes - is
+fact for fact what the live scan job writes on the same candles (tests/test_backtest.py
+runs ``jobs.scan.run`` itself at every step, ``reference=True``, and compares).
+
+Speed comes from doing that work only where it is needed, from arrays prepared once
+(``core.backtest_data``), and from a write-behind ledger (``core.backtest_ledger``):
+the execution path itself is the live one.
 """
 
 from __future__ import annotations
@@ -111,14 +121,14 @@ def run_backtest(config: Config, source, db_path: str | Path, *, start_ms: int |
     (candles before ``start`` warm the indicators up); write the ledger to ``db_path``
     (a new file).
 
-    ``reference=True`` runs the plain, slow path that the fast one must equal: every
-    step scanned, every open position evaluated on every candle, the plain Ledger,
-    Executor and ExchangeClient (tickers from the venue), real candle DataFrames. Tests
-    compare the two."""
+    ``reference=True`` runs the plain, slow path the fast one must equal: the live scan
+    job itself (``jobs.scan.run``: candles fetched from the venue, every symbol decided
+    on every candle) at every step, with the plain Ledger, Executor and ExchangeClient.
+    Tests compare the two."""
     t0 = time.perf_counter()
     strategy = load_strategy(config.strategy)
     if data is None:
-        data = MarketData(source, strategy)
+        data = MarketData(source, strategy, upto_ms=end_ms, limit=config.strategy.candles)
     t1 = time.perf_counter()
     engine = Engine(config, strategy, data, db_path, start_ms, end_ms, progress, reference)
     try:
@@ -177,6 +187,7 @@ class Engine:
         self.last_day: int | None = None
         self.start_equity = float(self.client.balance().equity)
         self.account: dict[str, Any] = {}
+        self.active: set[str] = set()  # the active coins after the last step
 
     # -- the run -----------------------------------------------------------------------
 
@@ -186,11 +197,17 @@ class Engine:
         shown = time.monotonic()
         while k < self.k1:
             self.step(k)
-            while ei < len(self.entry_steps) and self.entry_steps[ei] <= k:
+            # entry signals count where the scan looks: in the active coins, which stay
+            # as they are until the next rotation
+            rotation = self.next_rotation_step()
+            while ei < len(self.entry_steps) and (
+                    self.entry_steps[ei] <= k or (
+                        self.entry_steps[ei] < rotation
+                        and self.active.isdisjoint(self.entries[self.entry_steps[ei]]))):
                 ei += 1
             nxt = min(self.entry_steps[ei] if ei < len(self.entry_steps) else self.k1,
                       min(self.wake.values(), default=self.k1),
-                      self.next_rotation_step(), self.next_day_step(), self.k1)
+                      rotation, self.next_day_step(), self.k1)
             k = self.quiet_until(k + 1, max(nxt, k + 1))
             if self.progress is not None and time.monotonic() - shown > 0.2:
                 shown = time.monotonic()
@@ -208,7 +225,10 @@ class Engine:
             slot = now - now % self.rotate_ms
             rotate.run(self.rt, slot, f"rotate-{now}")
             self.last_slot = slot
-        self.scan(k, now)
+        if self.reference:
+            scan.run(self.rt, now, f"scan-{now}")  # the live job itself
+        else:
+            self.scan(k, now)
         if self.last_day is None or day_start_ms(now) > self.last_day:
             if self.last_day is not None:
                 daily_reset.run(self.rt, now, f"daily_reset-{now}")
@@ -222,8 +242,9 @@ class Engine:
         ex = self.executor(rt.ledger, rt.client, rt.clock, self.cfg, run_id, rt.lock)
         rt.ledger.append([scan.balance_fact(balance, now, run_id)])
         state = rt.ledger.state()
-        for action in risk.check_account(risk.RiskState.from_ledger(state, now), balance.equity,
-                                         now, self.cfg.risk):
+        # vars(): the state's fields as a dict, read without another deep copy
+        for action in risk.check_account(risk.RiskState.from_ledger(vars(state), now),
+                                         balance.equity, now, self.cfg.risk):
             scan.apply_halt(rt, ex, state, action, now, run_id)
         state = rt.ledger.state()
         candle_ts = int(self.data.grid[k])
@@ -231,20 +252,33 @@ class Engine:
         for symbol in sorted(set(state.positions) | set(self.entries.get(k, ()))):
             d = self.data.data[symbol]
             i = d.last_at(candle_ts)
-            if i < 0 or int(d.ts[i]) != candle_ts:
-                continue  # no new candle for this symbol (a hole)
+            if i < 0 or int(d.ts[i]) != candle_ts or not d.decidable[i]:
+                continue  # no new candle (a hole), or a hole among the last it rests on
             position = state.positions.get(symbol)
             if position is not None:
-                if self.reference or self.wake.get(symbol) == k:
-                    scan.manage_position(rt, ex, position, [d.candle(i - 1), d.candle(i)],
-                                         [d.candle(i)], self.signal_fact(d, i, now, run_id),
-                                         now, run_id)
+                if self.wake.get(symbol) == k:
+                    series, new = self.since_last_decision(d, i, position, now)
+                    scan.manage_position(rt, ex, position, series, new,
+                                         self.signal_fact(d, i, now, run_id), now, run_id)
             elif int(d.signal[i]) != 0 and symbol in state.active_coins:
                 entries.append((symbol, d, i))
+        current = balance  # as the scan: any order sent makes it stale
         for symbol, d, i in entries:
             signal = signal_of(self.strategy, d, i)
-            scan.enter(rt, ex, symbol, signal, self.signal_fact(d, i, now, run_id, signal),
-                       d.candle(i), self.frames(symbol, candle_ts), run_id)
+            sent = scan.enter(rt, ex, symbol, signal, self.signal_fact(d, i, now, run_id, signal),
+                              d.candle(i), self.frames(symbol, now), run_id, current)
+            current = None if sent else current
+
+    def since_last_decision(self, d, i: int, position: dict, now: int) -> tuple[list, list]:
+        """(series, new) as the scan passes them to manage_position: the candles closed
+        since the symbol's last decision (and since the position opened), and the one
+        before them if the scan's fetch window holds it."""
+        a, _ = d.window(now)
+        first = max(int(d.prev_decided[i]) + 1, a)
+        new = [d.candle(j) for j in range(first, i + 1)
+               if int(d.ts[j]) + self.data.tf_ms > position["opened_ts"]]
+        prev = [d.candle(first - 1)] if first - 1 >= a else []
+        return prev + new, new
 
     def signal_fact(self, d, i: int, now: int, run_id: str, signal=None) -> Fact:
         """The scan's signal fact for candle i of d (as jobs/scan.py builds it)."""
@@ -253,16 +287,15 @@ class Engine:
                     reason=signal.reason, price=Decimal(repr(float(d.c[i]))),
                     data={**signal.to_record(), "candle_ts": int(d.ts[i])})
 
-    def frames(self, symbol: str, candle_ts: int) -> dict:
-        """The closed-candle frames scan.enter reads: the candidate's and the open positions'."""
+    def frames(self, symbol: str, now: int) -> dict:
+        """The candle frames scan.enter reads: the candidate's and the open positions' (a
+        symbol the scan could not fetch intact has none)."""
         wanted = {symbol, *self.ledger.state().positions}
         out = {}
         for s in sorted(wanted):
             d = self.data.data[s]
-            i = d.last_at(candle_ts)
-            if i >= 0:
-                limit = self.cfg.strategy.candles
-                out[s] = d.frame(i, limit) if self.reference else d.closes(i, limit)
+            if d.intact(now):
+                out[s] = d.closes(now)
         return out
 
     def halting(self, state, now: int) -> bool:
@@ -279,6 +312,7 @@ class Engine:
         state = self.ledger.state()
         balance = self.client.balance()  # cached unless orders went out
         positions = state.positions
+        self.active = set(state.active_coins)
         for symbol in list(self.wake):
             if symbol not in positions:
                 del self.wake[symbol]
@@ -307,7 +341,10 @@ class Engine:
         d = self.data.data[symbol]
         w = watch_for(position, self.rules, self.client.market(symbol).price_step)
         i0 = d.last_at(int(self.data.grid[k])) + 1
-        j = next_due(w, d.h, d.low, d.c, i0)
+        # The first candle that could change something is decided on with the next
+        # decision (after a hole, one decision spans several candles: always evaluated).
+        j = min(d.next_decidable(next_due(w, d.h, d.low, d.c, i0)),
+                d.next_decidable(i0, after_gap=True))
         return int(d.step[j]) if j < len(d.ts) else self.k1
 
     def quiet_until(self, k: int, end: int) -> int:
@@ -366,7 +403,7 @@ class Engine:
 
     def step_at_or_after(self, ms: int) -> int:
         """The first step whose instant is at or after ``ms``."""
-        return min(self.k1, int(np.searchsorted(self.data.grid, ms - self.data.tf_ms)))
+        return min(self.k1, int(self.data.grid.searchsorted(ms - self.data.tf_ms)))
 
     # -- records and results -----------------------------------------------------------
 

@@ -63,37 +63,65 @@ class SymbolData:
     c: np.ndarray
     v: np.ndarray
     signal: np.ndarray  # int8 +1/-1/0 per candle
-    reason: np.ndarray  # object: reason code per candle
+    reason_code: np.ndarray  # int per candle: index into reasons (a string each would cost
+    reasons: list[str]  #      ~100 bytes a candle: 1 GB for 100 symbols x a year)
     indicators: dict[str, np.ndarray]  # column -> values per candle, in the strategy's order
     step: np.ndarray  # grid step of each candle
     marks: np.ndarray  # float per grid step: the venue's price at the step's instant
     tick: float
+    tf_ms: int
+    limit: int  # closed candles the scan fetches ([strategy] candles)
+    lookback: int  # the last candles a decision rests on (warmup + 1)
+    decidable: np.ndarray  # bool per candle: the scan decides on it (no hole in its lookback)
+    prev_decided: np.ndarray  # per candle: the last decidable candle before it (-1: none)
+
+    def __post_init__(self) -> None:
+        i = np.arange(len(self.ts), dtype=np.int32)
+        self.decidable_idx = np.flatnonzero(self.decidable).astype(np.int32)
+        # decidable candles that follow undecided ones: their decision spans several candles
+        self.after_gap_idx = np.flatnonzero(self.decidable & (self.prev_decided != i - 1)
+                                            ).astype(np.int32)
+
+    def next_decidable(self, i: int, after_gap: bool = False) -> int:
+        """The first decidable candle at or after ``i`` (``len`` if none); with
+        ``after_gap``, the first whose decision spans several candles."""
+        idx = self.after_gap_idx if after_gap else self.decidable_idx
+        j = int(idx.searchsorted(i))
+        return int(idx[j]) if j < len(idx) else len(self.ts)
 
     def candle(self, i: int) -> Candle:
         return Candle(int(self.ts[i]), float(self.o[i]), float(self.h[i]), float(self.low[i]),
                       float(self.c[i]), float(self.v[i]))
 
-    def frame(self, i: int, limit: int) -> pd.DataFrame:
-        """The last ``limit`` closed candles up to candle ``i``: what the scan fetches."""
-        a = max(0, i + 1 - limit)
-        return pd.DataFrame({"ts": self.ts[a:i + 1], "open": self.o[a:i + 1],
-                             "high": self.h[a:i + 1], "low": self.low[a:i + 1],
-                             "close": self.c[a:i + 1], "volume": self.v[a:i + 1]})
+    def window(self, now_ms: int) -> tuple[int, int]:
+        """[a, b): the candles the scan fetches at ``now_ms`` (a step instant): the closed
+        candles of the last ``limit`` timeframes (the venue answers klines by time)."""
+        a, b = self.ts.searchsorted([now_ms - self.tf_ms * self.limit, now_ms])
+        return int(a), int(b)
 
-    def closes(self, i: int, limit: int) -> CloseFrame:
-        """``frame(i, limit)`` as far as the scan's entry reads it (the closes by time)."""
-        a = max(0, i + 1 - limit)
-        return CloseFrame(self.ts[a:i + 1], self.c[a:i + 1])
+    def intact(self, now_ms: int) -> bool:
+        """Does the scan at ``now_ms`` get this symbol's candles? Not if one is missing
+        among the last ``lookback`` it fetched (jobs/scan.fetch_candles skips it)."""
+        a, b = self.window(now_ms)
+        if b <= a:
+            return False
+        j0 = max(a, b - self.lookback)
+        return int(self.ts[b - 1]) - int(self.ts[j0]) == (b - 1 - j0) * self.tf_ms
+
+    def closes(self, now_ms: int) -> CloseFrame:
+        """The fetched candles as far as the scan's entry reads them (closes by time)."""
+        a, b = self.window(now_ms)
+        return CloseFrame(self.ts[a:b], self.c[a:b])
 
     def last_at(self, ms: int) -> int:
         """Index of the last candle opening at or before ``ms`` (-1: none yet)."""
-        return int(np.searchsorted(self.ts, ms, side="right")) - 1
+        return int(self.ts.searchsorted(ms, side="right")) - 1
 
     def quote_volume_24h(self, now_ms: int, tf_ms: int) -> float | None:
         """The rolling 24 h quote volume the venue's ticker reports at ``now_ms`` (a candle
         boundary, where the forming candle adds nothing yet); None before the first candle."""
         end = now_ms - now_ms % tf_ms
-        i0, i1 = np.searchsorted(self.ts, [now_ms - DAY_MS, end])
+        i0, i1 = self.ts.searchsorted([now_ms - DAY_MS, end])
         if self.last_at(now_ms) < 0:
             return None
         v, h, lo, c = self.v[i0:i1], self.h[i0:i1], self.low[i0:i1], self.c[i0:i1]
@@ -125,7 +153,7 @@ class CloseFrame:
 def signal_of(strategy: Strategy, data: SymbolData, i: int) -> Signal:
     """``strategy.decide`` on the closed candles up to ``i``, from the precomputed row."""
     values = {k: _num(col[i]) for k, col in data.indicators.items()}
-    reason = str(data.reason[i])
+    reason = data.reasons[int(data.reason_code[i])]
     return Signal(strategy.name, SIDE_OF[int(data.signal[i])], reason,
                   strategy.explain(reason, values), int(data.ts[i]), values,
                   dict(strategy.params))
@@ -153,16 +181,26 @@ def ticker_from_volume(symbol: str, last: float, quote_volume: float, now_ms: in
 class MarketData:
     """Every symbol of a source on one time grid (see the module docstring)."""
 
-    def __init__(self, source, strategy: Strategy, symbols: list[str] | None = None) -> None:
+    def __init__(self, source, strategy: Strategy, symbols: list[str] | None = None,
+                 upto_ms: int | None = None, limit: int = 250) -> None:
+        """``upto_ms``: candles opening before it (default: all a CSV source has; a
+        synthetic source is endless and needs it); ``limit``: ``[strategy] candles``."""
         self.source = source
+        self.limit = int(limit)
+        self.lookback = max(int(strategy.warmup), 1) + 1  # as jobs/scan.fetch_candles
         self.tf_ms = int(source.timeframe_ms)
         self.symbols = sorted(symbols if symbols is not None else source.symbols)
-        series = {s: source.series(s, _far_future(source)) for s in self.symbols}
+        if upto_ms is None:
+            upto_ms = getattr(source, "end_ms", None)
+            if upto_ms is None:
+                raise ValueError("an endless (synthetic) market needs an end time")
+        series = {s: _before(source.series(s, int(upto_ms) - 1), int(upto_ms))
+                  for s in self.symbols}
         series = {s: c for s, c in series.items() if len(c)}
         self.symbols = sorted(series)
         if not self.symbols:
             raise ValueError("no candles to backtest")
-        self.grid = np.unique(np.concatenate([c.ts for c in series.values()]))
+        self.grid = union_of(c.ts for c in series.values())
         self.data: dict[str, SymbolData] = {}
         for s in self.symbols:
             self.data[s] = self._prepare(s, series[s], strategy)
@@ -172,11 +210,24 @@ class MarketData:
                               "volume": c.v})
         sig = strategy.signals(frame)
         indicators = {k: sig[k].to_numpy() for k in sig.columns if k not in INDICATOR_SKIP}
-        step = np.searchsorted(self.grid, c.ts).astype(np.int64)
+        step = self.grid.searchsorted(c.ts).astype(np.int32)
         tick = float(self.source.ticks[symbol])
+        decidable = self._decidable(c.ts)
+        idx = np.where(decidable, np.arange(len(c.ts), dtype=np.int32), np.int32(-1))
+        prev_decided = np.r_[np.int32(-1), np.maximum.accumulate(idx)[:-1]].astype(np.int32) \
+            if len(idx) else idx
+        codes, reasons = pd.factorize(sig["reason"])
         return SymbolData(symbol, c.ts, c.o, c.h, c.low, c.c, c.v,
-                          sig["signal"].to_numpy(np.int8), sig["reason"].to_numpy(object),
-                          indicators, step, self._marks(c, tick), tick)
+                          sig["signal"].to_numpy(np.int8), codes.astype(np.int16),
+                          [str(r) for r in reasons], indicators, step, self._marks(c, tick),
+                          tick, self.tf_ms, self.limit, self.lookback, decidable, prev_decided)
+
+    def _decidable(self, ts: np.ndarray) -> np.ndarray:
+        """Per candle: is it intact (``SymbolData.intact``) at its own close?"""
+        i = np.arange(len(ts))
+        a = np.searchsorted(ts, ts + self.tf_ms - self.tf_ms * self.limit)
+        j0 = np.maximum(a, i - self.lookback + 1)
+        return ts - ts[j0] == (i - j0) * self.tf_ms
 
     def _marks(self, c, tick: float) -> np.ndarray:
         """The venue's last price at each step's instant: the forming candle at that instant
@@ -193,8 +244,8 @@ class MarketData:
 
     def steps(self, start_ms: int | None, end_ms: int | None) -> tuple[int, int]:
         """[k0, k1): the steps whose candles open in [start_ms, end_ms)."""
-        k0 = 0 if start_ms is None else int(np.searchsorted(self.grid, start_ms))
-        k1 = len(self.grid) if end_ms is None else int(np.searchsorted(self.grid, end_ms))
+        k0 = 0 if start_ms is None else int(self.grid.searchsorted(start_ms))
+        k1 = len(self.grid) if end_ms is None else int(self.grid.searchsorted(end_ms))
         return k0, k1
 
     def at(self, k: int) -> int:
@@ -206,7 +257,7 @@ class MarketData:
         out: dict[int, list[str]] = {}
         for s in self.symbols:
             d = self.data[s]
-            rows = np.flatnonzero(d.signal != 0)
+            rows = np.flatnonzero((d.signal != 0) & d.decidable)
             steps = d.step[rows]
             for k in steps[(steps >= k0) & (steps < k1)].tolist():
                 out.setdefault(k, []).append(s)
@@ -220,8 +271,9 @@ class MarketData:
             qv = d.quote_volume_24h(now_ms, self.tf_ms)
             if qv is None:
                 continue
-            last = self.source.price(s, now_ms)
-            out[s] = ticker_from_volume(s, last, qv, now_ms, price_decimals[s])
+            # the venue's last price at the instant (a rotation ranks by volume only)
+            k = min(int(self.grid.searchsorted(now_ms - self.tf_ms)), len(self.grid) - 1)
+            out[s] = ticker_from_volume(s, float(d.marks[k]), qv, now_ms, price_decimals[s])
         return out
 
 
@@ -229,9 +281,20 @@ def _decimals(step: float) -> int:
     return max(0, -int(math.floor(math.log10(step) + 1e-9)))
 
 
-def _far_future(source) -> int:
-    end = getattr(source, "end_ms", None)
-    return int(end) if end is not None else 2**62
+def union_of(arrays) -> np.ndarray:
+    """The sorted union of sorted timestamp arrays (most are equal: checked first)."""
+    grid = None
+    for ts in arrays:
+        if grid is None:
+            grid = ts
+        elif not (len(ts) == len(grid) and np.array_equal(ts, grid)):
+            grid = np.union1d(grid, ts)
+    return np.asarray(grid, dtype=np.int64)
+
+
+def _before(c, end_ms: int):
+    """The candles opening before end_ms (a synthetic series runs on in whole blocks)."""
+    return c.slice(0, int(np.searchsorted(c.ts, end_ms)))
 
 
 __all__ = ["CloseFrame", "MarketData", "SymbolData", "parse_when", "signal_of", "ticker_from_volume"]

@@ -168,7 +168,8 @@ def run_chunk(base: dict, data_dir: str, jobs: list[Job]) -> list[tuple[tuple, d
             cfg = config.with_values(**job.combo)
             skey = _strategy_key(job.combo)
             if skey not in prepared:
-                prepared[skey] = MarketData(source, load_strategy(cfg.strategy))
+                prepared[skey] = MarketData(source, load_strategy(cfg.strategy),
+                                             limit=cfg.strategy.candles)
             db = Path(tmp) / f"run{n}.db"
             result = run_backtest(cfg, source, db, start_ms=job.start_ms, end_ms=job.end_ms,
                                   data=prepared[skey])

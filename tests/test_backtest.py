@@ -1,0 +1,459 @@
+"""The backtester: same decisions as the live scan, no look-ahead, the live ledger, the CLI.
+
+The central check: on real candles (holes included, halts firing, shorts on) the fast
+engine writes exactly the orders, fills, positions, stops, best prices, risk decisions,
+halts, rotations and day closes that the live scan job (``jobs.scan.run``) writes when
+it is run at every candle close on the same virtual clock and simulated exchange.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import sqlite3
+from decimal import Decimal
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import cli
+from core import exits
+from core.backtest import is_backtest_ledger, run_backtest
+from core.backtest_data import MarketData, parse_when, signal_of
+from core.backtest_ledger import BufferedLedger
+from core.backtest_run import ProgressBar
+from core.backtest_venue import BacktestClient, build_venue
+from core.backtest_watch import next_due, watch_for
+from core.clock import VirtualClock
+from core.config import Config
+from core.exchange import ExchangeClient
+from core.report import daily_returns, drawdowns, sharpe_sortino
+from core.sim_market import ArraySource, Candles, CsvMarket, binance_market
+from core.strategies import load_strategy
+from jobs.scan import frame as scan_frame
+from ledger import Fact, Ledger
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data" / "ohlcv"
+needs_data = pytest.mark.skipif(not (DATA / "ETH_BTC-5m.csv").is_file(),
+                                reason=f"real candles not found at {DATA}")
+TF = 300_000
+T0 = 1_767_225_600_000  # 2026-01-01T00:00Z
+COMPARED = ("ts, type, symbol, side, amount, price, fee, pnl, position_id, client_order_id, "
+            "exchange_order_id, reason, CASE WHEN type IN ('rotation', 'day_close', 'halt', "
+            "'risk_decision', 'order_intent', 'order_update', 'fill', 'best_price') "
+            "THEN data END")
+
+
+def config(**sections) -> Config:
+    """The bench's setting: BTC-quoted pairs read as USDT with 100 to trade (so even the
+    cheapest coin fits the markets' maximum quantity), 0.1 % fee."""
+    base = {"sim": {"taker_fee_pct": 0.1, "start_balance": 100.0}}
+    for name, values in sections.items():
+        base[name] = {**base.get(name, {}), **values}
+    return Config().with_values(**base)
+
+
+def acted(db: Path) -> list[tuple]:
+    """Every fact but the per-scan bookkeeping (balance snapshots, signals, notes)."""
+    with sqlite3.connect(db) as conn:
+        return conn.execute(f"SELECT {COMPARED} FROM facts WHERE type NOT IN "
+                            "('balance', 'signal', 'note', 'checkpoint') ORDER BY seq").fetchall()
+
+
+@pytest.fixture(scope="module")
+def real_market():
+    if not (DATA / "ETH_BTC-5m.csv").is_file():
+        pytest.skip(f"real candles not found at {DATA}")
+    return CsvMarket(DATA)
+
+
+# -- the same decisions as the live scan ----------------------------------------------------
+
+
+@needs_data
+@pytest.mark.slow
+@pytest.mark.parametrize("start, end, limits", [
+    # ADA's holes (1, 1, 4, 1 and 33 candles), a UTC midnight, tight limits: halts fire
+    ("2018-01-15T02:00:00Z", "2018-01-15T22:00:00Z", {"max_drawdown_pct": 4.0,
+                                                      "daily_loss_limit_pct": 2.0}),
+])
+def test_fast_engine_equals_the_live_scan_job(real_market, tmp_path, start, end, limits):
+    cfg = config(risk=limits, strategy={"allow_short": True})
+    s, e = parse_when(start, "--from"), parse_when(end, "--to")
+    fast = run_backtest(cfg, real_market, tmp_path / "fast.db", start_ms=s, end_ms=e)
+    live = run_backtest(cfg, real_market, tmp_path / "live.db", start_ms=s, end_ms=e,
+                        reference=True)
+    a, b = acted(tmp_path / "fast.db"), acted(tmp_path / "live.db")
+    kinds = {row[1] for row in a}
+    assert {"position_opened", "position_closed", "stop_moved", "rotation"} <= kinds
+    assert len(fast.trades) > 5
+    assert a == b
+    np.testing.assert_allclose(fast.equity[-1], live.equity[-1], rtol=1e-12)
+
+
+@needs_data
+def test_fast_engine_equals_the_live_scan_job_through_a_halt(real_market, tmp_path):
+    cfg = config(risk={"max_drawdown_pct": 2.0, "daily_loss_limit_pct": 1.5,
+                       "daily_loss_close_all": True}, strategy={"allow_short": True})
+    # a midnight (the daily reset sets the day's start equity), then both halts fire
+    s, e = parse_when("2018-01-16T20:00:00Z", "--from"), parse_when("2018-01-17T05:00:00Z",
+                                                                    "--to")
+    run_backtest(cfg, real_market, tmp_path / "fast.db", start_ms=s, end_ms=e)
+    run_backtest(cfg, real_market, tmp_path / "live.db", start_ms=s, end_ms=e, reference=True)
+    a = acted(tmp_path / "fast.db")
+    assert {"daily_loss_limit", "max_drawdown"} <= {row[11] for row in a if row[1] == "halt"}
+    assert a == acted(tmp_path / "live.db")
+
+
+# -- the exit-rule skip is exact ---------------------------------------------------------------
+
+
+RULES = exits.ExitRules()
+STEP = Decimal("0.0001")
+
+
+def position(side, entry, best, trailing, trail, stop):
+    return {"position_id": "p", "symbol": "X/USDT:USDT", "side": side, "amount": "1",
+            "entry_price": str(entry), "best_price": str(best), "opened_ts": 0,
+            "trailing_active": trailing, "trail_pct": trail,
+            "stop": None if stop is None else {"price": str(stop), "ts": 0}}
+
+
+@st.composite
+def cases(draw):
+    side = draw(st.sampled_from(["long", "short"]))
+    sign = 1 if side == "long" else -1
+    entry = Decimal(draw(st.sampled_from(["1.2345", "0.0987", "50.5", "0.00031"])))
+    best = entry * (1 + sign * Decimal(draw(st.integers(0, 60))) / 1000)
+    armed = exits.favourable_pct(side, entry, best) >= Decimal(str(RULES.trailing_activation_pct))
+    trailing = draw(st.booleans()) if not armed else draw(st.sampled_from([True] * 9 + [False]))
+    trail = draw(st.sampled_from([None, "0.5", "0.5", "0.25", "0.1"])) if trailing else None
+    level = exits.stop_price(side, entry, RULES.stop_loss_pct)
+    if trailing:
+        width = Decimal(trail or str(RULES.trailing_stop_pct))
+        level = exits.more_protective(side, level, exits.trailing_stop_price(side, best, width))
+    stop = draw(st.sampled_from([exits.round_price(level, STEP)] * 4 + [
+        None, exits.round_price(level * (1 - sign * Decimal("0.004")), STEP)]))
+    p = position(side, entry, best, trailing, trail, stop)
+    w = watch_for(p, RULES, STEP)
+    # prices inside the position's band, exactly on its edges and bounds, or anywhere near
+    lo_edge, hi_edge = sorted([float(level), float(best)])
+    anchors = [float(best), float(level), float(entry), w.best_bound, w.level_bound]
+    price = st.one_of(st.floats(lo_edge, hi_edge), st.floats(lo_edge, hi_edge),
+                      st.sampled_from(anchors),
+                      st.floats(float(entry) * 0.9, float(entry) * 1.1))
+    hi, lo, close, prev = draw(price), draw(price), draw(price), draw(price)
+    hi, lo = max(hi, lo, close), min(hi, lo, close)
+    return p, w, hi, lo, close, prev
+
+
+@settings(max_examples=3000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(cases())
+def test_a_skipped_candle_is_one_where_evaluate_exit_changes_nothing(case):
+    p, w, hi, lo, close, prev = case
+    if w.due(hi, lo, close, prev):
+        return
+    d = exits.evaluate_exit(p, hi, lo, close, prev, RULES)
+    assert d.action == "hold", d
+    resting = exits.as_decimal((p["stop"] or {}).get("price"))
+    assert not exits.stop_needs_move(p["side"], resting, d.stop_price, None, 0, 0, STEP)
+
+
+def test_next_due_finds_the_first_due_candle():
+    p = position("long", Decimal("100"), Decimal("101"), False, None, Decimal("98"))
+    w = watch_for(p, RULES, Decimal("0.01"))
+    c = np.array([100.2, 100.5, 99.0, 100.0, 100.8, 100.1])
+    h = c + 0.1
+    low = c - 0.1
+    low[3] = 97.5  # crosses the stop
+    h[5] = 101.5  # a new best, later
+    assert next_due(w, h, low, c, 1) == 3
+    assert next_due(w, h, low, c, 4) == 5
+    assert all(not w.due(h[i], low[i], c[i], c[i - 1]) for i in (1, 2, 4))
+    unsettled = watch_for({**p, "stop": None}, RULES, Decimal("0.01"))  # stop missing
+    assert next_due(unsettled, h, low, c, 1) == 1
+
+
+# -- crafted markets: timing, worse case, holes -------------------------------------------------
+
+
+class ArrayMarket(ArraySource):
+    """A market from arrays: BASE/USDT:USDT perpetuals, tick 0.01, lot 0.001."""
+
+    def __init__(self, candles: dict[str, Candles]) -> None:
+        self.timeframe_ms = TF
+        self._c = candles
+        self.symbols = sorted(candles)
+        self.ticks = dict.fromkeys(self.symbols, 0.01)
+        self.end_ms = max(int(c.ts[-1]) for c in candles.values()) + TF
+
+    def series(self, symbol, upto_ms):
+        return self._c[symbol]
+
+    def exchange_info(self):
+        return [binance_market(s.split("/")[0], "USDT", 0.01, 0.001, int(self._c[s].ts[0]))
+                for s in self.symbols]
+
+    def describe(self):
+        return {"source": "arrays", "symbols": self.symbols}
+
+
+def candles(closes, *, opens=None, highs=None, lows=None, drop=()) -> Candles:
+    c = np.asarray(closes, float)
+    o = np.r_[c[0], c[:-1]] if opens is None else np.asarray(opens, float)
+    h = np.maximum(o, c) + 0.05 if highs is None else np.asarray(highs, float)
+    low = np.minimum(o, c) - 0.05 if lows is None else np.asarray(lows, float)
+    keep = np.setdiff1d(np.arange(len(c)), drop)
+    ts = T0 + np.arange(len(c), dtype=np.int64) * TF
+    return Candles(ts[keep], o[keep], h[keep], low[keep], c[keep], np.full(len(keep), 1000.0))
+
+
+SMA = {"name": "sma_cross", "sma_fast": 2, "sma_slow": 3, "allow_short": False}
+DOWN_UP = [100, 99.5, 99, 98.5, 98, 97.5, 99.0]  # the fast SMA crosses up on the last
+
+
+def crafted(tmp_path, market, **sections):
+    cfg = Config().with_values(strategy=SMA, sim={"slippage_bps": 0.0, "taker_fee_pct": 0.1},
+                               **sections)
+    result = run_backtest(cfg, market, tmp_path / "bt.db")
+    conn = sqlite3.connect(tmp_path / "bt.db")
+    conn.row_factory = sqlite3.Row
+    return result, conn
+
+
+def test_decide_on_close_fill_at_next_open_with_fee(tmp_path):
+    closes = DOWN_UP + [99.2, 99.3, 99.6, 99.8]
+    opens = [100, 100, 99.5, 99, 98.5, 98, 97.5, 98.9, 99.0, 99.3, 99.6]  # a gap up at 7
+    market = ArrayMarket({"AAA/USDT:USDT": candles(closes, opens=opens)})
+    result, conn = crafted(tmp_path, market)
+    signal = conn.execute("SELECT * FROM facts WHERE type = 'signal' AND side = 'long'").fetchone()
+    assert json.loads(signal["data"])["candle_ts"] == T0 + 6 * TF  # decided on candle 6
+    opened = conn.execute("SELECT * FROM facts WHERE type = 'position_opened'").fetchone()
+    assert opened["ts"] == T0 + 7 * TF  # at its close, which is candle 7's open
+    assert Decimal(opened["price"]) == Decimal("98.9")  # candle 7's open, not 6's close
+    fill = conn.execute("SELECT * FROM facts WHERE type = 'fill'").fetchone()
+    assert Decimal(fill["fee"]) == (Decimal(fill["amount"]) * Decimal("98.9")
+                                    * Decimal("0.001")).quantize(Decimal("1e-8"))
+
+
+def test_stop_and_new_high_in_one_candle_assume_the_worse(tmp_path):
+    closes = DOWN_UP + [99.2, 99.5]
+    highs = list(np.maximum(closes, [100, *closes[:-1]]) + 0.05)
+    lows = list(np.minimum(closes, [100, *closes[:-1]]) - 0.05)
+    highs[7], lows[7] = 104.0, 95.0  # +5 % (would arm the trail) and -3.5 % (the 2 % stop)
+    market = ArrayMarket({"AAA/USDT:USDT": candles(closes, highs=highs, lows=lows)})
+    result, conn = crafted(tmp_path, market)
+    trades = result.trades
+    assert len(trades) == 1
+    t = trades[0]
+    assert t["exit_reason"] == "stop_loss"
+    entry = Decimal(t["entry_price"])
+    assert Decimal(t["exit_price"]) == exits.round_price(entry * Decimal("0.98"), Decimal("0.01"))
+    assert Decimal(t["realized_pnl"]) < 0
+    assert conn.execute("SELECT count(*) FROM facts WHERE type = 'best_price'").fetchone()[0] == 1
+
+
+def test_a_hole_in_the_candles(tmp_path):
+    # BBB's signal candle 6 is followed by a hole: the order fills at its last close, and
+    # no decision is taken on BBB until its last 4 candles are whole again.
+    bbb = candles(DOWN_UP + [99.2, 99.3, 99.4, 99.5, 99.6, 99.7, 99.8], drop=[7, 8])
+    aaa = candles([50 + 0.01 * i for i in range(14)])
+    market = ArrayMarket({"AAA/USDT:USDT": aaa, "BBB/USDT:USDT": bbb})
+    result, conn = crafted(tmp_path, market)
+    opened = conn.execute("SELECT * FROM facts WHERE type = 'position_opened' AND "
+                          "symbol = 'BBB/USDT:USDT'").fetchone()
+    assert opened["ts"] == T0 + 7 * TF and Decimal(opened["price"]) == Decimal("99.0")
+    decided = [json.loads(r[0])["candle_ts"] for r in conn.execute(
+        "SELECT data FROM facts WHERE type = 'signal' AND symbol = 'BBB/USDT:USDT'")]
+    lookback = load_strategy(Config().with_values(strategy=SMA).strategy).warmup + 1
+    first_after = T0 + (9 + lookback - 1) * TF  # the first candle whose lookback is whole
+    assert all(ts <= T0 + 6 * TF or ts >= first_after for ts in decided)
+    assert max(decided) >= first_after
+
+
+# -- no look-ahead: the future cannot change the past -------------------------------------------
+
+
+class Cut(CsvMarket):
+    """The real market as it was known at ``cut_ms``."""
+
+    def __init__(self, base: CsvMarket, cut_ms: int) -> None:
+        self.__dict__.update(base.__dict__)
+        self._series = {s: c.slice(0, int(np.searchsorted(c.ts, cut_ms)))
+                        for s, c in base._series.items()}
+
+
+@needs_data
+def test_no_look_ahead(real_market, tmp_path):
+    cfg = config(strategy={"allow_short": True})
+    s = parse_when("2018-01-20", "--from")
+    cut = s + 18 * 3600_000
+    full = run_backtest(cfg, real_market, tmp_path / "full.db", start_ms=s, end_ms=cut + 6 * 3600_000)
+    known = run_backtest(cfg, Cut(real_market, cut), tmp_path / "known.db", start_ms=s)
+    before = [r for r in acted(tmp_path / "full.db") if r[0] < cut]
+    assert len(before) > 50
+    assert before == [r for r in acted(tmp_path / "known.db") if r[0] < cut]
+    assert len(full.trades) >= len(known.trades)
+
+
+# -- pieces: data, client, ledger, signals -----------------------------------------------------
+
+
+@needs_data
+def test_signals_equal_decide_on_the_scan_frame(real_market):
+    strategy = load_strategy(Config().strategy)
+    data = MarketData(real_market, strategy)
+    d = data.data["ADA/USDT:USDT"]
+    for i in [30, 500, 1511, 1520, 3000, len(d.ts) - 1]:
+        now = int(d.ts[i]) + TF
+        if not d.intact(now):
+            continue
+        a, b = d.window(now)
+        df = scan_frame([d.candle(j) for j in range(a, b)])
+        assert signal_of(strategy, d, i) == strategy.decide(df)
+        closes = d.closes(now).set_index("ts")["close"]
+        assert closes.equals(df.set_index("ts")["close"])
+
+
+@needs_data
+def test_tickers_from_memory_equal_the_clients(real_market):
+    cfg = config()
+    data = MarketData(real_market, load_strategy(cfg.strategy))
+    clock = VirtualClock(int(data.grid[100]) + TF)
+    venue = build_venue(cfg, real_market, clock)
+    real = ExchangeClient(venue, cfg, clock, sleep=lambda s: None)
+    fast = BacktestClient(real, data, clock)
+    for k in (100, 288, 1600, 5000):
+        clock.set(data.at(k))
+        assert {s: t.quote_volume for s, t in fast.tickers().items()} == \
+               {s: t.quote_volume for s, t in real.tickers().items()}
+        assert fast.closed_candles("ETH/USDT:USDT", "5m", 30) == \
+               real.closed_candles("ETH/USDT:USDT", "5m", 30)
+
+
+def ledger_facts():
+    facts = [Fact("note", 1000 + i, reason=f"n{i}", data={"i": i}) for i in range(25)]
+    return facts + [Fact("order_intent", 2000, symbol="X/USDT:USDT", side="buy", amount="1",
+                         client_order_id="c1", position_id="p1", data={"purpose": "stop"}),
+                    Fact("position_changed", 2001, symbol="X/USDT:USDT", amount="1",
+                         position_id="p1", pnl="0.5")]
+
+
+def test_buffered_ledger_writes_what_the_ledger_writes(tmp_path):
+    plain = Ledger(tmp_path / "plain.db")
+    buffered = BufferedLedger(Ledger(tmp_path / "buf.db"), batch=7)
+    for f in ledger_facts():
+        plain.append([f])
+        buffered.append([f])
+    assert buffered.facts_for_order("c1") == plain.facts_for_order("c1")
+    assert buffered.stop_intents("p1") == 1 and buffered.partial_exit_pnls("p1") == ["0.5"]
+    assert buffered.state().to_dict() == plain.state().to_dict()
+    buffered.close()
+    rows = "SELECT * FROM facts ORDER BY seq"
+    with sqlite3.connect(tmp_path / "plain.db") as a, sqlite3.connect(tmp_path / "buf.db") as b:
+        assert a.execute(rows).fetchall() == b.execute(rows).fetchall()  # hashes too
+
+
+def test_buffered_ledger_keeps_in_step_with_checkpoints(tmp_path):
+    buffered = BufferedLedger(Ledger(tmp_path / "buf.db", checkpoint_every=10), batch=7)
+    for f in ledger_facts():
+        buffered.append([f])
+    buffered.flush()
+    with Ledger(tmp_path / "buf.db", readonly=True) as reread:
+        assert reread.verify().ok
+        assert reread.select("SELECT count(*) AS n FROM facts WHERE type = 'checkpoint'")[0][
+            "n"] >= 2
+        assert buffered.facts_for_order("c1") == reread.facts_for_order("c1")
+        assert buffered.state().to_dict() == reread.state().to_dict()
+        assert buffered.state().to_dict() == reread.replay().to_dict()
+    buffered.close()
+
+
+# -- reports ----------------------------------------------------------------------------------
+
+
+def test_drawdown_sharpe_sortino():
+    eq = np.array([110.0, 99.0, 120.0, 90.0])
+    assert drawdowns(eq, 100.0).tolist() == pytest.approx([0, 0.1, 0, 0.25])
+    times = np.array([0, 1, 2, 3]) * 86_400_000 + 1
+    r = daily_returns(times, eq, 100.0)
+    assert r.tolist() == pytest.approx([0.1, -0.1, 120 / 99 - 1, -0.25])
+    sharpe, sortino = sharpe_sortino(r)
+    assert sharpe == pytest.approx(r.mean() / r.std(ddof=1) * 365 ** 0.5)
+    assert sortino == pytest.approx(r.mean() / np.sqrt(np.mean(np.minimum(r, 0) ** 2))
+                                    * 365 ** 0.5)
+    assert sharpe_sortino(np.array([0.1])) == (None, None)
+
+
+def test_progress_bar_only_after_two_seconds():
+    out = io.StringIO()
+    bar = ProgressBar("backtest", out)
+    bar(1, 10)
+    assert out.getvalue() == ""  # a short run shows nothing
+    bar.t0 -= 5
+    bar(5, 10)
+    bar(5, 10)  # not a terminal: one line per tenth
+    bar(10, 10)
+    lines = out.getvalue().splitlines()
+    assert len(lines) == 2 and "50.0%" in lines[0] and "100.0%" in lines[1]
+
+
+# -- the command line -------------------------------------------------------------------------
+
+
+def invoke(*args):
+    return CliRunner().invoke(cli.main, [str(a) for a in args], catch_exceptions=False)
+
+
+@needs_data
+def test_cli_backtest_end_to_end(tmp_path):
+    db, chart = tmp_path / "bt.db", tmp_path / "chart.html"
+    r = invoke("backtest", "--data", DATA, "--from", "2018-01-20", "--to", "2018-01-22",
+               "--db", db, "--json", "--plot", chart)
+    assert r.exit_code == 0, r.output
+    m = json.loads(r.output)
+    for key in ("total_trades", "total_return", "max_drawdown", "elapsed_s", "sharpe",
+                "sortino", "profit_factor", "exposure", "fees", "win_rate", "per_symbol"):
+        assert key in m
+    assert m["total_trades"] > 0 and m["elapsed_s"] > 0
+    assert "<svg" in chart.read_text() and "Drawdown" in chart.read_text()
+    assert invoke("--db", db, "verify").exit_code == 0
+    trades = json.loads(invoke("--db", db, "trades", "--json").output)
+    assert len(trades) == m["total_trades"]
+    assert sum(float(t["realized_pnl"]) for t in trades) == pytest.approx(
+        sum(r["pnl"] for r in m["per_symbol"]))
+    assert invoke("--db", db, "pnl", "--by", "symbol").exit_code == 0
+    svg = tmp_path / "chart.svg"
+    text = invoke("backtest", "--data", DATA, "--from", "2018-01-20", "--to", "2018-01-21",
+                  "--db", db, "--plot", svg).output  # an earlier backtest's ledger is replaced
+    assert "total return" in text and "max drawdown" in text and "symbol" in text
+    assert svg.read_text().startswith("<svg")
+    assert is_backtest_ledger(db)
+
+
+def test_cli_refuses_bad_input(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    live = tmp_path / "bot.db"
+    with Ledger(live) as ledger:
+        ledger.append([Fact("note", 1, reason="a live ledger")])
+    data = DATA if DATA.is_dir() else empty
+    cases = [
+        (["--data", tmp_path / "missing"], "no such folder"),
+        (["--data", empty], "cannot use these candles"),
+        (["--data", data, "--from", "2018-13-45"], "not a date"),
+        (["--data", data, "--from", "2018-01-20", "--to", "2018-01-19"], "not after"),
+        (["--data", data, "--strategy", "nope"], "unknown strategy"),
+        (["--data", data, "--db", live], "not a backtest"),
+    ]
+    for args, message in cases:
+        r = CliRunner().invoke(cli.main, ["backtest", *map(str, args)])
+        assert r.exit_code == 2, (args, r.output)
+        assert message in r.output, (args, r.output)
+    with Ledger(live, readonly=True) as ledger:
+        assert ledger.last_seq() == 1  # untouched

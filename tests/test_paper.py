@@ -1,0 +1,123 @@
+"""Paper trading: live public market data from Binance, the simulated account for orders.
+
+``mode = "paper"`` is wired by ``core.venues.for_mode``: a keyless ccxt ``binanceusdm``
+for market data under the simulated exchange (its state in a file). Here that real
+ccxt object answers from recorded public Binance USDⓈ-M responses (exchangeInfo,
+24 h tickers, 5 m klines: tests/fixtures/binance) through a router in place of its
+``fetch``; everything else is the real code: the rotation and scan jobs, risk, the
+Executor, the simulated account, the ledger.
+"""
+
+from __future__ import annotations
+
+import json
+from decimal import Decimal
+from pathlib import Path
+from urllib.parse import parse_qsl, urlsplit
+
+import ccxt
+import pytest
+
+from core import runtime
+from core.clock import VirtualClock
+from core.config import Config
+from jobs import rotate, scan
+
+FIX = Path(__file__).parent / "fixtures" / "binance"
+SERVER_NOW = 1768471350000  # time.json: 10:02:30 UTC, inside the 10:00 candle
+BTC = "BTC/USDT:USDT"
+
+
+def body(name: str):
+    return json.loads((FIX / f"{name}.json").read_text(encoding="utf-8"))
+
+
+class PublicBinance:
+    """Recorded public answers, by endpoint; every request is kept for the checks."""
+
+    def __init__(self) -> None:
+        self.requests: list[tuple[str, str, dict, dict]] = []
+
+    def fetch(self, url, method="GET", headers=None, body_=None):
+        parts = urlsplit(url)
+        params = dict(parse_qsl(parts.query))
+        self.requests.append((method, parts.path, params, dict(headers or {})))
+        path = parts.path
+        if path == "/fapi/v1/exchangeInfo":
+            return body("exchange_info")
+        if path == "/fapi/v1/time":  # ccxt syncs its clock on load_markets
+            return body("time")
+        if path == "/fapi/v1/ticker/24hr":
+            tickers = body("ticker_24hr")
+            if "symbol" in params:
+                return next(t for t in tickers if t["symbol"] == params["symbol"])
+            return tickers
+        if path == "/fapi/v1/klines":
+            if params.get("symbol") == "BTCUSDT" and params.get("interval") == "5m":
+                return body("klines_btcusdt_5m")
+            return []  # 1 m candles the venue watches stops on: none closed yet
+        raise AssertionError(f"paper trading called {method} {path}")
+
+
+@pytest.fixture
+def public(monkeypatch):
+    recorded = PublicBinance()
+    monkeypatch.setattr(ccxt.binanceusdm, "fetch",
+                        lambda self, url, method="GET", headers=None, body=None:
+                        recorded.fetch(url, method, headers, body))
+    return recorded
+
+
+def paper_config(tmp_path) -> Config:
+    # sma_cross 2/3 crosses up on the recorded klines' last closed candle (09:55)
+    return Config().with_values(
+        bot={"mode": "paper"}, rotation={"top_n": 1},
+        strategy={"name": "sma_cross", "sma_fast": 2, "sma_slow": 3, "candles": 30},
+        sim={"state_path": str(tmp_path / "paper_exchange.db")})
+
+
+def test_paper_scan_enters_on_live_data_with_the_simulated_account(tmp_path, public,
+                                                                   monkeypatch):
+    monkeypatch.delenv("BOT_API_KEY", raising=False)
+    monkeypatch.delenv("BOT_API_SECRET", raising=False)
+    cfg = paper_config(tmp_path)
+    clock = VirtualClock(SERVER_NOW)
+    rt = runtime.build(cfg, tmp_path / "bot.db", clock=clock)
+    try:
+        assert rotate.run(rt, SERVER_NOW, "rotate-1")["coins"] == 1
+        assert rt.ledger.state().active_coins == [BTC]  # top by 24 h quote volume
+        summary = scan.run(rt, SERVER_NOW, "scan-1")
+        assert summary["entries"] == 1, summary
+        state = rt.ledger.state()
+        position = state.positions[BTC]
+        signal = rt.ledger.select("SELECT data FROM facts WHERE type = 'signal'")[0]
+        assert json.loads(signal["data"])["candle_ts"] == 1768470900000  # 09:55, closed
+        # filled by the simulated account at the live last price plus 2 bps slippage
+        last = Decimal("96512.30")
+        assert Decimal(position["entry_price"]) == (last * Decimal("1.0002") / Decimal(
+            "0.10")).to_integral_value("ROUND_CEILING") * Decimal("0.10")
+        assert Decimal(position["stop"]["price"]) < Decimal(position["entry_price"])
+        balance = rt.client.balance()
+        assert balance.total < Decimal(10_000)  # the taker fee, from the simulated wallet
+        assert rt.ledger.verify().ok
+        # a second scan in the same candle: no new closed candle, nothing happens
+        clock.advance(120_000)
+        assert scan.run(rt, SERVER_NOW + 120_000, "scan-2").get("new_candles") == 0
+    finally:
+        rt.close()
+    # only public market data went to Binance: no orders, no account calls, no key
+    paths = {p for _, p, _, _ in public.requests}
+    assert paths <= {"/fapi/v1/exchangeInfo", "/fapi/v1/time", "/fapi/v1/ticker/24hr",
+                     "/fapi/v1/klines"}
+    assert "/fapi/v1/klines" in paths and "/fapi/v1/ticker/24hr" in paths
+    assert {m for m, _, _, _ in public.requests} == {"GET"}
+    assert not any("X-MBX-APIKEY" in h or "signature" in q for _, _, q, h in public.requests)
+
+    # the simulated account lives in its own file: a restarted bot finds its position
+    rt = runtime.build(cfg, tmp_path / "bot.db", clock=VirtualClock(SERVER_NOW + 180_000))
+    try:
+        held = {p.symbol: p for p in rt.client.positions()}
+        assert held[BTC].amount == Decimal(position["amount"])
+        assert BTC in rt.ledger.state().positions
+    finally:
+        rt.close()

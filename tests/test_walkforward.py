@@ -1,0 +1,139 @@
+"""Walk-forward: folds, grid files, the choice in sample, the judgement out of sample."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+import cli
+from core.backtest import run_backtest
+from core.backtest_data import parse_when
+from core.config import Config
+from core.report import metrics
+from core.sim_market import CsvMarket
+from core.walkforward import Grid, load_grid, make_folds, parse_span, walk_forward
+
+DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "ohlcv"
+needs_data = pytest.mark.skipif(not (DATA / "ETH_BTC-5m.csv").is_file(),
+                                reason=f"real candles not found at {DATA}")
+DAY = 86_400_000
+CFG = Config().with_values(sim={"taker_fee_pct": 0.1, "start_balance": 100.0},
+                           risk={"max_drawdown_pct": 100.0, "daily_loss_limit_pct": 100.0})
+
+
+def test_spans():
+    assert parse_span("7d", "--train") == 7 * DAY
+    assert parse_span("36h", "--test") == 36 * 3_600_000
+    assert parse_span("90m", "--test") == 90 * 60_000
+    assert parse_span("2w", "--train") == 14 * DAY
+    for bad in ("7", "0d", "-1d", "7 days", ""):
+        with pytest.raises(ValueError, match="give a length"):
+            parse_span(bad, "--train")
+
+
+def test_folds_roll_by_the_test_window():
+    folds = make_folds(0, 20 * DAY, 7 * DAY, 2 * DAY)
+    assert len(folds) == 6
+    assert [(f.train_start, f.train_end, f.test_end) for f in folds[:2]] == [
+        (0, 7 * DAY, 9 * DAY), (2 * DAY, 9 * DAY, 11 * DAY)]
+    assert all(a.test_end == b.train_end for a, b in zip(folds, folds[1:], strict=False))
+    assert folds[-1].test_end <= 20 * DAY
+    assert make_folds(0, 8 * DAY, 7 * DAY, 2 * DAY) == []
+
+
+def write(tmp_path, text: str, name: str = "grid.toml") -> Path:
+    p = tmp_path / name
+    p.write_text(text)
+    return p
+
+
+def test_grid_file(tmp_path):
+    grid = load_grid(write(tmp_path, "[strategy]\nmin_body_pct = [0.5, 0.7]\n"
+                                     "[exits]\ntrailing_stop_pct = [0.3, 0.5, 0.8]\n"), CFG)
+    assert grid.size() == 6
+    combos = grid.combos()
+    assert combos[0] == {"strategy": {"min_body_pct": 0.5}, "exits": {"trailing_stop_pct": 0.3}}
+    assert len({json.dumps(c, sort_keys=True) for c in combos}) == 6
+
+
+@pytest.mark.parametrize("text, message", [
+    ("[strategy\n", "not valid TOML"),
+    ("[wallet]\nx = [1]\n", "cannot be searched"),
+    ("[sim]\nseed = [1, 2]\n", "cannot be searched"),
+    ("[strategy]\nmin_body_pct = 0.5\n", "non-empty list"),
+    ("[strategy]\nmin_body_pct = []\n", "non-empty list"),
+    ("[strategy]\nno_such_param = [1]\n", "unknown key"),
+    ("[exits]\nstop_loss_pct = [2.0, -1.0]\n", "out of range"),
+    ("[strategy]\nsma_fast = [150]\nsma_slow = [100]\n", "not a valid config"),
+    ("", "names no parameters"),
+])
+def test_bad_grid_files(tmp_path, text, message):
+    with pytest.raises(ValueError, match=message):
+        load_grid(write(tmp_path, text), CFG)
+
+
+def test_missing_grid_file(tmp_path):
+    with pytest.raises(ValueError, match="not found"):
+        load_grid(tmp_path / "nope.toml", CFG)
+
+
+@needs_data
+def test_walk_forward_picks_in_sample_and_judges_out_of_sample(tmp_path):
+    grid = Grid({"strategy": {"min_body_pct": [0.5, 1.0]}})
+    first = parse_when("2018-01-20", "--from")
+    report = walk_forward(CFG, str(DATA), grid, DAY, DAY // 2, first_ms=first,
+                          end_ms=first + 2 * DAY, workers=2)
+    assert report["workers"] == 2 and report["combinations"] == 2
+    assert len(report["folds"]) == 2 and report["backtests"] == 2 * 2 + 2
+    market = CsvMarket(DATA)
+    fold = report["folds"][0]
+    insample = [metrics(run_backtest(CFG.with_values(**c), market, tmp_path / f"is{n}.db",
+                                     start_ms=first, end_ms=first + DAY))["total_return"]
+                for n, c in enumerate(grid.combos())]
+    chosen = grid.combos().index(fold["params"])
+    assert insample[chosen] == max(insample)
+    assert fold["in_sample"]["total_return"] == insample[chosen]
+    oos = metrics(run_backtest(CFG.with_values(**fold["params"]), market, tmp_path / "oos.db",
+                               start_ms=fold["test_start_ms"], end_ms=fold["test_end_ms"]))
+    assert fold["out_of_sample"]["total_return"] == oos["total_return"]
+    assert fold["out_of_sample"]["total_trades"] == oos["total_trades"]
+    agg = report["aggregate"]
+    chained = ((1 + report["folds"][0]["out_of_sample"]["total_return"])
+               * (1 + report["folds"][1]["out_of_sample"]["total_return"]) - 1)
+    assert agg["out_of_sample_return"] == pytest.approx(chained)
+    assert agg["in_sample_flattery_per_day"] == pytest.approx(
+        agg["mean_in_sample_return_per_day"] - agg["mean_out_of_sample_return_per_day"])
+
+
+@needs_data
+def test_cli_walkforward(tmp_path):
+    grid = write(tmp_path, "[exits]\ntrailing_stop_pct = [0.3, 0.6]\n")
+    args = ["walkforward", "--data", str(DATA), "--grid", str(grid), "--train", "1d",
+            "--test", "12h", "--from", "2018-01-22", "--to", "2018-01-24"]
+    r = CliRunner().invoke(cli.main, [*args, "--json"], catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    report = json.loads(r.output)
+    assert len(report["folds"]) == 2
+    assert {"out_of_sample_return", "in_sample_flattery_per_day"} <= set(report["aggregate"])
+    text = CliRunner().invoke(cli.main, [*args, "--workers", "1"]).output
+    assert "out of sample" in text and "flattered" in text
+
+
+def test_cli_walkforward_refuses_bad_input(tmp_path):
+    grid = write(tmp_path, "[exits]\ntrailing_stop_pct = [0.3]\n")
+    data = str(DATA if DATA.is_dir() else tmp_path)
+    cases = [
+        (["--grid", str(tmp_path / "none.toml")], "grid file not found"),
+        (["--grid", str(write(tmp_path, "[bogus]\nx = [1]\n", "bad.toml"))], "cannot be searched"),
+        (["--grid", str(grid), "--train", "seven"], "give a length"),
+        (["--grid", str(grid), "--train", "30d"], "shorter than one training"),
+    ]
+    for extra, message in cases:
+        if message == "shorter than one training" and not DATA.is_dir():
+            continue
+        r = CliRunner().invoke(cli.main, ["walkforward", "--data", data, *extra])
+        assert r.exit_code == 2, (extra, r.output)
+        assert message in r.output, (extra, r.output)
