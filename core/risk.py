@@ -228,21 +228,37 @@ def closes_series(data: Any) -> pd.Series:
     return pd.Series(data, dtype=float)
 
 
+def _ts_closes(data: Any) -> tuple[np.ndarray, np.ndarray]:
+    """(ts, close) arrays in ts order, one close per ts (the last given)."""
+    if isinstance(data, pd.DataFrame):
+        ts, close = data["ts"].to_numpy(), data["close"].to_numpy(float)
+    else:
+        series = closes_series(data)
+        ts, close = series.index.to_numpy(), series.to_numpy(float)
+    if len(ts) > 1 and not (ts[1:] > ts[:-1]).all():
+        order = np.argsort(ts, kind="stable")
+        ts, close = ts[order], close[order]
+        last = np.append(ts[1:] != ts[:-1], True)
+        ts, close = ts[last], close[last]
+    return ts, close
+
+
 def return_correlation(a: Any, b: Any, window: int) -> float | None:
     """Pearson correlation of the last ``window`` candle returns of two close series,
-    aligned on timestamps; None with too little overlap (under ``min(window, max(10,
-    window // 2))`` returns) or a flat series."""
-    joined = pd.concat([closes_series(a).rename("a"), closes_series(b).rename("b")], axis=1,
-                       join="inner").sort_index()
-    joined = joined[~joined.index.duplicated(keep="last")]
-    rets = joined.pct_change(fill_method=None).iloc[1:].replace([np.inf, -np.inf], np.nan)
-    rets = rets.dropna().tail(window)
-    if len(rets) < min(window, max(10, window // 2)):
+    aligned on timestamps (returns between consecutive shared candles); None with too
+    little overlap (under ``min(window, max(10, window // 2))`` returns) or a flat series."""
+    (ta, ca), (tb, cb) = _ts_closes(a), _ts_closes(b)
+    _, ia, ib = np.intersect1d(ta, tb, assume_unique=True, return_indices=True)
+    x, y = ca[ia], cb[ib]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        rx, ry = x[1:] / x[:-1] - 1.0, y[1:] / y[:-1] - 1.0
+    ok = np.isfinite(rx) & np.isfinite(ry)
+    rx, ry = rx[ok][-window:], ry[ok][-window:]
+    if len(rx) < min(window, max(10, window // 2)):
         return None
-    x, y = rets["a"].to_numpy(), rets["b"].to_numpy()
-    if np.std(x) == 0 or np.std(y) == 0:
+    if np.std(rx) == 0 or np.std(ry) == 0:
         return None
-    c = float(np.corrcoef(x, y)[0, 1])
+    c = float(np.corrcoef(rx, ry)[0, 1])
     return c if math.isfinite(c) else None
 
 

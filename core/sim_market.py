@@ -26,7 +26,6 @@ import logging
 import math
 import re
 from dataclasses import dataclass
-from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -404,9 +403,7 @@ class CsvMarket(ArraySource):
     def _load(self, symbol: str, base: str, quote: str, path: Path) -> None:
         df = pd.read_csv(path, dtype={"timestamp": "int64"})
         cols = ["open", "high", "low", "close", "volume"]
-        text = pd.read_csv(path, usecols=cols[:4], dtype=str, nrows=5000)
-        decimals = max(-min(0, Decimal(v).as_tuple().exponent)  # "5.288e-05" -> 8
-                       for v in text.to_numpy().ravel() if isinstance(v, str))
+        decimals = price_decimals(df[cols[:4]].to_numpy(float)[:5000])
         df = df.sort_values("timestamp").drop_duplicates("timestamp")
         prices = df[cols[:4]].to_numpy(dtype=float)
         ok = (np.isfinite(prices).all(axis=1) & (prices > 0).all(axis=1)
@@ -438,6 +435,17 @@ class CsvMarket(ArraySource):
 
     def series(self, symbol: str, upto_ms: int) -> Candles:
         return self._series[symbol]
+
+
+def price_decimals(prices: np.ndarray, most: int = 12) -> int:
+    """The decimal places the prices are written with (5.288e-05 -> 8): the fewest
+    that leave every finite price a whole number of units, relative to float error."""
+    x = np.abs(prices[np.isfinite(prices)])
+    for d in range(most + 1):
+        scaled = x * 10.0 ** d
+        if (np.abs(scaled - np.round(scaled)) <= 1e-12 * np.maximum(scaled, 1.0)).all():
+            return d
+    return most
 
 
 class LiveMarket:

@@ -171,6 +171,8 @@ class SimStore:
 
     def stale(self) -> bool:
         """True on first use and whenever another connection committed since last asked."""
+        if self.path is None and self._version is not None:
+            return False  # in memory: no other connection can exist
         v = self.conn.execute("PRAGMA data_version").fetchone()[0]
         stale, self._version = v != self._version, v
         return stale

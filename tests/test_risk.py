@@ -153,6 +153,32 @@ def test_return_correlation_aligns_on_timestamps_and_needs_overlap():
     assert return_correlation(a, flat, 100) is None
 
 
+def pandas_correlation(a: pd.Series, b: pd.Series, window: int) -> float | None:
+    """The definition, spelled in pandas: inner join on ts, returns, last ``window``."""
+    joined = pd.concat([a.rename("a"), b.rename("b")], axis=1, join="inner").sort_index()
+    rets = joined.pct_change(fill_method=None).iloc[1:].replace([np.inf, -np.inf], np.nan)
+    rets = rets.dropna().tail(window)
+    if len(rets) < min(window, max(10, window // 2)) or (rets.std(ddof=0) == 0).any():
+        return None
+    return float(np.corrcoef(rets["a"], rets["b"])[0, 1])
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.integers(0, 2**32 - 1), st.integers(2, 60), st.floats(0, 0.5), st.floats(0, 0.1))
+def test_return_correlation_equals_its_pandas_definition(seed, window, holes, zeros):
+    rng = np.random.default_rng(seed)
+    ts = np.arange(120) * 300_000
+    a = pd.Series(rng.lognormal(0, 0.02, 120).cumprod(), index=ts)
+    b = pd.Series(0.5 * a.to_numpy() * rng.lognormal(0, 0.02, 120), index=ts)
+    a = a[rng.random(120) >= holes]  # candles missing from one feed
+    b[rng.random(120) < zeros] = 0.0  # broken closes: infinite returns
+    b.iloc[rng.integers(0, 120, 3)] = np.nan
+    got, want = return_correlation(a, b, window), pandas_correlation(a, b, window)
+    assert (got is None) == (want is None)
+    if got is not None:
+        assert got == pytest.approx(want, abs=1e-9)
+
+
 def test_notional_caps():
     cfg = CFG.with_values(risk={"max_position_notional": 1000.0, "max_total_notional": 2500.0})
     d = entry(config=cfg)

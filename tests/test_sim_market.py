@@ -13,7 +13,7 @@ from sim_fixtures import DAY, SHARED_OHLCV, T0, TF, make_sim, synthetic
 from core import config as cfg
 from core.clock import VirtualClock
 from core.sim_exchange import SimExchange
-from core.sim_market import CsvMarket, LiveMarket, SyntheticMarket
+from core.sim_market import CsvMarket, LiveMarket, SyntheticMarket, price_decimals
 
 # ----------------------------------------------------------------------------- synthetic
 
@@ -249,3 +249,15 @@ def test_live_market_keeps_the_exchange_answers():
 def test_make_sim_default_is_offline():
     ex, _ = make_sim()
     assert isinstance(ex.source, SyntheticMarket)
+
+
+@pytest.mark.parametrize("prices, decimals", [
+    ([5.288e-05, 0.00012], 8),          # scientific notation, as in the BTC-quoted files
+    ([94406.6, 94406.0], 1),
+    ([0.1 + 0.2, 2.0], 1),              # float noise is not a decimal place
+    ([1e7 + 0.5], 1),                   # large prices keep their fraction
+    ([100.0, float("nan")], 0),         # a broken value is not counted
+    ([1 / 3], 12),                      # no finite writing: the most
+])
+def test_price_decimals(prices, decimals):
+    assert price_decimals(np.array(prices)) == decimals
