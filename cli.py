@@ -467,7 +467,7 @@ def _backtest_db(ctx: click.Context, db_path: str | None) -> str:
 @click.option("--db", "db_path", type=click.Path(dir_okay=False),
               help="Ledger to write [default: backtest.db]; an earlier backtest's is replaced.")
 @click.option("--plot", type=click.Path(dir_okay=False),
-              help="Write the equity and drawdown chart (HTML; .svg for the bare SVG).")
+              help="Write the equity and drawdown chart: .png, .html or .svg.")
 @json_option
 @click.pass_context
 @refusing

@@ -115,11 +115,13 @@ def backtest_command(config: Config, data_dir: str, *, strategy: str | None,
                      plot: str | None, as_json: bool) -> str:
     """Run one backtest; the text (or JSON) to print."""
     from core.backtest import run_backtest
-    from core.report import metrics, summary_text, write_chart
+    from core.report import check_chart_path, metrics, summary_text, write_chart
 
     t0 = time.perf_counter()
     config = with_strategy(config, strategy)
     start_ms, end_ms = _window(start, end)
+    if plot:
+        check_chart_path(plot)
     db = prepare_db(db_path)
     quiet_logging()
     source = open_source(config, data_dir)

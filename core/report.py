@@ -268,9 +268,24 @@ def chart_html(result, m: dict[str, Any], quote: str = "USDT") -> str:
             + "".join(parts) + "\n</body></html>\n")
 
 
-def write_chart(path: str | Path, result, m: dict[str, Any], quote: str = "USDT") -> Path:
-    """Write the chart; ``.svg`` gets the bare SVG, anything else the HTML page."""
+CHART_SUFFIXES = (".png", ".html", ".htm", ".svg")
+
+
+def check_chart_path(path: str | Path) -> Path:
+    """The chart's path, or ValueError naming the formats (checked before a run)."""
     p = Path(path)
+    if p.suffix.lower() not in CHART_SUFFIXES:
+        raise ValueError(f"--plot {p}: write the chart as .png, .html or .svg "
+                         f"(not {p.suffix or 'no suffix'!r})")
+    return p
+
+
+def write_chart(path: str | Path, result, m: dict[str, Any], quote: str = "USDT") -> Path:
+    """Write the chart: ``.png`` an image, ``.svg`` the bare SVG, ``.html`` the page."""
+    p = check_chart_path(path)
+    if p.suffix.lower() == ".png":
+        png_chart(p, result, m, quote)
+        return p
     page = chart_html(result, m, quote)
     if p.suffix.lower() == ".svg":
         page = page[page.index("<svg"):page.index("</svg>") + 6] + "\n"
@@ -278,5 +293,37 @@ def write_chart(path: str | Path, result, m: dict[str, Any], quote: str = "USDT"
     return p
 
 
-__all__ = ["metrics", "summary_text", "chart_html", "write_chart", "drawdowns",
+def png_chart(path: Path, result, m: dict[str, Any], quote: str = "USDT") -> None:
+    """The equity and drawdown chart as a PNG (matplotlib, imported only for this)."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on a server
+    import matplotlib.dates as mdates
+    import matplotlib.pyplot as plt
+
+    when = (result.times.astype("int64")).astype("datetime64[ms]")
+    dd = -drawdowns(result.equity, result.start_equity) * 100
+    fig, (top, low) = plt.subplots(2, 1, figsize=(9.6, 5.6), sharex=True,
+                                   gridspec_kw={"height_ratios": [3, 1.3]})
+    try:
+        top.plot(when, result.equity, color="#1f6feb", lw=1.2)
+        top.axhline(result.start_equity, color="#bbb", ls="--", lw=1)
+        top.set_ylabel(f"Equity ({quote})")
+        top.set_title(f"{m['strategy']}: {_pct(m['total_return'])} return, "
+                      f"{_pct(m['max_drawdown'])} max drawdown, {m['total_trades']} trades",
+                      fontsize=11)
+        low.fill_between(when, dd, 0, color="#f85149", alpha=0.35, lw=0)
+        low.plot(when, dd, color="#d1242f", lw=0.8)
+        low.set_ylabel("Drawdown %")
+        low.xaxis.set_major_formatter(mdates.DateFormatter("%Y-%m-%d"))
+        for ax in (top, low):
+            ax.grid(color="#eee")
+        fig.autofmt_xdate()
+        fig.tight_layout()
+        fig.savefig(path, dpi=100)
+    finally:
+        plt.close(fig)
+
+
+__all__ = ["metrics", "summary_text", "chart_html", "write_chart", "check_chart_path", "drawdowns",
            "daily_returns", "sharpe_sortino", "per_symbol"]

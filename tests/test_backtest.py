@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import json
 import sqlite3
+import struct
 from decimal import Decimal
 from pathlib import Path
 
@@ -434,6 +435,13 @@ def test_cli_backtest_end_to_end(tmp_path):
     assert "total return" in text and "max drawdown" in text and "symbol" in text
     assert svg.read_text().startswith("<svg")
     assert is_backtest_ledger(db)
+    png = tmp_path / "chart.png"
+    r = invoke("backtest", "--data", DATA, "--from", "2018-01-20", "--to", "2018-01-21",
+               "--db", db, "--plot", png)
+    assert r.exit_code == 0 and f"chart: {png}" in r.output, r.output
+    head = png.read_bytes()[:24]
+    assert head[:8] == b"\x89PNG\r\n\x1a\n"
+    assert struct.unpack(">II", head[16:24]) == (960, 560)  # width, height
 
 
 def test_cli_refuses_bad_input(tmp_path):
@@ -450,6 +458,8 @@ def test_cli_refuses_bad_input(tmp_path):
         (["--data", data, "--from", "2018-01-20", "--to", "2018-01-19"], "not after"),
         (["--data", data, "--strategy", "nope"], "unknown strategy"),
         (["--data", data, "--db", live], "not a backtest"),
+        (["--data", data, "--db", tmp_path / "new.db", "--plot", tmp_path / "c.jpg"],
+         "write the chart as .png, .html or .svg"),
     ]
     for args, message in cases:
         r = CliRunner().invoke(cli.main, ["backtest", *map(str, args)])
@@ -457,3 +467,4 @@ def test_cli_refuses_bad_input(tmp_path):
         assert message in r.output, (args, r.output)
     with Ledger(live, readonly=True) as ledger:
         assert ledger.last_seq() == 1  # untouched
+    assert not (tmp_path / "new.db").exists() and not (tmp_path / "c.jpg").exists()
