@@ -129,25 +129,19 @@ class SymbolData:
 
 
 class CloseFrame:
-    """What ``jobs/scan.enter`` reads of a symbol's candle frame - ``set_index("ts")["close"]``,
-    the closes by time for the correlation limit - without building a DataFrame per
-    entry. Asking it for anything else fails loudly."""
+    """What ``jobs/scan.enter`` reads of a symbol's candle frame - its ``ts`` and ``close``
+    columns, for the correlation limit - without building a DataFrame per entry. Asking
+    it for anything else fails loudly."""
 
-    __slots__ = ("ts", "close", "_by")
+    __slots__ = ("ts", "close")
 
-    def __init__(self, ts: np.ndarray, close: np.ndarray, by: str | None = None) -> None:
-        self.ts, self.close, self._by = ts, close, by
+    def __init__(self, ts: np.ndarray, close: np.ndarray) -> None:
+        self.ts, self.close = ts, close
 
-    def set_index(self, column: str) -> CloseFrame:
-        if column != "ts":
-            raise KeyError(f"a backtest close frame is indexed by ts only, not {column!r}")
-        return CloseFrame(self.ts, self.close, "ts")
-
-    def __getitem__(self, column: str) -> pd.Series:
-        if column != "close" or self._by != "ts":
-            raise KeyError(f"a backtest close frame serves set_index('ts')['close'] only, "
-                           f"not {column!r}")
-        return pd.Series(self.close, index=pd.Index(self.ts, name="ts"), name="close")
+    def __getitem__(self, column: str) -> np.ndarray:
+        if column not in ("ts", "close"):
+            raise KeyError(f"a backtest close frame has ts and close only, not {column!r}")
+        return self.ts if column == "ts" else self.close
 
 
 def signal_of(strategy: Strategy, data: SymbolData, i: int) -> Signal:

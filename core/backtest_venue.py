@@ -6,7 +6,8 @@ the order state machine, fees, slippage, stop triggers on candle highs/lows). Tw
 layers only save work that cannot change an answer:
 
 * ``BacktestClient`` wraps the real client. It remembers what does not change while the
-  clock stands still and no order is sent (the balance, a market's rules) and serves
+  clock stands still and no order is sent (the balance - while flat, whatever the
+  clock - and a market's rules) and serves
   market data from the arrays already in memory (24 h tickers for the rotation, closed
   candles) in exactly the form the client returns them (tests compare both).
 * ``BacktestExecutor`` is the Executor, with the one ledger question it asks in SQL (how
@@ -59,7 +60,9 @@ class BacktestClient:
     # -- account: the balance only changes when time moves or an order goes out ---------
 
     def balance(self) -> BalanceReport:
-        key = (self.clock.now_ms(), self._writes)
+        # A flat account's balance only changes when an order goes out; an open position
+        # is marked to the market, so its balance is fetched at every new instant.
+        key = (None if self.client.raw.is_flat() else self.clock.now_ms(), self._writes)
         if key != self._balance_key:
             self._balance, self._balance_key = self.client.balance(), key
         return self._balance

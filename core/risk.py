@@ -221,20 +221,13 @@ def size_entry(*, mode: SizingMode, price: Any, equity: Any, market: MarketInfo,
 
 # -- correlation ---------------------------------------------------------------------
 
-def closes_series(data: Any) -> pd.Series:
-    """Closes indexed by candle ts, from a Series (already so) or a candle frame."""
-    if isinstance(data, pd.DataFrame):
-        return pd.Series(data["close"].to_numpy(float), index=data["ts"].to_numpy())
-    return pd.Series(data, dtype=float)
-
-
 def _ts_closes(data: Any) -> tuple[np.ndarray, np.ndarray]:
-    """(ts, close) arrays in ts order, one close per ts (the last given)."""
-    if isinstance(data, pd.DataFrame):
-        ts, close = data["ts"].to_numpy(), data["close"].to_numpy(float)
+    """(ts, close) arrays in ts order, one close per ts (the last given), from a closes
+    Series or anything with ``ts`` and ``close`` columns (a candle frame)."""
+    if isinstance(data, pd.Series):
+        ts, close = data.index.to_numpy(), data.to_numpy(float)
     else:
-        series = closes_series(data)
-        ts, close = series.index.to_numpy(), series.to_numpy(float)
+        ts, close = np.asarray(data["ts"]), np.asarray(data["close"], dtype=float)
     if len(ts) > 1 and not (ts[1:] > ts[:-1]).all():
         order = np.argsort(ts, kind="stable")
         ts, close = ts[order], close[order]
@@ -502,5 +495,5 @@ def exposures(positions: Iterable[Mapping[str, Any]]) -> tuple[OpenExposure, ...
 
 __all__ = ["OpenExposure", "RiskState", "SizeResult", "RiskDecision", "HaltAction",
            "truncate_amount", "target_notional", "size_entry", "return_correlation",
-           "closes_series", "check_entry", "check_account", "daily_loss_pct", "drawdown_pct",
+           "check_entry", "check_account", "daily_loss_pct", "drawdown_pct",
            "next_utc_midnight", "exposures", "FREE_BALANCE_USE"]

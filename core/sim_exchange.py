@@ -203,6 +203,14 @@ class SimExchange:
             self._wire.fault(method, fault, algo)
 
     # ----------------------------------------------------------------- time and matching
+    def is_flat(self) -> bool:
+        """No position and no resting order: time passing cannot change the account.
+        (Exact without catching up with the clock: with nothing open, matching the
+        candles since the last call cannot open anything.) False until the first call
+        has read the venue's state."""
+        with self._lock:
+            return getattr(self, "_positions", None) == {} and not self._open
+
     def now_ms(self) -> int:
         """The venue's time: the clock, never running backwards."""
         return max(self.clock.now_ms(), self._now)

@@ -225,8 +225,7 @@ def enter(rt, ex: Executor, symbol: str, signal, signal_fact: Fact, last: Candle
         log.warning("%s: entry skipped, balance/market unavailable (%s)", symbol, exc)
         rt.ledger.append([signal_fact])
         return 0
-    closes = {s: f.set_index("ts")["close"] for s, f in frames.items()
-              if s == symbol or s in state.positions}
+    closes = {s: f for s, f in frames.items() if s == symbol or s in state.positions}
     rules = rt.strategy.exit_rules(rt.config.exits)
     decision = risk.check_entry(symbol=symbol, side=signal.side, price=last.close, market=market,
                                 state=risk.RiskState.from_ledger(state, now), balance=balance,

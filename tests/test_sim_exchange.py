@@ -192,6 +192,20 @@ def test_stop_triggers_on_candle_low_and_fills_at_the_trigger(venue):
     assert last["info"]["realizedPnl"] == "-2.00000000"
 
 
+def test_is_flat_until_a_position_or_order_rests_and_again_after_the_stop_hits(venue):
+    ex, clock = venue((100.0, 100.5, 99.5, 100.0), (100.0, 100.2, 98.9, 99.5))
+    assert not ex.is_flat()  # not known before its state is read: no claim
+    ex.fetch_balance()
+    assert ex.is_flat()
+    ex.create_order(SYM, "market", "buy", 2)
+    assert not ex.is_flat()
+    ex.create_order(SYM, "market", "sell", 2, params={"triggerPrice": 99.0, "reduceOnly": True})
+    assert not ex.is_flat()
+    clock.set(T0 + 2 * TF)
+    assert ex.fetch_positions() == []  # the stop hit, nothing rests
+    assert ex.is_flat()
+
+
 def test_gap_through_the_stop_fills_at_the_open(venue):
     ex, clock = venue((100.0, 100.5, 99.5, 100.0), (97.0, 97.5, 96.0, 96.5))
     ex.create_order(SYM, "market", "buy", 1)
