@@ -8,6 +8,11 @@ job-sized batches of 20 realistic facts: a scan job's signals and risk decisions
 order intents, acknowledgements and fills, positions opening and closing, stops,
 trailing-stop updates, balance snapshots and the job_run row.
 
+Two "limit" figures show what bounds the durable append on this machine: the same
+batches' SQLite work alone (rows hashed and bound beforehand: BEGIN IMMEDIATE, the last
+hash, the INSERT with its trigger and index entries, the COMMIT and its fsync), and the
+fsync floor (durable commits of one tiny row, counted as 20 rows each).
+
 Bench-only path: the large ledger (``--rows``) is built through the normal
 ``Ledger.append`` (so every row is valid and chained and checkpoints are written as
 usual) but with ``PRAGMA synchronous = OFF`` set on the building connection. That only
@@ -20,6 +25,7 @@ import argparse
 import os
 import random
 import shutil
+import sqlite3
 import statistics
 import sys
 import tempfile
@@ -31,6 +37,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from core.orders import client_order_id  # noqa: E402
 from ledger import Fact, Ledger  # noqa: E402
+from ledger.chain import GENESIS, link  # noqa: E402
+from ledger.store import _insert_many, bind_values  # noqa: E402
 
 START_MS = 1_767_225_600_000  # 2026-01-01T00:00:00Z
 SYMBOLS = ("BTC/USDT:USDT", "ETH/USDT:USDT", "SOL/USDT:USDT", "BNB/USDT:USDT",
@@ -158,6 +166,64 @@ def bench_append(path: Path, work: list[list[Fact]], durable: bool = True,
     return rows / elapsed, each, cpu / rows
 
 
+def bench_sqlite_only(path: Path, work: list[list[Fact]]) -> tuple[float, list[float], float]:
+    """The SQLite part of the same durable appends alone: rows normalised, hashed and
+    bound beforehand, then per batch BEGIN IMMEDIATE, the SELECT of the last hash, the
+    INSERT and the COMMIT, as append() runs them. What no Python change can beat."""
+    bound, prev, seq = [], GENESIS, 0
+    for batch in work:
+        params: list = []
+        for fact in batch:
+            seq += 1
+            row = fact.row(seq)
+            prev = link(prev, row)
+            params += (seq, *bind_values(row[1:]), bytearray(prev))
+        bound.append((_insert_many(len(batch)), params))
+    with Ledger(fresh(path)) as ledger:
+        conn = ledger._conn()
+        each = []
+        clock = time.perf_counter
+        cpu = time.process_time()
+        t = clock()
+        for sql, params in bound:
+            t0 = clock()
+            conn.execute("BEGIN IMMEDIATE")
+            conn.execute("SELECT seq, hash FROM facts ORDER BY seq DESC LIMIT 1").fetchone()
+            conn.execute(sql, params)
+            conn.execute("COMMIT")
+            each.append(clock() - t0)
+        elapsed = clock() - t
+        cpu = time.process_time() - cpu
+    rows = sum(map(len, work))
+    return rows / elapsed, each, cpu / rows
+
+
+def bench_fsync_floor(path: Path, commits: int = 2000) -> tuple[float, list[float], float]:
+    """Durable commits of one tiny row in a one-column table (WAL, synchronous=FULL):
+    the fsync this disk costs any commit. Reported as rows/s at BATCH rows a commit."""
+    fresh(path)
+    conn = sqlite3.connect(path, isolation_level=None)
+    try:
+        conn.execute("PRAGMA journal_mode = WAL")
+        conn.execute("PRAGMA synchronous = FULL")
+        conn.execute("CREATE TABLE t (x INTEGER)")
+        each = []
+        clock = time.perf_counter
+        cpu = time.process_time()
+        t = clock()
+        for i in range(commits):
+            t0 = clock()
+            conn.execute("BEGIN IMMEDIATE")
+            conn.execute("INSERT INTO t VALUES (?)", (i,))
+            conn.execute("COMMIT")
+            each.append(clock() - t0)
+        elapsed = clock() - t
+        cpu = time.process_time() - cpu
+    finally:
+        conn.close()
+    return BATCH * commits / elapsed, each, cpu / (BATCH * commits)
+
+
 def build(path: Path, rows: int) -> None:
     """The bench-only fast build (see the module docstring)."""
     stream = realistic_facts(seed=7)
@@ -209,6 +275,10 @@ def run(args, work_dir: Path) -> None:
             lambda: bench_append(small, work, checkpoint_every=10**12),
         "for reference: the same without fsync (synchronous=OFF, NOT durable)":
             lambda: bench_append(small, work, durable=False),
+        "limit: SQLite alone, durable (the same batches hashed beforehand)":
+            lambda: bench_sqlite_only(small, work),
+        "limit: fsync floor (durable 1-row commits, counted as 20 rows each)":
+            lambda: bench_fsync_floor(small),
     }
     print("  (rows/s over each run, median of runs | rows/s at the median batch latency, which"
           "\n   other work on a shared machine disturbs less | CPU per row)")

@@ -1,6 +1,7 @@
 """Market scan: for every active coin and every coin with an open position.
 
-fetch  closed candles (concurrently, outside the lock), the balance
+fetch  closed candles (closed at the scan's start, concurrently, outside the lock),
+       the balance
 decide account limits (halts), exits of open positions, entry signals, risk
 record  signals, risk decisions, best prices, halts; execute orders write-ahead
 
@@ -38,14 +39,39 @@ def run(rt, scheduled_ms: int, run_id: str) -> dict:
     # balance is needed too: fetch it alongside rather than after (one round trip).
     tf = timeframe_ms(rt.config.strategy.timeframe)
     due = any(rt.clock.now_ms() >= state.last_signal.get(s, -tf) + 2 * tf for s in symbols)
+    cutoff = scan_instant(rt)
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="balance") as pool:
         pending = pool.submit(rt.client.balance) if due else None
-        candles = fetch_candles(rt, symbols)
+        candles = closed_by(fetch_candles(rt, symbols), cutoff, tf)
         balance = _result_or_none(pending)
     # The rest reads the ledger, decides and sends orders: serialised with the other jobs'
     # exchange writes (a reconcile must not close a position this scan is managing).
     with rt.lock:
         return decide_and_act(rt, symbols, candles, run_id, balance)
+
+
+def scan_instant(rt) -> int | None:
+    """The exchange's time as the scan starts (None if it cannot be read: the candles'
+    own fetches then judge, and report the problem)."""
+    try:
+        return rt.client.server_now_ms()
+    except Exception as exc:  # noqa: BLE001 - closed_candles meets it again, per symbol
+        log.debug("exchange clock not read before the scan: %s", exc)
+        return None
+
+
+def closed_by(candles: dict[str, list[Candle]], cutoff: int | None,
+              tf_ms: int) -> dict[str, list[Candle]]:
+    """Only the candles closed when the scan started, for every symbol alike. A fetch
+    judges "closed" by the exchange's time read after its answer came back, so a candle
+    closing in between would count as closed with the values it had while forming; and
+    one closing while the scan fetches would be decided now for the symbols fetched after
+    its close and by the next scan for the others (the order of one candle's entries, so
+    their sizes, slots and correlation checks, would depend on timing). Left to the next
+    scan, it is decided complete, for every symbol at once, in symbol order."""
+    if cutoff is None:
+        return candles
+    return {s: [c for c in series if c.ts + tf_ms <= cutoff] for s, series in candles.items()}
 
 
 def _result_or_none(pending):

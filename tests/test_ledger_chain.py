@@ -10,7 +10,7 @@ from decimal import Decimal
 from hashlib import sha256
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ledger import FACT_TYPES, Fact, FactError, Ledger, schema
@@ -62,6 +62,36 @@ def test_python_and_sqlite_encode_every_row_alike(fact, seq):
     assert conn.execute(f"SELECT {CANONICAL_SQL} FROM facts").fetchone()[0] == canonical(row)
     assert conn.execute(f"SELECT {', '.join(COLUMNS)} FROM facts").fetchone() == row
     assert link_tail(GENESIS, seq, encode_tail(row[1:])) == link(GENESIS, row)
+
+
+@settings(max_examples=60, deadline=None,
+          suppress_health_check=[HealthCheck.filter_too_much, HealthCheck.too_slow])
+@given(batch=st.lists(facts, min_size=1, max_size=4))
+def test_append_stores_every_value_exactly_as_the_chain_hashed_it(batch, tmp_path_factory):
+    """append binds NULL as 0 and the hash as a bytearray for speed: every value, its
+    SQLite type and the chain must come out exactly as Fact.row gives them."""
+    path = tmp_path_factory.mktemp("exact") / "bot.db"
+    zeros = Fact("note", 0, symbol="0", side="", amount="0", price="0", fee="0", pnl="-0",
+                 position_id="0", client_order_id="0", exchange_order_id="", reason="0",
+                 run_id="", data={"0": 0})
+    batch = [zeros, *batch]
+    with Ledger(path) as ledger:
+        assert ledger.append(batch) == list(range(1, len(batch) + 1))
+        stored = ledger._conn().execute(
+            f"SELECT {', '.join(COLUMNS)}, hash, {', '.join(f'typeof({c})' for c in COLUMNS)}, "
+            "typeof(hash) FROM facts ORDER BY seq").fetchall()
+        assert ledger.verify().ok
+    prev = GENESIS
+    for seq, (fact, row) in enumerate(zip(batch, stored, strict=True), start=1):
+        expected = fact.row(seq)
+        prev = link(prev, expected)
+        n = len(COLUMNS)
+        assert row[:n] == expected and row[n] == prev
+        assert row[n + 1:] == (*(_sqlite_type(v) for v in expected), "blob")
+
+
+def _sqlite_type(value) -> str:
+    return {type(None): "null", int: "integer", str: "text"}[type(value)]
 
 
 @settings(max_examples=200, deadline=None)
