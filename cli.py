@@ -116,6 +116,7 @@ def status(ctx: click.Context, as_json: bool) -> None:
              "entry_price": p["entry_price"], "best_price": p["best_price"],
              "stop": (p["stop"] or {}).get("price")} for p in state.positions.values()],
         "halts": state.halts,
+        "external_positions": state.external,
         "unresolved_orders": len(state.unresolved_orders()),
         "active_coins": state.active_coins,
         "last_runs": {job: {**run, "at": iso(run["ts"]), "ago_s": round((now - run["ts"]) / 1000)}
@@ -131,6 +132,9 @@ def status(ctx: click.Context, as_json: bool) -> None:
     click.echo(f"today       realized {report['realized_today']}")
     halts = ", ".join(f"{k}: {v['reason']}" for k, v in state.halts.items()) or "none"
     click.echo(f"halts       {halts}")
+    if state.external:  # reconcile flagged them; the bot does not trade these symbols
+        flagged = ", ".join(f"{s} {e['side']} {e['amount']}" for s, e in state.external.items())
+        click.echo(f"external    {flagged} (not ours: no entries until closed or adopted)")
     click.echo(f"coins       {', '.join(state.active_coins) or '-'}")
     click.echo(f"unresolved  {report['unresolved_orders']} order(s) awaiting reconciliation")
     click.echo("")

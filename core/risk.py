@@ -20,7 +20,7 @@ the market's minimum amount and minimum notional; it is never rounded up.
 
 Entry limits, in order (the first that fails is the reason): active halts
 (``halted:<kind>``), daily loss limit, max drawdown, a position already open in the
-symbol, max open positions, cooldown after a losing exit, return correlation with an
+symbol, a flagged external position in it (``external_position``), max open positions, cooldown after a losing exit, return correlation with an
 open position, notional caps, balance, minimums.
 
 Account limits (:func:`check_account`):
@@ -77,6 +77,7 @@ class RiskState:
     realized_today: Decimal = ZERO
     equity_peak: Decimal | None = None
     last_loss_exit_ms: Mapping[str, int] = field(default_factory=lambda: MappingProxyType({}))
+    external: frozenset[str] = frozenset()  # symbols holding a position the bot did not open
 
     @classmethod
     def from_summary(cls, summary: Mapping[str, Any]) -> RiskState:
@@ -104,6 +105,7 @@ class RiskState:
             equity_peak=as_decimal(summary.get("equity_peak")),
             last_loss_exit_ms=MappingProxyType({str(k): int(v) for k, v in
                                                 (summary.get("last_loss_exit_ms") or {}).items()}),
+            external=frozenset(str(s) for s in summary.get("external") or ()),
         )
 
     @classmethod
@@ -351,6 +353,10 @@ def check_entry(*, symbol: str, side: str, price: Any, market: MarketInfo, state
 
     if symbol in state.symbols():
         return refuse("position_open", f"a position in {symbol} is already open")
+    if symbol in state.external:
+        # One-way mode: an order here would add to (or close) someone else's position.
+        return refuse("external_position", f"{symbol} holds a position the bot did not "
+                      "open (flagged by reconcile); close or adopt it first")
     checks["open_positions"] = len(state.positions)
     if len(state.positions) >= rc.max_open_positions:
         return refuse("max_positions", f"{len(state.positions)} positions open "

@@ -298,6 +298,8 @@ def compare_positions(rt, ex: Executor, dry_run: bool, previous: list[dict] = ()
     for symbol, theirs in sorted(exchange.items()):
         if symbol not in state.positions and symbol not in plan["opens"]:
             diffs.append(external_position(rt, ex, theirs, dry_run, previous))
+    for symbol in sorted(set(state.external) - set(exchange)):
+        diffs.append(external_gone(ex, symbol, state.external[symbol], dry_run))
     return diffs
 
 
@@ -398,6 +400,16 @@ def external_position(rt, ex: Executor, theirs, dry_run: bool,
                            reason="adopted external position", data={"source": "reconcile"})])
     return Difference("external_position", theirs.symbol, detail,
                       correction="adopted; a stop follows", data={"opens": {theirs.symbol}})
+
+
+def external_gone(ex: Executor, symbol: str, flagged: dict, dry_run: bool) -> Difference:
+    """A flagged external position the exchange no longer holds: entries may resume."""
+    if not dry_run:
+        ex.record([ex.fact("external_position", symbol=symbol, side=flagged.get("side"),
+                           reason="gone", data={"gone": True})])
+    return Difference("external_position_gone", symbol,
+                      f"the flagged {flagged.get('side')} {flagged.get('amount')} is no "
+                      "longer on the exchange", correction="flag cleared; entries allowed")
 
 
 # -- stops ------------------------------------------------------------------------------

@@ -23,6 +23,8 @@ State shape (JSON-safe, so a checkpoint can hold it):
   last_reconcile_ts
   last_rotation  {scheduled_ms, ts} of the last rotation
   last_signal    {symbol: candle_ts} of the last candle a strategy decided on
+  external       {symbol: {side, amount, price, ts}} positions on the exchange that the
+                 bot did not open, flagged by reconcile: no entries there until gone
 """
 
 from __future__ import annotations
@@ -65,6 +67,7 @@ class State:
     last_reconcile_ts: int | None = None
     last_rotation: dict | None = None
     last_signal: dict = field(default_factory=dict)
+    external: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return {name: _clone(getattr(self, name)) for name in _FIELDS}
@@ -313,6 +316,16 @@ def _resume(s: State, row) -> None:
         s.equity_peak = s.equity
 
 
+def _external_position(s: State, row) -> None:
+    # Flagged until reconcile finds it gone or adopts it (then it is a position).
+    d = _data(row)
+    if d.get("adopted") is True or d.get("gone") is True:
+        s.external.pop(row[SYMBOL], None)
+    else:
+        s.external[row[SYMBOL]] = {"side": row[SIDE], "amount": row[AMOUNT],
+                                   "price": row[PRICE], "ts": row[TS]}
+
+
 def _job_run(s: State, row) -> None:
     d = _data(row)
     s.last_runs[_key(d.get("job"), "?")] = {
@@ -346,4 +359,5 @@ _HANDLERS = {
     "resume": _resume,
     "job_run": _job_run,
     "reconcile_run": _reconcile_run,
+    "external_position": _external_position,
 }

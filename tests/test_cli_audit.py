@@ -335,7 +335,7 @@ def test_status(db):
     assert (report["equity"], report["equity_peak"]) == ("10010.7", "10150")
     assert list(report["halts"]) == ["drawdown"]
     assert report["halts"]["drawdown"]["reason"] == "drawdown 15.3% >= 15%"
-    assert report["unresolved_orders"] == 1
+    assert report["unresolved_orders"] == 1 and report["external_positions"] == {}
     assert report["active_coins"] == [BTC, ETH, SOL]
     assert report["open_positions"] == [
         {"symbol": SOL, "side": "long", "amount": "15", "entry_price": "151.0",
@@ -369,6 +369,19 @@ def test_status_of_a_fresh_ledger(tmp_path):
     assert report["open_positions"] == [] and report["last_runs"] == {}
     text = run("--db", str(path), "status").stdout
     assert "no open positions" in text and "no job has run yet" in text
+
+
+def test_status_names_flagged_external_positions(tmp_path):
+    path = tmp_path / "ext.db"
+    with Ledger(path) as ledger:
+        ledger.append([Fact("external_position", 1_700_000_000_000, symbol=ETH, side="short",
+                            amount="3", price="2000", reason="flagged",
+                            data={"adopted": False})])
+    report = run_json("--db", str(path), "status")
+    assert report["external_positions"] == {ETH: {"side": "short", "amount": "3",
+                                                  "price": "2000", "ts": 1_700_000_000_000}}
+    text = run("--db", str(path), "status").stdout
+    assert f"external    {ETH} short 3 (not ours: no entries until closed or adopted)" in text
 
 
 def test_default_db_is_bot_db_in_the_working_folder(db):

@@ -161,6 +161,22 @@ def test_runs_rotations_signals_and_reconciliations():
     assert run(Fact("checkpoint", T0, data={"state": {}}), state=s).seq == s.seq + 1
 
 
+def test_flagged_external_positions_stand_until_adopted_or_gone():
+    def ext(symbol, reason, **data):
+        return Fact("external_position", T0, symbol=symbol, side="long", amount="2",
+                    price="10", reason=reason, data=data)
+
+    s = run(ext(BTC, "flagged", adopted=False), ext(ETH, "flagged", adopted=False))
+    assert s.external == {sym: {"side": "long", "amount": "2", "price": "10", "ts": T0}
+                          for sym in (BTC, ETH)}
+    assert via_checkpoint(s) == s
+    s2 = run(ext(BTC, "adopted", adopted=True), ext(ETH, "gone", gone=True), state=s)
+    assert s2.external == {}
+    # A checkpoint written before the field existed still loads (as nothing flagged).
+    old = {k: v for k, v in s.to_dict().items() if k != "external"}
+    assert State.from_dict(old).external == {}
+
+
 def test_the_fold_is_pure():
     s0 = run(opened(), intent("a"))
     snapshot = s0.to_dict()

@@ -16,6 +16,7 @@ from test_jobs_scan import (
     PICK_FIRST,
     T0,
     TF,
+    Pick,
     added,
     bots,
     candle,
@@ -363,7 +364,8 @@ def test_a_position_grown_by_hand_takes_the_exchanges_size_and_entry(bot_factory
 
 
 def test_an_external_position_is_flagged_for_a_human(bot_factory):
-    bot = bot_factory(paths={"AAA": flat(100, 5), "BBB": flat(50, 5)})
+    bot = bot_factory(paths={"AAA": flat(100, 5), "BBB": flat(50, 5)},
+                      strat=Pick(long_at=[T0 - TF, T0]))
     bot.venue.create_order(BBB, "market", "buy", qty(bot, BBB))
     report = reconciled(bot)
     assert report["status"] == "needs_human"
@@ -372,18 +374,32 @@ def test_an_external_position_is_flagged_for_a_human(bot_factory):
     [ext] = bot.facts("external_position")
     assert ext["symbol"] == BBB and ext["reason"] == "flagged"
     assert bot.position(BBB) is None and not bot.resting_stops()
+    assert set(bot.ledger.state().external) == {BBB}
     # Still there next time: still for a human, but recorded once.
     before = bot.counts()
     again = reconciled(bot)
     assert again["status"] == "needs_human"
     assert added(before, bot.counts()) == {"job_run": 1}
+    # No entry of ours may add to (or close) it: one-way mode has one position a symbol.
+    bot.set_coins([BBB])
+    assert bot.job("scan", T0)["outcome"] == "ok"
+    [decision] = bot.facts("risk_decision", symbol=BBB)
+    assert decision["reason"] == "external_position"
+    assert bot.position(BBB) is None and not bot.facts("order_intent")
     # A human closes it: that is recorded once (the flag no longer stands), then quiet.
     bot.venue.create_order(BBB, "market", "sell", float(ext["amount"]), None,
                            {"reduceOnly": True})
     cleared = reconciled(bot)
-    assert cleared["status"] == "corrected" and kinds(cleared) == ["unrecorded_fill"]
+    assert cleared["status"] == "corrected"
+    assert kinds(cleared) == ["external_position_gone", "unrecorded_fill"]
+    assert bot.facts("external_position")[-1]["reason"] == "gone"
     assert json.loads(bot.facts("reconcile_run")[-1]["data"])["status"] == "corrected"
     assert_settled(bot)
+    # ...and the bot trades the symbol again.
+    bot.after_candle(0)
+    assert bot.job("scan")["outcome"] == "ok"
+    assert bot.position(BBB) is not None
+    assert bot.facts("risk_decision", symbol=BBB)[-1]["reason"] == "approved"
 
 
 def test_an_external_position_is_adopted_with_a_stop_and_managed(bot_factory):

@@ -113,6 +113,13 @@ def test_position_open_and_max_positions():
     assert entry(state).reason == "position_open"
 
 
+def test_a_flagged_external_position_blocks_entries_in_its_symbol_only():
+    state = RiskState(external=frozenset({"ETH/USDT:USDT"}))
+    refused = entry(state, side="short")
+    assert refused.reason == "external_position" and "did not open" in refused.detail
+    assert entry(state, symbol="SOL/USDT:USDT").approved
+
+
 def test_cooldown_after_a_losing_exit():
     state = RiskState().with_exit("ETH/USDT:USDT", NOW, loss=True)
     assert entry(state, now=NOW + 29 * 60_000).reason == "cooldown"
@@ -232,10 +239,13 @@ def test_state_from_the_ledger_fold():
     state = State(positions={"A/USDT:USDT": pos}, day="2023-11-14", realized_today="-12",
                   day_start_equity="900", equity_peak="1000",
                   halts={"daily_loss": {"reason": "daily_loss_limit", "ts": NOW}},
-                  last_loss_exit={"B/USDT:USDT": NOW - 60_000})
+                  last_loss_exit={"B/USDT:USDT": NOW - 60_000},
+                  external={"C/USDT:USDT": {"side": "long", "amount": "1", "price": "3",
+                                            "ts": NOW}})
     s = RiskState.from_ledger(state, NOW)  # NOW is on 2023-11-14 UTC
     assert s.positions == (OpenExposure("A/USDT:USDT", "short", D("6")),)
     assert s.realized_today == D("-12") and s.last_loss_exit_ms == {"B/USDT:USDT": NOW - 60_000}
+    assert s.external == {"C/USDT:USDT"}
     assert s.active_halts(NOW) == {"daily_loss": "daily_loss_limit"}
     tomorrow = NOW - NOW % DAY_MS + DAY_MS
     assert s.active_halts(tomorrow) == {}  # a daily halt ends at UTC midnight by itself
