@@ -107,6 +107,10 @@ class BufferedLedger:
     def last_seq(self) -> int:
         return self._seq
 
+    def seq_floor(self, ts_ms: int) -> int:
+        self.flush()
+        return self.ledger.seq_floor(ts_ms)
+
     def close(self) -> None:
         self.flush()
         self.ledger.close()

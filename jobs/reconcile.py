@@ -96,9 +96,16 @@ def planned(diffs: list[Difference]) -> dict[str, set]:
 
 def last_report(rt) -> list[dict]:
     """The differences the last recorded (not dry) reconciliation found."""
-    rows = rt.ledger.select("SELECT data FROM facts WHERE type = 'reconcile_run' "
-                            "AND NOT coalesce(json_extract(data, '$.dry_run'), 0) "
-                            "ORDER BY seq DESC LIMIT 1")
+    state = rt.ledger.state()  # in-sync runs record none: the last may be long ago
+    if state.last_reconcile_seq is not None:
+        rows = rt.ledger.select("SELECT data FROM facts WHERE seq = ?",
+                                (state.last_reconcile_seq,))
+    elif state.last_reconcile_ts is not None:  # folded from a checkpoint older than the seq
+        rows = rt.ledger.select("SELECT data FROM facts WHERE type = 'reconcile_run' "
+                                "AND NOT coalesce(json_extract(data, '$.dry_run'), 0) "
+                                "ORDER BY seq DESC LIMIT 1")
+    else:
+        rows = []
     return json.loads(rows[0]["data"]).get("differences", []) if rows else []
 
 
@@ -316,7 +323,7 @@ def recorded_trade_ids(rt, since_ms: int) -> set[str]:
     happened, so nothing that traded since then is recorded earlier)."""
     return {r["trade_id"] for r in rt.ledger.select(
         "SELECT json_extract(data, '$.trade_id') AS trade_id FROM facts "
-        "WHERE type = 'fill' AND ts >= ?", (since_ms,))}
+        "WHERE seq > ? AND type = 'fill' AND ts >= ?", (rt.ledger.seq_floor(since_ms), since_ms))}
 
 
 def resized_on_exchange(rt, ex: Executor, p: dict, theirs, dry_run: bool) -> Difference:
@@ -496,9 +503,11 @@ def sweep_fills(rt, ex: Executor, dry_run: bool, since: int,
     order before its trade was listed) is not counted twice.
     """
     state = rt.ledger.state()
+    floor = rt.ledger.seq_floor(since)
     symbols = set(state.active_coins) | set(state.positions) | {r["symbol"] for r in
-        rt.ledger.select("SELECT DISTINCT symbol FROM facts WHERE type IN ('fill', "
-                         "'order_intent', 'external_position') AND ts >= ?", (since,))}
+        rt.ledger.select("SELECT DISTINCT symbol FROM facts WHERE seq > ? AND type IN "
+                         "('fill', 'order_intent', 'external_position') AND ts >= ?",
+                         (floor, since))}
     try:
         symbols |= {p.symbol for p in rt.client.positions()}
     except READ_ERRORS as exc:
@@ -509,8 +518,8 @@ def sweep_fills(rt, ex: Executor, dry_run: bool, since: int,
     per_order = {r["oid"]: sum((Decimal(a) for a in r["amounts"].split()), Decimal(0))
                  for r in rt.ledger.select(
         "SELECT exchange_order_id AS oid, group_concat(amount, ' ') AS amounts FROM facts "
-        "WHERE type = 'fill' AND ts >= ? AND exchange_order_id IS NOT NULL "
-        "GROUP BY exchange_order_id", (since,))}
+        "WHERE seq > ? AND type = 'fill' AND ts >= ? AND exchange_order_id IS NOT NULL "
+        "GROUP BY exchange_order_id", (floor, since))}
     diffs, facts = [], []
     for symbol in sorted(symbols):
         try:

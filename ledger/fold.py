@@ -20,7 +20,7 @@ State shape (JSON-safe, so a checkpoint can hold it):
   active_coins   [symbol, ...] from the last rotation
   last_runs      {job: {ts, outcome, scheduled_ms, duration_ms, seq}}
   last_loss_exit {symbol: ts} of the last losing exit (risk cooldown)
-  last_reconcile_ts
+  last_reconcile_ts, last_reconcile_seq  of the last recorded (not dry) reconcile_run
   last_rotation  {scheduled_ms, ts} of the last rotation
   last_signal    {symbol: candle_ts} of the last candle a strategy decided on
   external       {symbol: {side, amount, price, ts}} positions on the exchange that the
@@ -65,6 +65,7 @@ class State:
     last_runs: dict = field(default_factory=dict)
     last_loss_exit: dict = field(default_factory=dict)
     last_reconcile_ts: int | None = None
+    last_reconcile_seq: int | None = None
     last_rotation: dict | None = None
     last_signal: dict = field(default_factory=dict)
     external: dict = field(default_factory=dict)
@@ -336,7 +337,7 @@ def _job_run(s: State, row) -> None:
 
 def _reconcile_run(s: State, row) -> None:
     if not _data(row).get("dry_run"):
-        s.last_reconcile_ts = row[TS]
+        s.last_reconcile_ts, s.last_reconcile_seq = row[TS], row[SEQ]
 
 
 _HANDLERS = {

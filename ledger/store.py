@@ -47,6 +47,10 @@ PAGE_SIZE = 2048
 # to that size first, and a growing file's fsync costs more). Durability is unchanged:
 # every commit is fsynced in the WAL either way.
 WAL_AUTOCHECKPOINT = 4000
+# How long before its own time a fact can have been appended: facts are recorded after
+# what they record (a fill carries its trade's time), less exchange clock skew and a
+# writer waiting out the busy timeout, which are seconds. An hour leaves room to spare.
+RECORDING_SLACK_MS = 3_600_000
 SQLITE_HEADER = b"SQLite format 3\x00"
 SELECT_ROWS = f"SELECT {', '.join(COLUMNS)} FROM facts"
 INSERT_ROW = (f"INSERT INTO facts ({', '.join(COLUMNS)}, hash) "
@@ -454,6 +458,20 @@ class Ledger:
 
     def last_seq(self) -> int:
         return self._conn().execute("SELECT ifnull(max(seq), 0) FROM facts").fetchone()[0]
+
+    def seq_floor(self, ts_ms: int) -> int:
+        """A seq that every fact stamped at ``ts_ms`` or later comes after (0 if none).
+
+        The last job run stamped RECORDING_SLACK_MS before ``ts_ms``: it was appended when
+        stamped, before any such fact. ``ts`` has no index (every index slows appends), so
+        a time-window query adds ``seq > floor`` to read only the ledger's recent end;
+        found by reading backwards from that end, which job runs (every few seconds) keep
+        short.
+        """
+        row = self._conn().execute(
+            "SELECT seq FROM facts WHERE type = 'job_run' AND ts < ? ORDER BY seq DESC LIMIT 1",
+            (ts_ms - RECORDING_SLACK_MS,)).fetchone()
+        return row[0] if row else 0
 
     def facts_for_order(self, client_order_id: str) -> list[tuple]:
         return list(self._conn().execute(

@@ -172,7 +172,11 @@ def test_daily_reset_catches_up_every_day_that_closed_while_the_bot_was_down(bot
         facts += [Fact("position_closed", ts, symbol=AAA, side="long", amount="1",
                        price="100", fee="0.1", pnl=pnl, position_id=f"p{k}", reason="test"),
                   Fact("balance", ts + 1, data={"equity": equity, "total": equity})]
-    bot.ledger.append(facts)
+    # ...among hourly job runs, so each day's totals are read from its seq floor on.
+    facts += [Fact("job_run", ts, data={"job": "scan", "outcome": "ok"})
+              for ts in range(day0 + 1_000, day0 + 2 * DAY, 3_600_000)]
+    bot.ledger.append(sorted(facts, key=lambda f: f.ts))
+    assert bot.ledger.seq_floor(day0 + DAY) > 0
     bot.at(day0 + 3 * DAY + 60_000)  # down for three midnights
     record = bot.job("daily_reset", day0 + 3 * DAY)
     days = [utc_day(day0 + i * DAY) for i in range(3)]

@@ -157,7 +157,7 @@ def test_runs_rotations_signals_and_reconciliations():
     assert s.active_coins == [BTC, ETH]
     assert s.last_rotation == {"scheduled_ms": T0, "ts": T0 + 2}
     assert s.last_signal == {SOL: T0 - 300_000}
-    assert s.last_reconcile_ts == T0 + 3
+    assert s.last_reconcile_ts == T0 + 3 and s.last_reconcile_seq == 5  # not the dry run
     assert run(Fact("checkpoint", T0, data={"state": {}}), state=s).seq == s.seq + 1
 
 

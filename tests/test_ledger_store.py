@@ -282,6 +282,32 @@ def test_the_cached_state_folds_the_batches_it_holds_when_needed(ledger_path, mo
         assert (state.equity, state.fees_today, len(state.halts)) == ("159", "30.0", 7)
 
 
+def test_the_seq_floor_comes_before_every_fact_stamped_at_or_after_its_time(ledger):
+    """Job runs every 10 s of ten hours; fills recorded up to 20 min after their trade's
+    time, and some stamped 2 s ahead (an exchange clock ahead of ours) just before a job
+    run. Every fact stamped at or after t lies above seq_floor(t), which still skips most
+    of the ledger for a recent t."""
+    assert ledger.seq_floor(TS) == 0  # nothing recorded yet
+    for i in range(3600):
+        now = TS + i * 10_000
+        batch = [Fact("job_run", now, data={"job": "scan", "outcome": "ok"})]
+        if i % 5 == 0:
+            batch.insert(0, Fact("fill", now + 2_000, symbol="A/USDT:USDT", side="sell",
+                                 amount="1", price="2", fee="0.1", data={"trade_id": f"s{i}"}))
+        if i % 7 == 3:
+            batch.append(Fact("fill", now - (i * 37 % 1_200) * 1000, symbol="A/USDT:USDT",
+                              side="buy", amount="1", price="2", fee="0.1",
+                              data={"trade_id": str(i)}))
+        ledger.append(batch)
+    rows = ledger.select("SELECT seq, ts FROM facts")
+    for minutes in (0, 30, 59, 60, 61, 200, 590, 600, 700):
+        t = TS + minutes * 60_000 + 1_000
+        floor = ledger.seq_floor(t)
+        assert all(r["seq"] > floor for r in rows if r["ts"] >= t), minutes
+    recent = ledger.seq_floor(TS + 590 * 60_000)
+    assert recent > 0.8 * ledger.last_seq()
+
+
 def test_state_is_a_copy(ledger):
     ledger.append([Fact("halt", TS, reason="test", data={"kind": "manual"})])
     state = ledger.state()

@@ -549,3 +549,30 @@ def test_every_correction_is_recorded_under_the_reconcile_run(bot_factory):
     assert run["run_id"] == job["run_id"]
     for type_ in ("fill", "order_update", "position_closed"):
         assert bot.facts(type_, run_id=run["run_id"]), type_
+
+
+def test_hours_of_trading_record_every_trade_once_with_sweeps_from_the_seq_floor(bot_factory):
+    """Eight hours of entries stopped out by dips, with a reconcile every half hour: every
+    account trade is in the ledger exactly once, though the sweeps' time-window queries
+    read only the ledger's recent end (Ledger.seq_floor) rather than all of it."""
+    dip = candle(100, 100.3, 97.0, 99.8)  # through the 2 % stop
+    cycle = [*flat(100, 3), dip, *flat(100, 8)]  # 12 candles: clear of the 30 min cooldown
+    path = cycle * 8
+    longs = [T0 + (k - 1) * TF for k in range(0, len(path), len(cycle))]
+    bot = bot_factory(strat=Pick(long_at=longs), paths={"AAA": path})
+    bot.set_coins([AAA])
+    bot.job("scan", T0)
+    floors = []
+    for k in range(len(path)):
+        bot.after_candle(k)
+        assert bot.job("scan")["outcome"] == "ok"
+        if k % 6 == 5:
+            floors.append(bot.ledger.seq_floor(bot.clock.now_ms() - 20 * 60_000))
+            report = reconciled(bot)
+            assert "unrecorded_fill" not in kinds(report), report
+    assert len(bot.facts("position_closed")) == 8
+    assert floors[0] == 0 and floors[-1] > bot.ledger.last_seq() // 2  # reads the recent end
+    recorded = [json.loads(f["data"])["trade_id"] for f in bot.facts("fill")]
+    trades = bot.venue.fetch_my_trades(AAA, T0 - TF)
+    assert sorted(recorded) == sorted(str(t["id"]) for t in trades)  # each exactly once
+    assert_settled(bot)

@@ -96,7 +96,8 @@ def test_a_stop_signal_lets_the_running_job_finish_and_exits_0(tmp_path, sig):
     assert max(r["seq"] for r in job_runs(bot)) < events[-1]["seq"]
     console = bot.console()
     after_stop = console[console.index("stop requested"):]
-    assert "running job(s): scan" in after_stop
+    # (a reconcile, due every 5 bot-minutes, may be running beside it)
+    assert re.search(r"running job\(s\): [a-z_, ]*\bscan\b", after_stop), after_stop
     assert re.search(r"job scan (ok|error) in", after_stop.split("service stopped")[0]), \
         "the scan running at the signal was not finished and recorded"
     assert "service stopped" in after_stop
