@@ -107,9 +107,9 @@ class BufferedLedger:
     def last_seq(self) -> int:
         return self._seq
 
-    def seq_floor(self, ts_ms: int) -> int:
+    def seq_floor(self, ts_ms: int, **kw) -> int:
         self.flush()
-        return self.ledger.seq_floor(ts_ms)
+        return self.ledger.seq_floor(ts_ms, **kw)
 
     def close(self) -> None:
         self.flush()

@@ -15,6 +15,7 @@ from core.config import Config
 from core.exchange import ExchangeClient
 from core.strategies import Strategy, load_strategy
 from ledger import Ledger
+from ledger.store import RECORDING_SLACK_MS
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +35,12 @@ class Runtime:
     def __post_init__(self) -> None:
         if not self.data_clients:
             self.data_clients = [self.client]
+
+    def seq_floor(self, ts_ms: int) -> int:
+        """``Ledger.seq_floor`` with its slack in real time: an accelerated clock's hour
+        passes in seconds, shorter than a writer may wait for the ledger."""
+        speed = max(1.0, float(getattr(self.clock, "speed", 1.0)))
+        return self.ledger.seq_floor(ts_ms, slack_ms=int(RECORDING_SLACK_MS * speed))
 
     def close(self) -> None:
         self.ledger.close()

@@ -49,7 +49,7 @@ def run(rt, scheduled_ms: int, run_id: str) -> dict:
             "SELECT count(*) AS trades, total(CAST(pnl AS REAL)) AS pnl_f, "
             "group_concat(pnl, ' ') AS pnls, group_concat(fee, ' ') AS fees FROM facts "
             "WHERE seq > ? AND type = 'position_closed' AND ts >= ? AND ts < ?",
-            (rt.ledger.seq_floor(start), start, end))[0]
+            (rt.seq_floor(start), start, end))[0]
         realized = sum((Decimal(x) for x in (totals["pnls"] or "").split()), Decimal(0))
         fees = sum((Decimal(x) for x in (totals["fees"] or "").split()), Decimal(0))
         equity = equity_now if day == days[-1] and equity_now is not None else \

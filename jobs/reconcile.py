@@ -56,7 +56,7 @@ def run(rt, scheduled_ms: int, run_id: str, dry_run: bool = False) -> dict:
     diffs: list[Difference] = []
     with rt.lock:
         diffs += settle_orders(rt, ex, dry_run)
-        diffs += compare_positions(rt, ex, dry_run, previous, planned(diffs))
+        diffs += compare_positions(rt, ex, dry_run, planned(diffs))
         diffs += compare_stops(rt, ex, dry_run, planned(diffs))
         diffs += sweep_fills(rt, ex, dry_run, checked - FILL_LAG_MS, planned(diffs))
         balance_changed = snapshot_balance(rt, run_id, dry_run)
@@ -284,8 +284,7 @@ def apply_outcome(rt, ex: Executor, order: dict, req: OrderRequest, report: Orde
 
 # -- positions --------------------------------------------------------------------------
 
-def compare_positions(rt, ex: Executor, dry_run: bool, previous: list[dict] = (),
-                      plan: dict | None = None) -> list[Difference]:
+def compare_positions(rt, ex: Executor, dry_run: bool, plan: dict | None = None) -> list[Difference]:
     diffs = []
     plan = plan or planned([])
     state = rt.ledger.state()
@@ -304,7 +303,8 @@ def compare_positions(rt, ex: Executor, dry_run: bool, previous: list[dict] = ()
             diffs.append(resized_on_exchange(rt, ex, p, theirs, dry_run))
     for symbol, theirs in sorted(exchange.items()):
         if symbol not in state.positions and symbol not in plan["opens"]:
-            diffs.append(external_position(rt, ex, theirs, dry_run, previous))
+            diffs.append(external_position(rt, ex, theirs, dry_run,
+                                           state.external.get(symbol)))
     for symbol in sorted(set(state.external) - set(exchange)):
         diffs.append(external_gone(ex, symbol, state.external[symbol], dry_run))
     return diffs
@@ -323,7 +323,7 @@ def recorded_trade_ids(rt, since_ms: int) -> set[str]:
     happened, so nothing that traded since then is recorded earlier)."""
     return {r["trade_id"] for r in rt.ledger.select(
         "SELECT json_extract(data, '$.trade_id') AS trade_id FROM facts "
-        "WHERE seq > ? AND type = 'fill' AND ts >= ?", (rt.ledger.seq_floor(since_ms), since_ms))}
+        "WHERE seq > ? AND type = 'fill' AND ts >= ?", (rt.seq_floor(since_ms), since_ms))}
 
 
 def resized_on_exchange(rt, ex: Executor, p: dict, theirs, dry_run: bool) -> Difference:
@@ -385,13 +385,13 @@ def closed_on_exchange(rt, ex: Executor, p: dict, dry_run: bool) -> Difference:
 
 
 def external_position(rt, ex: Executor, theirs, dry_run: bool,
-                      previous: list[dict] = ()) -> Difference:
+                      flagged: dict | None = None) -> Difference:
     adopt = rt.config.reconcile.external_positions == "adopt"
     detail = f"{theirs.side} {theirs.amount} at {theirs.entry_price} is not in the ledger"
     if not adopt:
-        seen = any(d.get("kind") == "external_position" and d.get("symbol") == theirs.symbol
-                   and d.get("detail") == detail for d in previous)
-        if not dry_run and not seen:  # flagged once, reported every run
+        # Flagged once, reported every run: the folded flag (not the last report, which a
+        # crash or an older checkpoint can leave out of step) says whether it stands.
+        if not dry_run and not same_position(flagged, theirs):
             ex.record([ex.fact("external_position", symbol=theirs.symbol, side=theirs.side,
                                amount=theirs.amount, price=theirs.entry_price,
                                reason="flagged", data={"adopted": False})])
@@ -407,6 +407,16 @@ def external_position(rt, ex: Executor, theirs, dry_run: bool,
                            reason="adopted external position", data={"source": "reconcile"})])
     return Difference("external_position", theirs.symbol, detail,
                       correction="adopted; a stop follows", data={"opens": {theirs.symbol}})
+
+
+def same_position(flagged: dict | None, theirs) -> bool:
+    """Is the flagged external position the one the exchange holds now (side and size)?"""
+    if flagged is None or flagged.get("side") != theirs.side:
+        return False
+    try:
+        return Decimal(flagged.get("amount")) == theirs.amount
+    except (TypeError, ArithmeticError):
+        return False
 
 
 def external_gone(ex: Executor, symbol: str, flagged: dict, dry_run: bool) -> Difference:
@@ -503,7 +513,7 @@ def sweep_fills(rt, ex: Executor, dry_run: bool, since: int,
     order before its trade was listed) is not counted twice.
     """
     state = rt.ledger.state()
-    floor = rt.ledger.seq_floor(since)
+    floor = rt.seq_floor(since)
     symbols = set(state.active_coins) | set(state.positions) | {r["symbol"] for r in
         rt.ledger.select("SELECT DISTINCT symbol FROM facts WHERE seq > ? AND type IN "
                          "('fill', 'order_intent', 'external_position') AND ts >= ?",

@@ -202,6 +202,7 @@ def _fill(s: State, row) -> None:
 
 
 def _position_opened(s: State, row) -> None:
+    s.external.pop(row[SYMBOL], None)  # flagged while our order was unresolved: it is ours
     s.positions[row[SYMBOL]] = {
         "position_id": row[POSITION_ID], "symbol": row[SYMBOL], "side": row[SIDE],
         "amount": row[AMOUNT], "entry_price": row[PRICE], "opened_ts": row[TS],

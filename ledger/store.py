@@ -47,9 +47,10 @@ PAGE_SIZE = 2048
 # to that size first, and a growing file's fsync costs more). Durability is unchanged:
 # every commit is fsynced in the WAL either way.
 WAL_AUTOCHECKPOINT = 4000
-# How long before its own time a fact can have been appended: facts are recorded after
-# what they record (a fill carries its trade's time), less exchange clock skew and a
-# writer waiting out the busy timeout, which are seconds. An hour leaves room to spare.
+# How long a job run's record may wait between its stamp and its append (a writer
+# waiting out the busy timeout: seconds) and how far an exchange's clock may run ahead
+# of ours: an hour leaves room to spare. Facts are stamped by the bot's clock when they
+# are recorded (an exchange's own times go in their data).
 RECORDING_SLACK_MS = 3_600_000
 SQLITE_HEADER = b"SQLite format 3\x00"
 SELECT_ROWS = f"SELECT {', '.join(COLUMNS)} FROM facts"
@@ -459,18 +460,18 @@ class Ledger:
     def last_seq(self) -> int:
         return self._conn().execute("SELECT ifnull(max(seq), 0) FROM facts").fetchone()[0]
 
-    def seq_floor(self, ts_ms: int) -> int:
+    def seq_floor(self, ts_ms: int, slack_ms: int = RECORDING_SLACK_MS) -> int:
         """A seq that every fact stamped at ``ts_ms`` or later comes after (0 if none).
 
-        The last job run stamped RECORDING_SLACK_MS before ``ts_ms``: it was appended when
-        stamped, before any such fact. ``ts`` has no index (every index slows appends), so
-        a time-window query adds ``seq > floor`` to read only the ledger's recent end;
-        found by reading backwards from that end, which job runs (every few seconds) keep
-        short.
+        The last job run stamped ``slack_ms`` before ``ts_ms``: it was appended before
+        any such fact was stamped. ``ts`` has no index (every index slows appends), so a
+        time-window query adds ``seq > floor`` to read only the ledger's recent end;
+        found by reading backwards from that end, which job runs (every few seconds)
+        keep short.
         """
         row = self._conn().execute(
             "SELECT seq FROM facts WHERE type = 'job_run' AND ts < ? ORDER BY seq DESC LIMIT 1",
-            (ts_ms - RECORDING_SLACK_MS,)).fetchone()
+            (ts_ms - slack_ms,)).fetchone()
         return row[0] if row else 0
 
     def facts_for_order(self, client_order_id: str) -> list[tuple]:

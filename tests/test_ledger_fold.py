@@ -172,7 +172,11 @@ def test_flagged_external_positions_stand_until_adopted_or_gone():
     assert via_checkpoint(s) == s
     s2 = run(ext(BTC, "adopted", adopted=True), ext(ETH, "gone", gone=True), state=s)
     assert s2.external == {}
-    # A checkpoint written before the field existed still loads (as nothing flagged).
+    # Flagged while our own entry order was unresolved, then found ours: no longer external.
+    s3 = run(ext(SOL, "flagged", adopted=False), opened(symbol=SOL, pid="p9"), state=s2)
+    assert s3.external == {} and SOL in s3.positions
+    # A checkpoint written before the field existed still loads, with nothing flagged
+    # (reconcile flags again what still stands: see test_reconcile).
     old = {k: v for k, v in s.to_dict().items() if k != "external"}
     assert State.from_dict(old).external == {}
 

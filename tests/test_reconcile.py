@@ -23,10 +23,13 @@ from test_jobs_scan import (
     flat,
 )
 
+from core.clock import AcceleratedClock
 from core.exchange import NOT_FOUND_FINAL_MS
 from core.execution import Executor
 from core.sim_exchange import SimExchange
 from jobs import reconcile
+from ledger import Fact
+from ledger.fold import State
 
 FALL = [candle(100, 100.5, 99.5, 100.2), candle(100.2, 100.3, 96.0, 96.5)]  # through 98
 
@@ -402,6 +405,31 @@ def test_an_external_position_is_flagged_for_a_human(bot_factory):
     assert bot.facts("risk_decision", symbol=BBB)[-1]["reason"] == "approved"
 
 
+def test_a_flag_left_out_of_an_older_checkpoint_is_recorded_again(bot_factory, monkeypatch):
+    """A checkpoint from before flags were folded holds none: the flag still standing on
+    the exchange must be recorded again (not skipped because the last report named it),
+    and the symbol stays blocked."""
+    bot = bot_factory(paths={"AAA": flat(100, 5), "BBB": flat(50, 5)},
+                      strat=Pick(long_at=[T0 - TF]))
+    bot.venue.create_order(BBB, "market", "buy", qty(bot, BBB))
+    assert reconciled(bot)["status"] == "needs_human"
+    full = State.to_dict
+    monkeypatch.setattr(State, "to_dict", lambda self: {
+        k: v for k, v in full(self).items() if k not in ("external", "last_reconcile_seq")})
+    bot.ledger.checkpoint(bot.clock.now_ms())
+    monkeypatch.undo()
+    bot.ledger._state = None  # as after a restart: the checkpoint, then the tail
+    assert bot.ledger.state().external == {}
+    again = reconciled(bot)
+    assert again["status"] == "needs_human"
+    assert [f["reason"] for f in bot.facts("external_position")] == ["flagged", "flagged"]
+    assert set(bot.ledger.state().external) == {BBB}
+    bot.set_coins([BBB])
+    bot.job("scan", T0)
+    assert [d["reason"] for d in bot.facts("risk_decision", symbol=BBB)] == ["external_position"]
+    assert not bot.facts("order_intent")
+
+
 def test_an_external_position_is_adopted_with_a_stop_and_managed(bot_factory):
     # A deep dip at candle 0, long before the adoption: its low is not the position's.
     path = [candle(100, 100.2, 90, 100), *flat(100, 5)]
@@ -576,3 +604,13 @@ def test_hours_of_trading_record_every_trade_once_with_sweeps_from_the_seq_floor
     trades = bot.venue.fetch_my_trades(AAA, T0 - TF)
     assert sorted(recorded) == sorted(str(t["id"]) for t in trades)  # each exactly once
     assert_settled(bot)
+
+
+def test_the_seq_floor_slack_is_an_hour_of_real_time_on_an_accelerated_clock(bot_factory):
+    bot = bot_factory(paths={"AAA": flat(100, 3)})
+    hour = 3_600_000
+    bot.ledger.append([Fact("job_run", T0 - k * hour, data={"job": "scan", "outcome": "ok"})
+                       for k in (500, 100, 2)])
+    assert bot.rt.seq_floor(T0) == bot.ledger.last_seq()  # the run 2 h before
+    bot.rt.clock = AcceleratedClock(T0, speed=200.0)  # an hour of real time: 200 h of bot time
+    assert bot.rt.seq_floor(T0) == bot.ledger.last_seq() - 2  # the run 500 h before
