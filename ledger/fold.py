@@ -37,6 +37,11 @@ from core.clock import utc_day
 
 from .chain import COLUMNS
 
+# The rules' version, kept in every checkpoint: a checkpoint folded by other rules (or
+# by another State shape) is not trusted, and the state is folded again from the start.
+# 2: flagged external positions, last_reconcile_seq. Bump it with any rule change.
+FOLD_VERSION = 2
+
 TERMINAL_STATES = frozenset({"filled", "cancelled", "rejected", "expired"})
 UNRESOLVED_STATES = frozenset({"intent", "submitted", "unknown"})
 

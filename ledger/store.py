@@ -30,7 +30,7 @@ from .chain import (
     link_tail,
 )
 from .facts import Fact, FactError
-from .fold import State, fold, fold_into
+from .fold import FOLD_VERSION, State, fold, fold_into
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +82,10 @@ def _insert_many(n: int) -> str:
 def bind_values(values: tuple) -> list:
     """A row's values (after its seq) as _insert_many binds them: None as 0."""
     return [v if v is not None else 0 for v in values]
+
+
+def checkpoint_fact(ts: int, state: State) -> Fact:
+    return Fact("checkpoint", ts, data={"fold_version": FOLD_VERSION, "state": state.to_dict()})
 
 
 class LedgerError(Exception):
@@ -284,9 +288,22 @@ class Ledger:
                                       "to migrate it")
             else:
                 _migrate(conn, self.path, version)
+                self._refresh_stale_checkpoint(conn)
         except BaseException:
             self.close()
             raise
+
+    def _refresh_stale_checkpoint(self, conn: sqlite3.Connection) -> None:
+        """After an upgrade that changed the fold, every start would fold the whole ledger
+        until the next checkpoint is due: write one by these rules now, once."""
+        row = conn.execute("SELECT json_extract(data, '$.fold_version') FROM facts "
+                           "WHERE type = 'checkpoint' ORDER BY seq DESC LIMIT 1").fetchone()
+        if row is not None and (row[0] or 1) != FOLD_VERSION:
+            last_ts = conn.execute("SELECT ts FROM facts ORDER BY seq DESC LIMIT 1").fetchone()
+            try:
+                self.checkpoint(last_ts[0])
+            except LedgerWriteError as exc:  # only a shortcut: the ledger reads fine without
+                log.warning("%s", exc)
 
     # -- connections -------------------------------------------------------------------
 
@@ -351,8 +368,7 @@ class Ledger:
             if self._checkpoint_due(conn, seq):
                 new_state = self._fold_to(conn, seq, rows)
                 seq += 1
-                values = Fact("checkpoint", facts[-1].ts,
-                              data={"state": new_state.to_dict()}).row(seq)
+                values = checkpoint_fact(facts[-1].ts, new_state).row(seq)
                 conn.execute(INSERT_ROW, (*values, link(prev, values)))
                 new_state.seq = seq
             conn.execute("COMMIT")
@@ -431,7 +447,7 @@ class Ledger:
             last = conn.execute("SELECT seq, hash FROM facts ORDER BY seq DESC LIMIT 1")
             seq, prev = last.fetchone() or (0, GENESIS)
             state = self._fold_to(conn, seq)
-            values = Fact("checkpoint", ts, data={"state": state.to_dict()}).row(seq + 1)
+            values = checkpoint_fact(ts, state).row(seq + 1)
             conn.execute(INSERT_ROW, (*values, link(prev, values)))
             conn.execute("COMMIT")
         except sqlite3.Error as exc:
@@ -517,7 +533,13 @@ class Ledger:
         row = conn.execute(sql + " ORDER BY seq DESC LIMIT 1", params).fetchone()
         if row is None:
             return State()
-        state = State.from_dict(json.loads(row[1])["state"])
+        data = json.loads(row[1])
+        if data.get("fold_version", 1) != FOLD_VERSION:
+            log.warning("%s: the checkpoint at seq %d was folded by other rules (version "
+                        "%s, now %d); folding every row again", self.path, row[0],
+                        data.get("fold_version", 1), FOLD_VERSION)
+            return State()
+        state = State.from_dict(data["state"])
         state.seq = row[0]
         return state
 

@@ -308,6 +308,32 @@ def test_the_seq_floor_comes_before_every_fact_stamped_at_or_after_its_time(ledg
     assert recent > 0.8 * ledger.last_seq()
 
 
+def test_a_checkpoint_folded_by_other_rules_is_folded_again(ledger_path, monkeypatch):
+    """A checkpoint from before a fold change (no fold_version, no `external` field) is
+    not trusted: the state is folded from the first row, and the first writer to open the
+    ledger writes a checkpoint by the current rules, once."""
+    flag = Fact("external_position", TS, symbol="A/USDT:USDT", side="long", amount="2",
+                price="3", reason="flagged", data={"adopted": False})
+    monkeypatch.setattr(store, "checkpoint_fact", lambda ts, state: Fact(
+        "checkpoint", ts, data={"state": {k: v for k, v in state.to_dict().items()
+                                          if k not in ("external", "last_reconcile_seq")}}))
+    with Ledger(ledger_path, checkpoint_every=3) as ledger:
+        ledger.append([flag, note(1), note(2), note(3)])  # the checkpoint follows
+        ledger.append([note(4)])
+    monkeypatch.undo()
+    with Ledger(ledger_path, readonly=True) as reader:
+        assert reader.last_seq() == 6  # nothing written by a reader
+        state = reader.state()
+        assert state == reader.replay() and set(state.external) == {"A/USDT:USDT"}
+    with Ledger(ledger_path) as ledger:
+        checkpoints = ledger.select("SELECT seq, data FROM facts WHERE type = 'checkpoint'")
+        assert [c["seq"] for c in checkpoints] == [5, 7]
+        assert json.loads(checkpoints[-1]["data"])["fold_version"] == store.FOLD_VERSION
+        assert ledger.state() == ledger.replay()
+    with Ledger(ledger_path) as ledger:
+        assert ledger.last_seq() == 7  # written once
+
+
 def test_state_is_a_copy(ledger):
     ledger.append([Fact("halt", TS, reason="test", data={"kind": "manual"})])
     state = ledger.state()
