@@ -96,16 +96,9 @@ def planned(diffs: list[Difference]) -> dict[str, set]:
 
 def last_report(rt) -> list[dict]:
     """The differences the last recorded (not dry) reconciliation found."""
-    state = rt.ledger.state()  # in-sync runs record none: the last may be long ago
-    if state.last_reconcile_seq is not None:
-        rows = rt.ledger.select("SELECT data FROM facts WHERE seq = ?",
-                                (state.last_reconcile_seq,))
-    elif state.last_reconcile_ts is not None:  # folded from a checkpoint older than the seq
-        rows = rt.ledger.select("SELECT data FROM facts WHERE type = 'reconcile_run' "
-                                "AND NOT coalesce(json_extract(data, '$.dry_run'), 0) "
-                                "ORDER BY seq DESC LIMIT 1")
-    else:
-        rows = []
+    # In-sync runs record none, so the last may be long ago: the fold knows where.
+    seq = rt.ledger.state().last_reconcile_seq
+    rows = rt.ledger.select("SELECT data FROM facts WHERE seq = ?", (seq,)) if seq else []
     return json.loads(rows[0]["data"]).get("differences", []) if rows else []
 
 
@@ -284,7 +277,8 @@ def apply_outcome(rt, ex: Executor, order: dict, req: OrderRequest, report: Orde
 
 # -- positions --------------------------------------------------------------------------
 
-def compare_positions(rt, ex: Executor, dry_run: bool, plan: dict | None = None) -> list[Difference]:
+def compare_positions(rt, ex: Executor, dry_run: bool,
+                      plan: dict | None = None) -> list[Difference]:
     diffs = []
     plan = plan or planned([])
     state = rt.ledger.state()

@@ -91,6 +91,11 @@ def checkpoint_fact(ts: int, state: State) -> Fact:
     return Fact("checkpoint", ts, data={"fold_version": FOLD_VERSION, "state": state.to_dict()})
 
 
+def folded_by(checkpoint_data: dict) -> int:
+    """The fold version a checkpoint was written by (1: before versions were recorded)."""
+    return checkpoint_data.get("fold_version", 1)
+
+
 class LedgerError(Exception):
     """The ledger cannot be opened or used as asked (the CLI exits 2)."""
 
@@ -299,9 +304,9 @@ class Ledger:
     def _refresh_stale_checkpoint(self, conn: sqlite3.Connection) -> None:
         """After an upgrade that changed the fold, every start would fold the whole ledger
         until the next checkpoint is due: write one by these rules now, once."""
-        row = conn.execute("SELECT json_extract(data, '$.fold_version') FROM facts "
-                           "WHERE type = 'checkpoint' ORDER BY seq DESC LIMIT 1").fetchone()
-        if row is not None and (row[0] or 1) != FOLD_VERSION:
+        row = conn.execute("SELECT data FROM facts WHERE type = 'checkpoint' "
+                           "ORDER BY seq DESC LIMIT 1").fetchone()
+        if row is not None and folded_by(json.loads(row[0])) != FOLD_VERSION:
             last_ts = conn.execute("SELECT ts FROM facts ORDER BY seq DESC LIMIT 1").fetchone()
             try:
                 self.checkpoint(last_ts[0])
@@ -537,10 +542,10 @@ class Ledger:
         if row is None:
             return State()
         data = json.loads(row[1])
-        if data.get("fold_version", 1) != FOLD_VERSION:
+        if folded_by(data) != FOLD_VERSION:
             log.warning("%s: the checkpoint at seq %d was folded by other rules (version "
                         "%s, now %d); folding every row again", self.path, row[0],
-                        data.get("fold_version", 1), FOLD_VERSION)
+                        folded_by(data), FOLD_VERSION)
             return State()
         state = State.from_dict(data["state"])
         state.seq = row[0]
