@@ -529,7 +529,7 @@ class ExchangeClient:
         report = None
         if isinstance(raw, dict):
             try:
-                report = self._order_report(raw, trigger=trigger)
+                report = self._executed(self._order_report(raw, trigger=trigger))
             except BadExchangeData:
                 report = None  # Binance's algo cancel answers only ids: look it up
         if report is None or report.status == "open":
@@ -621,9 +621,27 @@ class ExchangeClient:
         except ccxt.OrderNotFound:
             return None
         try:
-            return self._order_report(raw, trigger=trigger)
+            report = self._order_report(raw, trigger=trigger)
         except BadExchangeData as exc:
             raise self._bad(f"order {name}", str(exc), raw) from None
+        return self._executed(report)
+
+    def _executed(self, stop: OrderReport) -> OrderReport:
+        """A triggered stop as the order it became: that order's status, fill and average.
+
+        Binance's algo service answers a triggered stop with its own status (TRIGGERED:
+        passed to the matching engine; FINISHED: that order is done) and the id of that
+        order (``actualOrderId``), but not what filled: ccxt reads it as closed with
+        nothing filled, which alone would look like a stop that expired unexecuted.
+        """
+        if stop.status != "triggered" or stop.triggered_order_id is None:
+            return stop
+        order = self._lookup(stop.symbol, None, stop.triggered_order_id, trigger=False)
+        if order is None:  # not visible yet
+            return stop
+        return replace(stop, status="triggered" if order.status == "open" else order.status,
+                       amount=order.amount, filled=order.filled,
+                       average_price=order.average_price, ts=order.ts or stop.ts)
 
     # ---- internals: parsing and validation -----------------------------------------
 
@@ -721,6 +739,13 @@ class ExchangeClient:
         if exchange_id in (None, "") and client_id is None:
             raise BadExchangeData("order without any id", summarize(o))
         is_trigger = trigger or bool(trigger_price)
+        triggered = None
+        if is_trigger:
+            info = o.get("info") if isinstance(o.get("info"), dict) else {}
+            actual = info.get("actualOrderId")
+            triggered = str(actual) if actual not in (None, "", 0, "0") else None
+            if status == "closed":  # it fired; what came of it is the order's (_executed)
+                status = "triggered"
         return OrderReport(
             symbol=symbol,
             client_order_id=str(client_id) if client_id is not None else None,
@@ -735,6 +760,7 @@ class ExchangeClient:
             reduce_only=bool(o.get("reduceOnly")),
             ts=_timestamp(o.get("timestamp")),
             is_trigger=is_trigger,
+            triggered_order_id=triggered,
         )
 
     def _fill(self, symbol: str, t: Any) -> FillReport:

@@ -47,7 +47,9 @@ from typing import Any, Literal
 
 Side = Literal["buy", "sell"]
 OrderType = Literal["market", "stop_market"]
-OrderStatus = Literal["open", "closed", "canceled", "expired", "rejected"]
+# "triggered": a stop that fired whose outcome is not known yet (the order it became is
+# still working or not visible): neither resting nor settled.
+OrderStatus = Literal["open", "triggered", "closed", "canceled", "expired", "rejected"]
 SubmitStatus = Literal["accepted", "rejected", "unknown"]
 
 
@@ -115,6 +117,9 @@ class OrderReport:
     reduce_only: bool
     ts: int | None
     is_trigger: bool = False
+    # A stop that fired: the id of the order it became (Binance's algo actualOrderId),
+    # under which it trades; its status, fill and average are that order's.
+    triggered_order_id: str | None = None
 
 
 @dataclass(frozen=True)

@@ -53,13 +53,14 @@ def realized_pnl(side: str, amount: Decimal, entry: Decimal, exit_: Decimal,
 
 def executed(report: OrderReport | None) -> bool:
     """Did a stop that is no longer working execute (all or part)?"""
-    return report is not None and report.status != "open" and report.filled > 0
+    return report is not None and report.status not in ("open", "triggered") \
+        and report.filled > 0
 
 
 def unsettled(report: OrderReport | None) -> bool:
-    """A triggered stop whose execution is not visible yet (Binance's algo TRIGGERED reads
-    ``closed`` with nothing filled): its fate is unknown, so nothing may be sent on it."""
-    return report is not None and report.status == "closed" and report.filled == 0
+    """A stop that fired whose outcome is not known yet (the order it became still works
+    or is not visible): nothing may be sent on it."""
+    return report is not None and report.status == "triggered"
 
 
 @dataclass(frozen=True)
@@ -181,18 +182,15 @@ class Executor:
         """The account trades of one order; a synthetic one for any part not yet listed.
 
         Binance's trade list carries no client order id, and a triggered stop trades
-        under the id of the market order it turned into, found by the stop's client id.
-        Every fill returned carries the order's client id, so the ledger ties it to its
-        order.
+        under the id of the order it became (``triggered_order_id``). Every fill returned
+        carries the order's client id, so the ledger ties it to its order.
         """
         try:
             trades = self.client.fills(report.symbol, since_ms)
         except READ_ERRORS as exc:
             log.warning("fills of %s unavailable (%s)", report.client_order_id, exc)
             trades = []
-        ids = {report.exchange_order_id} - {None}
-        if report.is_trigger and report.client_order_id and trades:
-            ids |= self._triggered_order_ids(report)
+        ids = {report.exchange_order_id, report.triggered_order_id} - {None}
         mine = [t for t in trades if t.exchange_order_id in ids
                 or (report.client_order_id and t.client_order_id == report.client_order_id)]
         if report.client_order_id:
@@ -201,23 +199,15 @@ class Executor:
         missing = report.filled - sum((t.amount for t in mine), ZERO)
         if missing > 0 and report.average_price is not None:
             # Trades can lag the order; the order itself is proof of the fill. Reconcile
-            # skips orders whose fills add up, so this is never counted twice.
+            # skips orders whose fills add up (by the id the trades carry), so this is
+            # never counted twice.
             log.warning("order %s: %s filled without a listed trade; fee unknown",
                         report.client_order_id, missing)
-            mine.append(FillReport(report.symbol, f"order:{report.exchange_order_id}:rest",
-                                   report.exchange_order_id, report.client_order_id, report.side,
-                                   missing, report.average_price, ZERO, "", report.ts or 0))
+            traded_as = report.triggered_order_id or report.exchange_order_id
+            mine.append(FillReport(report.symbol, f"order:{traded_as}:rest", traded_as,
+                                   report.client_order_id, report.side, missing,
+                                   report.average_price, ZERO, "", report.ts or 0))
         return mine
-
-    def _triggered_order_ids(self, stop: OrderReport) -> set[str]:
-        try:
-            child = self.client.order_by_client_id(stop.symbol, stop.client_order_id)
-        except READ_ERRORS as exc:
-            log.info("stop %s: triggered order not found (%s)", stop.client_order_id, exc)
-            return set()
-        if child is None or child.side != stop.side or not child.exchange_order_id:
-            return set()
-        return {child.exchange_order_id}
 
     def fill_fact(self, f: FillReport, position_id: str | None) -> Fact:
         return self.fact("fill", symbol=f.symbol, side=f.side, amount=f.amount, price=f.price,

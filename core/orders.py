@@ -49,14 +49,14 @@ def transition(current: str, new: str) -> str:
 
 
 def state_of(report_status: str, amount, filled) -> str:
-    """Our state for an exchange order report (ccxt's status plus how much filled).
+    """Our state for an exchange order report (its status plus how much filled).
 
-    ccxt reports Binance's algo status FINISHED as ``closed`` whether or not the
-    triggered order executed: closed with nothing filled is ``expired``, not filled.
+    Closed with nothing filled is ``expired``, not filled. A stop that fired but whose
+    outcome is not known yet (``triggered``) still counts as working.
     """
     if report_status == "closed":
         return "expired" if filled is not None and filled == 0 else "filled"
-    if report_status == "open":
+    if report_status in ("open", "triggered"):
         return "partially_filled" if filled and filled > 0 else "accepted"
     if report_status == "canceled":
         return "cancelled"

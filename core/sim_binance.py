@@ -102,8 +102,10 @@ def raw_order(o: SimOrder, market_id: str, spec: Spec) -> dict:
                 "closePosition": o.close_position, "priceProtect": False,
                 "reduceOnly": o.reduce_only, "createTime": o.created_ms,
                 "updateTime": o.updated_ms, "triggerTime": o.trigger_ms, "goodTillDate": 0,
+                # As documented: the order it became and that order's average price, but
+                # not what filled (ccxt reads a FINISHED stop as closed, nothing filled).
                 "actualOrderId": "" if o.actual_order_id is None else str(o.actual_order_id),
-                "executedQty": fmt(o.filled, qp), "avgPrice": fmt(avg, pp + 2)}
+                "actualPrice": fmt(avg, pp + 2)}
     return {"orderId": o.id, "symbol": market_id, "status": o.status,
             "clientOrderId": o.client_id, "price": fmt(o.price, pp), "avgPrice": fmt(avg, pp + 2),
             "origQty": fmt(o.amount, qp), "executedQty": fmt(o.filled, qp),

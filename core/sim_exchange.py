@@ -307,8 +307,10 @@ class SimExchange:
             self.store.save_order(o)
             return
         o.trigger_ms = ts
+        # The order a stop becomes gets an id of the venue's own (Binance documents only
+        # actualOrderId as the link), so the bot cannot come to rely on it sharing ours.
         child = self._new_order(o.symbol, "MARKET", o.side, o.amount, None, None,
-                                o.reduce_only, o.client_id, algo=False, ts=ts)
+                                o.reduce_only, f"algo-{o.id}", algo=False, ts=ts)
         child.close_position, child.orig_type = o.close_position, o.type
         try:
             self._execute(child, self._spec[o.symbol].slip(price, o.side, self.slippage), ts,

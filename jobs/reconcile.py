@@ -175,6 +175,8 @@ def settle_orders(rt, ex: Executor, dry_run: bool) -> list[Difference]:
                                     f"{req.client_order_id} ({order['state']}) is unknown to "
                                     "the exchange", "human"))
             continue
+        if unsettled(report):  # it fired; what came of it is settled once visible
+            continue
         new = state_of(report.status, report.amount, report.filled)
         if new == order["state"]:
             continue

@@ -34,6 +34,7 @@ from core.exchange import (
     clean_candles,
 )
 from core.exchange_types import BadExchangeData, Candle, OrderRequest
+from core.orders import state_of
 
 FIX = Path(__file__).parent / "fixtures" / "binance"
 SERVER_NOW = 1768471350000  # time.json: 2026-01-15T10:02:30Z, mid-way through the 10:00 candle
@@ -498,6 +499,68 @@ def test_stop_fetch_and_cancel_use_the_trigger_flag():
     cancelled = client.cancel(BTC, client_order_id=STOP_CID, trigger=True)
     assert venue.requests_to("DELETE", "/fapi/v1/algoOrder")[0]["clientAlgoId"] == STOP_CID
     assert cancelled.status == "canceled" and cancelled.is_trigger
+
+
+def triggered_stop(status: str, actual: str = "812345678950", price: str = "94390.00") -> dict:
+    """The algo order as Binance's Query Algo Order documents it once the stop triggered:
+    the order it became (actualOrderId) and its average price, never the executed quantity."""
+    return {**body("algo_order_query"), "algoStatus": status, "actualOrderId": actual,
+            "actualPrice": price, "triggerTime": 1768471500123, "updateTime": 1768471500130}
+
+
+def stop_execution(status: str = "FILLED", executed: str = "0.012") -> dict:
+    """The market order a stop became, as GET /fapi/v1/order answers it (its own client id)."""
+    return {**body("order_query_filled"), "orderId": 812345678950, "side": "SELL",
+            "clientOrderId": "autoStop-x7Qe2", "status": status, "executedQty": executed,
+            "cumQuote": "1132.68000" if executed != "0" else "0", "avgPrice":
+            "94390.00" if executed != "0" else "0.00", "origType": "STOP_MARKET",
+            "reduceOnly": True, "time": 1768471500125, "updateTime": 1768471500125}
+
+
+def test_a_finished_stop_is_read_as_the_order_it_became():
+    client, venue, _ = make()
+    venue.then("GET", "/fapi/v1/algoOrder", triggered_stop("FINISHED"))
+    venue.then("GET", "/fapi/v1/order", stop_execution())
+    found = client.order_by_client_id(BTC, STOP_CID, trigger=True)
+    assert venue.requests_to("GET", "/fapi/v1/order")[0]["orderId"] == "812345678950"
+    assert (found.client_order_id, found.triggered_order_id) == (STOP_CID, "812345678950")
+    assert (found.status, found.filled, found.average_price) == (
+        "closed", Decimal("0.012"), Decimal("94390"))
+    assert state_of(found.status, found.amount, found.filled) == "filled"
+
+
+def test_a_finished_stop_whose_order_filled_nothing_expired():
+    client, venue, _ = make()
+    venue.then("GET", "/fapi/v1/algoOrder", triggered_stop("FINISHED", price="0.00000"))
+    venue.then("GET", "/fapi/v1/order", stop_execution("EXPIRED", "0"))
+    found = client.order_by_client_id(BTC, STOP_CID, trigger=True)
+    assert state_of(found.status, found.amount, found.filled) == "expired"
+
+
+@pytest.mark.parametrize("status,actual,order", [
+    ("TRIGGERED", "", None),  # passed to the matching engine, its order not named yet
+    ("FINISHED", "", None),  # done, but the answer does not say as what
+    ("TRIGGERED", "812345678950", "unknown_order"),  # its order not visible yet
+    ("TRIGGERED", "812345678950", stop_execution("NEW", "0")),
+])
+def test_a_stop_that_fired_with_its_outcome_unknown_reads_triggered(status, actual, order):
+    client, venue, _ = make(http=True)
+    venue.then("GET", "/fapi/v1/algoOrder", triggered_stop(status, actual))
+    if order is not None:
+        venue.then("GET", "/fapi/v1/order", err(order) if order == "unknown_order" else order)
+    found = client.order_by_client_id(BTC, STOP_CID, trigger=True)
+    assert found.status == "triggered" and found.filled == 0  # neither resting nor done
+    assert state_of(found.status, found.amount, found.filled) == "accepted"
+
+
+def test_a_stop_that_triggered_while_being_cancelled_reports_its_execution():
+    client, venue, _ = make(http=True)
+    venue.then("DELETE", "/fapi/v1/algoOrder", err("unknown_order"))
+    venue.then("GET", "/fapi/v1/algoOrder", triggered_stop("FINISHED"))
+    venue.then("GET", "/fapi/v1/order", stop_execution())
+    report = client.cancel(BTC, client_order_id=STOP_CID, trigger=True)
+    assert (report.status, report.filled, report.triggered_order_id) == (
+        "closed", Decimal("0.012"), "812345678950")
 
 
 def test_below_minimums_rejected_locally_never_sent():

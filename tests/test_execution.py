@@ -13,13 +13,14 @@ import sqlite3
 from dataclasses import dataclass, field
 from decimal import Decimal
 
+import ccxt
 import pytest
 
 from core.clock import VirtualClock
 from core.config import Config
 from core.exchange import NOT_FOUND_FINAL_MS, ExchangeClient
 from core.exchange_types import OrderRequest
-from core.execution import Executor
+from core.execution import Executor, executed, unsettled
 from core.orders import IllegalTransition, client_order_id
 from core.sim_exchange import SimExchange
 from ledger import Fact, Ledger
@@ -492,6 +493,40 @@ def test_a_stop_that_filled_before_the_exit_is_recorded_and_nothing_is_sent(w, s
     assert Decimal(closed["pnl"]) == gross - fees_of([entry, exit_])
     assert Decimal(closed["fee"]) == fees_of([entry, exit_])
     assert w.ledger.state().positions == {} and w.ledger.state().orders == {}
+
+
+def hide_orders_stops_became(w) -> None:
+    """The venue does not show the order a fired stop became yet (Binance answers -2013
+    for an order id it has not made visible)."""
+    real = w.sim.fetch_order
+
+    def fetch_order(id, symbol=None, params=None):  # noqa: A002
+        if id is not None and not (params or {}).get("trigger"):
+            raise ccxt.OrderNotFound("binanceusdm {\"code\":-2013,\"msg\":\"Order does not exist.\"}")
+        return real(id, symbol, params)
+
+    w.sim.fetch_order = fetch_order
+
+
+def test_a_stop_that_fired_with_its_outcome_not_visible_blocks_the_exit_until_it_is(w):
+    position = w.open("long", stop_pct=0.3)
+    stop = position["stop"]["client_order_id"]
+    w.until_triggered(stop)
+    hide_orders_stops_became(w)
+    report = w.ex.cancel_stop(w.position(), position["stop"])
+    assert report.status == "triggered" and unsettled(report) and not executed(report)
+    assert not w.ex.close_position(w.position(), "signal", w.candle())
+    assert [c.trigger for c in w.sim.creates()] == [False, True]  # no exit sent
+    assert w.states(stop) == ["intent", "submitted", "accepted"]  # nothing recorded on it
+    assert w.position() is not None
+
+    del w.sim.fetch_order  # now the venue shows it: the stop's fill is recorded, once
+    assert w.ex.close_position(w.position(), "signal", w.candle())
+    assert [c.trigger for c in w.sim.creates()] == [False, True]
+    assert w.states(stop) == ["intent", "submitted", "accepted", "fill", "filled"]
+    [closed] = w.facts("position_closed")
+    assert closed["reason"] == "stop_loss"
+    assert Decimal(closed["fee"]) == fees_of(w.trades())  # the real trades, fees and all
 
 
 def test_a_stop_that_fills_during_the_exit_does_not_produce_a_reverse_position(w):

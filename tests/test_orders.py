@@ -91,7 +91,9 @@ def test_unknown_states_raise(current, new):
     ("open", "10", "4", "partially_filled"),
     ("closed", "10", "10", "filled"),
     ("closed", "10", "4", "filled"),  # a market order whose rest expired reads closed too
-    ("closed", "10", "0", "expired"),  # Binance algo FINISHED with nothing executed
+    ("closed", "10", "0", "expired"),  # e.g. the order a stop became, nothing executed
+    ("triggered", "10", "0", "accepted"),  # a stop fired, its outcome not known yet
+    ("triggered", "10", "4", "partially_filled"),
     ("canceled", "10", "0", "cancelled"),
     ("canceled", "10", "3", "cancelled"),
     ("expired", "10", "6", "expired"),

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from decimal import Decimal
 
+import ccxt
 import pytest
 from test_jobs_scan import (
     AAA,
@@ -256,6 +257,62 @@ def test_a_stop_that_hit_while_the_bot_was_down_closes_the_position(bot_factory)
     assert Decimal(fill["amount"]) == Decimal(position["amount"])
     assert Decimal(fill["price"]) <= Decimal(position["stop"]["price"])
     assert report["balance_changed"] is True
+    assert_agrees(bot)
+    assert_settled(bot)
+
+
+def test_a_stop_fill_recorded_before_its_trade_was_listed_is_not_counted_again(bot_factory):
+    # The trade list lags: the stop's fill is recorded from the order it became (fee
+    # unknown), under that order's id, which its trade carries once listed.
+    bot = bot_factory(strat=PICK_FIRST, paths={"AAA": FALL})
+    position = open_long(bot)
+    bot.after_candle(1)  # the stop fires on the exchange
+    bot.venue.fetch_my_trades = lambda *a, **kw: []
+    reconciled(bot)
+    del bot.venue.fetch_my_trades  # the trades are listed now
+    stop_id = position["stop"]["client_order_id"]
+    [fill] = bot.facts("fill", client_order_id=stop_id)
+    [trade] = [t for t in bot.venue.fetch_my_trades(AAA, T0) if t["side"] == "sell"]
+    assert fill["exchange_order_id"] == trade["order"]  # the order it became, not the stop
+    assert Decimal(fill["amount"]) == Decimal(position["amount"])
+    bot.clock.advance(60_000)
+    report = reconciled(bot)
+    assert "unrecorded_fill" not in kinds(report), report
+    assert len(bot.facts("fill", symbol=AAA)) == 2  # the entry and the stop, once each
+    assert_agrees(bot)
+
+
+def test_a_stop_that_fired_is_settled_once_the_order_it_became_shows(bot_factory):
+    # The position is gone and its closing trade listed, but the order the stop became
+    # is not visible yet: the close is recorded from the trade; the stop stays working
+    # until its outcome shows, and its fill is then not recorded again.
+    bot = bot_factory(strat=PICK_FIRST, paths={"AAA": FALL})
+    position = open_long(bot)
+    bot.after_candle(1)  # down; the stop fires on the exchange
+    real = bot.venue.fetch_order
+
+    def not_shown_yet(id, symbol=None, params=None):  # noqa: A002
+        if id is not None and not (params or {}).get("trigger"):
+            raise ccxt.OrderNotFound('binanceusdm {"code":-2013,"msg":"Order does not exist."}')
+        return real(id, symbol, params)
+
+    bot.venue.fetch_order = not_shown_yet
+    first = reconciled(bot)
+    assert "order_state" not in kinds(first)
+    stop_id = position["stop"]["client_order_id"]
+    assert bot.ledger.state().orders[stop_id]["state"] == "accepted"
+    assert bot.position(AAA) is None
+    [closed] = bot.facts("position_closed", position_id=position["position_id"])
+    [trade] = [t for t in bot.venue.fetch_my_trades(AAA, T0) if t["side"] == "sell"]
+    assert Decimal(closed["price"]) == Decimal(str(trade["price"]))
+
+    del bot.venue.fetch_order
+    bot.clock.advance(60_000)
+    second = reconciled(bot)
+    assert kinds(second) == ["order_state"]
+    assert stop_id not in bot.ledger.state().orders
+    entry_fill, closing_fill = bot.facts("fill", symbol=AAA)  # not recorded again
+    assert closing_fill["exchange_order_id"] == trade["order"]
     assert_agrees(bot)
     assert_settled(bot)
 

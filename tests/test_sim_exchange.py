@@ -182,11 +182,18 @@ def test_stop_triggers_on_candle_low_and_fills_at_the_trigger(venue):
     clock.set(T0 + 2 * TF)
     assert ex.fetch_positions() == []
     algo = ex.fetch_order(None, SYM, params={"trigger": True, "clientOrderId": "stop1"})
-    assert (algo["status"], algo["filled"], algo["average"]) == ("closed", 2.0, 99.0)
-    child = ex.fetch_order(None, SYM, params={"clientOrderId": "stop1"})
-    assert (child["type"], child["status"], child["info"]["origType"]) == \
-        ("market", "closed", "STOP_MARKET")
-    assert child["id"] == algo["info"]["actualOrderId"]
+    # As Binance documents the algo order: FINISHED, the order it became and its average
+    # price, but no executed quantity (ccxt: closed, nothing filled)
+    assert (algo["status"], algo["filled"], algo["average"]) == ("closed", 0.0, None)
+    assert (algo["info"]["algoStatus"], algo["info"]["actualPrice"]) == ("FINISHED", "99.000")
+    assert "executedQty" not in algo["info"]
+    child = ex.fetch_order(algo["info"]["actualOrderId"], SYM)
+    assert (child["type"], child["status"], child["filled"], child["average"]) == \
+        ("market", "closed", 2.0, 99.0)
+    assert child["info"]["origType"] == "STOP_MARKET"
+    assert child["clientOrderId"] != "stop1"  # the venue's own: only actualOrderId links them
+    with pytest.raises(ccxt.OrderNotFound):
+        ex.fetch_order(None, SYM, params={"clientOrderId": "stop1"})
     last = ex.fetch_my_trades(SYM)[-1]
     assert (last["price"], last["timestamp"]) == (99.0, T0 + 2 * TF - 1)
     assert last["info"]["realizedPnl"] == "-2.00000000"
