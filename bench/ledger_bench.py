@@ -39,6 +39,7 @@ from core.orders import client_order_id  # noqa: E402
 from ledger import Fact, Ledger  # noqa: E402
 from ledger.chain import GENESIS, link  # noqa: E402
 from ledger.store import _insert_many, bind_values  # noqa: E402
+from ledger.verify import workers_for  # noqa: E402
 
 START_MS = 1_767_225_600_000  # 2026-01-01T00:00:00Z
 SYMBOLS = ("BTC/USDT:USDT", "ETH/USDT:USDT", "SOL/USDT:USDT", "BNB/USDT:USDT",
@@ -298,13 +299,16 @@ def run(args, work_dir: Path) -> None:
         print(f"  built a {args.rows:,}-row ledger in {build_s:.1f} s "
               f"({big.stat().st_size / 1e6:.0f} MB, bench-only synchronous=OFF build)")
 
-    verify = []
-    for _ in range(args.runs):
-        with Ledger(big, readonly=True) as ledger:
-            seconds, report = timed(ledger.verify)
-        assert report.ok and report.rows == ledger_rows(big), report
-        verify.append(report.rows / seconds)
-    print(f"  {'verify':66s} {med(verify):>10,.0f} rows/s")
+    shares = workers_for(ledger_rows(big), os.cpu_count())
+    for label, workers in ((f"verify ({shares} processes: the default here)", None),
+                           ("verify, one walk (one process)", 1)):
+        verify = []
+        for _ in range(args.runs):
+            with Ledger(big, readonly=True) as ledger:
+                seconds, report = timed(lambda: ledger.verify(workers))  # noqa: B023
+            assert report.ok and report.rows == ledger_rows(big), report
+            verify.append(report.rows / seconds)
+        print(f"  {label:66s} {med(verify):>10,.0f} rows/s")
 
     ready = []
     for _ in range(args.runs):

@@ -14,6 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ledger import FACT_TYPES, Fact, FactError, Ledger, schema
+from ledger import verify as verify_module
 from ledger.chain import (
     CANONICAL_SQL,
     COLUMNS,
@@ -197,52 +198,88 @@ def copy_of_big(big_ledger, tmp_path):
     return path
 
 
-def test_an_intact_ledger_verifies(big_ledger, ledger):
+# One walk, and the same check in 3 shares on 3 processes (shares of 3003 rows: the
+# bounds 3003/3004 and 6006/6007 are among the rows tampered with below).
+@pytest.fixture(params=[1, 3], ids=["one walk", "3 shares"])
+def workers(request):
+    return request.param
+
+
+def test_an_intact_ledger_verifies(big_ledger, ledger, workers):
     with Ledger(big_ledger, readonly=True) as reader:
-        report = reader.verify()
+        report = reader.verify(workers)
         assert report.ok and report.rows == report.last_seq == reader.last_seq() > 9000
         assert report.first_bad_seq is None
     assert ledger.verify().ok and ledger.verify().rows == 0
 
 
-@pytest.mark.parametrize("seq", [1, 2, 4095, 4096, 4097, 8192, 9000])
-def test_verify_names_an_edited_row(copy_of_big, seq):
+@pytest.mark.parametrize("seq", [1, 2, 3003, 3004, 4095, 4096, 4097, 6007, 8192, 9000])
+def test_verify_names_an_edited_row(copy_of_big, seq, workers):
     tamper(copy_of_big, "UPDATE facts SET amount = '1000000' WHERE seq = ?", (seq,))
-    report = Ledger(copy_of_big, readonly=True).verify()
+    report = Ledger(copy_of_big, readonly=True).verify(workers)
     assert not report.ok
     assert report.first_bad_seq == seq and report.last_seq == seq
     assert "hash does not match" in report.problem
 
 
-def test_verify_names_the_first_of_several_bad_rows(copy_of_big):
+def test_verify_names_the_first_of_several_bad_rows(copy_of_big, workers):
     tamper(copy_of_big, "UPDATE facts SET data = '{}' WHERE seq IN (7000, 5000)")
     tamper(copy_of_big, "UPDATE facts SET ts = 0 WHERE seq = 8000")
-    assert Ledger(copy_of_big, readonly=True).verify().first_bad_seq == 5000
+    report = Ledger(copy_of_big, readonly=True).verify(workers)
+    assert report.first_bad_seq == 5000 and report.rows == 5000
 
 
-@pytest.mark.parametrize("seq", [1, 5, 4097, 9009])
-def test_verify_reports_a_deleted_row_as_a_gap(copy_of_big, seq):
+@pytest.mark.parametrize("seq", [1, 5, 3003, 3004, 4097, 6006, 6007, 9009])
+def test_verify_reports_a_deleted_row_as_a_gap(copy_of_big, seq, workers):
     last = Ledger(copy_of_big, readonly=True).last_seq()
     tamper(copy_of_big, "DELETE FROM facts WHERE seq = ?", (seq,))
-    report = Ledger(copy_of_big, readonly=True).verify()
+    report = Ledger(copy_of_big, readonly=True).verify(workers)
     if seq == last:  # removing the newest rows leaves a valid shorter chain: see the report
         assert report.ok and report.last_seq == last - 1
         return
-    assert not report.ok and report.first_bad_seq == seq + 1
+    assert not report.ok and report.first_bad_seq == report.last_seq == seq + 1
     assert report.problem == f"sequence gap: expected {seq}, found {seq + 1}"
+    assert report.rows == seq  # the rows before the gap and the one after it
 
 
-def test_verify_names_a_forged_row_and_a_replaced_hash(copy_of_big):
+def test_verify_names_a_forged_row_and_a_replaced_hash(copy_of_big, workers):
     with Ledger(copy_of_big) as ledger:
         last = ledger.last_seq()
         ledger.append([Fact("note", TS, data={"real": True})])
     forged = Fact("note", TS, data={"forged": True}).row(last + 2)
     tamper(copy_of_big, f"INSERT INTO facts VALUES ({', '.join('?' * 16)})",
            (*forged, sha256(b"made up").digest()))
-    assert Ledger(copy_of_big, readonly=True).verify().first_bad_seq == last + 2
+    assert Ledger(copy_of_big, readonly=True).verify(workers).first_bad_seq == last + 2
     tamper(copy_of_big, "UPDATE facts SET hash = lower(hex(hash)) WHERE seq = 300")
-    report = Ledger(copy_of_big, readonly=True).verify()
+    report = Ledger(copy_of_big, readonly=True).verify(workers)
     assert report.first_bad_seq == 300 and "32-byte" in report.problem
+
+
+@pytest.mark.parametrize("seq", [3003, 6006])
+def test_a_bad_hash_just_before_a_share_is_named_as_in_one_walk(copy_of_big, seq, workers):
+    tamper(copy_of_big, "UPDATE facts SET hash = lower(hex(hash)) WHERE seq = ?", (seq,))
+    report = Ledger(copy_of_big, readonly=True).verify(workers)
+    assert (report.first_bad_seq, report.rows) == (seq, seq)
+    assert "32-byte" in report.problem
+
+
+def test_verify_checks_in_one_process_when_none_can_start(copy_of_big, monkeypatch, caplog):
+    def no_processes(*args, **kwargs):
+        raise OSError("no processes here")
+
+    monkeypatch.setattr(verify_module, "ProcessPoolExecutor", no_processes)
+    tamper(copy_of_big, "UPDATE facts SET amount = '7' WHERE seq = 5000")
+    report = Ledger(copy_of_big, readonly=True).verify(3)
+    assert (report.ok, report.first_bad_seq) == (False, 5000)
+    assert "checking in one" in caplog.text
+
+
+def test_verify_shares_only_large_ledgers_among_the_cores():
+    assert verify_module.workers_for(9_000, 8) == 1
+    assert verify_module.workers_for(1_000_000, 2) == 2
+    assert verify_module.workers_for(1_000_000, 8) == 4
+    assert verify_module.workers_for(50_000_000, 64) == verify_module.MAX_WORKERS
+    assert verify_module.workers_for(1_000_000, None) == 1
 
 
 def test_a_row_sqlite_encodes_differently_is_rechecked_in_python():
