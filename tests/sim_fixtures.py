@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import ccxt
+
 from core.clock import VirtualClock
 from core.sim_exchange import SimExchange
 from core.sim_market import CsvMarket, SyntheticMarket
@@ -49,3 +51,16 @@ def csv_market(folder: Path, closes_by_base: dict[str, list[tuple]]) -> CsvMarke
 def flat(price: float, n: int) -> list[tuple]:
     """n quiet candles around ``price``."""
     return [(price, price * 1.001, price * 0.999, price)] * n
+
+
+def hide_orders_stops_became(venue: SimExchange) -> None:
+    """The venue does not show the order a fired stop became yet: Binance answers -2013
+    for an order id it has not made visible. ``del venue.fetch_order`` shows it again."""
+    real = venue.fetch_order
+
+    def fetch_order(id, symbol=None, params=None):  # noqa: A002
+        if id is not None and not (params or {}).get("trigger"):
+            raise ccxt.OrderNotFound('binanceusdm {"code":-2013,"msg":"Order does not exist."}')
+        return real(id, symbol, params)
+
+    venue.fetch_order = fetch_order

@@ -13,8 +13,8 @@ import sqlite3
 from dataclasses import dataclass, field
 from decimal import Decimal
 
-import ccxt
 import pytest
+from sim_fixtures import hide_orders_stops_became
 
 from core.clock import VirtualClock
 from core.config import Config
@@ -495,24 +495,11 @@ def test_a_stop_that_filled_before_the_exit_is_recorded_and_nothing_is_sent(w, s
     assert w.ledger.state().positions == {} and w.ledger.state().orders == {}
 
 
-def hide_orders_stops_became(w) -> None:
-    """The venue does not show the order a fired stop became yet (Binance answers -2013
-    for an order id it has not made visible)."""
-    real = w.sim.fetch_order
-
-    def fetch_order(id, symbol=None, params=None):  # noqa: A002
-        if id is not None and not (params or {}).get("trigger"):
-            raise ccxt.OrderNotFound("binanceusdm {\"code\":-2013,\"msg\":\"Order does not exist.\"}")
-        return real(id, symbol, params)
-
-    w.sim.fetch_order = fetch_order
-
-
 def test_a_stop_that_fired_with_its_outcome_not_visible_blocks_the_exit_until_it_is(w):
     position = w.open("long", stop_pct=0.3)
     stop = position["stop"]["client_order_id"]
     w.until_triggered(stop)
-    hide_orders_stops_became(w)
+    hide_orders_stops_became(w.sim)
     report = w.ex.cancel_stop(w.position(), position["stop"])
     assert report.status == "triggered" and unsettled(report) and not executed(report)
     assert not w.ex.close_position(w.position(), "signal", w.candle())

@@ -9,8 +9,8 @@ from __future__ import annotations
 import json
 from decimal import Decimal
 
-import ccxt
 import pytest
+from sim_fixtures import hide_orders_stops_became
 from test_jobs_scan import (
     AAA,
     BBB,
@@ -289,14 +289,7 @@ def test_a_stop_that_fired_is_settled_once_the_order_it_became_shows(bot_factory
     bot = bot_factory(strat=PICK_FIRST, paths={"AAA": FALL})
     position = open_long(bot)
     bot.after_candle(1)  # down; the stop fires on the exchange
-    real = bot.venue.fetch_order
-
-    def not_shown_yet(id, symbol=None, params=None):  # noqa: A002
-        if id is not None and not (params or {}).get("trigger"):
-            raise ccxt.OrderNotFound('binanceusdm {"code":-2013,"msg":"Order does not exist."}')
-        return real(id, symbol, params)
-
-    bot.venue.fetch_order = not_shown_yet
+    hide_orders_stops_became(bot.venue)
     first = reconciled(bot)
     assert "order_state" not in kinds(first)
     stop_id = position["stop"]["client_order_id"]
