@@ -39,7 +39,7 @@ from core.orders import client_order_id  # noqa: E402
 from ledger import Fact, Ledger  # noqa: E402
 from ledger.chain import GENESIS, link  # noqa: E402
 from ledger.store import _insert_many, bind_values  # noqa: E402
-from ledger.verify import workers_for  # noqa: E402
+from ledger.verify import usable_cpus, workers_for  # noqa: E402
 
 START_MS = 1_767_225_600_000  # 2026-01-01T00:00:00Z
 SYMBOLS = ("BTC/USDT:USDT", "ETH/USDT:USDT", "SOL/USDT:USDT", "BNB/USDT:USDT",
@@ -299,7 +299,7 @@ def run(args, work_dir: Path) -> None:
         print(f"  built a {args.rows:,}-row ledger in {build_s:.1f} s "
               f"({big.stat().st_size / 1e6:.0f} MB, bench-only synchronous=OFF build)")
 
-    shares = workers_for(ledger_rows(big), os.cpu_count())
+    shares = workers_for(ledger_rows(big), usable_cpus())
     for label, workers in ((f"verify ({shares} processes: the default here)", None),
                            ("verify, one walk (one process)", 1)):
         verify = []

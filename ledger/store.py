@@ -552,11 +552,11 @@ class Ledger:
         """Fold every row from the first: the slow, checkpoint-free path (for checks)."""
         return fold(self.rows(after=0))
 
-    def verify(self, workers: int | None = None) -> VerifyReport:
+    def verify(self, workers: int | None = 1) -> VerifyReport:
         """Recompute the hash chain from the first row; name the first bad one.
 
-        A large ledger is checked in shares on several cores (``workers``: how many
-        processes; default by size and cores)."""
+        ``workers`` > 1 (or None: by size and cores) checks it in shares on several
+        processes (see ledger/verify.py)."""
         from .verify import verify_ledger  # verify builds on this module
 
         return verify_ledger(self.path, workers)

@@ -24,24 +24,29 @@ log = logging.getLogger(__name__)
 
 # A worker process takes ~0.2 s to start (a fresh interpreter: fork is unsafe beside
 # threads); one walk checks ~400k rows a second on this machine kind. Below this many
-# rows per share, splitting costs more than it saves.
+# rows per worker, splitting costs more than it saves.
 SHARE_MIN_ROWS = 250_000
 MAX_WORKERS = 8
+# Shares per worker: once a share is found bad, the later ones are cancelled and only
+# the shares already running are waited for.
+SHARES_PER_WORKER = 4
 
 Outcome = tuple[int, int, tuple[int, str] | None]  # rows examined, last seq, (bad seq, why)
 
 
-def verify_ledger(path: Path, workers: int | None = None) -> VerifyReport:
+def verify_ledger(path: Path, workers: int | None = 1) -> VerifyReport:
     """Recompute the hash chain from the first row; name the first bad one.
 
-    ``workers``: processes to share the work (default: by size and cores; 1: one walk).
-    Checks the rows of one snapshot; rows appended meanwhile are left to the next run.
+    ``workers``: processes to share the work (None: by size and cores; 1: one walk, in
+    this process). Worker processes import the caller's main module, which must keep its
+    work under ``if __name__ == "__main__"``. Checks the rows up to the last one present
+    when it starts; rows appended meanwhile are left to the next run.
     """
     conn = connect(path, readonly=True)
     try:
         conn.execute("BEGIN")  # one consistent snapshot while the service appends
         last = conn.execute("SELECT max(seq) FROM facts").fetchone()[0] or 0
-        k = workers if workers is not None else workers_for(last, os.cpu_count())
+        k = workers_for(last, usable_cpus()) if workers is None else workers
         outcome = in_shares(path, last, k) if k > 1 and last >= k else None
         if outcome is None:
             outcome = check_rows(conn, 1, last)
@@ -56,26 +61,36 @@ def verify_ledger(path: Path, workers: int | None = None) -> VerifyReport:
     return VerifyReport(False, n, seen, bad[0], bad[1])
 
 
-def workers_for(rows: int, cpus: int | None) -> int:
-    return max(1, min(cpus or 1, MAX_WORKERS, rows // SHARE_MIN_ROWS))
+def usable_cpus() -> int:
+    affinity = getattr(os, "sched_getaffinity", None)
+    return len(affinity(0)) if affinity else os.cpu_count() or 1
+
+
+def workers_for(rows: int, cpus: int) -> int:
+    return max(1, min(cpus, MAX_WORKERS, rows // SHARE_MIN_ROWS))
 
 
 def in_shares(path: Path, last: int, k: int) -> Outcome | None:
     """The shares' outcomes joined in sequence order; None if no worker could start."""
-    firsts = [i * last // k + 1 for i in range(k)]
-    lasts = [(i + 1) * last // k for i in range(k)]
+    n = min(k * SHARES_PER_WORKER, last)
+    pool = None
     try:
-        with ProcessPoolExecutor(k, mp_context=multiprocessing.get_context("spawn")) as pool:
-            parts = list(pool.map(check_share, [str(path)] * k, firsts, lasts))
-    except (OSError, BrokenProcessPool) as exc:
+        pool = ProcessPoolExecutor(k, mp_context=multiprocessing.get_context("spawn"))
+        futures = [pool.submit(check_share, str(path), i * last // n + 1, (i + 1) * last // n)
+                   for i in range(n)]
+        rows = 0
+        for future in futures:
+            m, seen, bad = future.result()
+            rows += m
+            if bad is not None:
+                return rows, seen, bad
+        return rows, last, None
+    except (OSError, BrokenProcessPool) as exc:  # starting them, not what they found
         log.warning("%s: cannot verify in %d processes (%s); checking in one", path, k, exc)
         return None
-    rows = 0
-    for n, seen, bad in parts:
-        rows += n
-        if bad is not None:
-            return rows, seen, bad
-    return rows, last, None
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
 
 
 def check_share(path: str, first: int, last: int) -> Outcome:
@@ -89,14 +104,18 @@ def check_share(path: str, first: int, last: int) -> Outcome:
 
 
 def check_rows(conn: sqlite3.Connection, first: int, last: int) -> Outcome:
+    """check_chain over the rows up to ``last`` from ``first`` (from the very first row,
+    whatever its seq, when ``first`` is 1: a forged row before seq 1 is a gap too)."""
     prev = GENESIS
     if first > 1:
         row = conn.execute("SELECT hash FROM facts WHERE seq = ?", (first - 1,)).fetchone()
-        if row is None or type(row[0]) is not bytes:  # the share before names it first
+        if row is None or type(row[0]) is not bytes:
+            # Never the answer: the share before names that row first.
             return 0, first - 1, (first - 1, "the row before this share is missing or bad")
         prev = row[0]
+    lowest = -2**63 if first == 1 else first
     rows = conn.execute(f"SELECT seq, hash, {CANONICAL_SQL} FROM facts "
-                        "WHERE seq BETWEEN ? AND ? ORDER BY seq", (first, last))
+                        "WHERE seq BETWEEN ? AND ? ORDER BY seq", (lowest, last))
     n, seen, bad = check_chain(rows, prev, first, recheck=lambda seq: _python_canonical(conn, seq))
     if bad is None and seen < last:  # rows missing at the share's end: a gap
         found = conn.execute("SELECT min(seq) FROM facts WHERE seq > ?", (seen,)).fetchone()[0]

@@ -198,9 +198,9 @@ def copy_of_big(big_ledger, tmp_path):
     return path
 
 
-# One walk, and the same check in 3 shares on 3 processes (shares of 3003 rows: the
-# bounds 3003/3004 and 6006/6007 are among the rows tampered with below).
-@pytest.fixture(params=[1, 3], ids=["one walk", "3 shares"])
+# One walk, and the same check on 3 processes (12 shares of ~750 rows: the bounds
+# 3003/3004 and 6006/6007 are among the rows tampered with below).
+@pytest.fixture(params=[1, 3], ids=["one walk", "3 processes"])
 def workers(request):
     return request.param
 
@@ -279,7 +279,17 @@ def test_verify_shares_only_large_ledgers_among_the_cores():
     assert verify_module.workers_for(1_000_000, 2) == 2
     assert verify_module.workers_for(1_000_000, 8) == 4
     assert verify_module.workers_for(50_000_000, 64) == verify_module.MAX_WORKERS
-    assert verify_module.workers_for(1_000_000, None) == 1
+
+
+@pytest.mark.parametrize("seqs", [(0,), (-5,), (-5, 0)])
+def test_a_row_forged_before_the_first_is_a_gap(copy_of_big, seqs, workers):
+    for seq in seqs:
+        forged = Fact("note", TS, data={"forged": True}).row(seq)
+        tamper(copy_of_big, f"INSERT INTO facts VALUES ({', '.join('?' * 16)})",
+               (*forged, sha256(b"made up").digest()))
+    report = Ledger(copy_of_big, readonly=True).verify(workers)
+    assert (report.ok, report.first_bad_seq) == (False, seqs[0])
+    assert report.problem == f"sequence gap: expected 1, found {seqs[0]}"
 
 
 def test_a_row_sqlite_encodes_differently_is_rechecked_in_python():
