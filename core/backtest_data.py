@@ -76,6 +76,9 @@ class SymbolData:
     prev_decided: np.ndarray  # per candle: the last decidable candle before it (-1: none)
 
     def __post_init__(self) -> None:
+        # each candle's quote volume as the venue's 24 h ticker sums it (element by element
+        # the same arithmetic, so the same sums): rotations read it every few hours
+        self.quote_volume = self.v * (self.h + self.low + self.c) / 3
         i = np.arange(len(self.ts), dtype=np.int32)
         self.decidable_idx = np.flatnonzero(self.decidable).astype(np.int32)
         # decidable candles that follow undecided ones: their decision spans several candles
@@ -120,12 +123,11 @@ class SymbolData:
     def quote_volume_24h(self, now_ms: int, tf_ms: int) -> float | None:
         """The rolling 24 h quote volume the venue's ticker reports at ``now_ms`` (a candle
         boundary, where the forming candle adds nothing yet); None before the first candle."""
-        end = now_ms - now_ms % tf_ms
-        i0, i1 = self.ts.searchsorted([now_ms - DAY_MS, end])
-        if self.last_at(now_ms) < 0:
+        if not len(self.ts) or self.ts[0] > now_ms:
             return None
-        v, h, lo, c = self.v[i0:i1], self.h[i0:i1], self.low[i0:i1], self.c[i0:i1]
-        return float((v * (h + lo + c) / 3).sum())
+        i0 = self.ts.searchsorted(now_ms - DAY_MS)
+        i1 = self.ts.searchsorted(now_ms - now_ms % tf_ms)
+        return float(self.quote_volume[i0:i1].sum())
 
 
 class CloseFrame:
@@ -260,14 +262,13 @@ class MarketData:
     def tickers(self, now_ms: int, price_decimals: Mapping[str, int]) -> dict[str, Ticker]:
         """The 24 h tickers at ``now_ms`` (rotation), as the exchange client reports them."""
         out = {}
+        # the venue's last price at the instant (a rotation ranks by volume only)
+        k = min(int(self.grid.searchsorted(now_ms - self.tf_ms)), len(self.grid) - 1)
         for s in self.symbols:
             d = self.data[s]
             qv = d.quote_volume_24h(now_ms, self.tf_ms)
-            if qv is None:
-                continue
-            # the venue's last price at the instant (a rotation ranks by volume only)
-            k = min(int(self.grid.searchsorted(now_ms - self.tf_ms)), len(self.grid) - 1)
-            out[s] = ticker_from_volume(s, float(d.marks[k]), qv, now_ms, price_decimals[s])
+            if qv is not None:
+                out[s] = ticker_from_volume(s, float(d.marks[k]), qv, now_ms, price_decimals[s])
         return out
 
 

@@ -46,7 +46,7 @@ class BufferedLedger:
         if self._state.seq != 0:
             raise ValueError(f"{ledger.path}: a backtest writes to a new, empty ledger")
         self._seq = 0
-        self._pending: list[Fact] = []
+        self._pending: list[tuple] = []  # Fact.values() of each fact not yet written
         self._by_order: dict[str, list[tuple]] = defaultdict(list)
         self._stop_intents: dict[str, int] = defaultdict(int)
         self._partial_pnl: dict[str, list[str]] = defaultdict(list)
@@ -69,7 +69,7 @@ class BufferedLedger:
                 self._partial_pnl[row[POSITION_ID]].append(row[PNL])
         first = self._seq + 1
         self._seq += len(rows)
-        self._pending.extend(facts)
+        self._pending.extend(row[1:] for row in rows)  # the ledger numbers them itself
         if len(self._pending) >= self.batch:
             self.flush()
         return list(range(first, first + len(rows)))
@@ -78,7 +78,7 @@ class BufferedLedger:
         """Append what is pending to the real ledger (at most ``batch`` facts a commit)."""
         while self._pending:
             chunk, self._pending = self._pending[:self.batch], self._pending[self.batch:]
-            self.ledger.append(chunk)
+            self.ledger.append_normalised(chunk)
             self.written += len(chunk)
         # A checkpoint row the ledger added moves the next sequence numbers on.
         self._seq = self._state.seq = self.ledger.last_seq()

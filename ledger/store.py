@@ -341,18 +341,21 @@ class Ledger:
 
     def append(self, facts: Sequence[Fact]) -> list[int]:
         """Commit ``facts`` as one atomic batch; return their sequence numbers."""
-        if self.readonly:
-            raise LedgerError(f"{self.path}: opened read-only")
-        if not facts:
-            return []
-        # Validate, normalise and encode everything before taking the write lock: a bad
-        # fact anywhere in the batch refuses the whole batch before anything is written.
-        prepared = []
+        # Validate and normalise everything before taking the write lock: a bad fact
+        # anywhere in the batch refuses the whole batch before anything is written.
         for fact in facts:
             if not isinstance(fact, Fact):
                 raise FactError(f"not a Fact: {type(fact).__name__}")
-            values = fact.values()
-            prepared.append((values, encode_tail(values), bind_values(values)))
+        return self.append_normalised([fact.values() for fact in facts])
+
+    def append_normalised(self, batch: Sequence[tuple]) -> list[int]:
+        """append() for facts already turned into ``Fact.values()`` (a write-behind buffer
+        holds them so): the same atomic batch, without normalising each fact twice."""
+        if self.readonly:
+            raise LedgerError(f"{self.path}: opened read-only")
+        if not batch:
+            return []
+        prepared = [(values, encode_tail(values), bind_values(values)) for values in batch]
         conn = self._conn()
         new_state = None
         try:
@@ -373,13 +376,13 @@ class Ledger:
             if self._checkpoint_due(conn, seq):
                 new_state = self._fold_to(conn, seq, rows)
                 seq += 1
-                values = checkpoint_fact(facts[-1].ts, new_state).row(seq)
+                values = checkpoint_fact(batch[-1][0], new_state).row(seq)
                 conn.execute(INSERT_ROW, (*values, link(prev, values)))
                 new_state.seq = seq
             conn.execute("COMMIT")
         except sqlite3.Error as exc:
             self._rollback(conn)
-            raise LedgerWriteError(f"{self.path}: batch of {len(facts)} facts not recorded "
+            raise LedgerWriteError(f"{self.path}: batch of {len(batch)} facts not recorded "
                                    f"({exc}); earlier facts are intact") from None
         except BaseException:
             self._rollback(conn)
