@@ -300,7 +300,8 @@ def run(args, work_dir: Path) -> None:
               f"({big.stat().st_size / 1e6:.0f} MB, bench-only synchronous=OFF build)")
 
     shares = workers_for(ledger_rows(big), usable_cpus())
-    for label, workers in ((f"verify ({shares} processes: the default here)", None),
+    plural = "es" if shares > 1 else ""
+    for label, workers in ((f"verify (the default here: {shares} process{plural})", None),
                            ("verify, one walk (one process)", 1)):
         verify = []
         for _ in range(args.runs):
