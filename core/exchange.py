@@ -82,6 +82,9 @@ ORDER_STATUSES = {"open": "open", "closed": "closed", "canceled": "canceled",
                   "expired": "expired", "rejected": "rejected",
                   "canceling": "open"}  # a cancel in flight: the order still lives
 
+# Binance's algo service: the stop met its trigger (TRIGGERING: being passed to the
+# matching engine; TRIGGERED: placed there; FINISHED: that order is done).
+FIRED_ALGO_STATUSES = frozenset({"TRIGGERING", "TRIGGERED", "FINISHED"})
 NOT_PROCESSED = (ccxt.DDoSProtection, ccxt.RateLimitExceeded, ccxt.InvalidNonce)
 DUPLICATE_CLIENT_ID_CODE = "-4116"
 MARGIN_MODE_UNCHANGED_CODE = "-4046"
@@ -740,11 +743,14 @@ class ExchangeClient:
             raise BadExchangeData("order without any id", summarize(o))
         is_trigger = trigger or bool(trigger_price)
         triggered = None
-        if is_trigger:
+        if trigger:  # an answer of the algo service (the order a stop became, which may
+            # carry the stop's trigger price, is read as the regular order it is)
             info = o.get("info") if isinstance(o.get("info"), dict) else {}
             actual = info.get("actualOrderId")
             triggered = str(actual) if actual not in (None, "", 0, "0") else None
-            if status == "closed":  # it fired; what came of it is the order's (_executed)
+            # It fired (ccxt reads TRIGGERING as open, TRIGGERED and FINISHED as closed):
+            # what came of it is the order's (_executed).
+            if status == "closed" or info.get("algoStatus") in FIRED_ALGO_STATUSES:
                 status = "triggered"
         return OrderReport(
             symbol=symbol,

@@ -79,6 +79,9 @@ class RiskState:
     equity_peak: Decimal | None = None
     last_loss_exit_ms: Mapping[str, int] = field(default_factory=lambda: MappingProxyType({}))
     external: frozenset[str] = frozenset()  # symbols holding a position the bot did not open
+    # symbols with an entry order not settled yet (sent, its outcome not known or not
+    # final): it may have opened a position the ledger does not hold yet
+    pending_entries: frozenset[str] = frozenset()
 
     @classmethod
     def from_summary(cls, summary: Mapping[str, Any]) -> RiskState:
@@ -107,6 +110,9 @@ class RiskState:
             last_loss_exit_ms=MappingProxyType({str(k): int(v) for k, v in
                                                 (summary.get("last_loss_exit_ms") or {}).items()}),
             external=frozenset(str(s) for s in summary.get("external") or ()),
+            pending_entries=frozenset(str(o["symbol"]) for o in
+                                      (summary.get("orders") or {}).values()
+                                      if o.get("purpose") == "entry" and o.get("symbol")),
         )
 
     @classmethod
@@ -354,13 +360,18 @@ def check_entry(*, symbol: str, side: str, price: Any, market: MarketInfo, state
 
     if symbol in state.symbols():
         return refuse("position_open", f"a position in {symbol} is already open")
+    if symbol in state.pending_entries:
+        # Another entry would double whatever the unsettled one opened.
+        return refuse("entry_pending", f"an entry order in {symbol} has not settled yet "
+                      "(reconcile settles it)")
     if symbol in state.external:
         # One-way mode: an order here would add to (or close) someone else's position.
         return refuse("external_position", f"{symbol} holds a position the bot did not "
                       "open (flagged by reconcile); close or adopt it first")
-    checks["open_positions"] = len(state.positions)
-    if len(state.positions) >= rc.max_open_positions:
-        return refuse("max_positions", f"{len(state.positions)} positions open "
+    held = len(state.symbols() | state.pending_entries)  # an unsettled entry may hold one
+    checks["open_positions"] = held
+    if held >= rc.max_open_positions:
+        return refuse("max_positions", f"{held} positions open or being entered "
                       f"(max {rc.max_open_positions})")
 
     last_loss = state.last_loss_exit_ms.get(symbol)

@@ -508,19 +508,23 @@ def triggered_stop(status: str, actual: str = "812345678950", price: str = "9439
             "actualPrice": price, "triggerTime": 1768471500123, "updateTime": 1768471500130}
 
 
-def stop_execution(status: str = "FILLED", executed: str = "0.012") -> dict:
-    """The market order a stop became, as GET /fapi/v1/order answers it (its own client id)."""
+def stop_execution(status: str = "FILLED", executed: str = "0.012",
+                   stop_price: str = "0.00") -> dict:
+    """The market order a stop became, as GET /fapi/v1/order answers it (its own client id;
+    whether it carries the stop's trigger price is not documented)."""
     return {**body("order_query_filled"), "orderId": 812345678950, "side": "SELL",
+            "stopPrice": stop_price,
             "clientOrderId": "autoStop-x7Qe2", "status": status, "executedQty": executed,
             "cumQuote": "1132.68000" if executed != "0" else "0", "avgPrice":
             "94390.00" if executed != "0" else "0.00", "origType": "STOP_MARKET",
             "reduceOnly": True, "time": 1768471500125, "updateTime": 1768471500125}
 
 
-def test_a_finished_stop_is_read_as_the_order_it_became():
+@pytest.mark.parametrize("stop_price", ["0.00", "94406.6"])
+def test_a_finished_stop_is_read_as_the_order_it_became(stop_price):
     client, venue, _ = make()
     venue.then("GET", "/fapi/v1/algoOrder", triggered_stop("FINISHED"))
-    venue.then("GET", "/fapi/v1/order", stop_execution())
+    venue.then("GET", "/fapi/v1/order", stop_execution(stop_price=stop_price))
     found = client.order_by_client_id(BTC, STOP_CID, trigger=True)
     assert venue.requests_to("GET", "/fapi/v1/order")[0]["orderId"] == "812345678950"
     assert (found.client_order_id, found.triggered_order_id) == (STOP_CID, "812345678950")
@@ -538,6 +542,7 @@ def test_a_finished_stop_whose_order_filled_nothing_expired():
 
 
 @pytest.mark.parametrize("status,actual,order", [
+    ("TRIGGERING", "", None),  # being passed to the matching engine (ccxt: open)
     ("TRIGGERED", "", None),  # passed to the matching engine, its order not named yet
     ("FINISHED", "", None),  # done, but the answer does not say as what
     ("TRIGGERED", "812345678950", "unknown_order"),  # its order not visible yet

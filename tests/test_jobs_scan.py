@@ -398,6 +398,27 @@ def test_entries_beyond_max_positions_are_refused_with_the_reason(bot_factory):
     assert sorted(r["symbol"] for r in bot.facts("signal")) == [AAA, BBB]
 
 
+def test_no_second_entry_while_the_first_ones_outcome_is_unknown(bot_factory):
+    # The venue took the entry but its answer was lost and every lookup failed: the order
+    # may hold a position the ledger does not know of yet. A new signal in the same
+    # symbol must not send a second entry on top of it.
+    bot = bot_factory(strat=Pick(long_at=[T0 - TF, T0]), paths={"AAA": flat(100, 5)})
+    bot.set_coins([AAA])
+    lookups = (1 + bot.rt.config.exchange.read_retries) * 3
+    bot.venue.faults.script([("create_order", "timeout_after_accept")]
+                            + [("fetch_order", "timeout")] * lookups)
+    bot.job("scan", T0)
+    [first] = bot.facts("order_intent")
+    assert bot.ledger.state().orders[first["client_order_id"]]["state"] == "unknown"
+    assert bot.position(AAA) is None and bot.exchange_positions()  # held, not yet known
+    bot.after_candle(0)
+    bot.job("scan", T0 + TF)
+    second = bot.facts("risk_decision")[-1]
+    assert second["reason"] == "entry_pending" and "not settled" in second["data"]
+    assert len(bot.facts("order_intent")) == 1
+    assert len(bot.venue.fetch_my_trades(AAA, T0 - DAY)) == 1
+
+
 def test_a_manual_halt_refuses_entries_but_positions_stay_managed(bot_factory):
     strat = Pick(long_at=[T0 - TF, T0 + TF])
     path = [candle(100, 100.5, 99.5, 100.2), candle(100.2, 100.3, 96.0, 96.5)]

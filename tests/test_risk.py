@@ -120,6 +120,19 @@ def test_a_flagged_external_position_blocks_entries_in_its_symbol_only():
     assert entry(state, symbol="SOL/USDT:USDT").approved
 
 
+def test_an_unsettled_entry_blocks_its_symbol_and_holds_a_slot():
+    state = RiskState.from_summary({"orders": {
+        "bot1-E-ETH": {"symbol": "ETH/USDT:USDT", "purpose": "entry", "state": "unknown"},
+        "bot1-S-BTC": {"symbol": "BTC/USDT:USDT", "purpose": "stop", "state": "accepted"}}})
+    assert state.pending_entries == frozenset({"ETH/USDT:USDT"})
+    refused = entry(state)
+    assert refused.reason == "entry_pending" and "not settled" in refused.detail
+    assert entry(state, symbol="SOL/USDT:USDT").approved
+    cfg = CFG.with_values(risk={"max_open_positions": 2})
+    one_open = RiskState(positions=open_positions(1), pending_entries=state.pending_entries)
+    assert entry(one_open, symbol="SOL/USDT:USDT", config=cfg).reason == "max_positions"
+
+
 def test_cooldown_after_a_losing_exit():
     state = RiskState().with_exit("ETH/USDT:USDT", NOW, loss=True)
     assert entry(state, now=NOW + 29 * 60_000).reason == "cooldown"
