@@ -417,7 +417,33 @@ class ExchangeClient:
             if since + BINANCE_TRADES_WINDOW_MS >= server_now:
                 break
             since += BINANCE_TRADES_WINDOW_MS
-        return sorted(found.values(), key=lambda f: (f.ts, f.trade_id))
+        return sorted(self._fees_valued(list(found.values())), key=lambda f: (f.ts, f.trade_id))
+
+    def _fees_valued(self, fills: list[FillReport]) -> list[FillReport]:
+        """Fees paid in another currency (Binance's BNB fee discount) valued in the
+        settlement currency at that currency's last perpetual price, so fees and PnL are
+        never sums of different currencies. Raises when it cannot be valued."""
+        quote = self.settings.quote
+        prices: dict[str, Decimal] = {}
+        out = []
+        for f in fills:
+            if f.fee_currency == quote or f.fee == 0:
+                out.append(f)
+                continue
+            cur = f.fee_currency
+            if cur not in prices:
+                symbol = f"{cur}/{quote}:{quote}"
+                if symbol not in self._markets():
+                    raise self._bad(f"fills {f.symbol}", f"fee paid in {cur}: no {symbol} "
+                                    "market to value it", f.trade_id)
+                raw = self._retrying(f"fetch_ticker {symbol}", self.raw.fetch_ticker, symbol)
+                try:
+                    prices[cur] = self._ticker(symbol, raw).last
+                except BadExchangeData as exc:
+                    raise self._bad(f"fetch_ticker {symbol}", str(exc), raw) from None
+            out.append(replace(f, fee=f.fee * prices[cur], fee_currency=quote,
+                               fee_paid=(f.fee, cur, prices[cur])))
+        return out
 
     # ---- orders --------------------------------------------------------------------
 

@@ -133,10 +133,13 @@ class FillReport:
     side: Side
     amount: Decimal
     price: Decimal
-    fee: Decimal
+    fee: Decimal  # in fee_currency: the settlement currency (see fee_paid)
     fee_currency: str
     ts: int
     realized_pnl: Decimal | None = None
+    # A fee paid in another currency (Binance's BNB fee discount): (amount, currency,
+    # price used); ``fee`` holds its value in the settlement currency.
+    fee_paid: tuple[Decimal, str, Decimal] | None = None
 
 
 @dataclass(frozen=True)

@@ -26,6 +26,7 @@ import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from decimal import Decimal
+from typing import Any
 
 import ccxt
 
@@ -213,8 +214,7 @@ class Executor:
         return self.fact("fill", symbol=f.symbol, side=f.side, amount=f.amount, price=f.price,
                          fee=f.fee, position_id=position_id, client_order_id=f.client_order_id,
                          exchange_order_id=f.exchange_order_id,
-                         data={"trade_id": f.trade_id, "fee_currency": f.fee_currency,
-                               "exchange_ts": f.ts, "realized_pnl": f.realized_pnl})
+                         data=fill_data(f))
 
     # -- positions ------------------------------------------------------------------------
 
@@ -523,6 +523,17 @@ class Executor:
         level = stop_price(position["side"], Decimal(position["entry_price"]),
                            self.config.exits.stop_loss_pct)
         self.place_stop(position, level)
+
+
+def fill_data(f: FillReport, **more: Any) -> dict:
+    """A fill fact's data: the trade's id and exchange time, and a fee paid in another
+    currency as paid (``fee`` holds its value in the settlement currency)."""
+    data = {"trade_id": f.trade_id, "fee_currency": f.fee_currency, "exchange_ts": f.ts,
+            "realized_pnl": f.realized_pnl, **more}
+    if f.fee_paid is not None:
+        amount, currency, price = f.fee_paid
+        data["fee_paid"] = {"amount": amount, "currency": currency, "price": price}
+    return data
 
 
 def _average(report: OrderReport, fills: Sequence[FillReport]) -> Decimal | None:

@@ -24,7 +24,14 @@ from decimal import Decimal
 
 from core.exchange import NOT_FOUND_FINAL_MS
 from core.exchange_types import BadExchangeData, OrderReport, OrderRequest, SubmitResult
-from core.execution import READ_ERRORS, Executor, executed, opposite, unsettled
+from core.execution import (
+    READ_ERRORS,
+    Executor,
+    executed,
+    fill_data,
+    opposite,
+    unsettled,
+)
 from core.exits import stop_price
 from core.orders import TERMINAL, TRANSITIONS, state_of
 from ledger import Fact
@@ -549,9 +556,7 @@ def sweep_fills(rt, ex: Executor, dry_run: bool, since: int,
                                  price=t.price, fee=t.fee, client_order_id=t.client_order_id,
                                  exchange_order_id=t.exchange_order_id,
                                  reason="unattributed: found by reconcile",
-                                 data={"trade_id": t.trade_id, "fee_currency": t.fee_currency,
-                                       "exchange_ts": t.ts, "realized_pnl": t.realized_pnl,
-                                       "source": "reconcile"}))
+                                 data=fill_data(t, source="reconcile")))
     if facts and not dry_run:
         ex.record(facts)
     return diffs

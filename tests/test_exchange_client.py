@@ -34,6 +34,7 @@ from core.exchange import (
     clean_candles,
 )
 from core.exchange_types import BadExchangeData, Candle, OrderRequest
+from core.execution import fill_data
 from core.orders import state_of
 
 FIX = Path(__file__).parent / "fixtures" / "binance"
@@ -455,6 +456,40 @@ def test_fill_without_fee_is_bad_data():
     del trades[0]["commissionAsset"]
     venue.then("GET", "/fapi/v1/userTrades", trades)
     with pytest.raises(BadExchangeData):
+        client.fills(BTC, SERVER_NOW - 3_600_000)
+
+
+def paid_in_bnb(venue: RecordedBinance, *, bnb_market: bool = True) -> None:
+    """The account pays fees in BNB (Binance's fee discount): the second trade's fee."""
+    trades = body("user_trades")
+    trades[1] = {**trades[1], "commission": "0.00035000", "commissionAsset": "BNB"}
+    venue.then("GET", "/fapi/v1/userTrades", trades)
+    if bnb_market:
+        info = body("exchange_info")
+        eth = info["symbols"][1]
+        info["symbols"].append({**eth, "symbol": "BNBUSDT", "pair": "BNBUSDT",
+                                "baseAsset": "BNB"})
+        venue.then("GET", "/fapi/v1/exchangeInfo", info)
+        venue.then("GET", "/fapi/v1/ticker/24hr", {**body("ticker_24hr")[1],
+                                                   "symbol": "BNBUSDT", "lastPrice": "612.50"})
+
+
+def test_a_fee_paid_in_bnb_is_valued_in_the_settlement_currency():
+    client, venue, _ = make()
+    paid_in_bnb(venue)
+    usdt, bnb = client.fills(BTC, SERVER_NOW - 3_600_000)
+    assert (usdt.fee, usdt.fee_currency, usdt.fee_paid) == (Decimal("0.33716655"), "USDT", None)
+    assert (bnb.fee, bnb.fee_currency) == (Decimal("0.00035") * Decimal("612.5"), "USDT")
+    assert bnb.fee_paid == (Decimal("0.00035"), "BNB", Decimal("612.5"))
+    assert venue.requests_to("GET", "/fapi/v1/ticker/24hr")[0]["symbol"] == "BNBUSDT"
+    assert fill_data(bnb)["fee_paid"] == {"amount": Decimal("0.00035"), "currency": "BNB",
+                                          "price": Decimal("612.5")}
+
+
+def test_a_fee_in_a_currency_that_cannot_be_valued_makes_the_fills_unusable():
+    client, venue, _ = make()
+    paid_in_bnb(venue, bnb_market=False)
+    with pytest.raises(BadExchangeData, match="fee paid in BNB"):
         client.fills(BTC, SERVER_NOW - 3_600_000)
 
 
