@@ -428,7 +428,7 @@ class ExchangeClient:
         out = []
         for f in fills:
             if f.fee_currency == quote or f.fee == 0:
-                out.append(f)
+                out.append(replace(f, fee_currency=quote) if f.fee_currency != quote else f)
                 continue
             cur = f.fee_currency
             if cur not in prices:

@@ -59,6 +59,9 @@ HALT_ORDER = ("drawdown", "daily_loss")  # reported first when several halts are
 SizingMode = Literal["fraction", "risk"]
 
 
+# How many reconcile runs an unsettled entry order blocks its symbol for.
+PENDING_ENTRY_RUNS = 3
+
 # -- state ---------------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -79,9 +82,9 @@ class RiskState:
     equity_peak: Decimal | None = None
     last_loss_exit_ms: Mapping[str, int] = field(default_factory=lambda: MappingProxyType({}))
     external: frozenset[str] = frozenset()  # symbols holding a position the bot did not open
-    # symbols with an entry order not settled yet (sent, its outcome not known or not
-    # final): it may have opened a position the ledger does not hold yet
-    pending_entries: frozenset[str] = frozenset()
+    # symbol -> when its entry order not settled yet was decided (sent, its outcome not
+    # known or not final): it may have opened a position the ledger does not hold yet
+    pending_entries: Mapping[str, int] = field(default_factory=lambda: MappingProxyType({}))
 
     @classmethod
     def from_summary(cls, summary: Mapping[str, Any]) -> RiskState:
@@ -110,9 +113,10 @@ class RiskState:
             last_loss_exit_ms=MappingProxyType({str(k): int(v) for k, v in
                                                 (summary.get("last_loss_exit_ms") or {}).items()}),
             external=frozenset(str(s) for s in summary.get("external") or ()),
-            pending_entries=frozenset(str(o["symbol"]) for o in
-                                      (summary.get("orders") or {}).values()
-                                      if o.get("purpose") == "entry" and o.get("symbol")),
+            pending_entries=MappingProxyType({
+                str(o["symbol"]): int(o.get("ts") or 0)
+                for o in (summary.get("orders") or {}).values()
+                if o.get("purpose") == "entry" and o.get("symbol")}),
         )
 
     @classmethod
@@ -360,15 +364,19 @@ def check_entry(*, symbol: str, side: str, price: Any, market: MarketInfo, state
 
     if symbol in state.symbols():
         return refuse("position_open", f"a position in {symbol} is already open")
-    if symbol in state.pending_entries:
-        # Another entry would double whatever the unsettled one opened.
+    # An unsettled entry may have opened a position: another would double it. Reconcile
+    # settles the order or finds the position (flagged if the ledger cannot place it);
+    # one it cannot settle (forgotten by the exchange) blocks only a few of its runs.
+    window = PENDING_ENTRY_RUNS * config.schedule.reconcile_interval_s * 1000
+    pending = {s for s, ts in state.pending_entries.items() if now_ms - ts < window}
+    if symbol in pending:
         return refuse("entry_pending", f"an entry order in {symbol} has not settled yet "
                       "(reconcile settles it)")
     if symbol in state.external:
         # One-way mode: an order here would add to (or close) someone else's position.
         return refuse("external_position", f"{symbol} holds a position the bot did not "
                       "open (flagged by reconcile); close or adopt it first")
-    held = len(state.symbols() | state.pending_entries)  # an unsettled entry may hold one
+    held = len(state.symbols() | pending)  # an unsettled entry may hold a position
     checks["open_positions"] = held
     if held >= rc.max_open_positions:
         return refuse("max_positions", f"{held} positions open or being entered "

@@ -16,6 +16,7 @@ from core.clock import DAY_MS
 from core.config import Config
 from core.exchange_types import BalanceReport, MarketInfo
 from core.risk import (
+    PENDING_ENTRY_RUNS,
     OpenExposure,
     RiskState,
     check_account,
@@ -120,17 +121,26 @@ def test_a_flagged_external_position_blocks_entries_in_its_symbol_only():
     assert entry(state, symbol="SOL/USDT:USDT").approved
 
 
-def test_an_unsettled_entry_blocks_its_symbol_and_holds_a_slot():
+def test_an_unsettled_entry_blocks_its_symbol_and_holds_a_slot_for_a_few_reconciles():
+    sent = NOW - 60_000
     state = RiskState.from_summary({"orders": {
-        "bot1-E-ETH": {"symbol": "ETH/USDT:USDT", "purpose": "entry", "state": "unknown"},
-        "bot1-S-BTC": {"symbol": "BTC/USDT:USDT", "purpose": "stop", "state": "accepted"}}})
-    assert state.pending_entries == frozenset({"ETH/USDT:USDT"})
+        "bot1-E-ETH": {"symbol": "ETH/USDT:USDT", "purpose": "entry", "state": "unknown",
+                       "ts": sent},
+        "bot1-S-BTC": {"symbol": "BTC/USDT:USDT", "purpose": "stop", "state": "accepted",
+                       "ts": sent}}})
+    assert dict(state.pending_entries) == {"ETH/USDT:USDT": sent}
     refused = entry(state)
     assert refused.reason == "entry_pending" and "not settled" in refused.detail
     assert entry(state, symbol="SOL/USDT:USDT").approved
     cfg = CFG.with_values(risk={"max_open_positions": 2})
     one_open = RiskState(positions=open_positions(1), pending_entries=state.pending_entries)
     assert entry(one_open, symbol="SOL/USDT:USDT", config=cfg).reason == "max_positions"
+    # Reconcile had its runs and could not settle it (the exchange forgot the order): by
+    # then it has found any position the order opened; the block ends.
+    window = PENDING_ENTRY_RUNS * CFG.schedule.reconcile_interval_s * 1000
+    assert entry(state, now=sent + window - 1).reason == "entry_pending"
+    assert entry(state, now=sent + window).approved
+    assert entry(one_open, symbol="SOL/USDT:USDT", config=cfg, now=sent + window).approved
 
 
 def test_cooldown_after_a_losing_exit():
