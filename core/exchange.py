@@ -427,8 +427,8 @@ class ExchangeClient:
         prices: dict[str, Decimal] = {}
         out = []
         for f in fills:
-            if f.fee_currency == quote or f.fee == 0:
-                out.append(replace(f, fee_currency=quote) if f.fee_currency != quote else f)
+            if f.fee_currency == quote or f.fee == 0:  # nothing to value
+                out.append(replace(f, fee_currency=quote))
                 continue
             cur = f.fee_currency
             if cur not in prices:
@@ -771,7 +771,7 @@ class ExchangeClient:
         triggered = None
         if trigger:  # an answer of the algo service (the order a stop became, which may
             # carry the stop's trigger price, is read as the regular order it is)
-            info = o.get("info") if isinstance(o.get("info"), dict) else {}
+            info = _info(o)
             actual = info.get("actualOrderId")
             triggered = str(actual) if actual not in (None, "", 0, "0") else None
             # It fired (ccxt reads TRIGGERING as open, TRIGGERED and FINISHED as closed):
@@ -810,7 +810,7 @@ class ExchangeClient:
         fee = t.get("fee")
         if not isinstance(fee, dict):
             raise BadExchangeData("trade without fee")
-        info = t.get("info") if isinstance(t.get("info"), dict) else {}
+        info = _info(t)
         client_id = t.get("clientOrderId") or info.get("clientOrderId")
         order_id = t.get("order")
         return FillReport(
@@ -845,6 +845,12 @@ class ExchangeClient:
 
 
 # ---- pure helpers ----------------------------------------------------------------------
+
+def _info(parsed: dict) -> dict:
+    """The raw exchange body ccxt keeps beside a parsed structure (empty if none)."""
+    info = parsed.get("info")
+    return info if isinstance(info, dict) else {}
+
 
 def clean_candles(rows: Any, tf_ms: int, server_now_ms: int) -> tuple[list[Candle], dict]:
     """Closed, valid candles sorted by time, and counts of what was dropped and why.

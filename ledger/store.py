@@ -1,4 +1,4 @@
-"""Opening, appending to, reading and verifying the ledger file.
+"""Opening, appending to and reading the ledger file (verifying it: ledger/verify.py).
 
 Rules this module keeps: WAL, synchronous=FULL, a busy timeout on every connection,
 one connection per thread, every write in BEGIN IMMEDIATE, readers open the file
