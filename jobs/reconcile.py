@@ -255,7 +255,8 @@ def apply_outcome(rt, ex: Executor, order: dict, req: OrderRequest, report: Orde
         facts += ex_path(ex, req, order, new, exchange_order_id=report.exchange_order_id)
     fee = sum((f.fee for f in fills), Decimal(0))
     avg = report.average_price
-    if purpose == "entry" and report.filled > 0 and avg and position is None:
+    if purpose == "entry" and report.filled > 0 and avg and position is None \
+            and not ever_opened(rt, order["position_id"]):
         facts.append(ex.fact("position_opened", symbol=req.symbol,
                              side="long" if req.side == "buy" else "short",
                              amount=report.filled, price=avg, fee=fee,
@@ -319,6 +320,13 @@ def unknown_fills(rt, p: dict, side: str):
     fills = [f for f in rt.client.fills(p["symbol"], since) if f.side == side and f.ts >= since]
     known = recorded_trade_ids(rt, since)
     return [f for f in fills if f.trade_id not in known]
+
+
+def ever_opened(rt, position_id: str) -> bool:
+    """Whether the ledger ever opened this position. An entry left partially filled can
+    be settled after its position has closed; opening it again would invent one."""
+    return bool(rt.ledger.select("SELECT 1 AS x FROM facts WHERE position_id = ? "
+                                 "AND type = 'position_opened' LIMIT 1", (position_id,)))
 
 
 def recorded_trade_ids(rt, since_ms: int) -> set[str]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from decimal import Decimal
 
+import ccxt
 import pytest
 from sim_fixtures import hide_orders_stops_became
 from test_jobs_scan import (
@@ -60,6 +61,36 @@ class CrashingSim(SimExchange):
             self.crash = None
             raise Crash
         return order
+
+
+class StuckEntrySim(SimExchange):
+    """The first entry fills in part and its answer still reads open (PARTIALLY_FILLED,
+    caught before the rest expired) while lookups and cancels fail: the bot records the
+    entry ``partially_filled``, its position and a stop, and leaves the order to reconcile."""
+
+    stuck: bool | None = None  # None: the next entry gets stuck; True: lookups fail
+
+    def create_order(self, symbol, type, side, amount, price=None, params=None):  # noqa: A002
+        entry = not (params or {}).get("triggerPrice") and not (params or {}).get("reduceOnly")
+        if not (entry and self.stuck is None):
+            return super().create_order(symbol, type, side, amount, price, params)
+        self.partial_fill_prob, before = 1.0, self.partial_fill_prob
+        try:
+            order = super().create_order(symbol, type, side, amount, price, params)
+        finally:
+            self.partial_fill_prob = before
+        self.stuck = True
+        return {**order, "status": "open", "info": {**order["info"], "status": "PARTIALLY_FILLED"}}
+
+    def fetch_order(self, *args, **kwargs):
+        if self.stuck:
+            raise ccxt.NetworkError("binanceusdm GET fapi/v1/order: connection reset")
+        return super().fetch_order(*args, **kwargs)
+
+    def cancel_order(self, *args, **kwargs):
+        if self.stuck:
+            raise ccxt.NetworkError("binanceusdm DELETE fapi/v1/order: connection reset")
+        return super().cancel_order(*args, **kwargs)
 
 
 def reconciled(bot, **kw) -> dict:
@@ -178,6 +209,29 @@ def test_an_entry_that_never_left_is_declared_rejected_once_it_cannot_exist(bot_
     assert report["differences"][0]["correction"] == "marked rejected"
     assert coid not in bot.ledger.state().orders
     assert not bot.exchange_positions() and not bot.position(AAA)
+    assert_settled(bot)
+
+
+def test_an_entry_left_partially_filled_is_settled_without_reopening_its_closed_position(
+        bot_factory):
+    bot = bot_factory(strat=PICK_FIRST, paths={"AAA": flat(100, 5)}, venue_cls=StuckEntrySim)
+    position = open_long(bot)
+    coid = position["position_id"]
+    assert bot.ledger.state().orders[coid]["state"] == "partially_filled"
+    assert Decimal(position["amount"]) == Decimal(str(bot.exchange_positions()[AAA]["contracts"]))
+    bot.venue.stuck = False  # the exchange answers again; the position closes first
+    bot.after_candle(0)
+    ex = Executor(bot.ledger, bot.client, bot.clock, bot.rt.config, "exit-test", bot.rt.lock)
+    assert ex.close_position(bot.position(AAA), "test exit", T0)
+    assert bot.position(AAA) is None and not bot.exchange_positions()
+
+    report = reconciled(bot)
+    assert report["status"] == "corrected" and kinds(report) == ["order_state"]
+    assert coid not in bot.ledger.state().orders  # settled: the rest expired
+    assert len(bot.facts("position_opened", position_id=coid)) == 1  # never opened again
+    assert len(bot.facts("position_closed", position_id=coid)) == 1
+    assert bot.position(AAA) is None
+    assert_agrees(bot)
     assert_settled(bot)
 
 
