@@ -169,11 +169,13 @@ class ExchangeClient:
         return sorted(_tradable(markets, self.settings.quote))
 
     def market(self, symbol: str) -> MarketInfo:
-        """Precision and minimums of one market; BadExchangeData for an unknown symbol."""
+        """Precision and limits of one market; BadExchangeData for an unknown symbol."""
         m = self._market_dict(symbol)
         try:
             precision = m.get("precision") or {}
             limits = m.get("limits") or {}
+            maxima = [_decimal((limits.get(kind) or {}).get("max"), f"max {kind}",  # 0: none
+                               required=False, nonneg=True) for kind in ("amount", "market")]
             return MarketInfo(
                 symbol=symbol,
                 base=str(m.get("base")),
@@ -186,6 +188,7 @@ class ExchangeClient:
                                       required=False, nonneg=True),
                 contract_size=_decimal(m.get("contractSize"), "contract size", required=False,
                                        positive=True) or Decimal(1),
+                max_amount=min((mx for mx in maxima if mx), default=None),
             )
         except BadExchangeData as exc:
             raise self._bad(f"market {symbol}", str(exc), m) from None
@@ -193,7 +196,7 @@ class ExchangeClient:
     def prepare_amount(self, symbol: str, amount: Decimal | float | str,
                        price: Decimal | float | str | None,
                        reduce_only: bool = False) -> tuple[Decimal | None, str]:
-        """Amount truncated to the market's step and checked against its minimums.
+        """Amount truncated to the market's step and checked against its limits.
 
         Returns (amount, "") or (None, reason). ``price`` is the expected fill price for the
         notional check; reduce-only orders are exempt from the minimum notional (Binance
@@ -211,6 +214,14 @@ class ExchangeClient:
             return None, f"amount {wanted} rounds to zero at step {info.amount_step}"
         if info.min_amount is not None and rounded < info.min_amount:
             return None, f"amount {rounded} below the minimum {info.min_amount} of {symbol}"
+        if info.max_amount is not None and rounded > info.max_amount:
+            if not reduce_only:  # risk sizing caps entries; never send what -4005 refuses
+                return None, f"amount {rounded} above the maximum {info.max_amount} of {symbol}"
+            # A position larger than one order may carry (grown or adopted from outside)
+            # is reduced by the most one order can: the caller treats it as a partial exit.
+            log.warning("%s: reduce-only amount %s above the maximum %s; sending the maximum",
+                        symbol, rounded, info.max_amount)
+            rounded = info.max_amount
         if not reduce_only and info.min_notional:
             try:
                 px = _decimal(price, "price", positive=True)

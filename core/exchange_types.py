@@ -75,6 +75,9 @@ class MarketInfo:
     min_amount: Decimal | None
     min_notional: Decimal | None
     contract_size: Decimal = Decimal(1)
+    # The most one order may carry: the smaller of Binance's LOT_SIZE and MARKET_LOT_SIZE
+    # maxQty (all our orders are market or stop-market); above it Binance answers -4005.
+    max_amount: Decimal | None = None
 
 
 @dataclass(frozen=True)

@@ -206,7 +206,8 @@ def size_entry(*, mode: SizingMode, price: Any, equity: Any, market: MarketInfo,
                trade_fraction: float, risk_pct: float, leverage: int, slots: int,
                stop_pct: float, caps: Mapping[str, Decimal] | None = None) -> SizeResult:
     """Amount to enter at ``price``: target notional, capped by the smallest of ``caps``
-    (name -> max notional), truncated to the amount step, checked against minimums."""
+    (name -> max notional), truncated to the amount step, capped by the most one order may
+    carry, checked against minimums."""
     p, eq = as_decimal(price), as_decimal(equity)
     if p is None or p <= 0 or eq is None or eq <= 0 or leverage < 1 or stop_pct <= 0:
         return SizeResult(False, "bad_input", f"price {price!r}, equity {equity!r}, leverage "
@@ -219,6 +220,8 @@ def size_entry(*, mode: SizingMode, price: Any, equity: Any, market: MarketInfo,
             wanted, capped_by = max(cap, ZERO), name
     unit = p * market.contract_size
     amount = truncate_amount(wanted / unit, market.amount_step)
+    if market.max_amount is not None and amount > market.max_amount:
+        amount, capped_by = truncate_amount(market.max_amount, market.amount_step), "max_amount"
     notional = amount * unit
     result = dict(amount=amount, notional=notional, target_notional=target, capped_by=capped_by)
     if amount <= 0 or (market.min_amount is not None and amount < market.min_amount):

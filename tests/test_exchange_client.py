@@ -223,6 +223,8 @@ def test_markets_from_exchange_info():
     assert (btc.amount_step, btc.price_step) == (Decimal("0.001"), Decimal("0.1"))
     assert (btc.min_amount, btc.min_notional) == (Decimal("0.001"), Decimal("100"))
     assert client.market(ETH).min_notional == Decimal("20")
+    # the smaller of LOT_SIZE's and MARKET_LOT_SIZE's maxQty: all our orders are market
+    assert (btc.max_amount, client.market(ETH).max_amount) == (Decimal("120"), Decimal("2000"))
 
 
 def test_unknown_symbol_is_bad_data(caplog):
@@ -614,6 +616,19 @@ def test_below_minimums_rejected_locally_never_sent():
     long_id = client.submit(entry(cid="x" * 37), ref_price=Decimal("96500"))
     assert long_id.status == "rejected"
     assert not venue.requests_to("POST", "/fapi/v1/order")
+
+
+def test_above_the_maximum_an_entry_is_refused_and_a_close_sends_the_most_it_may():
+    client, venue, _ = make()
+    big = client.submit(entry("150"), ref_price=Decimal("96500"))  # -4005 on Binance
+    assert big.status == "rejected" and "above the maximum 120" in big.reason
+    assert not venue.requests_to("POST", "/fapi/v1/order")
+    close = OrderRequest(symbol=BTC, side="sell", amount=Decimal("150"),
+                         client_order_id="bot1-x-1", reduce_only=True)
+    sent = client.submit(close)
+    assert sent.status == "accepted" and sent.request.amount == Decimal("120")
+    [posted] = venue.requests_to("POST", "/fapi/v1/order")
+    assert Decimal(posted["quantity"]) == Decimal("120")  # the rest: a partial exit
 
 
 def test_small_reduce_only_close_is_sent():

@@ -22,6 +22,7 @@ from core.exchange import NOT_FOUND_FINAL_MS, ExchangeClient
 from core.exchange_types import OrderRequest
 from core.execution import Executor, executed, unsettled
 from core.orders import IllegalTransition, client_order_id
+from core.sim_account import Spec
 from core.sim_exchange import SimExchange
 from ledger import Fact, Ledger
 
@@ -672,6 +673,28 @@ def test_realized_pnl_is_gross_minus_every_fee(w, side):
     assert Decimal(closed["pnl"]) == Decimal(exit_["info"]["realizedPnl"]) - fees
     [row] = w.ledger.select("SELECT * FROM closed_trades")
     assert Decimal(row["realized_pnl"]) == gross - fees
+
+
+def test_a_position_larger_than_one_order_may_carry_is_closed_in_parts(w):
+    position = w.open()
+    amount = Decimal(position["amount"])
+    most = (amount * Decimal("0.6")).quantize(Decimal("0.001"))
+    market = w.sim.markets[SYM]  # MARKET_LOT_SIZE maxQty shrinks; the venue enforces it
+    market["limits"] = {**market["limits"], "market": {"min": None, "max": float(most)}}
+    w.sim._spec[SYM] = Spec.of(market)
+    w.step()
+    assert not w.ex.close_position(w.position(), "signal", w.candle())  # the most it may
+    left = w.position()
+    assert Decimal(left["amount"]) == amount - most
+    [stop] = w.resting_stops()  # the rest is protected
+    assert Decimal(str(stop["amount"])) == amount - most
+    w.step()
+    assert w.ex.close_position(left, "signal", w.candle())
+    sells = [Decimal(t["info"]["qty"]) for t in w.trades() if t["side"] == "sell"]
+    assert sells == [most, amount - most]  # never refused (-4005), never more than the max
+    assert w.exchange_positions() == {} and w.resting_stops() == []
+    [closed] = w.facts("position_closed")
+    assert closed["reason"] == "signal"
 
 
 def test_pnl_after_partial_exits_counts_every_part(tmp_path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from decimal import Decimal as D
 
 import numpy as np
@@ -70,6 +71,17 @@ def test_amount_truncates_never_rounds_up():
     r = size_entry(mode="fraction", price="3", equity="1000", market=MARKET, trade_fraction=0.8,
                    risk_pct=1, leverage=1, slots=1, stop_pct=2)
     assert r.amount == D("266.666") and r.notional <= r.target_notional
+
+
+def test_an_entry_is_capped_at_the_most_one_order_may_carry():
+    capped = replace(MARKET, max_amount=D("2.5"))
+    r = size_entry(mode="fraction", price="100", equity="10000", market=capped,
+                   trade_fraction=0.8, risk_pct=1, leverage=3, slots=1, stop_pct=2)
+    assert (r.ok, r.amount, r.capped_by) == (True, D("2.5"), "max_amount")
+    assert r.notional == D("250") < r.target_notional == D("24000")
+    r = size_entry(mode="fraction", price="100", equity="10", market=capped,
+                   trade_fraction=0.8, risk_pct=1, leverage=3, slots=1, stop_pct=2)
+    assert (r.amount, r.capped_by) == (D("0.24"), None)  # below the maximum: untouched
 
 
 def test_minimums():
