@@ -68,6 +68,10 @@ SERVER_TIME_REFRESH_MS = 60_000  # re-measure the exchange clock offset this oft
 MAX_BACKOFF_S = 30.0
 RATE_LIMIT_BACKOFF_FACTOR = 4  # a 429/418 asks for a longer pause than a dropped packet
 LOOKUP_ATTEMPTS = 3  # lookups by client id after an ambiguous submission
+# Binance can answer an order (NEW, nothing filled yet) before a lookup finds it (-2013).
+# Lookups of an order just accepted go on this many times (backing off: a few seconds in
+# all) before its outcome is left to reconcile, minutes later, with a position unprotected.
+VISIBLE_ATTEMPTS = 5
 # A regular order still absent this long after it was sent never reached the book: Binance
 # refuses requests older than recvWindow (10 s in ccxt), also in the matching engine (-5028).
 NOT_FOUND_FINAL_MS = 60_000
@@ -400,6 +404,18 @@ class ExchangeClient:
                            trigger: bool = False) -> OrderReport | None:
         """The exchange's view of one order, or None when the exchange does not know it."""
         return self._lookup(symbol, client_order_id, None, trigger)
+
+    def order_after_submit(self, symbol: str, client_order_id: str) -> OrderReport | None:
+        """order_by_client_id for a regular order just accepted, looked up again after
+        short pauses while the exchange does not show it yet; None if it stays unseen."""
+        for attempt in range(VISIBLE_ATTEMPTS):
+            if attempt:
+                log.info("order %s: not shown yet; looking again", client_order_id)
+                self._sleep(self._backoff_s(attempt, None))
+            report = self._lookup(symbol, client_order_id, None, trigger=False)
+            if report is not None:
+                return report
+        return None
 
     def fills(self, symbol: str, since_ms: int) -> list[FillReport]:
         """Account trades in ``symbol`` from ``since_ms`` on, oldest first, de-duplicated."""

@@ -156,8 +156,11 @@ class Executor:
         """
         trigger = req.type == "stop_market"
         try:
-            fetched = self.client.order_by_client_id(req.symbol, req.client_order_id,
-                                                     trigger=trigger)
+            if trigger or (order is not None and order.status != "open"):
+                fetched = self.client.order_by_client_id(req.symbol, req.client_order_id,
+                                                         trigger=trigger)
+            else:  # the answer does not tell what filled: the order must be seen
+                fetched = self.client.order_after_submit(req.symbol, req.client_order_id)
         except READ_ERRORS as exc:
             log.warning("order %s: fetch back failed (%s)", req.client_order_id, exc)
             fetched = None

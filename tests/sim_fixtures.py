@@ -64,3 +64,43 @@ def hide_orders_stops_became(venue: SimExchange) -> None:
         return real(id, symbol, params)
 
     venue.fetch_order = fetch_order
+
+
+def answer_entries_new_unseen(venue: SimExchange, lookups: int) -> None:
+    """Binance may answer a MARKET order NEW with nothing filled (its answer was made
+    before the match) and not show the order for a moment: -2013 to lookups, -2011 to
+    cancels. The next entry (not reduce-only, not a stop) fills at once, is answered so,
+    and stays out of sight for its first ``lookups`` lookups and cancels."""
+    create, fetch, cancel = venue.create_order, venue.fetch_order, venue.cancel_order
+    hidden: dict[str, int] = {}
+
+    def create_order(symbol, type, side, amount, price=None, params=None):  # noqa: A002
+        order = create(symbol, type, side, amount, price, params)
+        p = params or {}
+        if hidden or p.get("triggerPrice") or p.get("reduceOnly"):
+            return order
+        hidden[order["clientOrderId"]] = lookups
+        info = {**order["info"], "status": "NEW", "executedQty": "0", "avgPrice": "0.00",
+                "cumQuote": "0"}
+        return {**order, "status": "open", "filled": 0.0, "remaining": order["amount"],
+                "average": None, "cost": 0.0, "trades": [], "info": info}
+
+    def unseen(params) -> bool:
+        cid = (params or {}).get("clientOrderId")
+        if hidden.get(cid, 0) > 0:
+            hidden[cid] -= 1
+            return True
+        return False
+
+    def fetch_order(id, symbol=None, params=None):  # noqa: A002
+        if unseen(params):
+            raise ccxt.OrderNotFound('binanceusdm {"code":-2013,"msg":"Order does not exist."}')
+        return fetch(id, symbol, params)
+
+    def cancel_order(id, symbol=None, params=None):  # noqa: A002
+        if unseen(params):
+            raise ccxt.OrderNotFound('binanceusdm {"code":-2011,"msg":"Unknown order sent."}')
+        return cancel(id, symbol, params)
+
+    venue.create_order, venue.fetch_order, venue.cancel_order = \
+        create_order, fetch_order, cancel_order

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 
 import pytest
-from sim_fixtures import hide_orders_stops_became
+from sim_fixtures import answer_entries_new_unseen, hide_orders_stops_became
 
 from core.clock import VirtualClock
 from core.config import Config
@@ -426,6 +426,31 @@ def test_a_stop_accepted_behind_a_timeout_is_found_and_recorded_once(w):
     assert w.states(stop.client_id) == ["intent", "submitted", "accepted"]
     assert position["stop"]["client_order_id"] == stop.client_id
     assert len(w.resting_stops()) == 1
+
+
+@pytest.mark.parametrize("lookups", [1, 6])
+def test_an_entry_answered_new_and_not_yet_visible_is_protected_at_once(w, lookups):
+    # 6: five lookups (a few seconds), then the cancel of the rest finds it filled
+    answer_entries_new_unseen(w.sim, lookups)
+    position = w.open()
+    assert position is not None  # not left to reconcile, minutes without a stop
+    entry = position["position_id"]
+    assert w.states(entry) == ["intent", "submitted", "fill", "filled"]
+    [stop] = w.resting_stops()
+    assert position["stop"]["client_order_id"] == stop["clientOrderId"]
+    assert Decimal(position["amount"]) == Decimal(str(w.exchange_positions()[SYM]["contracts"]))
+    assert len(w.sim.creates(trigger=False)) == 1  # never sent twice
+
+
+def test_an_entry_unseen_for_longer_is_left_to_reconcile_and_never_sent_twice(w):
+    answer_entries_new_unseen(w.sim, 1000)
+    started = w.clock.now_ms()
+    assert w.open() is None
+    assert 1_000 < w.clock.now_ms() - started < 15_000  # seconds of looking, not minutes
+    [entry] = w.sim.creates(trigger=False)
+    assert w.states(entry.client_id) == ["intent", "submitted", "accepted"]
+    assert w.exchange_positions() and w.position() is None  # reconcile's to settle
+    assert w.open() is None and len(w.sim.creates(trigger=False)) == 1
 
 
 # -- partial fills ----------------------------------------------------------------------
