@@ -528,7 +528,9 @@ class ExchangeClient:
                 return self._resolve_ambiguous(sent, exc)
             note = _error_text(exc)
             log.warning("order %s: rejected by the exchange: %s", req.client_order_id, note)
-            return SubmitResult("rejected", sent, reason=note, errors=[note])
+            return SubmitResult("rejected", sent, reason=note, errors=[note],
+                                would_trigger=is_stop
+                                and isinstance(exc, ccxt.OrderImmediatelyFillable))
         except Exception as exc:  # the request may have left: look it up
             return self._resolve_ambiguous(sent, exc)
         try:

@@ -174,6 +174,8 @@ class SubmitResult:
     order: OrderReport | None = None
     reason: str = ""
     errors: list[str] = field(default_factory=list)
+    # A stop refused because the price is already past its trigger (Binance -2021).
+    would_trigger: bool = False
 
 
 class BadExchangeData(ValueError):

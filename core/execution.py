@@ -264,7 +264,8 @@ class Executor:
                 # never after an ambiguous one, which may be resting already.
                 for _ in range(2):
                     if self.place_stop(position, level) is not None \
-                            or self.pending_stop(position["position_id"]):
+                            or self.pending_stop(position["position_id"]) \
+                            or not self.is_open(position):
                         break
                 else:
                     log.error("%s: no stop could be placed; reconcile places one", symbol)
@@ -282,9 +283,18 @@ class Executor:
                    and o["state"] in ("intent", "submitted", "unknown")
                    for o in self.ledger.state().orders.values())
 
-    def place_stop(self, position: dict, trigger: Decimal, *, moved: bool = False
-                   ) -> str | None:
-        """A reduce-only stop for the whole position; its client id, or None if not placed."""
+    def is_open(self, position: dict) -> bool:
+        now = self.ledger.state().positions.get(position["symbol"])
+        return now is not None and now["position_id"] == position["position_id"]
+
+    def place_stop(self, position: dict, trigger: Decimal, *, moved: bool = False,
+                   exit_if_crossed: bool = True) -> str | None:
+        """A reduce-only stop for the whole position; its client id, or None if not placed.
+
+        A first stop refused because the price is already past it (-2021) would leave the
+        position unprotected beyond its stop, so the position is closed at market instead
+        (unless ``exit_if_crossed`` is off: after a failed exit, trying again at once).
+        """
         symbol, pid = position["symbol"], position["position_id"]
         try:
             trigger = self.client.prepare_price(symbol, trigger)
@@ -296,6 +306,12 @@ class Executor:
             req = OrderRequest(symbol, opposite(position["side"]), Decimal(position["amount"]),
                                coid, type="stop_market", reduce_only=True, trigger_price=trigger)
             result = self.send(req, "stop", position_id=pid)
+            if result is not None and result.would_trigger and not moved and exit_if_crossed:
+                log.warning("%s: price already past the stop %s; closing at market", symbol,
+                            trigger)
+                self.close_position(position, stop_reason(position, {"price": trigger}),
+                                    self.clock.now_ms())
+                return None
             if result is None or result.status != "accepted":
                 return None
             sent, order = result.request, result.order
@@ -525,7 +541,7 @@ class Executor:
             return
         level = stop_price(position["side"], Decimal(position["entry_price"]),
                            self.config.exits.stop_loss_pct)
-        self.place_stop(position, level)
+        self.place_stop(position, level, exit_if_crossed=False)
 
 
 def fill_data(f: FillReport, **more: Any) -> dict:

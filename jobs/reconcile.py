@@ -467,8 +467,9 @@ def compare_stops(rt, ex: Executor, dry_run: bool,
         level = stop_price(p["side"], Decimal(p["entry_price"]), rt.config.exits.stop_loss_pct)
         if stop:
             level = Decimal(stop["price"])
-        diffs.append(Difference("missing_stop", symbol, f"{p['side']} {p['amount']} has no stop "
-                                "resting on the exchange", correction=f"stop placed at {level}"))
+        diff = Difference("missing_stop", symbol, f"{p['side']} {p['amount']} has no stop "
+                          "resting on the exchange", correction=f"stop placed at {level}")
+        diffs.append(diff)
         if not dry_run:
             if stop:  # it vanished (cancelled or expired outside the bot)
                 ex.record([ex.fact("stop_cancelled", symbol=symbol,
@@ -479,6 +480,10 @@ def compare_stops(rt, ex: Executor, dry_run: bool,
             coid = ex.place_stop(p, level)
             if coid:
                 wanted.add(coid)
+            elif not ex.is_open(p):
+                diff.correction = f"price already past the stop {level}: closed at market"
+            else:
+                diff.correction = f"stop at {level} not placed; tried again next run"
     for symbol in sorted(plan["opens"] - set(state.positions)):  # dry run: opened above
         diffs.append(Difference("missing_stop", symbol, "the position recorded above has no "
                                 "stop resting on the exchange", correction="stop placed"))

@@ -418,6 +418,20 @@ def test_a_stop_refused_outright_is_tried_once_more(w):
     assert [s["clientOrderId"] for s in w.resting_stops()] == [s2]
 
 
+def test_an_entry_whose_stop_the_price_has_already_passed_is_closed_at_once(tmp_path):
+    # 1 % slippage on a 0.5 % stop: the stop's level is above the price right after the
+    # fill, so Binance refuses it (-2021); the position must not stay unprotected.
+    w = make_world(tmp_path, sim={"slippage_bps": 100.0})
+    assert w.open("long", stop_pct=0.5) is None
+    [stop] = w.sim.creates(trigger=True)  # refused once, not tried again
+    assert w.states(stop.client_id) == ["intent", "submitted", "rejected"]
+    [closed] = w.facts("position_closed")
+    assert closed["reason"] == "stop_loss" and Decimal(closed["pnl"]) < 0
+    assert w.exchange_positions() == {} and w.resting_stops() == []
+    assert w.ledger.state().orders == {}
+    w.ledger.close()
+
+
 def test_a_stop_accepted_behind_a_timeout_is_found_and_recorded_once(w):
     w.sim.hooks[("create_order", True)] = \
         lambda cid: w.sim.faults.script([("create_order", "timeout_after_accept")])

@@ -571,6 +571,31 @@ def test_a_stop_cancelled_behind_the_bots_back_is_replaced(bot_factory):
     assert_settled(bot)
 
 
+def test_a_missing_stop_the_price_has_passed_closes_the_position_at_market(bot_factory):
+    bot = bot_factory(strat=PICK_FIRST, paths={"AAA": FALL})
+    position = open_long(bot)
+    old = position["stop"]
+    bot.venue.cancel_order(None, AAA, {"trigger": True, "clientOrderId": old["client_order_id"]})
+    bot.after_candle(1)  # the price falls through the stop's level: nothing rests to catch it
+    assert bot.exchange_positions() and bot.venue.fetch_ticker(AAA)["last"] < float(old["price"])
+    report = reconciled(bot)
+    assert report["status"] == "corrected"
+    [missing] = [d for d in report["differences"] if d["kind"] == "missing_stop"]
+    past, _, then = missing["correction"].partition(": ")
+    assert past.startswith("price already past the stop") and then == "closed at market"
+    assert Decimal(past.rsplit(" ", 1)[1]) == Decimal(old["price"])
+    assert bot.position(AAA) is None and not bot.exchange_positions()  # not left unprotected
+    [closed] = bot.facts("position_closed", position_id=position["position_id"])
+    assert closed["reason"] == "stop_loss" and Decimal(closed["pnl"]) < 0
+    [refused] = [o for o in bot.facts("order_intent") if o["client_order_id"] != old[
+        "client_order_id"] and json.loads(o["data"])["purpose"] == "stop"]
+    assert bot.resting_stops() == []
+    assert json.loads(bot.facts("order_update", client_order_id=refused["client_order_id"])[-1][
+        "data"])["state"] == "rejected"
+    assert_agrees(bot)
+    assert_settled(bot)
+
+
 def test_an_orphaned_stop_of_ours_is_cancelled_but_a_foreign_one_is_left(bot_factory):
     bot = bot_factory(paths={"AAA": flat(100, 5), "BBB": flat(50, 5)})
     q = qty(bot, AAA)
