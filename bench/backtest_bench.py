@@ -14,7 +14,8 @@ ledger written (hash chain, checkpoints, views). Two settings of the account lim
 
 The pairs are quoted in BTC and replayed as if in USDT (core/sim_market.CsvMarket), so
 the account starts with 100 "USDT" (~100 BTC-priced units): with 10,000 most entries in
-the cheapest coins (TRX, NXT at ~0.00001) would exceed the markets' maximum quantity.
+the cheapest coins (TRX, NXT at ~0.00001) would be capped at the markets' maximum
+quantity, which Freqtrade's backtest does not model.
 
 Figures, each the median of ``--runs`` runs (the machine is shared and noisy):
 
