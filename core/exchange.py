@@ -198,13 +198,14 @@ class ExchangeClient:
             raise self._bad(f"market {symbol}", str(exc), m) from None
 
     def prepare_amount(self, symbol: str, amount: Decimal | float | str,
-                       price: Decimal | float | str | None,
-                       reduce_only: bool = False) -> tuple[Decimal | None, str]:
+                       price: Decimal | float | str | None, reduce_only: bool = False,
+                       clamp: bool = False) -> tuple[Decimal | None, str]:
         """Amount truncated to the market's step and checked against its limits.
 
         Returns (amount, "") or (None, reason). ``price`` is the expected fill price for the
         notional check; reduce-only orders are exempt from the minimum notional (Binance
-        -4164: "unless you choose reduce only").
+        -4164: "unless you choose reduce only"). ``clamp``: above the maximum, the maximum
+        (a reduce-only market order: the rest is a partial exit) instead of a refusal.
         """
         try:
             info = self.market(symbol)
@@ -219,10 +220,11 @@ class ExchangeClient:
         if info.min_amount is not None and rounded < info.min_amount:
             return None, f"amount {rounded} below the minimum {info.min_amount} of {symbol}"
         if info.max_amount is not None and rounded > info.max_amount:
-            if not reduce_only:  # risk sizing caps entries; never send what -4005 refuses
+            # Risk sizing caps entries, so only a position grown or adopted from outside
+            # gets here. Never send what -4005 refuses; never a stop that covers only part
+            # of its position while the ledger calls the position protected.
+            if not (clamp and reduce_only):
                 return None, f"amount {rounded} above the maximum {info.max_amount} of {symbol}"
-            # A position larger than one order may carry (grown or adopted from outside)
-            # is reduced by the most one order can: the caller treats it as a partial exit.
             log.warning("%s: reduce-only amount %s above the maximum %s; sending the maximum",
                         symbol, rounded, info.max_amount)
             rounded = info.max_amount
@@ -493,7 +495,8 @@ class ExchangeClient:
                 return self._rejected_locally(req, f"no price to check the minimum notional "
                                                    f"({type(exc).__name__})")
         amount, reason = self.prepare_amount(req.symbol, req.amount, check_price,
-                                             reduce_only=req.reduce_only)
+                                             reduce_only=req.reduce_only,
+                                             clamp=req.reduce_only and not is_stop)
         if amount is None:
             return self._rejected_locally(req, reason)
         params: dict[str, Any] = {"clientOrderId": req.client_order_id}

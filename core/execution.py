@@ -261,11 +261,13 @@ class Executor:
             if position is not None and stop_pct is not None:
                 level = stop_price(side, done.average, stop_pct)
                 # One more try when the first was refused outright (e.g. rate limited);
-                # never after an ambiguous one, which may be resting already.
+                # never after an ambiguous one, which may be resting already, nor once
+                # something else acted on the position (an exit at market when the price
+                # was already past the stop: the position changed, or that exit is pending).
                 for _ in range(2):
                     if self.place_stop(position, level) is not None \
-                            or self.pending_stop(position["position_id"]) \
-                            or not self.is_open(position):
+                            or self.ledger.state().positions.get(symbol) != position \
+                            or self.unresolved(position["position_id"], "stop", "exit"):
                         break
                 else:
                     log.error("%s: no stop could be placed; reconcile places one", symbol)
@@ -279,7 +281,11 @@ class Executor:
 
     def pending_stop(self, position_id: str) -> bool:
         """Is a stop of this position still unresolved (intent, submitted, unknown)?"""
-        return any(o["position_id"] == position_id and o["purpose"] == "stop"
+        return self.unresolved(position_id, "stop")
+
+    def unresolved(self, position_id: str, *purposes: str) -> bool:
+        """Is an order of this position, for one of ``purposes``, still unresolved?"""
+        return any(o["position_id"] == position_id and o["purpose"] in purposes
                    and o["state"] in ("intent", "submitted", "unknown")
                    for o in self.ledger.state().orders.values())
 
@@ -309,8 +315,10 @@ class Executor:
             if result is not None and result.would_trigger and not moved and exit_if_crossed:
                 log.warning("%s: price already past the stop %s; closing at market", symbol,
                             trigger)
-                self.close_position(position, stop_reason(position, {"price": trigger}),
-                                    self.clock.now_ms())
+                if self.is_open(position):
+                    self.close_position(self.ledger.state().positions[symbol],
+                                        stop_reason(position, {"price": trigger}),
+                                        self.clock.now_ms())
                 return None
             if result is None or result.status != "accepted":
                 return None

@@ -93,8 +93,10 @@ def run(rt, scheduled_ms: int, run_id: str, dry_run: bool = False) -> dict:
 def planned(diffs: list[Difference]) -> dict[str, set]:
     """What the corrections found so far do to the ledger: the symbols whose position
     they close ("closes") or open ("opens"), the trades they record ("trades"). A real
-    run has recorded them already; a dry run must not report them twice."""
-    out: dict[str, set] = {"closes": set(), "opens": set(), "trades": set()}
+    run has recorded them already; a dry run must not report them twice. "flagged": the
+    symbols left for a human, where nothing more is sent."""
+    out: dict[str, set] = {"closes": set(), "opens": set(), "trades": set(),
+                           "flagged": {d.symbol for d in diffs if d.severity == "human"}}
     for d in diffs:
         for key, values in d.data.items():
             out.setdefault(key, set()).update(values)
@@ -194,9 +196,12 @@ def settle_orders(rt, ex: Executor, dry_run: bool) -> list[Difference]:
         if not dry_run:
             apply_outcome(rt, ex, order, req, report, new)
         elif report.filled > 0:
-            effect = "opens" if order["purpose"] == "entry" else "closes"
-            diff.data = {effect: {req.symbol},
-                         "trades": {f.trade_id for f in ex.fills_of(report, order["ts"] - 60_000)}}
+            diff.data = {"trades": {f.trade_id for f in ex.fills_of(report, order["ts"] - 60_000)}}
+            if order["purpose"] != "entry":
+                diff.data["closes"] = {req.symbol}
+            elif req.symbol not in rt.ledger.state().positions \
+                    and not ever_opened(rt, order["position_id"]):  # as apply_outcome does
+                diff.data["opens"] = {req.symbol}
     return diffs
 
 
@@ -464,6 +469,14 @@ def compare_stops(rt, ex: Executor, dry_run: bool,
             continue
         if p["position_id"] in pending:
             continue  # a stop is on its way; the next run settles it
+        if symbol in plan["flagged"]:
+            # The exchange does not hold this position as the ledger does (gone, or the
+            # other side): a stop, or an exit when the price is past it, would act on
+            # what a human must look at first.
+            diffs.append(Difference("missing_stop", symbol, f"{p['side']} {p['amount']} has no "
+                                    "stop resting; none placed while the position is flagged",
+                                    "info"))
+            continue
         level = stop_price(p["side"], Decimal(p["entry_price"]), rt.config.exits.stop_loss_pct)
         if stop:
             level = Decimal(stop["price"])
@@ -478,10 +491,15 @@ def compare_stops(rt, ex: Executor, dry_run: bool,
                                    reason="not resting on the exchange")])
                 p = rt.ledger.state().positions[symbol]
             coid = ex.place_stop(p, level)
+            now = rt.ledger.state().positions.get(symbol)
             if coid:
                 wanted.add(coid)
             elif not ex.is_open(p):
                 diff.correction = f"price already past the stop {level}: closed at market"
+            elif now.get("stop"):  # a partial exit at market left the rest behind a stop
+                wanted.add(now["stop"]["client_order_id"])
+                diff.correction = (f"price already past the stop {level}: {now['amount']} "
+                                   f"left, behind a stop at {now['stop']['price']}")
             else:
                 diff.correction = f"stop at {level} not placed; tried again next run"
     for symbol in sorted(plan["opens"] - set(state.positions)):  # dry run: opened above

@@ -629,6 +629,10 @@ def test_above_the_maximum_an_entry_is_refused_and_a_close_sends_the_most_it_may
     assert sent.status == "accepted" and sent.request.amount == Decimal("120")
     [posted] = venue.requests_to("POST", "/fapi/v1/order")
     assert Decimal(posted["quantity"]) == Decimal("120")  # the rest: a partial exit
+    # A stop is never sent for less than its position (the ledger would call it covered).
+    cover = client.submit(stop(amount="150"))
+    assert cover.status == "rejected" and "above the maximum 120" in cover.reason
+    assert not venue.requests_to("POST", "/fapi/v1/algoOrder")
 
 
 def test_small_reduce_only_close_is_sent():

@@ -432,6 +432,34 @@ def test_an_entry_whose_stop_the_price_has_already_passed_is_closed_at_once(tmp_
     w.ledger.close()
 
 
+@pytest.mark.parametrize("exit_outcome", ["partial", "ambiguous"])
+def test_a_stop_past_the_price_sends_one_exit_even_if_it_does_not_close(tmp_path,
+                                                                        exit_outcome):
+    w = make_world(tmp_path, sim={"slippage_bps": 100.0,
+                                  "partial_fill_prob": 1.0 if exit_outcome == "partial" else 0})
+
+    def slow_exit(cid):  # a second passes, so a new exit would get a new client id
+        w.clock.advance(1_500)
+        if exit_outcome == "ambiguous" and "-X-" in cid:
+            w.sim.faults.script([("create_order", "server_error")])
+
+    w.sim.hooks[("create_order", False)] = slow_exit
+    w.open("long", stop_pct=0.5)
+    exits = [c for c in w.sim.creates(trigger=False) if c.reduce_only]
+    assert len(exits) == 1  # the exit at market, never a second one on a stale position
+    assert len(w.sim.creates(trigger=True)) <= 2  # the refused stop (+ one for the rest)
+    ours, theirs = w.position(), w.exchange_positions().get(SYM)
+    assert ours is not None and theirs is not None
+    if exit_outcome == "partial":  # the ledger holds what is left, behind a stop
+        assert Decimal(ours["amount"]) == Decimal(str(theirs["contracts"]))
+        [stop] = w.resting_stops()
+        assert ours["stop"]["client_order_id"] == stop["clientOrderId"]
+        assert Decimal(str(stop["amount"])) == Decimal(ours["amount"])
+    else:  # its outcome is reconcile's to settle: nothing more is sent meanwhile
+        assert w.states(exits[0].client_id)[-1] == "unknown"
+    w.ledger.close()
+
+
 def test_a_stop_accepted_behind_a_timeout_is_found_and_recorded_once(w):
     w.sim.hooks[("create_order", True)] = \
         lambda cid: w.sim.faults.script([("create_order", "timeout_after_accept")])

@@ -437,6 +437,23 @@ def test_a_position_closed_by_hand_on_the_exchange_is_closed_in_the_ledger(bot_f
     assert_settled(bot)
 
 
+def test_a_position_flagged_for_a_human_gets_no_stop_and_no_exit(bot_factory):
+    bot = bot_factory(strat=PICK_FIRST, paths={"AAA": flat(100, 5)})
+    position = open_long(bot)
+    stop = position["stop"]["client_order_id"]
+    bot.venue.cancel_order(None, AAA, {"trigger": True, "clientOrderId": stop})
+    bot.venue.create_order(AAA, "market", "sell", float(position["amount"]), None,
+                           {"reduceOnly": True})  # closed by hand; its fills unreadable
+    bot.venue.faults.script([("fetch_my_trades", "network_error")] * 50)
+    intents = len(bot.facts("order_intent"))
+    report = reconciled(bot)
+    assert report["status"] == "needs_human"
+    severity = {d["kind"]: d["severity"] for d in report["differences"]}
+    assert severity["position_gone"] == "human" and severity["missing_stop"] == "info"
+    assert len(bot.facts("order_intent")) == intents  # no stop, no exit sent on it
+    assert bot.resting_stops() == [] and bot.position(AAA) is not None
+
+
 def coid_state(bot, coid: str) -> str:
     return bot.ledger.select("SELECT state FROM orders_timeline WHERE client_order_id = ? "
                              "ORDER BY seq DESC LIMIT 1", (coid,))[0]["state"]
@@ -691,6 +708,20 @@ def test_a_dry_run_reports_what_the_real_run_then_does(bot_factory, scenario, ad
     assert dry["status"] == real["status"]
     if real["status"] == "corrected":
         assert_settled(bot)
+
+
+def test_a_dry_run_agrees_on_an_entry_settled_after_its_position_closed(bot_factory):
+    bot = bot_factory(strat=PICK_FIRST, paths={"AAA": flat(100, 5)}, venue_cls=StuckEntrySim)
+    open_long(bot)
+    bot.venue.stuck = False
+    bot.after_candle(0)
+    ex = Executor(bot.ledger, bot.client, bot.clock, bot.rt.config, "exit-test", bot.rt.lock)
+    assert ex.close_position(bot.position(AAA), "test exit", T0)
+    dry = reconcile.run(bot.rt, bot.clock.now_ms(), "dry", dry_run=True)
+    real = reconciled(bot)
+    shape = [(d["kind"], d["symbol"], d["severity"]) for d in real["differences"]]
+    assert shape == [("order_state", AAA, "fix")]  # no phantom position, no stop for it
+    assert [(d["kind"], d["symbol"], d["severity"]) for d in dry["differences"]] == shape
 
 
 def test_every_correction_is_recorded_under_the_reconcile_run(bot_factory):
