@@ -240,12 +240,7 @@ class Engine:
         rt, run_id = self.rt, f"scan-{now}"
         balance = rt.client.balance()
         ex = self.executor(rt.ledger, rt.client, rt.clock, self.cfg, run_id, rt.lock)
-        rt.ledger.append([scan.balance_fact(balance, now, run_id)])
-        state = rt.ledger.state()
-        # vars(): the state's fields as a dict, read without another deep copy
-        for action in risk.check_account(risk.RiskState.from_ledger(vars(state), now),
-                                         balance.equity, now, self.cfg.risk):
-            scan.apply_halt(rt, ex, state, action, now, run_id)
+        scan.check_limits(rt, ex, balance, now, run_id, snapshot=True)
         state = rt.ledger.state()
         candle_ts = int(self.data.grid[k])
         entries = []

@@ -29,6 +29,14 @@ def days_to_close(last_closed: str | None, first_fact_ms: int | None, now_ms: in
 
 
 def run(rt, scheduled_ms: int, run_id: str) -> dict:
+    # Under the lock the scan decides in: a scan that measured today's loss against the
+    # day that just ended must not record its halt after that day's close (nothing would
+    # lift it).
+    with rt.lock:
+        return close_days(rt, run_id)
+
+
+def close_days(rt, run_id: str) -> dict:
     now = rt.clock.now_ms()
     state = rt.ledger.state()
     first = rt.ledger.select("SELECT ts FROM facts ORDER BY seq LIMIT 1")
@@ -52,8 +60,10 @@ def run(rt, scheduled_ms: int, run_id: str) -> dict:
             (rt.seq_floor(start), start, end))[0]
         realized = sum((Decimal(x) for x in (totals["pnls"] or "").split()), Decimal(0))
         fees = sum((Decimal(x) for x in (totals["fees"] or "").split()), Decimal(0))
-        equity = equity_now if day == days[-1] and equity_now is not None else \
-            _last_equity_before(rt.ledger, end)
+        if day != days[-1]:  # ended while the bot was down: its last snapshot
+            equity = _last_equity_before(rt.ledger, end)
+        else:  # the equity now starts the new day; the last one known if unreadable
+            equity = equity_now if equity_now is not None else state.equity
         facts.append(Fact("day_close", now, run_id=run_id, pnl=realized, fee=fees,
                           data={"day": day, "realized_pnl": realized, "fees": fees,
                                 "trades": totals["trades"], "equity": equity}))

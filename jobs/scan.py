@@ -9,8 +9,9 @@ Everything after the candle fetch holds ``rt.lock``, so it never interleaves wit
 another job's exchange writes (reconcile).
 
 Each symbol is decided once per closed candle: the ``signal`` fact records the candle
-it decided on, so a second scan of the same candle does nothing (idempotent), and a
-restart resumes exactly where the ledger says.
+it decided on, so a second scan of the same candle only checks the account limits
+(recording nothing unless one is crossed), and a restart resumes exactly where the
+ledger says.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import pandas as pd
 from core import exits, risk
 from core.clock import iso, timeframe_ms
 from core.exchange_types import BadExchangeData, Candle
-from core.execution import Executor
+from core.execution import READ_ERRORS, Executor
 from ledger import Fact
 
 log = logging.getLogger(__name__)
@@ -35,13 +36,12 @@ def run(rt, scheduled_ms: int, run_id: str) -> dict:
     symbols = sorted(set(state.active_coins) | set(state.positions))
     if not symbols:
         return {"skipped": True, "reason": "no active coins and no open positions"}
-    # fetch (the slow part, concurrent, outside the lock). When a new candle is due the
-    # balance is needed too: fetch it alongside rather than after (one round trip).
+    # fetch (the slow part, concurrent, outside the lock). The balance (the account
+    # limits need it every scan) alongside the candles rather than after: one round trip.
     tf = timeframe_ms(rt.config.strategy.timeframe)
-    due = any(rt.clock.now_ms() >= state.last_signal.get(s, -tf) + 2 * tf for s in symbols)
     cutoff = scan_instant(rt)
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="balance") as pool:
-        pending = pool.submit(rt.client.balance) if due else None
+        pending = pool.submit(rt.client.balance)
         candles = closed_by(fetch_candles(rt, symbols), cutoff, tf)
         balance = _result_or_none(pending)
     # The rest reads the ledger, decides and sends orders: serialised with the other jobs'
@@ -89,20 +89,24 @@ def decide_and_act(rt, symbols: list[str], candles: dict[str, list[Candle]],
     cfg = rt.config
     state = rt.ledger.state()
     fresh = {s: c for s, c in candles.items() if c and c[-1].ts > state.last_signal.get(s, -1)}
-    if not fresh:
-        return {"symbols": len(symbols), "new_candles": 0}
-    balance = balance or rt.client.balance()
+    summary: dict = {"symbols": len(symbols), "new_candles": len(fresh)}
+    try:
+        balance = balance or rt.client.balance()
+    except READ_ERRORS as exc:
+        if fresh:
+            raise  # no decision on a balance not known (the job records the error)
+        log.warning("account limits not checked: balance unavailable (%s)", exc)
+        return {**summary, "limits": "not checked: balance unavailable"}
     now = rt.clock.now_ms()
     ex = Executor(rt.ledger, rt.client, rt.clock, cfg, run_id, rt.lock)
-    summary = {"symbols": len(symbols), "new_candles": len(fresh), "entries": 0, "exits": 0}
-    rt.ledger.append([balance_fact(balance, now, run_id)])
-
-    # account limits first (a halt may close everything)
-    state = rt.ledger.state()
-    for action in risk.check_account(risk.RiskState.from_ledger(state, now), balance.equity, now,
-                                     cfg.risk):
-        apply_halt(rt, ex, state, action, now, run_id)
-        summary.setdefault("halts", []).append(action.kind)
+    # Account limits first, on every scan: a loss inside a candle, or while candles
+    # cannot be read, halts at once. A halt may close everything.
+    halts = check_limits(rt, ex, balance, now, run_id, snapshot=bool(fresh))
+    if halts:
+        summary["halts"] = halts
+    if not fresh:
+        return summary
+    summary.update(entries=0, exits=0)
     state = rt.ledger.state()
 
     frames = {s: frame(c) for s, c in candles.items() if c}
@@ -273,8 +277,29 @@ def enter(rt, ex: Executor, symbol: str, signal, signal_fact: Fact, last: Candle
     return 1 if position is not None else 0
 
 
+def check_limits(rt, ex: Executor, balance, now: int, run_id: str, snapshot: bool
+                 ) -> list[str]:
+    """The account limits on this balance; the halts they call for, applied. A scan with
+    new candles records the balance it decides on; one without, only the balance
+    behind a new halt (why it halted stays answerable in SQL)."""
+    if snapshot:
+        rt.ledger.append([balance_fact(balance, now, run_id)])
+    state = rt.ledger.state()
+    # vars(): the state's fields as a dict, read without another deep copy
+    actions = risk.check_account(risk.RiskState.from_ledger(vars(state), now), balance.equity,
+                                 now, rt.config.risk)
+    if not snapshot and any(a.new for a in actions):
+        rt.ledger.append([balance_fact(balance, now, run_id)])
+    for action in actions:
+        apply_halt(rt, ex, state, action, now, run_id)
+    return [a.kind for a in actions]
+
+
 def apply_halt(rt, ex: Executor, state, action, now: int, run_id: str) -> None:
-    """Record a new halt; close positions and cancel stops when the limit says so."""
+    """Record a new halt; close positions and cancel stops when the limit says so.
+
+    Closing is tried once per candle (the exit's id is the candle's): the limits are
+    checked every scan, and a refused exit must not be sent again every 10 s."""
     if action.new:
         log.warning("HALT %s: %s", action.kind, action.detail)
         rt.ledger.append([Fact("halt", now, run_id=run_id, reason=action.reason,
@@ -282,5 +307,7 @@ def apply_halt(rt, ex: Executor, state, action, now: int, run_id: str) -> None:
                                      "until_ms": action.until_ms, "close_all": action.close_all,
                                      "numbers": dict(action.numbers)})])
     if action.close_all:
+        tf = timeframe_ms(rt.config.strategy.timeframe)
         for position in list(state.positions.values()):
-            ex.close_position(position, f"halt:{action.kind}", now)
+            if not ex.unresolved(position["position_id"], "exit"):  # one on its way
+                ex.close_position(position, f"halt:{action.kind}", now - now % tf)

@@ -280,6 +280,10 @@ def _balance(s: State, row) -> None:
     s.equity = equity
     if s.equity_peak is None or Decimal(equity) > Decimal(s.equity_peak):
         s.equity_peak = equity
+    if s.day_start_equity is None:
+        # No UTC day closed yet (a new ledger): today starts at the first equity known,
+        # or the daily loss limit would not exist until the first midnight.
+        s.day_start_equity = equity
 
 
 def _rotation(s: State, row) -> None:
@@ -313,13 +317,14 @@ def _halt(s: State, row) -> None:
 
 def _resume(s: State, row) -> None:
     kind = _key(_data(row).get("kind"), "all")
+    drawdown = "drawdown" in s.halts and kind in ("all", "drawdown")
     if kind == "all":
         s.halts.clear()
     else:
         s.halts.pop(kind, None)
-    if kind in ("all", "drawdown"):
+    if drawdown:
         # A human accepted the loss: drawdown is measured from here on, or the halt
-        # would fire again at once.
+        # would fire again at once. Lifting any other halt forgets no loss.
         s.equity_peak = s.equity
 
 
