@@ -289,6 +289,22 @@ class Executor:
                    and o["state"] in ("intent", "submitted", "unknown")
                    for o in self.ledger.state().orders.values())
 
+    def live_stops(self, position: dict) -> list[dict]:
+        """Every stop of the position that may still rest or fire: its stop, then any
+        other (an old one a move could not cancel, or one whose outcome came late). An
+        exit must settle them all, or one could fire later on the next position."""
+        main = position.get("stop")
+        return ([main] if main else []) + self.other_stops(position, main)
+
+    def other_stops(self, position: dict, main: dict | None) -> list[dict]:
+        return [{"client_order_id": o["client_order_id"], "price": o["trigger_price"],
+                 "exchange_order_id": o["exchange_order_id"]}
+                for o in sorted(self.ledger.state().orders.values(),
+                                key=lambda o: o["intent_seq"])
+                if o["position_id"] == position["position_id"] and o["purpose"] == "stop"
+                and o["state"] in ("accepted", "partially_filled")
+                and o["client_order_id"] != (main or {}).get("client_order_id")]
+
     def is_open(self, position: dict) -> bool:
         now = self.ledger.state().positions.get(position["symbol"])
         return now is not None and now["position_id"] == position["position_id"]
@@ -387,8 +403,7 @@ class Executor:
                 # (re-placed after that attempt) stays.
                 log.info("exit %s already in the ledger: not sent again", coid)
                 return False
-            stop = position.get("stop")
-            if stop:
+            for stop in self.live_stops(position):
                 try:
                     report = self.cancel_stop(position, stop)
                 except READ_ERRORS as exc:
@@ -503,6 +518,14 @@ class Executor:
                                 position_id=position["position_id"], price=stop["price"],
                                 reason="stop filled in part")]
         self.record(facts)
+        if closed:  # any other stop of it would fire on the next position in the symbol
+            for other in self.other_stops(position, stop):
+                try:
+                    self.cancel_stop(position, other)
+                except READ_ERRORS as exc:
+                    log.warning("%s: stop %s of a closed position not cancelled (%s); "
+                                "reconcile cancels it", position["symbol"],
+                                other["client_order_id"], exc)
         return closed
 
     def move_stop(self, position: dict, trigger: Decimal) -> bool:

@@ -598,16 +598,51 @@ def test_a_stop_that_fills_during_the_exit_does_not_produce_a_reverse_position(w
     assert closed["reason"] == "stop_loss"
 
 
-def test_a_stale_exit_after_the_stop_filled_is_refused_by_the_exchange_not_reversed(w):
-    # The bot's view misses the stop (e.g. a copy read before it was recorded): the exit
-    # goes out anyway, reduce-only, and the exchange refuses it instead of going short.
+def test_a_stale_exit_after_the_stop_filled_settles_the_stop_the_ledger_knows(w):
+    # The caller's copy misses the stop (read before it was recorded): the exit still
+    # settles every stop of the position the ledger holds, finds it filled, sends nothing.
     position = w.open("long", stop_pct=0.3)
-    w.until_triggered(position["stop"]["client_order_id"])
+    stop = position["stop"]["client_order_id"]
+    w.until_triggered(stop)
     stale = dict(w.position(), stop=None)
-    assert not w.ex.close_position(stale, "signal", w.candle())
+    assert w.ex.close_position(stale, "signal", w.candle())
     exit_ = client_order_id("bot1", SYM, "exit", w.candle())
-    assert w.states(exit_) == ["intent", "submitted", "rejected"]
-    assert w.exchange_positions() == {}
+    assert w.states(exit_) == [] and w.states(stop)[-1] == "filled"
+    [closed] = w.facts("position_closed")
+    assert closed["reason"] == "stop_loss" and w.exchange_positions() == {}
+
+
+def test_a_stop_that_closed_the_position_takes_an_old_one_a_move_left_with_it(w):
+    position = w.open("long", stop_pct=2.0)
+    old = position["stop"]["client_order_id"]
+    w.step()
+    w.clock.advance(w.cfg.exits.stop_move_interval_s * 1000)
+    w.sim.faults.script([("cancel_order", "server_error")] * 5)  # the old stop stays
+    level = w.client.prepare_price(SYM, w.price() * Decimal("0.998"))
+    assert w.ex.move_stop(w.position(), level)
+    new = w.position()["stop"]["client_order_id"]
+    w.until_triggered(new)  # the new stop closes the position on the exchange
+    w.step()
+    assert w.ex.close_position(w.position(), "signal", w.candle())  # finds it filled
+    assert w.states(new)[-1] == "filled" and w.states(old)[-1] == "cancelled"
+    assert w.resting_stops() == [] and w.ledger.state().orders == {}
+
+
+def test_an_exit_cancels_an_old_stop_a_move_could_not_cancel(w):
+    # The old stop's cancel failed during a move: it rests on, unknown to the position.
+    # Closing the position must cancel it too, or it would fire on the next position.
+    position = w.open("long", stop_pct=2.0)
+    old = position["stop"]["client_order_id"]
+    w.step()
+    w.clock.advance(w.cfg.exits.stop_move_interval_s * 1000)
+    w.sim.faults.script([("cancel_order", "server_error")] * 5)  # every retry of it
+    level = w.client.prepare_price(SYM, Decimal(position["stop"]["price"]) * Decimal("1.001"))
+    assert w.ex.move_stop(w.position(), level)
+    assert len(w.resting_stops()) == 2 and w.position()["stop"]["client_order_id"] != old
+    w.step()
+    assert w.ex.close_position(w.position(), "signal", w.candle())
+    assert w.resting_stops() == [] and w.exchange_positions() == {}
+    assert w.states(old)[-1] == "cancelled" and w.ledger.state().orders == {}
 
 
 def test_a_refused_exit_puts_a_stop_back(w):
