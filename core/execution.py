@@ -31,13 +31,16 @@ from typing import Any
 import ccxt
 
 from core.exchange_types import BadExchangeData, FillReport, OrderReport, OrderRequest, SubmitResult
-from core.exits import stop_price
+from core.exits import resting_level, stop_price
 from core.orders import TERMINAL, client_order_id, state_of, transition
 from ledger import Fact, Ledger
 
 log = logging.getLogger(__name__)
 
 READ_ERRORS = (ccxt.BaseError, BadExchangeData)
+# A stop sent this recently whose outcome is unknown may still rest (lookups lag): no
+# other is placed for its position until then (as NOT_FOUND_FINAL_MS for orders).
+STOP_IN_FLIGHT_MS = 60_000
 ZERO = Decimal(0)
 
 
@@ -279,9 +282,24 @@ class Executor:
             "AND json_extract(data, '$.purpose') = 'stop'", (position_id,))
         return rows[0]["n"]
 
-    def pending_stop(self, position_id: str) -> bool:
-        """Is a stop of this position still unresolved (intent, submitted, unknown)?"""
-        return self.unresolved(position_id, "stop")
+    def stop_in_flight(self, position_id: str) -> bool:
+        """A stop of this position sent less than a minute ago with its outcome not known:
+        it may rest, so another now would likely double it. An older one protects nothing
+        that can be counted on (reconcile settles it; a spare stop is cancelled at close)."""
+        now = self.clock.now_ms()
+        return any(o["position_id"] == position_id and o["purpose"] == "stop"
+                   and o["state"] in ("intent", "submitted", "unknown")
+                   and now - o["ts"] < STOP_IN_FLIGHT_MS
+                   for o in self.ledger.state().orders.values())
+
+    def protect(self, position: dict, stop_loss_pct: float) -> str | None:
+        """A stop for a position that has none resting and none on its way (placements
+        refused, or an exit refused and the stop put back too); its client id."""
+        pid = position["position_id"]
+        if position.get("stop") or self.stop_in_flight(pid) or self.unresolved(pid, "exit"):
+            return None
+        log.warning("%s: no stop rests; placing one", position["symbol"])
+        return self.place_stop(position, resting_level(position, stop_loss_pct))
 
     def unresolved(self, position_id: str, *purposes: str) -> bool:
         """Is an order of this position, for one of ``purposes``, still unresolved?"""
@@ -568,10 +586,9 @@ class Executor:
     def _reprotect(self, position: dict | None) -> None:
         """After a failed or partial exit, make sure a stop rests for what remains."""
         if position is None or position.get("stop") \
-                or self.pending_stop(position["position_id"]):
+                or self.stop_in_flight(position["position_id"]):
             return
-        level = stop_price(position["side"], Decimal(position["entry_price"]),
-                           self.config.exits.stop_loss_pct)
+        level = resting_level(position, self.config.exits.stop_loss_pct)
         self.place_stop(position, level, exit_if_crossed=False)
 
 

@@ -104,6 +104,18 @@ def more_protective(side: PositionSide, a: Decimal, b: Decimal | None) -> Decima
     return max(a, b) if side == "long" else min(a, b)
 
 
+def resting_level(position: PositionView | Mapping[str, Any],
+                  stop_loss_pct: float | Decimal) -> Decimal:
+    """Where a position's stop belongs now: its stop loss from the entry, or its trailing
+    stop once armed, whichever protects more."""
+    pv = position_view(position)
+    level = stop_price(pv.side, pv.entry_price, stop_loss_pct)
+    if pv.trailing_active and pv.trail_pct is not None:
+        level = more_protective(pv.side, trailing_stop_price(pv.side, pv.best, pv.trail_pct),
+                                level)
+    return level
+
+
 def crossed(side: PositionSide, price: Decimal, level: Decimal) -> bool:
     """True when ``price`` is at or beyond the stop ``level`` (at/below for a long)."""
     return price <= level if side == "long" else price >= level

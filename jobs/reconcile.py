@@ -276,6 +276,20 @@ def apply_outcome(rt, ex: Executor, order: dict, req: OrderRequest, report: Orde
                                          "partial exit settled by reconcile"))
     elif purpose == "stop" and position is not None and new in ("accepted",) \
             and position["position_id"] == order["position_id"]:
+        current = position.get("stop")
+        if current and current["client_order_id"] != req.client_order_id:
+            # A stop whose answer was lost, while a later one protects the position: that
+            # one stays (a trailing move made it tighter); this spare one is cancelled.
+            ex.record(facts)
+            spare = {"client_order_id": req.client_order_id,
+                     "price": report.trigger_price or req.trigger_price,
+                     "exchange_order_id": report.exchange_order_id}
+            try:
+                ex.cancel_stop(position, spare)
+            except READ_ERRORS as exc:  # the next run finds it resting spare: an orphan
+                log.warning("%s: spare stop %s not cancelled (%s)", req.symbol,
+                            req.client_order_id, exc)
+            return
         facts.append(ex.fact("stop_placed", symbol=req.symbol, side=req.side, amount=req.amount,
                              price=report.trigger_price or req.trigger_price,
                              client_order_id=req.client_order_id,

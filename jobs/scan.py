@@ -104,6 +104,13 @@ def decide_and_act(rt, symbols: list[str], candles: dict[str, list[Candle]],
     halts = check_limits(rt, ex, balance, now, run_id, snapshot=bool(fresh))
     if halts:
         summary["halts"] = halts
+    # A position left with no stop (placements refused) is protected now, not a candle
+    # later when its symbol is decided again.
+    rules = rt.strategy.exit_rules(cfg.exits)
+    protected = sum(ex.protect(p, rules.stop_loss_pct) is not None
+                    for _, p in sorted(rt.ledger.state().positions.items()))
+    if protected:
+        summary["stops_placed"] = protected
     if not fresh:
         return summary
     summary.update(entries=0, exits=0)

@@ -612,14 +612,20 @@ def test_a_stale_exit_after_the_stop_filled_settles_the_stop_the_ledger_knows(w)
     assert closed["reason"] == "stop_loss" and w.exchange_positions() == {}
 
 
-def test_a_stop_that_closed_the_position_takes_an_old_one_a_move_left_with_it(w):
+def moved_leaving_the_old_stop(w: World, level_of) -> str:
+    """A long whose stop moved to ``level_of(position)`` while the old stop's cancel
+    failed (every retry): the old one rests on, unknown to the position. Its id."""
     position = w.open("long", stop_pct=2.0)
-    old = position["stop"]["client_order_id"]
     w.step()
     w.clock.advance(w.cfg.exits.stop_move_interval_s * 1000)
-    w.sim.faults.script([("cancel_order", "server_error")] * 5)  # the old stop stays
-    level = w.client.prepare_price(SYM, w.price() * Decimal("0.998"))
-    assert w.ex.move_stop(w.position(), level)
+    w.sim.faults.script([("cancel_order", "server_error")] * 5)
+    assert w.ex.move_stop(w.position(), w.client.prepare_price(SYM, level_of(position)))
+    assert len(w.resting_stops()) == 2
+    return position["stop"]["client_order_id"]
+
+
+def test_a_stop_that_closed_the_position_takes_an_old_one_a_move_left_with_it(w):
+    old = moved_leaving_the_old_stop(w, lambda p: w.price() * Decimal("0.998"))
     new = w.position()["stop"]["client_order_id"]
     w.until_triggered(new)  # the new stop closes the position on the exchange
     w.step()
@@ -629,20 +635,29 @@ def test_a_stop_that_closed_the_position_takes_an_old_one_a_move_left_with_it(w)
 
 
 def test_an_exit_cancels_an_old_stop_a_move_could_not_cancel(w):
-    # The old stop's cancel failed during a move: it rests on, unknown to the position.
-    # Closing the position must cancel it too, or it would fire on the next position.
-    position = w.open("long", stop_pct=2.0)
-    old = position["stop"]["client_order_id"]
-    w.step()
-    w.clock.advance(w.cfg.exits.stop_move_interval_s * 1000)
-    w.sim.faults.script([("cancel_order", "server_error")] * 5)  # every retry of it
-    level = w.client.prepare_price(SYM, Decimal(position["stop"]["price"]) * Decimal("1.001"))
-    assert w.ex.move_stop(w.position(), level)
-    assert len(w.resting_stops()) == 2 and w.position()["stop"]["client_order_id"] != old
+    # Closing the position must cancel the old stop too, or it would fire on the next one.
+    old = moved_leaving_the_old_stop(
+        w, lambda p: Decimal(p["stop"]["price"]) * Decimal("1.001"))
     w.step()
     assert w.ex.close_position(w.position(), "signal", w.candle())
     assert w.resting_stops() == [] and w.exchange_positions() == {}
     assert w.states(old)[-1] == "cancelled" and w.ledger.state().orders == {}
+
+
+def test_a_stop_whose_outcome_stayed_unknown_does_not_keep_a_stop_from_being_put_back(w):
+    position = w.open()
+    w.step()
+    w.clock.advance(w.cfg.exits.stop_move_interval_s * 1000)
+    w.sim.faults.script([("create_order", "network_error")])  # never reaches the book
+    w.sim.faults.script([("fetch_order", "network_error")] * 20)  # nor can it be looked up
+    assert not w.ex.move_stop(w.position(),
+                              Decimal(position["stop"]["price"]) * Decimal("1.001"))
+    assert "unknown" in {o["state"] for o in w.ledger.state().orders.values()}
+    w.step()  # minutes later the exit is refused, after its stop was cancelled
+    w.sim.faults.script([("create_order", "reject")])
+    assert not w.ex.close_position(w.position(), "signal", w.candle())
+    [stop] = w.resting_stops()  # put back: the unknown one protects nothing
+    assert w.position()["stop"]["client_order_id"] == stop["clientOrderId"]
 
 
 def test_a_refused_exit_puts_a_stop_back(w):

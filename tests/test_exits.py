@@ -15,6 +15,7 @@ from core.exits import (
     ExitRules,
     PositionView,
     evaluate_exit,
+    resting_level,
     round_price,
     stop_needs_move,
     stop_price,
@@ -233,3 +234,16 @@ def test_restart_gives_the_same_decisions(side, steps, every):
     """All state lives in the recorded position dict: reloading it from the ledger's
     strings at any point changes nothing."""
     assert walk(side, steps, every) == walk(side, steps, None)
+
+
+@pytest.mark.parametrize("side, best, trailing, expected", [
+    ("long", None, False, "98"),       # the stop loss from the entry
+    ("long", "110", True, "109.45"),   # the armed trail, above it
+    ("long", "100.5", True, "99.9975"),  # a trail just armed: still the higher of the two
+    ("long", "99", True, "99.5"),      # the best price counts from the entry at least
+    ("short", None, False, "102"),
+    ("short", "90", True, "90.45"),
+])
+def test_the_level_a_stop_belongs_at_now(side, best, trailing, expected):
+    p = position(side, best=best, trailing=trailing, trail_pct="0.5" if trailing else None)
+    assert resting_level(p, 2.0) == D(expected)

@@ -560,3 +560,31 @@ def test_momentum_on_the_synthetic_market_trades_and_stays_consistent(bot_factor
     stops = {o["clientOrderId"] for o in bot.resting_stops()}
     assert stops == {p["stop"]["client_order_id"] for p in state.positions.values()}
     assert bot.job("reconcile")["summary"]["status"] == "in_sync"
+
+
+class RefusesStops(SimExchange):
+    """The next ``refuse`` stop orders are refused outright (429: not processed)."""
+
+    refuse = 0
+
+    def create_order(self, symbol, type, side, amount, price=None, params=None):  # noqa: A002
+        if (params or {}).get("triggerPrice") and self.refuse > 0:
+            self.refuse -= 1
+            self.faults.script([("create_order", "rate_limit")])
+        return super().create_order(symbol, type, side, amount, price, params)
+
+
+def test_a_position_left_without_a_stop_gets_one_at_the_next_scan_not_the_next_candle(
+        bot_factory):
+    bot = bot_factory(strat=PICK_FIRST, paths={"AAA": flat(100.0, 5)}, venue_cls=RefusesStops)
+    bot.venue.refuse = 2  # the stop after the entry, and its one retry
+    bot.set_coins([AAA])
+    bot.job("scan", T0)
+    assert bot.position(AAA)["stop"] is None and not bot.resting_stops(AAA)
+    bot.at(T0 + 11_000)  # the next 10 s scan: the same candle, nothing new to decide
+    summary = bot.job("scan")["summary"]
+    assert summary["new_candles"] == 0 and summary["stops_placed"] == 1
+    [stop] = bot.resting_stops(AAA)
+    assert bot.position(AAA)["stop"]["client_order_id"] == stop["clientOrderId"]
+    bot.at(T0 + 21_000)
+    assert "stops_placed" not in bot.job("scan")["summary"]  # one is enough

@@ -235,6 +235,31 @@ def test_an_entry_left_partially_filled_is_settled_without_reopening_its_closed_
     assert_settled(bot)
 
 
+def test_a_lost_stop_answer_settled_after_a_later_move_is_cancelled_not_adopted(bot_factory):
+    bot = bot_factory(strat=PICK_FIRST, paths={"AAA": flat(100, 8)})
+    position = open_long(bot)
+    ex = Executor(bot.ledger, bot.client, bot.clock, bot.rt.config, "move-test", bot.rt.lock)
+    first = position["stop"]
+    # Move 1: its stop is taken, but the answer is lost and every lookup fails.
+    bot.clock.advance(bot.rt.config.exits.stop_move_interval_s * 1000)
+    bot.venue.faults.script([("create_order", "timeout_after_accept"),
+                             *[("fetch_order", "network_error")] * 20])
+    assert not ex.move_stop(bot.position(AAA), Decimal(first["price"]) + Decimal("0.5"))
+    [lost] = [o for o in bot.ledger.state().orders.values() if o["state"] == "unknown"]
+    bot.venue.faults.clear()
+    # Move 2, tighter, rests; the first stop is cancelled.
+    bot.clock.advance(bot.rt.config.exits.stop_move_interval_s * 1000)
+    assert ex.move_stop(bot.position(AAA), Decimal(first["price"]) + Decimal("1.0"))
+    tight = bot.position(AAA)["stop"]
+    report = reconciled(bot)
+    assert "order_state" in kinds(report)
+    assert bot.position(AAA)["stop"] == tight  # the tighter stop still protects
+    assert [s["clientOrderId"] for s in bot.resting_stops()] == [tight["client_order_id"]]
+    assert coid_state(bot, lost["client_order_id"]) == "cancelled"
+    assert_agrees(bot)
+    assert_settled(bot)
+
+
 def test_a_stop_the_exchange_took_before_the_ack_is_adopted_not_doubled(bot_factory):
     bot = bot_factory(strat=PICK_FIRST, paths={"AAA": flat(100, 5)}, venue_cls=CrashingSim)
     bot.set_coins([AAA])
