@@ -421,6 +421,11 @@ class Executor:
                 # (re-placed after that attempt) stays.
                 log.info("exit %s already in the ledger: not sent again", coid)
                 return False
+            if self.unresolved(pid, "exit"):
+                # An earlier exit's outcome is not known: it may have filled. Reconcile
+                # settles it; the stop protects meanwhile.
+                log.warning("%s: an earlier exit is unresolved; no exit sent", symbol)
+                return False
             for stop in self.live_stops(position):
                 try:
                     report = self.cancel_stop(position, stop)
@@ -576,8 +581,12 @@ class Executor:
                          old["client_order_id"])
                 closed = self.record_stop_fill(position, old, report)
                 if new_coid is not None and closed:
-                    self.cancel_stop(position, {"client_order_id": new_coid,
-                                                "price": str(trigger)})
+                    try:
+                        self.cancel_stop(position, {"client_order_id": new_coid,
+                                                    "price": str(trigger)})
+                    except READ_ERRORS as exc:  # a spare stop: reconcile cancels it
+                        log.warning("%s: new stop %s not cancelled (%s)", position["symbol"],
+                                    new_coid, exc)
                 elif new_coid is None and closed is False:
                     self._reprotect(self.ledger.state().positions.get(position["symbol"]))
                 return True

@@ -306,7 +306,8 @@ def apply_halt(rt, ex: Executor, state, action, now: int, run_id: str) -> None:
     """Record a new halt; close positions and cancel stops when the limit says so.
 
     Closing is tried once per candle (the exit's id is the candle's): the limits are
-    checked every scan, and a refused exit must not be sent again every 10 s."""
+    checked every scan, and a refused exit must not be sent again every 10 s (nor one
+    on top of an exit whose outcome is unknown: close_position refuses that)."""
     if action.new:
         log.warning("HALT %s: %s", action.kind, action.detail)
         rt.ledger.append([Fact("halt", now, run_id=run_id, reason=action.reason,
@@ -316,5 +317,4 @@ def apply_halt(rt, ex: Executor, state, action, now: int, run_id: str) -> None:
     if action.close_all:
         tf = timeframe_ms(rt.config.strategy.timeframe)
         for position in list(state.positions.values()):
-            if not ex.unresolved(position["position_id"], "exit"):  # one on its way
-                ex.close_position(position, f"halt:{action.kind}", now - now % tf)
+            ex.close_position(position, f"halt:{action.kind}", now - now % tf)

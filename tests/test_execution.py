@@ -660,6 +660,26 @@ def test_a_stop_whose_outcome_stayed_unknown_does_not_keep_a_stop_from_being_put
     assert w.position()["stop"]["client_order_id"] == stop["clientOrderId"]
 
 
+def test_no_exit_goes_out_while_an_earlier_one_is_unresolved(w):
+    w.open()
+    w.step()
+    def ambiguous_and_unseen(cid):
+        if "-X-" in cid:
+            w.sim.faults.script([("create_order", "server_error"),
+                                 *[("fetch_order", "network_error")] * 20])
+
+    w.sim.hooks[("create_order", False)] = ambiguous_and_unseen
+    assert not w.ex.close_position(w.position(), "signal", w.candle())
+    del w.sim.hooks[("create_order", False)]
+    w.sim.faults.clear()  # the exchange answers again
+    [first] = [c for c in w.sim.creates(trigger=False) if c.reduce_only]
+    assert w.states(first.client_id)[-1] == "unknown"
+    w.step()  # the next candle decides to exit again
+    assert not w.ex.close_position(w.position(), "signal", w.candle())
+    assert [c.client_id for c in w.sim.creates(trigger=False) if c.reduce_only] \
+        == [first.client_id]  # it may have filled: reconcile settles it first
+
+
 def test_a_refused_exit_puts_a_stop_back(w):
     position = w.open()
     w.step()
