@@ -32,7 +32,7 @@ import ccxt
 
 from core.exchange_types import BadExchangeData, FillReport, OrderReport, OrderRequest, SubmitResult
 from core.exits import resting_level, stop_price
-from core.orders import TERMINAL, client_order_id, state_of, transition
+from core.orders import TERMINAL, TRANSITIONS, client_order_id, state_of, transition
 from ledger import Fact, Ledger
 
 log = logging.getLogger(__name__)
@@ -120,6 +120,18 @@ class Executor:
                          client_order_id=req.client_order_id, position_id=position_id,
                          exchange_order_id=exchange_order_id, reason=reason,
                          data={"state": new, "from": current, **(data or {})})
+
+    def path(self, req: OrderRequest, current: str, new: str, *, position_id: str | None,
+             reason: str | None = None, **kw) -> list[Fact]:
+        """The transition facts from ``current`` to ``new``, via ``unknown`` when there is
+        no direct one (an order left at intent or submitted, then found or cancelled)."""
+        facts = []
+        if new not in TRANSITIONS[current] and "unknown" in TRANSITIONS[current]:
+            facts.append(self.update(req, current, "unknown", position_id=position_id,
+                                     reason="looked up by client id"))
+            current = "unknown"
+        return [*facts, self.update(req, current, new, position_id=position_id, reason=reason,
+                                    **kw)]
 
     # -- one order ------------------------------------------------------------------------
 
@@ -309,8 +321,9 @@ class Executor:
 
     def live_stops(self, position: dict) -> list[dict]:
         """Every stop of the position that may still rest or fire: its stop, then any
-        other (an old one a move could not cancel, or one whose outcome came late). An
-        exit must settle them all, or one could fire later on the next position."""
+        other the ledger has not seen finish (an old one a move could not cancel, one whose
+        answer was lost). An exit must settle them all, or one could fire later on the next
+        position."""
         main = position.get("stop")
         return ([main] if main else []) + self.other_stops(position, main)
 
@@ -320,7 +333,6 @@ class Executor:
                 for o in sorted(self.ledger.state().orders.values(),
                                 key=lambda o: o["intent_seq"])
                 if o["position_id"] == position["position_id"] and o["purpose"] == "stop"
-                and o["state"] in ("accepted", "partially_filled")
                 and o["client_order_id"] != (main or {}).get("client_order_id")]
 
     def is_open(self, position: dict) -> bool:
@@ -402,9 +414,9 @@ class Executor:
             # Unknown to the exchange: it does not rest, whatever became of it.
             new = "cancelled" if report is None else state_of(report.status, report.amount,
                                                               report.filled)
-            self.record([self.update(req, current, new, position_id=pid,
-                                     exchange_order_id=stop.get("exchange_order_id"),
-                                     reason="stop cancelled"),
+            self.record([*self.path(req, current, new, position_id=pid,
+                                    exchange_order_id=stop.get("exchange_order_id"),
+                                    reason="stop cancelled"),
                          self.fact("stop_cancelled", symbol=symbol,
                                    client_order_id=stop["client_order_id"], position_id=pid,
                                    price=stop["price"], reason=f"stop {new}")])

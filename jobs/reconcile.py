@@ -33,7 +33,7 @@ from core.execution import (
     unsettled,
 )
 from core.exits import stop_price
-from core.orders import TERMINAL, TRANSITIONS, state_of
+from core.orders import TERMINAL, state_of
 from ledger import Fact
 
 log = logging.getLogger(__name__)
@@ -92,10 +92,10 @@ def run(rt, scheduled_ms: int, run_id: str, dry_run: bool = False) -> dict:
 
 def planned(diffs: list[Difference]) -> dict[str, set]:
     """What the corrections found so far do to the ledger: the symbols whose position
-    they close ("closes") or open ("opens"), the trades they record ("trades"). A real
-    run has recorded them already; a dry run must not report them twice. "flagged": the
-    symbols left for a human, where nothing more is sent."""
-    out: dict[str, set] = {"closes": set(), "opens": set(), "trades": set(),
+    they close ("closes"), open ("opens") or resize ("resizes": symbol and amount left),
+    the trades they record ("trades"). A real run has recorded them already; a dry run must not report them
+    twice. "flagged": the symbols left for a human, where nothing more is sent."""
+    out: dict[str, set] = {"closes": set(), "opens": set(), "resizes": set(), "trades": set(),
                            "flagged": {d.symbol for d in diffs if d.severity == "human"}}
     for d in diffs:
         for key, values in d.data.items():
@@ -197,12 +197,26 @@ def settle_orders(rt, ex: Executor, dry_run: bool) -> list[Difference]:
             apply_outcome(rt, ex, order, req, report, new)
         elif report.filled > 0:
             diff.data = {"trades": {f.trade_id for f in ex.fills_of(report, order["ts"] - 60_000)}}
-            if order["purpose"] != "entry":
-                diff.data["closes"] = {req.symbol}
-            elif req.symbol not in rt.ledger.state().positions \
-                    and not ever_opened(rt, order["position_id"]):  # as apply_outcome does
-                diff.data["opens"] = {req.symbol}
+            diff.data.update(planned_effect(rt, order, report))
     return diffs
+
+
+def planned_effect(rt, order: dict, report: OrderReport) -> dict[str, set]:
+    """What apply_outcome would do to the position (for a dry run): opens, closes or
+    resizes it."""
+    symbol = order["symbol"]
+    position = rt.ledger.state().positions.get(symbol)
+    if order["purpose"] == "entry":
+        opens = position is None and not ever_opened(rt, order["position_id"])
+        return {"opens": {symbol}} if opens else {}
+    if position is None or position["position_id"] != order["position_id"]:
+        return {}
+    done = report.filled if order["purpose"] == "stop" else \
+        report.filled - Decimal(order.get("filled") or 0)
+    left = Decimal(position["amount"]) - done
+    if left <= 0:
+        return {"closes": {symbol}}
+    return {"resizes": {(symbol, str(left))}} if done > 0 else {}
 
 
 def settle_unknown_stop(rt, req: OrderRequest, order: dict, open_ids: set,
@@ -226,15 +240,8 @@ def settle_unknown_stop(rt, req: OrderRequest, order: dict, open_ids: set,
 
 def ex_path(ex: Executor, req: OrderRequest, order: dict, new: str, **kw) -> list[Fact]:
     """The transition facts from the recorded state to ``new`` (via unknown if needed)."""
-    current = order["state"]
-    facts = []
-    if new not in TRANSITIONS[current] and "unknown" in TRANSITIONS[current]:
-        facts.append(ex.update(req, current, "unknown", position_id=order["position_id"],
-                               reason="reconcile: looked up by client id"))
-        current = "unknown"
-    facts.append(ex.update(req, current, new, position_id=order["position_id"],
-                           data={"source": "reconcile"}, **kw))
-    return facts
+    return ex.path(req, order["state"], new, position_id=order["position_id"],
+                   data={"source": "reconcile"}, **kw)
 
 
 def apply_outcome(rt, ex: Executor, order: dict, req: OrderRequest, report: OrderReport,
@@ -243,8 +250,9 @@ def apply_outcome(rt, ex: Executor, order: dict, req: OrderRequest, report: Orde
     state = rt.ledger.state()
     position = state.positions.get(req.symbol)
     purpose = order["purpose"]
-    if purpose == "stop" and new == "filled" and position is not None \
+    if purpose == "stop" and new in TERMINAL and report.filled > 0 and position is not None \
             and position["position_id"] == order["position_id"]:
+        # filled, or expired after filling what was left of a position reduced by hand
         stop = position.get("stop") or {"client_order_id": req.client_order_id,
                                         "price": order["trigger_price"], "ts": order["ts"]}
         if stop["client_order_id"] != req.client_order_id:
@@ -255,11 +263,13 @@ def apply_outcome(rt, ex: Executor, order: dict, req: OrderRequest, report: Orde
     facts = []
     fills = ex.fills_of(report, order["ts"] - 60_000) if report.filled > 0 else []
     known = recorded_trade_ids(rt, order["ts"] - 60_000) if fills else set()
-    facts += [ex.fill_fact(f, order["position_id"]) for f in fills if f.trade_id not in known]
+    fresh = [f for f in fills if f.trade_id not in known]
+    facts += [ex.fill_fact(f, order["position_id"]) for f in fresh]
     if new not in TERMINAL or new != order["state"]:
         facts += ex_path(ex, req, order, new, exchange_order_id=report.exchange_order_id)
     fee = sum((f.fee for f in fills), Decimal(0))
     avg = report.average_price
+    more = report.filled - Decimal(order.get("filled") or 0)  # beyond what is recorded
     if purpose == "entry" and report.filled > 0 and avg and position is None \
             and not ever_opened(rt, order["position_id"]):
         facts.append(ex.fact("position_opened", symbol=req.symbol,
@@ -268,11 +278,14 @@ def apply_outcome(rt, ex: Executor, order: dict, req: OrderRequest, report: Orde
                              position_id=order["position_id"],
                              client_order_id=req.client_order_id,
                              data={"source": "reconcile"}))
-    elif purpose == "exit" and position is not None and report.filled > 0 and avg:
-        if report.filled >= Decimal(position["amount"]):
+    elif purpose == "exit" and position is not None and more > 0 and avg \
+            and position["position_id"] == order["position_id"]:
+        # The part recorded before (a partial exit left open) is in the position already.
+        fee = sum((f.fee for f in fresh), Decimal(0))
+        if more >= Decimal(position["amount"]):
             facts.append(ex.close_fact(position, avg, fee, "exit (settled by reconcile)"))
         else:
-            facts.append(ex.reduced_fact(position, report.filled, avg, fee,
+            facts.append(ex.reduced_fact(position, more, avg, fee,
                                          "partial exit settled by reconcile"))
     elif purpose == "stop" and position is not None and new in ("accepted",) \
             and position["position_id"] == order["position_id"]:
@@ -312,10 +325,13 @@ def compare_positions(rt, ex: Executor, dry_run: bool,
     plan = plan or planned([])
     state = rt.ledger.state()
     exchange = {p.symbol: p for p in rt.client.positions()}
+    resized = dict(plan["resizes"])
     for symbol, p in sorted(state.positions.items()):
         theirs = exchange.get(symbol)
         if symbol in plan["closes"]:
             continue  # a settled order closes it (dry run)
+        if symbol in resized:  # a settled order leaves this much of it (dry run)
+            p = {**p, "amount": resized[symbol]}
         if theirs is None:
             diffs.append(closed_on_exchange(rt, ex, p, dry_run))
         elif theirs.side != p["side"]:
@@ -336,9 +352,27 @@ def compare_positions(rt, ex: Executor, dry_run: bool,
 def unknown_fills(rt, p: dict, side: str):
     """Fills in ``side`` since the position opened that the ledger has not recorded."""
     since = p["opened_ts"] - 60_000
-    fills = [f for f in rt.client.fills(p["symbol"], since) if f.side == side and f.ts >= since]
-    known = recorded_trade_ids(rt, since)
-    return [f for f in fills if f.trade_id not in known]
+    trades = rt.client.fills(p["symbol"], since)
+    return [f for f in unrecorded(rt, trades, since, recorded_trade_ids(rt, since))
+            if f.side == side and f.ts >= since]
+
+
+def unrecorded(rt, trades: list, since: int, known: set[str]) -> list:
+    """The trades the ledger has not recorded: not by their id, and not as a fill taken
+    from their order before the trades were listed (that order's recorded fills then
+    add up to its trades, under another id)."""
+    floor = rt.seq_floor(since)
+    per_order = {r["oid"]: sum((Decimal(a) for a in r["amounts"].split()), Decimal(0))
+                 for r in rt.ledger.select(
+        "SELECT exchange_order_id AS oid, group_concat(amount, ' ') AS amounts FROM facts "
+        "WHERE seq > ? AND type = 'fill' AND ts >= ? AND exchange_order_id IS NOT NULL "
+        "GROUP BY exchange_order_id", (floor, since))}
+    by_order: dict[str | None, Decimal] = {}
+    for t in trades:
+        by_order[t.exchange_order_id] = by_order.get(t.exchange_order_id, Decimal(0)) + t.amount
+    return [t for t in trades if t.trade_id not in known and not (
+        t.exchange_order_id is not None
+        and per_order.get(t.exchange_order_id, Decimal(0)) >= by_order[t.exchange_order_id])]
 
 
 def ever_opened(rt, position_id: str) -> bool:
@@ -471,9 +505,12 @@ def compare_stops(rt, ex: Executor, dry_run: bool,
         resting = {o.client_order_id: o for o in rt.client.open_orders() if o.is_trigger}
     except (READ_ERRORS + (BadExchangeData,)) as exc:
         return [Difference("stops", None, f"open orders unavailable ({exc})", "info")]
-    wanted = set()
-    pending = {o["position_id"] for o in state.orders.values()
-               if o["purpose"] == "stop" and o["state"] in ("intent", "submitted", "unknown")}
+    # A stop on its way (its outcome not known yet) is the position's, not an orphan.
+    on_the_way = {o["client_order_id"]: o["position_id"] for o in state.orders.values()
+                  if o["purpose"] == "stop" and o["state"] in ("intent", "submitted", "unknown")}
+    pending = set(on_the_way.values())
+    open_ids = {p["position_id"] for p in state.positions.values()}
+    wanted = {cid for cid, pid in on_the_way.items() if pid in open_ids}
     for symbol, p in sorted(state.positions.items()):
         if symbol in plan["closes"]:
             continue  # closed by a correction (dry run): its stop is an orphan
@@ -553,16 +590,17 @@ def sweep_fills(rt, ex: Executor, dry_run: bool, since: int,
     """Account trades since ``since`` that nothing above recorded: someone else traded
     (or the ledger lost track). Each is recorded once, as a fill of no order of ours.
 
-    Looked at: the symbols the bot trades, holds, or has recorded fills in since then,
-    except those where an order of ours still works or is unresolved (a resting stop
-    may trigger at any moment): its trades are recorded when that order is settled,
-    and a trade in the symbol of a position shows as a change of its size (above).
+    Looked at: the symbols the bot trades, the exchange holds, or the ledger has
+    recorded fills in since then, except those where an order of ours still works or is
+    unresolved (a resting stop may trigger at any moment: its trades are recorded when
+    that order is settled) and those where the ledger holds a position (a trade there
+    shows as a change of its size, above).
     A trade of an order whose recorded fills already add up (a fill recorded from the
     order before its trade was listed) is not counted twice.
     """
     state = rt.ledger.state()
     floor = rt.seq_floor(since)
-    symbols = set(state.active_coins) | set(state.positions) | {r["symbol"] for r in
+    symbols = set(state.active_coins) | {r["symbol"] for r in
         rt.ledger.select("SELECT DISTINCT symbol FROM facts WHERE seq > ? AND type IN "
                          "('fill', 'order_intent', 'external_position') AND ts >= ?",
                          (floor, since))}
@@ -571,13 +609,11 @@ def sweep_fills(rt, ex: Executor, dry_run: bool, since: int,
     except READ_ERRORS as exc:
         log.warning("reconcile: positions unavailable for the fill sweep (%s)", exc)
     plan = plan or planned([])
-    symbols -= {o["symbol"] for o in state.orders.values()} | plan["opens"]
+    # Even when the position check could not read them this run: recorded here, they
+    # would never count as its closing fills.
+    symbols -= {o["symbol"] for o in state.orders.values()} | plan["opens"] \
+        | set(state.positions)
     known = recorded_trade_ids(rt, since) | plan["trades"]
-    per_order = {r["oid"]: sum((Decimal(a) for a in r["amounts"].split()), Decimal(0))
-                 for r in rt.ledger.select(
-        "SELECT exchange_order_id AS oid, group_concat(amount, ' ') AS amounts FROM facts "
-        "WHERE seq > ? AND type = 'fill' AND ts >= ? AND exchange_order_id IS NOT NULL "
-        "GROUP BY exchange_order_id", (floor, since))}
     diffs, facts = [], []
     for symbol in sorted(symbols):
         try:
@@ -585,14 +621,7 @@ def sweep_fills(rt, ex: Executor, dry_run: bool, since: int,
         except READ_ERRORS as exc:
             diffs.append(Difference("fills", symbol, f"fills unavailable ({exc})", "info"))
             continue
-        by_order: dict[str | None, Decimal] = {}
-        for t in trades:
-            by_order[t.exchange_order_id] = by_order.get(t.exchange_order_id, Decimal(0)) \
-                + t.amount
-        for t in trades:
-            if t.trade_id in known or (t.exchange_order_id is not None and per_order.get(
-                    t.exchange_order_id, Decimal(0)) >= by_order[t.exchange_order_id]):
-                continue
+        for t in unrecorded(rt, trades, since, known):
             diffs.append(Difference("unrecorded_fill", symbol, f"{t.side} {t.amount} at "
                                     f"{t.price} (trade {t.trade_id}, order "
                                     f"{t.client_order_id or t.exchange_order_id}) is not in "

@@ -63,16 +63,19 @@ class CrashingSim(SimExchange):
         return order
 
 
-class StuckEntrySim(SimExchange):
-    """The first entry fills in part and its answer still reads open (PARTIALLY_FILLED,
-    caught before the rest expired) while lookups and cancels fail: the bot records the
-    entry ``partially_filled``, its position and a stop, and leaves the order to reconcile."""
+class StuckSim(SimExchange):
+    """The next entry (``purpose = "exit"``: exit) fills in part and its answer still
+    reads open (PARTIALLY_FILLED, caught before the rest expired) while lookups and
+    cancels fail: the bot records the order ``partially_filled`` (and the position as
+    filled), and leaves the order to reconcile."""
 
-    stuck: bool | None = None  # None: the next entry gets stuck; True: lookups fail
+    purpose = "entry"
+    stuck: bool | None = None  # None: the next such order gets stuck; True: lookups fail
 
     def create_order(self, symbol, type, side, amount, price=None, params=None):  # noqa: A002
-        entry = not (params or {}).get("triggerPrice") and not (params or {}).get("reduceOnly")
-        if not (entry and self.stuck is None):
+        p = params or {}
+        mine = not p.get("triggerPrice") and bool(p.get("reduceOnly")) == (self.purpose == "exit")
+        if not (mine and self.stuck is None):
             return super().create_order(symbol, type, side, amount, price, params)
         self.partial_fill_prob, before = 1.0, self.partial_fill_prob
         try:
@@ -92,6 +95,13 @@ class StuckEntrySim(SimExchange):
             raise ccxt.NetworkError("binanceusdm DELETE fapi/v1/order: connection reset")
         return super().cancel_order(*args, **kwargs)
 
+
+class StuckEntrySim(StuckSim):
+    purpose = "entry"
+
+
+class StuckExitSim(StuckSim):
+    purpose = "exit"
 
 def reconciled(bot, **kw) -> dict:
     record = bot.job("reconcile", **kw)
