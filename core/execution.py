@@ -563,14 +563,17 @@ class Executor:
                                 other["client_order_id"], exc)
         return closed
 
-    def move_stop(self, position: dict, trigger: Decimal) -> bool:
+    def move_stop(self, position: dict, trigger: Decimal, *, at_once: bool = False) -> bool:
         """Replace the resting stop with one at ``trigger``: new first, then cancel old.
+        At most once per ``stop_move_interval_s`` unless ``at_once`` (a stop that no
+        longer covers its position).
 
         True when the new stop rests (or the old one closed the position meanwhile).
         """
         old = position.get("stop")
         interval = self.config.exits.stop_move_interval_s * 1000
-        if old and old.get("ts") is not None and self.clock.now_ms() - old["ts"] < interval:
+        if old and old.get("ts") is not None and self.clock.now_ms() - old["ts"] < interval \
+                and not at_once:
             return False
         with self.lock:
             new_coid = self.place_stop(position, trigger, moved=bool(old))

@@ -516,7 +516,19 @@ def compare_stops(rt, ex: Executor, dry_run: bool,
             continue  # closed by a correction (dry run): its stop is an orphan
         stop = p.get("stop")
         if stop and stop["client_order_id"] in resting:
-            wanted.add(stop["client_order_id"])
+            covers = resting[stop["client_order_id"]].amount
+            if covers >= Decimal(p["amount"]) or symbol in plan["flagged"]:
+                wanted.add(stop["client_order_id"])
+                continue
+            # The position grew (by hand): the part above the stop's amount is unprotected.
+            diffs.append(Difference("stop_size", symbol, f"stop {stop['client_order_id']} "
+                                    f"covers {covers} of {p['amount']}",
+                                    correction="replaced by a stop for the whole position"))
+            if not dry_run:
+                ex.move_stop(p, Decimal(stop["price"]), at_once=True)
+            now = rt.ledger.state().positions.get(symbol) or {}
+            wanted |= {stop["client_order_id"],  # settled by the move (an exit cancels
+                       (now.get("stop") or stop)["client_order_id"]}  # it if it stayed)
             continue
         if p["position_id"] in pending:
             continue  # a stop is on its way; the next run settles it

@@ -513,11 +513,15 @@ def test_a_position_grown_by_hand_takes_the_exchanges_size_and_entry(bot_factory
     position = open_long(bot)
     bot.venue.create_order(AAA, "market", "buy", float(position["amount"]))
     report = reconciled(bot)
-    assert report["status"] == "corrected" and "position_size" in kinds(report)
+    assert report["status"] == "corrected" and kinds(report) == ["position_size", "stop_size"]
     theirs = bot.exchange_positions()[AAA]
     ours = bot.position(AAA)
     assert Decimal(ours["amount"]) == 2 * Decimal(position["amount"])
     assert Decimal(ours["entry_price"]) == Decimal(theirs["info"]["entryPrice"])
+    [stop] = bot.resting_stops()  # the added half is protected too, at the same level
+    assert Decimal(str(stop["amount"])) == Decimal(ours["amount"])
+    assert ours["stop"]["client_order_id"] == stop["clientOrderId"]
+    assert Decimal(ours["stop"]["price"]) == Decimal(position["stop"]["price"])
     assert_settled(bot)
 
 
