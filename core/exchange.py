@@ -275,8 +275,10 @@ class ExchangeClient:
     def server_now_ms(self) -> int:
         """The exchange's clock: its offset from ours, measured at most once a minute.
 
-        The reading is late by up to half a round trip, so a candle that has only just
-        closed may count as forming for a moment: the safe direction.
+        Measured against our clock once the answer is back, so the reading is late by the
+        answer's way back (and never early by waits, retries or the request's way out): a
+        candle that has only just closed may count as forming for a moment, the safe
+        direction; a forming one never counts as closed.
         """
         if self._time_source is not None:
             return self._time_source.server_now_ms()
@@ -289,6 +291,7 @@ class ExchangeClient:
                 server_ms = _timestamp(server)
                 if server_ms is None:
                     raise self._bad("fetch_time", "not a timestamp", server)
+                now = self.clock.now_ms()
                 self._offset_ms = server_ms - now
                 self._offset_measured_at = now
             return now + self._offset_ms
@@ -519,6 +522,8 @@ class ExchangeClient:
             raw_order = self._call(self.raw.create_order, req.symbol, "market", req.side,
                                    float(amount), None, params)
         except NOT_PROCESSED as exc:
+            if _may_have_executed(exc):
+                return self._resolve_ambiguous(sent, exc)
             if isinstance(exc, ccxt.InvalidNonce):
                 self._resync_time()
             note = _error_text(exc)
@@ -527,7 +532,8 @@ class ExchangeClient:
         except ccxt.OperationFailed as exc:  # NetworkError, timeouts, 5xx, BadResponse
             return self._resolve_ambiguous(sent, exc)
         except ccxt.BaseError as exc:
-            if isinstance(exc, ccxt.DuplicateOrderId) or DUPLICATE_CLIENT_ID_CODE in str(exc):
+            if isinstance(exc, ccxt.DuplicateOrderId) or DUPLICATE_CLIENT_ID_CODE in str(exc) \
+                    or _may_have_executed(exc):
                 return self._resolve_ambiguous(sent, exc)
             note = _error_text(exc)
             log.warning("order %s: rejected by the exchange: %s", req.client_order_id, note)
@@ -1067,6 +1073,15 @@ def summarize(payload: Any, limit: int = SUMMARY_CHARS) -> str:
     else:
         text = repr(payload)
     return _clip(text, limit)
+
+
+def _may_have_executed(exc: BaseException) -> bool:
+    """Binance: an order answered with a 5xx, notably 503 "Unknown error, please check
+    your request or try again later.", has an unknown execution status, whatever code its
+    body carries (ccxt maps the body's code, which may read as "not processed")."""
+    response = getattr(exc.__context__, "response", None)  # ccxt raises handling HTTPError
+    status = getattr(response, "status_code", None)
+    return (isinstance(status, int) and status >= 500) or "unknown error" in str(exc).lower()
 
 
 def _error_text(exc: BaseException) -> str:

@@ -720,6 +720,41 @@ def test_stop_after_503_is_looked_up_on_the_algo_route():
     assert not venue.requests_to("GET", "/fapi/v1/order")
 
 
+@pytest.mark.parametrize("path, req", [("/fapi/v1/order", entry), ("/fapi/v1/algoOrder", stop)])
+def test_a_503_unknown_error_is_ambiguous_whatever_code_its_body_carries(path, req):
+    # Binance: 503 "Unknown error, please check your request or try again later." = sent,
+    # execution status unknown. With a body code ccxt reads as a rate limit (-1003), it
+    # used to be "not processed": an entry that filled would have gone untracked.
+    client, venue, _ = make(http=True)
+    venue.then("POST", path, err("unknown_error_503"))
+    result = client.submit(req(), ref_price=Decimal("96500"))
+    assert venue.requests_to("GET", path)  # looked up by client id, not given up
+    assert result.status == "accepted"
+
+
+def test_a_slow_clock_reading_never_makes_a_forming_candle_closed():
+    # The first /time request times out after 10 s, the retry answers at once: measured
+    # from before the request, Binance's clock would read 10 s ahead for a minute.
+    close = T_1000 + 300_000  # the 10:00 candle closes at 10:05:00
+    client, venue, _ = make(http=True, clock_ms=close - 15_000)  # our clock = Binance's
+    client.load_markets()
+    real, attempts = venue.request, []
+
+    def request(method, url, data=None, headers=None, **kw):
+        if "/fapi/v1/time" in url:
+            attempts.append(url)
+            if len(attempts) == 1:
+                client.clock.advance(10_000)
+                raise requests.exceptions.ReadTimeout("Read timed out.")
+            venue.then("GET", "/fapi/v1/time", {"serverTime": client.clock.now_ms()})
+        return real(method, url, data, headers, **kw)
+
+    client.raw.session.request = request
+    assert client.server_now_ms() <= client.clock.now_ms()  # late if anything, never early
+    assert len(attempts) == 2
+    assert client.closed_candles(BTC, "5m", 5)[-1].ts < T_1000  # 10:00 is still forming
+
+
 def test_server_overloaded_is_ambiguous():
     client, venue, _ = make(http=True)
     venue.then("POST", "/fapi/v1/order", err("server_overloaded"))
