@@ -66,7 +66,8 @@ class StrategySection:
     module: str = param("", "Importable module that registers user strategies ('' = none).")
     timeframe: str = param("5m", "Candle timeframe.",
                            choices=("1m", "3m", "5m", "15m", "30m", "1h", "2h", "4h", "1d"))
-    candles: int = param(250, "Closed candles fetched per symbol per scan.", lo=30, hi=1500)
+    # At most 999: ccxt asks Binance for at most 1000 klines a request, one of them forming.
+    candles: int = param(250, "Closed candles fetched per symbol per scan.", lo=30, hi=999)
     min_body_pct: float = param(0.7, "Minimum candle body, % of open.", lo=0, hi=100)
     long_volume_ratio: float = param(1.8, "Volume / mean of previous 20 needed for a long.",
                                      lo=0, hi=1000)
@@ -74,8 +75,8 @@ class StrategySection:
     choppiness_max: float = param(50.0, "Enter only when choppiness(14) is below this.",
                                   lo=0, hi=100)
     allow_short: bool = param(True, "Take short entries.")
-    sma_fast: int = param(50, "sma_cross: fast SMA length.", lo=2, hi=1000)
-    sma_slow: int = param(200, "sma_cross: slow SMA length.", lo=3, hi=1500)
+    sma_fast: int = param(50, "sma_cross: fast SMA length.", lo=2, hi=997)
+    sma_slow: int = param(200, "sma_cross: slow SMA length.", lo=3, hi=998)
 
 
 @dataclass(frozen=True)

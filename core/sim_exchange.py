@@ -57,7 +57,7 @@ HISTORY_DAYS = 3  # synthetic candles before the clock's start, for indicators
 DEFAULT_LEVERAGE = 20  # Binance's default until set_leverage
 ORDER_ID0, TRADE_ID0 = 4_000_000_000, 700_000_000  # ids that look like Binance's
 MAX_ALGO_PER_SYMBOL = 10  # Binance's MAX_NUM_ALGO_ORDERS filter
-KLINES_DEFAULT, KLINES_MAX = 500, 1500
+KLINES_DEFAULT, KLINES_MAX = 500, 1000  # ccxt's binance caps a klines request at 1000
 CLIENT_ID = re.compile(r"^[.A-Z:/a-z0-9_-]{1,36}$")
 PRE_FAULTS = {"network_error", "timeout", "server_error", "rate_limit", "clock_skew",
               "insufficient_funds", "reject"}

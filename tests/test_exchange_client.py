@@ -26,7 +26,7 @@ import requests
 from requests.structures import CaseInsensitiveDict
 
 from core.clock import VirtualClock
-from core.config import Config, Secrets
+from core.config import Config, ConfigError, Secrets
 from core.exchange import (
     NOT_FOUND_FINAL_MS,
     ExchangeClient,
@@ -260,6 +260,18 @@ def test_forming_candle_dropped_by_exchange_time():
     assert candles[-1].close == 96498.7 and candles[-1].volume == 61.44
     sent = venue.requests_to("GET", "/fapi/v1/klines")[0]
     assert sent == {"symbol": "BTCUSDT", "interval": "5m", "limit": "6"}
+
+
+def test_the_most_candles_the_config_allows_fit_the_klines_ccxt_asks_for():
+    # ccxt asks Binance for at most 1000 klines; one of them is forming. More would be
+    # cut silently: a long indicator would never warm up live while backtests trade.
+    with pytest.raises(ConfigError, match=r"candles = 1000: out of range"):
+        Config().with_values(strategy={"candles": 1000})
+    client, venue, _ = make(http=True)
+    client.closed_candles(BTC, "5m", 999)
+    assert venue.requests_to("GET", "/fapi/v1/klines")[-1]["limit"] == "1000"
+    client.raw.fetch_ohlcv(BTC, "5m", limit=1500)
+    assert venue.requests_to("GET", "/fapi/v1/klines")[-1]["limit"] == "1000"  # ccxt's cap
 
 
 def test_last_candle_kept_once_closed():
