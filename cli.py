@@ -213,6 +213,8 @@ def verify(ctx, as_json) -> None:
         click.echo(json.dumps(report.__dict__))
     elif report.ok:
         click.echo(f"ok: {report.rows} rows verified, chain intact up to seq {report.last_seq}")
+    elif report.first_bad_seq is None:  # the rows are intact; the schema is not
+        click.echo(f"BROKEN: {report.problem}", err=True)
     else:
         click.echo(f"BROKEN at seq {report.first_bad_seq}: {report.problem}", err=True)
     sys.exit(0 if report.ok else 1)

@@ -62,7 +62,9 @@ TEXT_COLUMNS = ("run_id", "symbol", "side", "amount", "price", "fee", "pnl", "po
                 "client_order_id", "exchange_order_id", "reason")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _SURROGATE = re.compile("[\ud800-\udfff]")
-MAX_TS = 2**63 - 1  # SQLite's INTEGER
+# 9999-12-31T23:59:59.999Z: the last instant a UTC date can name (the fold rolls days by
+# date; a later stamp, from a broken clock, would stop every fold of the ledger for good).
+MAX_TS = 253_402_300_799_999
 
 
 class FactError(ValueError):
@@ -97,7 +99,8 @@ class Fact:
             raise FactError(f"unknown fact type {self.type!r}")
         ts = self.ts
         if not isinstance(ts, int) or isinstance(ts, bool) or not 0 <= ts <= MAX_TS:
-            raise FactError(f"{self.type}: ts must be integer ms in [0, 2**63), got {ts!r}")
+            raise FactError(f"{self.type}: ts must be integer ms from 1970 to the end of "
+                            f"year 9999, got {ts!r}")
         for name in spec[0]:
             value = getattr(self, name)
             if value is None or value == "":

@@ -159,6 +159,54 @@ WHERE type = 'balance'
 ORDER BY seq;
 """
 
+# Migration 2: views that agree with the fold. open_positions: the entry price of the
+# last change that carries one (a partial exit carries none), the stop unless cancelled
+# since, the best price from the entry until one is recorded; closed_trades: the average
+# entry its PnL was computed from.
+POSITION_ENTRY = """coalesce((SELECT c.price FROM facts c WHERE c.type = 'position_changed'
+                 AND c.position_id = o.position_id AND c.price IS NOT NULL
+                 ORDER BY c.seq DESC LIMIT 1), o.price)"""
+
+VIEWS_2 = f"""
+DROP VIEW open_positions;
+CREATE VIEW open_positions AS
+SELECT o.position_id, o.symbol, o.side,
+       coalesce((SELECT c.amount FROM facts c WHERE c.type = 'position_changed'
+                 AND c.position_id = o.position_id ORDER BY c.seq DESC LIMIT 1), o.amount)
+         AS amount,
+       {POSITION_ENTRY} AS entry_price,
+       coalesce((SELECT b.price FROM facts b WHERE b.type = 'best_price'
+                 AND b.position_id = o.position_id ORDER BY b.seq DESC LIMIT 1),
+                {POSITION_ENTRY}) AS best_price,
+       (SELECT CASE WHEN EXISTS (SELECT 1 FROM facts x WHERE x.type = 'stop_cancelled'
+                                 AND x.client_order_id = s.client_order_id
+                                 AND x.seq > s.seq) THEN NULL ELSE s.price END
+          FROM facts s WHERE s.type IN ('stop_placed', 'stop_moved')
+          AND s.position_id = o.position_id ORDER BY s.seq DESC LIMIT 1) AS stop_price,
+       {iso('o.ts')} AS opened_at, o.seq AS opened_seq
+FROM facts o
+WHERE o.type = 'position_opened'
+  AND NOT EXISTS (SELECT 1 FROM facts c WHERE c.type = 'position_closed'
+                  AND c.position_id = o.position_id);
+
+DROP VIEW closed_trades;
+CREATE VIEW closed_trades AS
+SELECT c.position_id, c.symbol, o.side,
+       coalesce(c.amount,
+                (SELECT p.amount FROM facts p WHERE p.type = 'position_changed'
+                   AND p.position_id = c.position_id ORDER BY p.seq DESC LIMIT 1),
+                o.amount) AS amount,
+       coalesce(json_extract(c.data, '$.entry_price'), o.price) AS entry_price,
+       c.price AS exit_price,
+       c.fee AS fees, c.pnl AS realized_pnl, c.reason AS exit_reason,
+       {iso('o.ts')} AS opened_at, {iso('c.ts')} AS closed_at,
+       round((c.ts - o.ts) / 1000.0, 3) AS duration_s,
+       o.seq AS opened_seq, c.seq AS closed_seq
+FROM facts c
+JOIN facts o ON o.type = 'position_opened' AND o.position_id = c.position_id
+WHERE c.type = 'position_closed';
+"""
+
 VIEW_NAMES = ("ledger", "open_positions", "closed_trades", "orders_timeline", "daily_pnl",
               "job_runs", "risk_events", "reconciliations", "balances")
 
@@ -166,6 +214,7 @@ VIEW_NAMES = ("ledger", "open_positions", "closed_trades", "orders_timeline", "d
 # append a new one. The list index + 1 is the schema version.
 MIGRATIONS: tuple[str, ...] = (
     FACTS_TABLE + ";" + TRIGGERS + INDEXES + VIEWS,
+    VIEWS_2,
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -237,7 +237,7 @@ def _migrate(conn: sqlite3.Connection, path: Path, current: int) -> None:
         # Re-read inside the lock: another process may have migrated meanwhile.
         current = _identify(conn, path)
         for version in range(current + 1, schema.SCHEMA_VERSION + 1):
-            for statement in _statements(schema.MIGRATIONS[version - 1]):
+            for statement in migration_statements(schema.MIGRATIONS[version - 1]):
                 conn.execute(statement)
             conn.execute(f"PRAGMA user_version = {version}")
         conn.execute(f"PRAGMA application_id = {schema.APPLICATION_ID}")
@@ -248,7 +248,7 @@ def _migrate(conn: sqlite3.Connection, path: Path, current: int) -> None:
         raise LedgerError(f"{path}: cannot create or migrate the ledger ({exc})") from None
 
 
-def _statements(script: str) -> Iterator[str]:
+def migration_statements(script: str) -> Iterator[str]:
     """Split a migration script into complete statements (triggers contain ';')."""
     buf = ""
     for line in script.splitlines(keepends=True):

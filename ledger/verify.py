@@ -17,8 +17,9 @@ from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
+from . import schema
 from .chain import CANONICAL_SQL, GENESIS, canonical, check_chain
-from .store import SELECT_ROWS, LedgerError, VerifyReport, connect
+from .store import SELECT_ROWS, LedgerError, VerifyReport, connect, migration_statements
 
 log = logging.getLogger(__name__)
 
@@ -50,15 +51,48 @@ def verify_ledger(path: Path, workers: int | None = 1) -> VerifyReport:
         outcome = in_shares(path, last, k) if k > 1 and last >= k else None
         if outcome is None:
             outcome = check_rows(conn, 1, last)
+        altered = schema_problem(conn)
         conn.execute("COMMIT")
     except sqlite3.Error as exc:
         raise LedgerError(f"{path}: cannot read the ledger to verify it ({exc})") from None
     finally:
         conn.close()
     n, seen, bad = outcome
-    if bad is None:
-        return VerifyReport(True, n, seen)
-    return VerifyReport(False, n, seen, bad[0], bad[1])
+    if bad is not None:
+        return VerifyReport(False, n, seen, bad[0], bad[1])
+    if altered:
+        return VerifyReport(False, n, seen, None, altered)
+    return VerifyReport(True, n, seen)
+
+
+def schema_problem(conn: sqlite3.Connection) -> str | None:
+    """The first of our tables, guards (triggers), indexes and views that is not what the
+    migrations made, or a trigger that is not ours: with a guard dropped or a view
+    rewritten (one that hides losing trades, say) intact rows would still mislead."""
+    version = conn.execute("PRAGMA user_version").fetchone()[0]
+    actual = dict(((kind, name), sql) for kind, name, sql in conn.execute(
+        "SELECT type, name, sql FROM sqlite_master WHERE name NOT LIKE 'sqlite_%'"))
+    expected = expected_schema(version)
+    for key in sorted(expected):
+        if key not in actual:
+            return f"schema: {key[0]} {key[1]} is missing"
+        if actual[key] != expected[key]:
+            return f"schema: {key[0]} {key[1]} is not as the migrations made it"
+    extra = sorted(name for kind, name in actual.keys() - expected.keys() if kind == "trigger")
+    return f"schema: trigger {extra[0]} is not ours" if extra else None
+
+
+def expected_schema(version: int) -> dict[tuple[str, str], str]:
+    """(type, name) -> SQL of every schema object migrations 1..``version`` create."""
+    mem = sqlite3.connect(":memory:")
+    try:
+        for script in schema.MIGRATIONS[:version]:
+            for statement in migration_statements(script):
+                mem.execute(statement)
+        return {(kind, name): sql for kind, name, sql in mem.execute(
+            "SELECT type, name, sql FROM sqlite_master WHERE name NOT LIKE 'sqlite_%'")}
+    finally:
+        mem.close()
 
 
 def usable_cpus() -> int:

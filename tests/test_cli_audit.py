@@ -21,7 +21,7 @@ from click.testing import CliRunner
 
 import cli
 from core.clock import day_ms
-from ledger import Fact, Ledger, LedgerError
+from ledger import Fact, Ledger, LedgerError, schema
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -453,7 +453,8 @@ def test_query_reads_tables_views_and_pragmas(db):
                     "SELECT symbol, count(*) AS n FROM closed_trades GROUP BY symbol "
                     "ORDER BY symbol")
     assert rows == [{"symbol": BTC, "n": 2}, {"symbol": ETH, "n": 1}]
-    assert run_json("--db", str(db), "query", "PRAGMA user_version") == [{"user_version": 1}]
+    assert run_json("--db", str(db), "query", "PRAGMA user_version") == [
+        {"user_version": schema.SCHEMA_VERSION}]
     names = [r["name"] for r in run_json("--db", str(db), "query", "PRAGMA table_info(facts)")]
     assert names[:3] == ["seq", "ts", "type"]
     assert run_json("--db", str(db), "query",
@@ -625,6 +626,40 @@ def test_verify_catches_a_rewritten_row_with_its_own_hash_recomputed(db):
     forged = link(prev, tuple(row)).hex()
     tamper(db, f"UPDATE facts SET pnl = '1009.395', hash = x'{forged}' WHERE seq = {seq}")
     assert f"BROKEN at seq {seq + 1}" in run("--db", str(db), "verify", code=1).stderr
+
+
+def schema_edit(path: Path, *statements: str) -> None:
+    conn = sqlite3.connect(path, isolation_level=None)
+    try:
+        for statement in statements:
+            conn.execute(statement)
+    finally:
+        conn.close()
+
+
+HIDE_LOSSES = ("DROP VIEW closed_trades",
+               "CREATE VIEW closed_trades AS SELECT position_id, symbol, pnl AS realized_pnl "
+               "FROM facts WHERE type = 'position_closed' AND CAST(pnl AS REAL) >= 0")
+
+
+@pytest.mark.parametrize("edit, named", [
+    (HIDE_LOSSES, "view closed_trades is not as the migrations made it"),
+    (("DROP TRIGGER facts_no_update",), "trigger facts_no_update is missing"),
+    (("CREATE TRIGGER facts_quiet BEFORE INSERT ON facts WHEN NEW.type = 'halt' "
+      "BEGIN SELECT RAISE(IGNORE); END",), "trigger facts_quiet is not ours"),
+])
+def test_verify_names_a_guard_or_view_changed_behind_the_ledgers_back(db, edit, named):
+    # The rows are intact, but a dropped guard or a rewritten view would mislead anyway.
+    schema_edit(db, *edit)
+    assert run("--db", str(db), "verify", code=1).stderr == f"BROKEN: schema: {named}\n"
+    report = json.loads(run("--db", str(db), "verify", "--json", code=1).stdout)
+    assert report["first_bad_seq"] is None and named in report["problem"]
+
+
+def test_verify_leaves_a_users_own_index_and_view_alone(db):
+    schema_edit(db, "CREATE INDEX my_symbols ON facts(symbol)",
+                "CREATE VIEW my_losses AS SELECT * FROM closed_trades WHERE realized_pnl < 0")
+    assert run("--db", str(db), "verify").stdout.startswith("ok: ")
 
 
 def cli_columns() -> tuple[str, ...]:

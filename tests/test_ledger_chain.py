@@ -26,7 +26,7 @@ from ledger.chain import (
     link,
     link_tail,
 )
-from ledger.facts import canonical_json, money
+from ledger.facts import MAX_TS, canonical_json, money
 
 TS = 1_767_225_600_000
 
@@ -43,7 +43,7 @@ json_value = st.recursive(
     max_leaves=12)
 
 facts = st.builds(
-    Fact, type=st.sampled_from(sorted(FACT_TYPES)), ts=st.integers(0, 2**63 - 1),
+    Fact, type=st.sampled_from(sorted(FACT_TYPES)), ts=st.integers(0, MAX_TS),
     symbol=any_text.filter(bool), side=any_text.filter(bool), amount=quantity.filter(
         lambda q: q is not None), price=quantity.filter(lambda q: q is not None), fee=quantity,
     pnl=quantity, position_id=any_text.filter(bool), client_order_id=any_text.filter(bool),
@@ -156,7 +156,7 @@ def test_fact_normalisation():
         '{"a":["x",1],"b":"1.50","\\u00e9":1}'
     cyclic: dict = {}
     cyclic["me"] = cyclic
-    for bad in (Fact("note", True), Fact("note", 2**63), Fact("note", 1.5), Fact(7, TS),
+    for bad in (Fact("note", True), Fact("note", MAX_TS + 1), Fact("note", 1.5), Fact(7, TS),
                 Fact("note", TS, data={"x": float("nan")}), Fact("note", TS, data={1: "a", "b": 2}),
                 Fact("note", TS, data=cyclic)):
         with pytest.raises(FactError):
@@ -306,3 +306,16 @@ def test_a_row_sqlite_encodes_differently_is_rechecked_in_python():
                                        "previous hash")
     assert check_chain(walk, recheck=lambda seq: bodies[seq - 1]) == (5, 5, None)
     assert check_chain(walk, recheck=lambda seq: odd[seq - 1])[2][0] == 3
+
+
+def test_the_latest_stamp_a_fact_may_carry_still_folds(tmp_path):
+    # A later one (a broken clock) was accepted once and then stopped every fold for good.
+    with Ledger(tmp_path / "bot.db") as ledger:
+        ledger.append([Fact("position_opened", TS, symbol="X/USDT:USDT", side="long",
+                            amount="1", price="1", position_id="p"),
+                       Fact("position_closed", MAX_TS, symbol="X/USDT:USDT", position_id="p",
+                            price="2", pnl="1", fee="0.1", reason="test")])
+        assert ledger.state().realized_today is not None
+        with pytest.raises(FactError, match="end of year 9999"):
+            ledger.append([Fact("note", MAX_TS + 1)])
+        assert ledger.last_seq() == 2
