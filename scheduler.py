@@ -2,7 +2,7 @@
 
 One instance per ledger (an flock on ``<db>.lock``, released even by SIGKILL). At
 start, before the first scan: reconcile, close the UTC days that ended while the bot
-was down, rotate if no coins are active. SIGTERM/SIGINT let the running job finish,
+was down, rotate if no coins are active or the last rotation is an interval old. SIGTERM/SIGINT let the running job finish,
 record the shutdown and exit 0 within SHUTDOWN_GRACE_S.
 
 In paper and live mode the bot's clock is the wall clock and the daily reset is a cron
@@ -154,6 +154,16 @@ class LedgerLock:
             self._fh = None
 
 
+def rotation_due(rt) -> bool:
+    """At start: no coins are active, or the last rotation is an interval old or more.
+    The interval trigger counts from each start, so a bot restarted more often than that
+    would otherwise never rotate again."""
+    state = rt.ledger.state()
+    last = (state.last_rotation or {}).get("ts")
+    interval_ms = rt.config.schedule.rotate_interval_h * 3_600_000
+    return not state.active_coins or last is None or rt.clock.now_ms() - last >= interval_ms
+
+
 class Service:
     """The running bot: a runtime, a scheduler, and a clean way to stop."""
 
@@ -185,7 +195,7 @@ class Service:
         """Reconcile before the first scan; catch up missed days; rotate if needed."""
         self.record_service("started")
         steps = [("reconcile", lambda: True), ("daily_reset", lambda: True),
-                 ("rotate", lambda: not self.rt.ledger.state().active_coins)]
+                 ("rotate", lambda: rotation_due(self.rt))]
         for name, wanted in steps:
             if self.stopping.is_set():
                 return

@@ -217,10 +217,16 @@ def test_startup_reconciles_first_catches_up_closed_days_and_rotates(tmp_path):
         again = runs(rt.ledger)[len(done):]
         assert [(r["job"], r["outcome"]) for r in again] == [("reconcile", "ok"),
                                                              ("daily_reset", "skipped")]
-        # Midnight passed while down: exactly that day is closed at the next start.
+        # Midnight passed while down: exactly that day is closed at the next start, and
+        # the coins, rotated more than an interval ago, are rotated again (a bot restarted
+        # more often than the interval trigger's period would otherwise never rotate).
         clock.set(day_start_ms(T0) + DAY_MS + 5_000)
+        before = len(runs(rt.ledger))
         scheduler.Service(rt).startup()
         assert rt.ledger.state().last_day_closed == utc_day(T0)
+        assert [r["job"] for r in runs(rt.ledger)[before:]] == ["reconcile", "daily_reset",
+                                                                "rotate"]
+        assert rt.ledger.state().last_rotation["ts"] == clock.now_ms()
     finally:
         rt.close()
 
