@@ -52,7 +52,15 @@ from ledger import Fact
 log = logging.getLogger(__name__)
 
 SHUTDOWN_GRACE_S = 30
+# Past the grace, the forced exit still waits this long for the exchange lock: never
+# between an order and what must follow it (an entry's fill and its stop).
+FORCE_EXIT_LOCK_WAIT_S = 60
+EXIT_FORCED = 1
 DAILY_POLL_S = 300  # sim mode: the daily reset looks for ended days every 5 bot-minutes
+# Other modes: at 00:00 UTC and every 15 minutes after. It is idempotent, and one run at
+# midnight alone would leave a day unclosed for 24 h if it failed, or if the service
+# started just before midnight (its start-up reset ran, its first midnight is tomorrow).
+DAILY_CRON_MINUTES = "*/15"
 NOT_RUN = {
     EVENT_JOB_MISSED: ("missed", "started too late (misfire grace exceeded)"),
     EVENT_JOB_MAX_INSTANCES: ("skipped", "previous run still going (max_instances=1)"),
@@ -97,8 +105,8 @@ def schedules(config: Config) -> dict[str, Schedule]:
                               max(reconcile_s / 2, 1.0), s.reconcile_interval_s * 1000),
     }
     if config.bot.mode != "sim":  # the bot's clock is the wall clock
-        out["daily_reset"] = Schedule(CronTrigger(hour=0, minute=0, second=0, timezone="UTC"),
-                                      3600, None)
+        out["daily_reset"] = Schedule(CronTrigger(minute=DAILY_CRON_MINUTES, second=0,
+                                                  timezone="UTC"), 900, None)
     else:
         poll_s = DAILY_POLL_S / speed
         out["daily_reset"] = Schedule(IntervalTrigger(seconds=poll_s, timezone="UTC"),
@@ -128,7 +136,8 @@ class LedgerLock:
     """An exclusive flock next to the ledger; the holder's pid is written inside."""
 
     def __init__(self, db_path: str | Path) -> None:
-        self.path = Path(f"{db_path}.lock")
+        # The resolved path: a symlink to the ledger must meet the same lock.
+        self.path = Path(f"{Path(db_path).resolve()}.lock")
         self._fh = None
 
     def acquire(self) -> None:
@@ -172,7 +181,7 @@ class Service:
         self.plan = schedules(rt.config)
         self.scheduler = BlockingScheduler(timezone="UTC", job_defaults={
             "coalesce": True, "max_instances": 1})
-        self.stopping = threading.Event()
+        self.stopping = rt.stopping
         self._serving = False  # the scheduler is (about to be) started; guarded by _gate
         self._gate = threading.Lock()
         self._watchdog = threading.Timer(SHUTDOWN_GRACE_S, self._force_exit)
@@ -275,10 +284,14 @@ class Service:
         self._drained.set()
 
     def _force_exit(self) -> None:
-        log.error("a job did not finish within %s s; exiting anyway (the ledger is crash-safe)",
-                  SHUTDOWN_GRACE_S)
+        # Never between an order and what must follow it (an entry's fill and its stop):
+        # that runs under the exchange lock, so wait for the lock, a while longer.
+        settled = self.rt.lock.acquire(timeout=FORCE_EXIT_LOCK_WAIT_S)
+        log.error("a job did not finish within %s s; exiting anyway%s (the ledger is "
+                  "crash-safe; reconcile settles what was in flight at the next start)",
+                  SHUTDOWN_GRACE_S, "" if settled else ", inside an exchange operation")
         self.record_service("stopped (forced)")
-        os._exit(0)
+        os._exit(EXIT_FORCED)  # not 0: a restart-on-failure policy brings the bot back
 
     def install(self) -> None:
         """The four jobs on their triggers, and the listener that records runs not run."""

@@ -31,6 +31,9 @@ class Runtime:
     data_clients: list[ExchangeClient] = field(default_factory=list)
     lock: threading.RLock = field(default_factory=threading.RLock)
     venue: object = None  # the raw venue (a SimExchange in sim/paper/backtest)
+    # Set when the service is asked to stop: a job waiting for the lock, or a scan with
+    # entries still to make, sends nothing new.
+    stopping: threading.Event = field(default_factory=threading.Event)
 
     def __post_init__(self) -> None:
         if not self.data_clients:

@@ -33,6 +33,8 @@ def run(rt, scheduled_ms: int, run_id: str) -> dict:
     # day that just ended must not record its halt after that day's close (nothing would
     # lift it).
     with rt.lock:
+        if rt.stopping.is_set():  # asked to stop while waiting: the next start catches up
+            return {"skipped": True, "reason": "the service is stopping"}
         return close_days(rt, run_id)
 
 

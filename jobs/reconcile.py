@@ -62,6 +62,8 @@ def run(rt, scheduled_ms: int, run_id: str, dry_run: bool = False) -> dict:
     checked = fills_checked(rt)
     diffs: list[Difference] = []
     with rt.lock:
+        if rt.stopping.is_set():  # asked to stop while waiting: the next start reconciles
+            return {"skipped": True, "reason": "the service is stopping"}
         diffs += settle_orders(rt, ex, dry_run)
         diffs += compare_positions(rt, ex, dry_run, planned(diffs))
         diffs += compare_stops(rt, ex, dry_run, planned(diffs))

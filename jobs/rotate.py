@@ -23,7 +23,14 @@ def run(rt, scheduled_ms: int, run_id: str) -> dict:
         return {"skipped": True, "reason": "already rotated for this instant"}
     # fetch
     tickers = rt.client.tickers()
-    tradable = rt.client.load_markets()
+    # Reloaded: a market delisted (or its tick and lot sizes changed) since the service
+    # started must not be chosen (or priced) from ccxt's cache.
+    tradable = rt.client.load_markets(reload=True)
+    for data in rt.data_clients[1:]:
+        try:
+            data.load_markets(reload=True)
+        except Exception as exc:  # noqa: BLE001 - that client keeps its list until next time
+            log.warning("rotation: a data client's markets not reloaded (%s)", exc)
     # decide
     ranked = rotation.rank_by_volume(tickers, quote=rt.config.exchange.quote,
                                      min_quote_volume=cfg.min_quote_volume,

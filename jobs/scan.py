@@ -141,7 +141,11 @@ def decide_and_act(rt, symbols: list[str], candles: dict[str, list[Candle]],
         rt.ledger.append(quiet)
 
     current = balance  # fetched this scan; any order sent makes it stale
-    for symbol, signal, signal_fact, last in entries:
+    for i, (symbol, signal, signal_fact, last) in enumerate(entries):
+        if rt.stopping.is_set():  # the service is stopping: no new position now
+            log.info("stop requested: %d entries not made", len(entries) - i)
+            rt.ledger.append([e[2] for e in entries[i:]])  # the decisions, as made
+            break
         sent = enter(rt, ex, symbol, signal, signal_fact, last, frames, run_id, current)
         summary["entries"] += sent
         current = None if sent else current

@@ -21,6 +21,7 @@ from test_jobs_scan import (
 )
 
 from core.clock import utc_day
+from core.sim_exchange import SimExchange
 from ledger import Fact
 
 DDD = "DDD/USDT:USDT"
@@ -102,6 +103,23 @@ def test_rotate_twice_for_the_same_instant_adds_only_its_run_record(bot_factory)
     # The next slot rotates again.
     assert bot.job("rotate", T0 + 3 * 3_600_000)["outcome"] == "ok"
     assert len(bot.facts("rotation")) == 2
+
+
+class CountingReloads(SimExchange):
+    reloads = 0
+
+    def load_markets(self, reload=False, params=None):
+        self.reloads += bool(reload)
+        return super().load_markets(reload, params)
+
+
+def test_each_rotation_reloads_the_markets(bot_factory):
+    # ccxt answers from its cache for the life of the process: a market delisted since
+    # the start (or whose tick and lot sizes changed) would be chosen and priced stale.
+    bot = bot_factory(venue_cls=CountingReloads, **four(rotation={"top_n": 2}))
+    bot.job("rotate", T0)
+    bot.job("rotate", T0 + 3 * 3_600_000)
+    assert bot.venue.reloads == 2
 
 
 def test_a_position_in_a_coin_that_drops_out_stays_managed_until_closed(bot_factory):

@@ -40,7 +40,7 @@ from core.clock import (
 from core.config import Config
 from core.sim_exchange import SimExchange
 from core.venues import quiet_open_orders
-from ledger import Fact
+from ledger import Fact, Ledger
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 T0 = 1_767_268_800_000  # 2026-01-01T12:00:00Z
@@ -73,14 +73,19 @@ def test_interval_jobs_fire_at_their_configured_intervals():
 @pytest.mark.parametrize("now", [at(2026, 1, 1, 12), at(2026, 3, 8, 6, 30),  # US DST starts
                                  at(2026, 3, 29, 0, 30),  # EU DST starts
                                  at(2026, 11, 1, 5, 59), at(2026, 12, 31, 23, 59, 59)])
-def test_daily_reset_is_a_cron_at_midnight_utc(now):
+def test_daily_reset_runs_at_midnight_utc_and_every_quarter_hour_after(now):
+    # Idempotent, so it polls: a failed midnight run, or a start just before midnight,
+    # no longer leaves the day unclosed (and the daily loss limit on a stale start) for 24 h.
     plan = scheduler.schedules(PAPER)["daily_reset"]
     assert isinstance(plan.trigger, CronTrigger)
     assert str(plan.trigger.timezone) == "UTC"
     fire = plan.trigger.get_next_fire_time(None, now)
     assert fire.utcoffset() == timedelta(0)
-    assert (fire.hour, fire.minute, fire.second) == (0, 0, 0)
-    assert timedelta(0) < fire - now <= timedelta(days=1)
+    assert fire.minute % 15 == 0 and fire.second == 0
+    assert timedelta(0) <= fire - now <= timedelta(minutes=15)
+    midnight = datetime.combine(now.date() + timedelta(days=1), datetime.min.time(),
+                                tzinfo=UTC)
+    assert plan.trigger.get_next_fire_time(None, midnight - timedelta(seconds=1)) == midnight
     assert plan.misfire_grace_s >= 600  # a late wake-up still closes the day
 
 
@@ -98,7 +103,12 @@ from core.config import Config
 ny = ZoneInfo("America/New_York")
 trig = scheduler.schedules(Config().with_values(bot={"mode": "paper"}))["daily_reset"].trigger
 for now in (datetime(2026, 1, 15, 12, tzinfo=ny), datetime(2026, 7, 15, 21, tzinfo=ny)):
-    print(trig.get_next_fire_time(None, now).astimezone(ZoneInfo("UTC")).strftime("%H:%M"))
+    t, fires = now, []
+    for _ in range(96):  # a day of fires: one at 00:00 UTC
+        t = trig.get_next_fire_time(None, t)
+        fires.append(t.astimezone(ZoneInfo("UTC")).strftime("%H:%M"))
+        t = t.replace(second=1)
+    print(min(fires))
 print(CronTrigger(hour=0, minute=0).get_next_fire_time(None, datetime(2026, 1, 15, 12, tzinfo=ny))
       .astimezone(ZoneInfo("UTC")).strftime("%H:%M"))
 """
@@ -132,7 +142,7 @@ def test_misfire_grace_suits_each_job():
     assert plan["scan"].misfire_grace_s == 10  # a scan later than one interval is pointless
     assert plan["reconcile"].misfire_grace_s == 150
     assert plan["rotate"].misfire_grace_s == 45 * 60
-    assert plan["daily_reset"].misfire_grace_s == 3600
+    assert plan["daily_reset"].misfire_grace_s == 900
     fast = scheduler.schedules(Config().with_values(sim={"speed": 1000.0}))
     assert all(p.misfire_grace_s >= 1.0 for p in fast.values())
 
@@ -146,8 +156,8 @@ def test_fire_times_between_two_runs_are_the_runs_coalescing_merged():
         t + timedelta(seconds=s) for s in (10, 20, 30)]
     assert len(scheduler.fire_times_between(scan, t, t + timedelta(days=1))) == 101  # capped
     daily = plan["daily_reset"].trigger
-    assert scheduler.fire_times_between(daily, at(2026, 1, 1), at(2026, 1, 4)) == [
-        at(2026, 1, 2), at(2026, 1, 3)]
+    assert scheduler.fire_times_between(daily, at(2026, 1, 1), at(2026, 1, 1, 1)) == [
+        at(2026, 1, 1, 0, 15), at(2026, 1, 1, 0, 30), at(2026, 1, 1, 0, 45)]
 
 
 def test_slot_is_the_nominal_instant_of_a_run():
@@ -368,3 +378,66 @@ def test_one_process_per_ledger(tmp_path):
     again = scheduler.LedgerLock(db)
     again.acquire()  # released: free again
     again.release()
+
+
+FORCED = """
+import sys, threading, time
+import scheduler
+from core import runtime
+from core.config import Config
+from ledger import Fact
+
+rt = runtime.build(Config(), sys.argv[1])
+svc = scheduler.Service(rt)
+scheduler.FORCE_EXIT_LOCK_WAIT_S = 30
+held = threading.Event()
+
+def entry_in_flight():  # an order sent, what must follow it not yet done
+    with rt.lock:
+        held.set()
+        time.sleep(1.0)
+        rt.ledger.append([Fact("note", rt.clock.now_ms(), reason="entry and its stop done")])
+
+threading.Thread(target=entry_in_flight).start()
+held.wait()
+svc._force_exit()
+"""
+
+
+def test_a_forced_stop_waits_for_the_exchange_lock_and_exits_non_zero(tmp_path):
+    db = tmp_path / "bot.db"
+    out = subprocess.run([sys.executable, "-c", FORCED, str(db)], cwd=REPO, timeout=120,
+                         capture_output=True, text=True)
+    assert out.returncode == scheduler.EXIT_FORCED != 0, out.stderr
+    with Ledger(db, readonly=True) as ledger:
+        rows = ledger.select("SELECT type, reason, data FROM facts WHERE type IN "
+                             "('note', 'service') ORDER BY seq")
+    # Never between an order and what must follow it: the exit came after.
+    assert [(r["type"], r["reason"]) for r in rows][-2:] == [
+        ("note", "entry and its stop done"), ("service", None)]
+    assert '"event":"stopped (forced)"' in rows[-1]["data"]
+
+
+def test_a_scan_asked_to_stop_makes_no_new_entry(tmp_path):
+    from test_jobs_scan import AAA, BBB, T0, Pick, flat, make_bot
+
+    bot = make_bot(tmp_path, strat=Pick(long_at=[T0 - 300_000]),
+                   paths={"AAA": flat(100.0, 5), "BBB": flat(50.0, 5)})
+    try:
+        bot.set_coins([AAA, BBB])
+        bot.rt.stopping.set()  # SIGTERM arrived as this scan began deciding
+        summary = bot.job("scan", T0)["summary"]
+        assert summary["entries"] == 0 and bot.exchange_positions() == {}
+        assert {r["symbol"] for r in bot.facts("signal")} == {AAA, BBB}  # decided, recorded
+        for job in ("reconcile", "daily_reset"):  # waiting for the lock: nothing now
+            assert bot.job(job)["outcome"] == "skipped"
+    finally:
+        bot.close()
+
+
+def test_a_symlink_to_the_ledger_meets_the_same_one_bot_lock(tmp_path):
+    real = tmp_path / "bot.db"
+    real.touch()
+    link = tmp_path / "alias.db"
+    link.symlink_to(real)
+    assert scheduler.LedgerLock(link).path == scheduler.LedgerLock(real).path
