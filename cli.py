@@ -327,7 +327,7 @@ def run(ctx) -> None:
     cfg = load_config(ctx)
     try:
         code = scheduler.serve(cfg, ctx.obj["db"])
-    except scheduler.AlreadyRunning as exc:
+    except (scheduler.AlreadyRunning, scheduler.StartRefused) as exc:
         raise Refused(str(exc)) from None
     sys.exit(code)
 

@@ -132,6 +132,10 @@ def slot(now_ms: int, interval_ms: int | None) -> int:
     return now_ms if not interval_ms else now_ms - now_ms % interval_ms
 
 
+class StartRefused(Exception):
+    """The account cannot be traded as configured; nothing was started."""
+
+
 class LedgerLock:
     """An exclusive flock next to the ledger; the holder's pid is written inside."""
 
@@ -329,6 +333,11 @@ def serve(config: Config, db_path: str | Path) -> int:
     lock.acquire()
     try:
         rt = runtime.build(config, db_path)
+        if config.bot.mode == "live":
+            problem = rt.client.account_mode_problem()
+            if problem:
+                rt.close()
+                raise StartRefused(f"not started: {problem}")
         service = Service(rt)
         signal.signal(signal.SIGTERM, service.request_stop)
         signal.signal(signal.SIGINT, service.request_stop)

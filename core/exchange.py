@@ -245,6 +245,29 @@ class ExchangeClient:
         text = self._call(self.raw.price_to_precision, symbol, float(wanted))
         return _decimal(text, "rounded price", positive=True)
 
+    def account_mode_problem(self) -> str | None:
+        """Why this account cannot be traded as the bot trades, or None. It sends no
+        ``positionSide`` (one-way mode) and reads equity from the settlement asset alone
+        (single-asset margin); a venue without these endpoints (simulated) is neither."""
+        checks = (
+            ("fapiPrivateGetPositionSideDual", "dualSidePosition",
+             "the account is in hedge mode (dual side position); switch it to one-way mode"),
+            ("fapiPrivateGetMultiAssetsMargin", "multiAssetsMargin",
+             "the account is in Multi-Assets margin mode; switch it to single-asset mode "
+             f"(equity is read from {self.settings.quote} alone)"),
+        )
+        for method, key, why in checks:
+            call = getattr(self.raw, method, None)
+            if call is None:
+                continue
+            answer = self._retrying(method, call)
+            value = answer.get(key) if isinstance(answer, dict) else None
+            if value in (True, "true"):
+                return why
+            if value not in (False, "false"):
+                raise self._bad(method, f"{key} missing or not a boolean", answer)
+        return None
+
     def ensure_symbol_settings(self, symbol: str) -> None:
         """Margin mode and leverage from config, set once per symbol (idempotent).
 

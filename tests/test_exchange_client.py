@@ -262,6 +262,25 @@ def test_forming_candle_dropped_by_exchange_time():
     assert sent == {"symbol": "BTCUSDT", "interval": "5m", "limit": "6"}
 
 
+@pytest.mark.parametrize("hedge, multi, named", [
+    (False, False, None),
+    (True, False, "hedge mode"),
+    (False, True, "Multi-Assets margin mode"),
+])
+def test_an_account_in_hedge_or_multi_assets_mode_is_named_before_anything_starts(
+        hedge, multi, named):
+    # In hedge mode every order without positionSide is refused; in Multi-Assets mode the
+    # USDT row alone is not the equity (it can read negative while margin is healthy).
+    client, venue, _ = make(http=True)
+    venue.then("GET", "/fapi/v1/positionSide/dual", {"dualSidePosition": hedge})
+    venue.then("GET", "/fapi/v1/multiAssetsMargin", {"multiAssetsMargin": multi})
+    problem = client.account_mode_problem()
+    assert (problem is None) if named is None else (named in problem)
+    venue.then("GET", "/fapi/v1/positionSide/dual", {"unexpected": 1})
+    with pytest.raises(BadExchangeData):
+        client.account_mode_problem()
+
+
 def test_the_most_candles_the_config_allows_fit_the_klines_ccxt_asks_for():
     # ccxt asks Binance for at most 1000 klines; one of them is forming. More would be
     # cut silently: a long indicator would never warm up live while backtests trade.
