@@ -835,9 +835,11 @@ class ExchangeClient:
             info = _info(o)
             actual = info.get("actualOrderId")
             triggered = str(actual) if actual not in (None, "", 0, "0") else None
-            # It fired (ccxt reads TRIGGERING as open, TRIGGERED and FINISHED as closed):
-            # what came of it is the order's (_executed).
-            if status == "closed" or info.get("algoStatus") in FIRED_ALGO_STATUSES:
+            # It fired (ccxt reads TRIGGERING as open, TRIGGERED and FINISHED as closed;
+            # any answer naming the order it became fired, whatever its status): what came
+            # of it is the order's (_executed).
+            if status == "closed" or info.get("algoStatus") in FIRED_ALGO_STATUSES \
+                    or triggered is not None:
                 status = "triggered"
         return OrderReport(
             symbol=symbol,

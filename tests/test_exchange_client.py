@@ -601,6 +601,17 @@ def test_a_finished_stop_is_read_as_the_order_it_became(stop_price):
     assert state_of(found.status, found.amount, found.filled) == "filled"
 
 
+def test_a_stop_that_expired_after_becoming_an_order_is_read_as_that_order():
+    # EXPIRED, yet it names the order it became: what filled is that order's (ccxt reads
+    # the algo answer as expired with nothing filled).
+    client, venue, _ = make()
+    venue.then("GET", "/fapi/v1/algoOrder", triggered_stop("EXPIRED"))
+    venue.then("GET", "/fapi/v1/order", stop_execution("EXPIRED", "0.005"))
+    found = client.order_by_client_id(BTC, STOP_CID, trigger=True)
+    assert venue.requests_to("GET", "/fapi/v1/order")[0]["orderId"] == "812345678950"
+    assert (found.filled, found.average_price) == (Decimal("0.005"), Decimal("94390"))
+
+
 def test_a_finished_stop_whose_order_filled_nothing_expired():
     client, venue, _ = make()
     venue.then("GET", "/fapi/v1/algoOrder", triggered_stop("FINISHED", price="0.00000"))
