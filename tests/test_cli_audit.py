@@ -656,6 +656,13 @@ def test_verify_names_a_guard_or_view_changed_behind_the_ledgers_back(db, edit, 
     assert report["first_bad_seq"] is None and named in report["problem"]
 
 
+def test_verify_names_a_row_holding_a_value_the_ledger_never_writes(db):
+    # SQLite's json_array() refuses a BLOB: verify used to stop with "cannot read".
+    seq = closed_seq(db, "pA")
+    tamper(db, f"UPDATE facts SET amount = CAST('1' AS BLOB) WHERE seq = {seq}")
+    assert f"BROKEN at seq {seq}" in run("--db", str(db), "verify", code=1).stderr
+
+
 def test_verify_leaves_a_users_own_index_and_view_alone(db):
     schema_edit(db, "CREATE INDEX my_symbols ON facts(symbol)",
                 "CREATE VIEW my_losses AS SELECT * FROM closed_trades WHERE realized_pnl < 0")
