@@ -19,8 +19,8 @@ to the market's amount step (as ccxt's ``amount_to_precision`` does) and must me
 the market's minimum amount and minimum notional; it is never rounded up.
 
 Entry limits, in order (the first that fails is the reason): active halts
-(``halted:<kind>``), daily loss limit, max drawdown, a position already open in the
-symbol, an entry order in it not settled yet (``entry_pending``, for a few reconcile
+(``halted:<kind>``), daily loss limit, max drawdown, the last reconciliation failed
+(``reconcile_failed``), a position already open in the symbol, an entry order in it not settled yet (``entry_pending``, for a few reconcile
 intervals), a flagged external position in it (``external_position``), max open positions
 (unsettled entries count), cooldown after a losing exit, return correlation with an open position, notional caps,
 balance, minimums.
@@ -86,6 +86,9 @@ class RiskState:
     # symbol -> when its entry order not settled yet was decided (sent, its outcome not
     # known or not final): it may have opened a position the ledger does not hold yet
     pending_entries: Mapping[str, int] = field(default_factory=lambda: MappingProxyType({}))
+    # The last reconciliation failed: what the exchange holds is not known to match the
+    # ledger (a position it could not place, an order it could not settle).
+    reconcile_failed: bool = False
 
     @classmethod
     def from_summary(cls, summary: Mapping[str, Any]) -> RiskState:
@@ -118,6 +121,8 @@ class RiskState:
                 str(o["symbol"]): int(o.get("ts") or 0)
                 for o in (summary.get("orders") or {}).values()
                 if o.get("purpose") == "entry" and o.get("symbol")}),
+            reconcile_failed=((summary.get("last_runs") or {}).get("reconcile") or {}).get(
+                "outcome") == "error",
         )
 
     @classmethod
@@ -366,6 +371,9 @@ def check_entry(*, symbol: str, side: str, price: Any, market: MarketInfo, state
         return refuse("max_drawdown", f"drawdown {dd:.2f}% from the equity peak "
                       f"(limit {rc.max_drawdown_pct}%)")
 
+    if state.reconcile_failed:
+        return refuse("reconcile_failed", "the last reconciliation failed: no new exposure "
+                      "until the ledger is squared with the exchange again")
     if symbol in state.symbols():
         return refuse("position_open", f"a position in {symbol} is already open")
     # An unsettled entry may have opened a position: another would double it. Reconcile

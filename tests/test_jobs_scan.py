@@ -588,3 +588,21 @@ def test_a_position_left_without_a_stop_gets_one_at_the_next_scan_not_the_next_c
     assert bot.position(AAA)["stop"]["client_order_id"] == stop["clientOrderId"]
     bot.at(T0 + 21_000)
     assert "stops_placed" not in bot.job("scan")["summary"]  # one is enough
+
+
+def test_no_new_entry_while_the_last_reconciliation_failed(bot_factory):
+    # After a crash, reconcile squares the ledger with the exchange first; if it fails, an
+    # entry might add to a position (or an order) the ledger does not know yet.
+    bot = bot_factory(strat=Pick(long_at=[T0 - TF, T0]), paths={"AAA": flat(100.0, 5)},
+                      exchange={"read_retries": 0})
+    bot.set_coins([AAA])
+    bot.venue.faults.script([("fetch_positions", "server_error")] * 3)
+    assert bot.job("reconcile")["outcome"] == "error"
+    bot.venue.faults.clear()
+    bot.job("scan", T0)
+    [refused] = bot.facts("risk_decision", symbol=AAA)
+    assert refused["reason"] == "reconcile_failed" and bot.position(AAA) is None
+    assert bot.job("reconcile")["outcome"] == "ok"
+    bot.after_candle(0)
+    bot.job("scan")
+    assert bot.position(AAA) is not None  # squared again: entries go on

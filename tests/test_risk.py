@@ -425,3 +425,12 @@ def test_a_halt_always_blocks_entries(halts, n_open, side, price, equity):
     state = RiskState(positions=open_positions(n_open), halts=halts)
     d = entry(state, side=side, price=price, bal=balance(str(equity)))
     assert not d.approved and d.reason.startswith("halted:") and d.amount is None
+
+
+def test_a_failed_reconciliation_refuses_new_exposure():
+    state = RiskState.from_summary({"last_runs": {"reconcile": {"outcome": "error"}}})
+    assert state.reconcile_failed
+    d = entry(state=state)
+    assert (d.approved, d.reason) == (False, "reconcile_failed")
+    ok = RiskState.from_summary({"last_runs": {"reconcile": {"outcome": "ok"}}})
+    assert not ok.reconcile_failed and entry(state=ok).approved
