@@ -296,6 +296,9 @@ def _reads_only(refused: list[str], action: int, arg1, arg2, _db, _source) -> in
 def export(ctx, view, fmt, output) -> None:
     """Export a view (open_positions, closed_trades, daily_pnl, ...) as CSV or JSON."""
     with reader(ctx) as ledger:
+        if output and _same_file(Path(output), ledger.path):
+            raise Refused(f"{output}: that is the ledger itself (or its -wal/-shm file); "
+                          "nothing was written")
         rows = audit.export(ledger, view)
         # An empty view still exports its header, so a consumer sees the columns.
         names = list(rows[0]) if rows else [
@@ -312,6 +315,12 @@ def export(ctx, view, fmt, output) -> None:
         Path(output).write_text(text, encoding="utf-8")
     else:
         click.echo(text, nl=False)
+
+
+def _same_file(output: Path, ledger: Path) -> bool:
+    """Would writing ``output`` overwrite the ledger or one of its side files?"""
+    target = output.resolve()
+    return any(target == Path(f"{ledger.resolve()}{suffix}") for suffix in ("", "-wal", "-shm"))
 
 
 # -- the service and its jobs -----------------------------------------------------------

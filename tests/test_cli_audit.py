@@ -663,6 +663,18 @@ def test_verify_names_a_row_holding_a_value_the_ledger_never_writes(db):
     assert f"BROKEN at seq {seq}" in run("--db", str(db), "verify", code=1).stderr
 
 
+@pytest.mark.parametrize("suffix", ["", "-wal", "-shm"])
+def test_export_refuses_to_write_over_the_ledger(db, suffix, tmp_path):
+    before = db.read_bytes()
+    link = tmp_path / "alias.db"
+    link.symlink_to(db)
+    for target in [f"{db}{suffix}"] + ([str(link)] if not suffix else []):
+        result = run("--db", str(db), "export", "closed_trades", "-o", target, code=2)
+        assert "that is the ledger itself" in result.stderr
+    assert db.read_bytes() == before
+    assert run("--db", str(db), "verify").stdout.startswith("ok: ")
+
+
 def test_verify_leaves_a_users_own_index_and_view_alone(db):
     schema_edit(db, "CREATE INDEX my_symbols ON facts(symbol)",
                 "CREATE VIEW my_losses AS SELECT * FROM closed_trades WHERE realized_pnl < 0")
