@@ -66,7 +66,8 @@ log = logging.getLogger(__name__)
 
 SERVER_TIME_REFRESH_MS = 60_000  # re-measure the exchange clock offset this often
 MAX_BACKOFF_S = 30.0
-RATE_LIMIT_BACKOFF_FACTOR = 4  # a 429/418 asks for a longer pause than a dropped packet
+RATE_LIMIT_BACKOFF_FACTOR = 4  # a 429 asks for a longer pause than a dropped packet
+IP_BANNED_STATUS = 418  # Binance: banned for calling on after 429s; never retried
 LOOKUP_ATTEMPTS = 3  # lookups by client id after an ambiguous submission
 # Binance can answer an order (NEW, nothing filled yet) before a lookup finds it (-2013).
 # Lookups of an order just accepted go on this many times (backing off: a few seconds in
@@ -648,6 +649,10 @@ class ExchangeClient:
                                 f"({type(exc).__name__}: {_clip(str(exc), 80)})",
                                 args if body is None else body) from None
             except ccxt.OperationFailed as exc:
+                if _http_status(exc) == IP_BANNED_STATUS:  # calling again lengthens the ban
+                    log.error("%s: IP banned by the exchange; not retried: %s", what,
+                              _error_text(exc))
+                    raise
                 if attempt == attempts:
                     log.error("%s failed after %d attempts: %s", what, attempts, _error_text(exc))
                     raise
@@ -660,6 +665,9 @@ class ExchangeClient:
         raise AssertionError("unreachable")
 
     def _backoff_s(self, attempt: int, exc: BaseException | None) -> float:
+        asked = _retry_after_s(exc) if exc is not None else None
+        if asked is not None:  # the exchange said how long (a 429's Retry-After)
+            return min(MAX_BACKOFF_S, asked)
         base = self.settings.retry_base_ms / 1000 * 2 ** (attempt - 1)
         if isinstance(exc, ccxt.DDoSProtection | ccxt.RateLimitExceeded):
             base *= RATE_LIMIT_BACKOFF_FACTOR
@@ -1100,13 +1108,31 @@ def summarize(payload: Any, limit: int = SUMMARY_CHARS) -> str:
     return _clip(text, limit)
 
 
+def _http_response(exc: BaseException):
+    """The HTTP response behind a ccxt error (ccxt raises while handling an HTTPError)."""
+    return getattr(exc.__context__, "response", None)
+
+
+def _http_status(exc: BaseException) -> int | None:
+    status = getattr(_http_response(exc), "status_code", None)
+    return status if isinstance(status, int) else None
+
+
+def _retry_after_s(exc: BaseException) -> float | None:
+    headers = getattr(_http_response(exc), "headers", None) or {}
+    try:
+        value = float(headers.get("Retry-After"))
+    except (TypeError, ValueError):
+        return None
+    return value if value >= 0 else None
+
+
 def _may_have_executed(exc: BaseException) -> bool:
     """Binance: an order answered with a 5xx, notably 503 "Unknown error, please check
     your request or try again later.", has an unknown execution status, whatever code its
     body carries (ccxt maps the body's code, which may read as "not processed")."""
-    response = getattr(exc.__context__, "response", None)  # ccxt raises handling HTTPError
-    status = getattr(response, "status_code", None)
-    return (isinstance(status, int) and status >= 500) or "unknown error" in str(exc).lower()
+    status = _http_status(exc)
+    return (status is not None and status >= 500) or "unknown error" in str(exc).lower()
 
 
 def _error_text(exc: BaseException) -> str:

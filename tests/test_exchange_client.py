@@ -102,7 +102,7 @@ class RecordedBinance:
     def requests_to(self, method: str, path: str) -> list[dict]:
         return [s.params for s in self.sent if (s.method, s.path) == (method, path)]
 
-    def _reply(self, method: str, url: str, body_text) -> tuple[int, str]:
+    def _reply(self, method: str, url: str, body_text) -> tuple[int, str, dict]:
         parts = urlsplit(url)
         params = dict(parse_qsl(parts.query))
         if body_text:
@@ -115,28 +115,29 @@ class RecordedBinance:
             raise reply
         if isinstance(reply, Err):
             spec = ERRORS[reply.name]
-            return spec["status"], spec.get("text") or json.dumps(spec["body"])
+            return (spec["status"], spec.get("text") or json.dumps(spec["body"]),
+                    spec.get("headers", {}))
         if isinstance(reply, str):
             reply = body(reply)
-        return 200, json.dumps(reply)
+        return 200, json.dumps(reply), {}
 
     def fetch(self, url, method="GET", headers=None, body=None):
         """In place of exchange.fetch: parsed bodies, success only."""
-        status, text = self._reply(method, url, body)
+        status, text, _ = self._reply(method, url, body)
         assert status == 200, "error replies go through the HTTP session adapter"
         return json.loads(text)
 
     def request(self, method, url, data=None, headers=None, **kwargs):
         """In place of exchange.session.request: a real requests.Response."""
         self.headers.append(dict(headers or {}))
-        status, text = self._reply(method, url, data)
+        status, text, extra = self._reply(method, url, data)
         response = requests.Response()
         response.status_code = status
         response.reason = REASONS[status]
         response.url = url
         response._content = text.encode()
         ctype = "application/json" if text.startswith(("{", "[")) else "text/html"
-        response.headers = CaseInsensitiveDict({"Content-Type": ctype})
+        response.headers = CaseInsensitiveDict({"Content-Type": ctype, **extra})
         return response
 
 
@@ -880,6 +881,24 @@ def test_rate_limited_reads_back_off_longer():
     venue.then("GET", "/fapi/v3/positionRisk", err("rate_limited"))
     assert len(client.positions()) == 2
     assert sleeps[0] >= 0.5 * 0.25 * 4
+
+
+def test_rate_limited_reads_wait_as_long_as_binance_asks():
+    client, venue, sleeps = make(http=True)
+    client.load_markets()
+    venue.then("GET", "/fapi/v3/positionRisk", err("rate_limited_retry_after"))
+    assert len(client.positions()) == 2
+    assert sleeps == [7.0]  # Retry-After: 7
+
+
+def test_an_ip_ban_is_not_retried():
+    # Binance escalates a ban (2 min up to 3 days) for clients that keep calling.
+    client, venue, sleeps = make(http=True)
+    client.load_markets()
+    venue.then("GET", "/fapi/v3/positionRisk", err("ip_banned"), "position_risk_v3")
+    with pytest.raises(ccxt.DDoSProtection):
+        client.positions()
+    assert len(venue.requests_to("GET", "/fapi/v3/positionRisk")) == 1 and sleeps == []
 
 
 def test_read_timestamp_error_resyncs_then_retries():
