@@ -46,7 +46,7 @@ from urllib.parse import urlsplit
 
 import ccxt
 
-from core.clock import DAY_MS, timeframe_ms
+from core.clock import DAY_MS, iso, timeframe_ms
 from core.config import Config, ConfigError, Secrets
 from core.exchange_types import (
     BadExchangeData,
@@ -596,7 +596,9 @@ class ExchangeClient:
             reason = f"not on the exchange {age // 1000} s after sending: never placed"
             log.info("order %s: %s", req.client_order_id, reason)
             return SubmitResult("rejected", req, reason=reason)
-        return SubmitResult("unknown", req, reason=f"not found {age // 1000} s after sending")
+        # Named by when it was sent, not how long ago: the same text every run, so a
+        # standing difference is recorded once, not every reconciliation.
+        return SubmitResult("unknown", req, reason=f"not found (sent {iso(sent_at_ms)})")
 
     def cancel(self, symbol: str, client_order_id: str | None = None,
                exchange_order_id: str | None = None, trigger: bool = False) -> OrderReport | None:

@@ -270,6 +270,23 @@ def test_a_lost_stop_answer_settled_after_a_later_move_is_cancelled_not_adopted(
     assert_settled(bot)
 
 
+def test_an_order_too_old_to_tell_is_reported_once_not_every_run(bot_factory):
+    # After 3 days Binance forgets unfilled orders: absence proves nothing, the order stays
+    # unknown. Its report must read the same every run, or each run records itself again.
+    bot = bot_factory(strat=PICK_FIRST, paths={"AAA": flat(100, 5)}, venue_cls=CrashingSim)
+    bot.set_coins([AAA])
+    bot.venue.crash = ("before", False)
+    with pytest.raises(Crash):
+        bot.job("scan", T0)
+    bot.clock.advance(4 * 86_400_000)
+    first = reconciled(bot)
+    assert [d["kind"] for d in first["differences"]] == ["unresolved_order"]
+    before = bot.counts()
+    bot.clock.advance(5 * 60_000)
+    assert reconciled(bot)["differences"] == first["differences"]
+    assert added(before, bot.counts()) == {"job_run": 1}
+
+
 def test_a_stop_the_exchange_took_before_the_ack_is_adopted_not_doubled(bot_factory):
     bot = bot_factory(strat=PICK_FIRST, paths={"AAA": flat(100, 5)}, venue_cls=CrashingSim)
     bot.set_coins([AAA])
