@@ -2,11 +2,13 @@
 
 One instance per ledger (an flock on ``<db>.lock``, released even by SIGKILL). At
 start, before the first scan: reconcile, close the UTC days that ended while the bot
-was down, rotate if no coins are active or the last rotation is an interval old. SIGTERM/SIGINT let the running job finish,
-record the shutdown and exit 0 within SHUTDOWN_GRACE_S.
+was down, rotate if no coins are active or the last rotation is an interval old.
+SIGTERM/SIGINT let the running job finish (it sends nothing new), record the shutdown and
+exit 0; a job still running after SHUTDOWN_GRACE_S is abandoned, outside any exchange
+operation, and the process exits EXIT_FORCED.
 
 In paper and live mode the bot's clock is the wall clock and the daily reset is a cron
-at 00:00 UTC. In sim mode the bot's clock runs ``sim.speed`` times faster than the wall
+at 00:00 UTC and every 15 minutes after. In sim mode the bot's clock runs ``sim.speed`` times faster than the wall
 clock (and resumes where the simulated exchange stopped), so every interval is divided
 by the speed and the daily reset polls every 5 bot-minutes: it closes whatever UTC days
 the bot's clock has finished, instead of waiting for a wall-clock midnight.

@@ -361,9 +361,9 @@ class Executor:
             if result is not None and result.would_trigger and not moved and exit_if_crossed:
                 log.warning("%s: price already past the stop %s; closing at market", symbol,
                             trigger)
-                if self.is_open(position):
-                    self.close_position(self.ledger.state().positions[symbol],
-                                        stop_reason(position, {"price": trigger}),
+                current = self.ledger.state().positions.get(symbol)
+                if current is not None and current["position_id"] == pid:
+                    self.close_position(current, stop_reason(position, {"price": trigger}),
                                         self.clock.now_ms())
                 return None
             if result is None or result.status != "accepted":

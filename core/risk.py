@@ -20,9 +20,10 @@ the market's minimum amount and minimum notional; it is never rounded up.
 
 Entry limits, in order (the first that fails is the reason): active halts
 (``halted:<kind>``), daily loss limit, max drawdown, the last reconciliation failed
-(``reconcile_failed``), a position already open in the symbol, an entry order in it not settled yet (``entry_pending``, for a few reconcile
-intervals), a flagged external position in it (``external_position``), max open positions
-(unsettled entries count), cooldown after a losing exit, return correlation with an open position, notional caps,
+(``reconcile_failed``), a position already open in the symbol, an entry order in it not
+settled yet (``entry_pending``, for a few reconcile intervals), a flagged external
+position in it (``external_position``), max open positions (unsettled entries count),
+cooldown after a losing exit, return correlation with an open position, notional caps,
 balance, minimums.
 
 Account limits (:func:`check_account`):

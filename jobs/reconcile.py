@@ -95,8 +95,9 @@ def run(rt, scheduled_ms: int, run_id: str, dry_run: bool = False) -> dict:
 def planned(diffs: list[Difference]) -> dict[str, set]:
     """What the corrections found so far do to the ledger: the symbols whose position
     they close ("closes"), open ("opens") or resize ("resizes": symbol and amount left),
-    the trades they record ("trades"). A real run has recorded them already; a dry run must not report them
-    twice. "flagged": the symbols left for a human, where nothing more is sent."""
+    the trades they record ("trades"). A real run has recorded them already; a dry run
+    must not report them twice. "flagged": the symbols left for a human, where nothing
+    more is sent."""
     out: dict[str, set] = {"closes": set(), "opens": set(), "resizes": set(), "trades": set(),
                            "flagged": {d.symbol for d in diffs if d.severity == "human"}}
     for d in diffs:
@@ -355,20 +356,24 @@ def unknown_fills(rt, p: dict, side: str):
     """Fills in ``side`` since the position opened that the ledger has not recorded."""
     since = p["opened_ts"] - 60_000
     trades = rt.client.fills(p["symbol"], since)
-    return [f for f in unrecorded(rt, trades, since, recorded_trade_ids(rt, since))
+    return [f for f in unrecorded(trades, recorded_trade_ids(rt, since),
+                                  recorded_per_order(rt, since))
             if f.side == side and f.ts >= since]
 
 
-def unrecorded(rt, trades: list, since: int, known: set[str]) -> list:
-    """The trades the ledger has not recorded: not by their id, and not as a fill taken
-    from their order before the trades were listed (that order's recorded fills then
-    add up to its trades, under another id)."""
-    floor = rt.seq_floor(since)
-    per_order = {r["oid"]: sum((Decimal(a) for a in r["amounts"].split()), Decimal(0))
-                 for r in rt.ledger.select(
+def recorded_per_order(rt, since_ms: int) -> dict[str, Decimal]:
+    """Exchange order id -> the amount of its fills recorded since ``since_ms``."""
+    return {r["oid"]: sum((Decimal(a) for a in r["amounts"].split()), Decimal(0))
+            for r in rt.ledger.select(
         "SELECT exchange_order_id AS oid, group_concat(amount, ' ') AS amounts FROM facts "
         "WHERE seq > ? AND type = 'fill' AND ts >= ? AND exchange_order_id IS NOT NULL "
-        "GROUP BY exchange_order_id", (floor, since))}
+        "GROUP BY exchange_order_id", (rt.seq_floor(since_ms), since_ms))}
+
+
+def unrecorded(trades: list, known: set[str], per_order: dict[str, Decimal]) -> list:
+    """The trades the ledger has not recorded: not by their id (``known``), and not as a
+    fill taken from their order before the trades were listed (that order's recorded
+    fills, ``per_order``, then add up to its trades, under another id)."""
     by_order: dict[str | None, Decimal] = {}
     for t in trades:
         by_order[t.exchange_order_id] = by_order.get(t.exchange_order_id, Decimal(0)) + t.amount
@@ -528,9 +533,9 @@ def compare_stops(rt, ex: Executor, dry_run: bool,
                                     correction="replaced by a stop for the whole position"))
             if not dry_run:
                 ex.move_stop(p, Decimal(stop["price"]), at_once=True)
-            now = rt.ledger.state().positions.get(symbol) or {}
+            after = rt.ledger.state().positions.get(symbol) or {}
             wanted |= {stop["client_order_id"],  # settled by the move (an exit cancels
-                       (now.get("stop") or stop)["client_order_id"]}  # it if it stayed)
+                       (after.get("stop") or stop)["client_order_id"]}  # it if it stayed)
             continue
         if p["position_id"] in pending:
             continue  # a stop is on its way; the next run settles it
@@ -556,15 +561,15 @@ def compare_stops(rt, ex: Executor, dry_run: bool,
                                    reason="not resting on the exchange")])
                 p = rt.ledger.state().positions[symbol]
             coid = ex.place_stop(p, level)
-            now = rt.ledger.state().positions.get(symbol)
+            after = rt.ledger.state().positions.get(symbol)
             if coid:
                 wanted.add(coid)
             elif not ex.is_open(p):
                 diff.correction = f"price already past the stop {level}: closed at market"
-            elif now.get("stop"):  # a partial exit at market left the rest behind a stop
-                wanted.add(now["stop"]["client_order_id"])
-                diff.correction = (f"price already past the stop {level}: {now['amount']} "
-                                   f"left, behind a stop at {now['stop']['price']}")
+            elif after.get("stop"):  # a partial exit at market left the rest behind a stop
+                wanted.add(after["stop"]["client_order_id"])
+                diff.correction = (f"price already past the stop {level}: {after['amount']} "
+                                   f"left, behind a stop at {after['stop']['price']}")
             else:
                 diff.correction = f"stop at {level} not placed; tried again next run"
     for symbol in sorted(plan["opens"] - set(state.positions)):  # dry run: opened above
@@ -628,6 +633,7 @@ def sweep_fills(rt, ex: Executor, dry_run: bool, since: int,
     symbols -= {o["symbol"] for o in state.orders.values()} | plan["opens"] \
         | set(state.positions)
     known = recorded_trade_ids(rt, since) | plan["trades"]
+    per_order = recorded_per_order(rt, since)
     diffs, facts = [], []
     for symbol in sorted(symbols):
         try:
@@ -635,7 +641,7 @@ def sweep_fills(rt, ex: Executor, dry_run: bool, since: int,
         except READ_ERRORS as exc:
             diffs.append(Difference("fills", symbol, f"fills unavailable ({exc})", "info"))
             continue
-        for t in unrecorded(rt, trades, since, known):
+        for t in unrecorded(trades, known, per_order):
             diffs.append(Difference("unrecorded_fill", symbol, f"{t.side} {t.amount} at "
                                     f"{t.price} (trade {t.trade_id}, order "
                                     f"{t.client_order_id or t.exchange_order_id}) is not in "

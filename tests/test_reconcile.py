@@ -103,6 +103,18 @@ class StuckEntrySim(StuckSim):
 class StuckExitSim(StuckSim):
     purpose = "exit"
 
+def died_in_first_scan(bot_factory, when: str, stop: bool, **kw):
+    """A bot on AAA whose first scan dies right ``when`` ("before"/"after") the exchange
+    takes its first entry (``stop``: its first stop)."""
+    bot = bot_factory(strat=PICK_FIRST, paths={"AAA": flat(100, 5)}, venue_cls=CrashingSim,
+                      **kw)
+    bot.set_coins([AAA])
+    bot.venue.crash = (when, stop)
+    with pytest.raises(Crash):
+        bot.job("scan", T0)
+    return bot
+
+
 def reconciled(bot, **kw) -> dict:
     record = bot.job("reconcile", **kw)
     assert record["outcome"] == "ok", record
@@ -170,11 +182,7 @@ def test_after_normal_trading_the_ledger_agrees(bot_factory):
 # -- orders whose outcome the ledger never heard ---------------------------------------------
 
 def test_an_entry_the_exchange_took_before_the_bot_died_is_recorded_with_its_stop(bot_factory):
-    bot = bot_factory(strat=PICK_FIRST, paths={"AAA": flat(100, 5)}, venue_cls=CrashingSim)
-    bot.set_coins([AAA])
-    bot.venue.crash = ("after", False)
-    with pytest.raises(Crash):
-        bot.job("scan", T0)
+    bot = died_in_first_scan(bot_factory, "after", False)
     [intent] = bot.facts("order_intent")
     coid = intent["client_order_id"]
     assert bot.ledger.state().orders[coid]["state"] == "submitted"
@@ -199,11 +207,7 @@ def test_an_entry_the_exchange_took_before_the_bot_died_is_recorded_with_its_sto
 
 
 def test_an_entry_that_never_left_is_declared_rejected_once_it_cannot_exist(bot_factory):
-    bot = bot_factory(strat=PICK_FIRST, paths={"AAA": flat(100, 5)}, venue_cls=CrashingSim)
-    bot.set_coins([AAA])
-    bot.venue.crash = ("before", False)
-    with pytest.raises(Crash):
-        bot.job("scan", T0)
+    bot = died_in_first_scan(bot_factory, "before", False)
     [intent] = bot.facts("order_intent")
     coid = intent["client_order_id"]
 
@@ -273,11 +277,7 @@ def test_a_lost_stop_answer_settled_after_a_later_move_is_cancelled_not_adopted(
 def test_an_order_too_old_to_tell_is_reported_once_not_every_run(bot_factory):
     # After 3 days Binance forgets unfilled orders: absence proves nothing, the order stays
     # unknown. Its report must read the same every run, or each run records itself again.
-    bot = bot_factory(strat=PICK_FIRST, paths={"AAA": flat(100, 5)}, venue_cls=CrashingSim)
-    bot.set_coins([AAA])
-    bot.venue.crash = ("before", False)
-    with pytest.raises(Crash):
-        bot.job("scan", T0)
+    bot = died_in_first_scan(bot_factory, "before", False)
     bot.clock.advance(4 * 86_400_000)
     first = reconciled(bot)
     assert [d["kind"] for d in first["differences"]] == ["unresolved_order"]
@@ -288,11 +288,7 @@ def test_an_order_too_old_to_tell_is_reported_once_not_every_run(bot_factory):
 
 
 def test_a_stop_the_exchange_took_before_the_ack_is_adopted_not_doubled(bot_factory):
-    bot = bot_factory(strat=PICK_FIRST, paths={"AAA": flat(100, 5)}, venue_cls=CrashingSim)
-    bot.set_coins([AAA])
-    bot.venue.crash = ("after", True)
-    with pytest.raises(Crash):
-        bot.job("scan", T0)
+    bot = died_in_first_scan(bot_factory, "after", True)
     assert bot.position(AAA)["stop"] is None and len(bot.resting_stops()) == 1
     bot.clock.advance(30_000)
     report = reconciled(bot)
@@ -323,11 +319,7 @@ def test_an_exit_the_exchange_filled_before_the_bot_died_closes_the_position(bot
 
 
 def test_a_stop_that_never_left_is_declared_rejected_and_replaced(bot_factory):
-    bot = bot_factory(strat=PICK_FIRST, paths={"AAA": flat(100, 5)}, venue_cls=CrashingSim)
-    bot.set_coins([AAA])
-    bot.venue.crash = ("before", True)
-    with pytest.raises(Crash):
-        bot.job("scan", T0)
+    bot = died_in_first_scan(bot_factory, "before", True)
     [lost] = [o for o in bot.ledger.state().orders.values() if o["purpose"] == "stop"]
     assert not bot.resting_stops()
     bot.clock.advance(5_000)  # the lookup cannot tell yet; nothing is sent twice

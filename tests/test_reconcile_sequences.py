@@ -17,6 +17,7 @@ from test_reconcile import (
     StuckExitSim,
     assert_agrees,
     assert_settled,
+    died_in_first_scan,
     kinds,
     open_long,
     reconciled,
@@ -152,12 +153,7 @@ def test_a_partial_exit_recorded_before_its_trade_listed_is_not_counted_again(bo
 
 def test_a_first_stop_on_its_way_is_not_cancelled_as_an_orphan(bot_factory):
     # The bot died right after the exchange took the first stop; its lookup fails once.
-    bot = bot_factory(strat=PICK_FIRST, paths={"AAA": flat(100, 5)}, venue_cls=CrashingSim,
-                      exchange={"read_retries": 0})
-    bot.set_coins([AAA])
-    bot.venue.crash = ("after", True)
-    with pytest.raises(Crash):
-        bot.job("scan", T0)
+    bot = died_in_first_scan(bot_factory, "after", True, exchange={"read_retries": 0})
     [stop] = bot.resting_stops()
     bot.clock.advance(30_000)
     bot.venue.faults.script([("fetch_order", "network_error")])
