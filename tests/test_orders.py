@@ -112,13 +112,26 @@ def test_state_of_refuses_unknown_statuses(status):
 
 # -- client order ids -------------------------------------------------------------------
 
-def test_client_order_id_reads_as_bot_purpose_market_and_candle():
-    assert client_order_id("bot1", "BTC/USDT:USDT", "entry", T) == "bot1-E-BTCUSDT-t86pc0"
-    assert client_order_id("bot1", "BTC/USDT:USDT", "exit", T) == "bot1-X-BTCUSDT-t86pc0"
-    assert client_order_id("bot1", "BTC/USDT:USDT", "stop", T, 3) == "bot1-S3-BTCUSDT-t86pc0"
+def test_client_order_id_reads_as_bot_candle_purpose_and_market():
+    assert client_order_id("bot1", "BTC/USDT:USDT", "entry", T) == "bot1-t86pc0-E-BTCUSDT"
+    assert client_order_id("bot1", "BTC/USDT:USDT", "exit", T) == "bot1-t86pc0-X-BTCUSDT"
+    assert client_order_id("bot1", "BTC/USDT:USDT", "stop", T, 3) == "bot1-t86pc0-S3-BTCUSDT"
     # Milliseconds within the same second are one decision (candles open on whole seconds).
     assert client_order_id("bot1", "BTC/USDT:USDT", "entry", T + 999) == \
         client_order_id("bot1", "BTC/USDT:USDT", "entry", T)
+
+
+def test_ids_sort_by_decision_time_whatever_the_market_and_purpose():
+    """Every id of a later candle sorts after every id of an earlier one, so the ledger's
+    indexes on order and position ids grow at their end (ledger/schema.py)."""
+    symbols = ["BTC/USDT:USDT", "1000PEPE/USDT:USDT", "ZRX/USDT:USDT", "BTC/USDT:USDT-260327",
+               "SUPERCALIFRAGILISTICEXPIALIDOCIOUS/USDT:USDT"]
+    by_candle = [[client_order_id("bot1", s, purpose, T + k * 300_000, n)
+                  for s in symbols for purpose, n in (("entry", 0), ("exit", 0), ("stop", 1),
+                                                      ("stop", 12))]
+                 for k in range(300)]  # a day of 5-minute candles: the stamp's digits roll
+    for earlier, later in zip(by_candle, by_candle[1:], strict=False):
+        assert max(earlier) < min(later)
 
 
 @pytest.mark.parametrize("symbol", [
@@ -133,7 +146,7 @@ def test_unusual_and_long_symbols_still_give_valid_distinct_ids(symbol):
     coid = client_order_id("abcdefgh", symbol, "stop", T, 999)
     assert BINANCE_CLIENT_ID.match(coid), coid
     assert coid != client_order_id("abcdefgh", "BTC/USDT:USDT", "stop", T, 999)
-    assert coid.startswith("abcdefgh-S999-")
+    assert coid.startswith("abcdefgh-t86pc0-S999-")
 
 
 def test_dated_future_and_perpetual_never_share_an_id():
