@@ -260,8 +260,9 @@ class Engine:
         current = balance  # as the scan: any order sent makes it stale
         for symbol, d, i in entries:
             signal = signal_of(self.strategy, d, i)
-            sent = scan.enter(rt, ex, symbol, signal, self.signal_fact(d, i, now, run_id, signal),
-                              d.candle(i), self.frames(symbol, now), run_id, current)
+            _, sent = scan.enter(rt, ex, symbol, signal,
+                                 self.signal_fact(d, i, now, run_id, signal), d.candle(i),
+                                 self.frames(symbol, now), run_id, current)
             current = None if sent else current
 
     def since_last_decision(self, d, i: int, position: dict, now: int) -> tuple[list, list]:

@@ -194,6 +194,7 @@ class ExchangeClient:
                 contract_size=_decimal(m.get("contractSize"), "contract size", required=False,
                                        positive=True) or Decimal(1),
                 max_amount=min((mx for mx in maxima if mx), default=None),
+                taker_fee=_decimal(m.get("taker"), "taker fee", required=False, nonneg=True),
             )
         except BadExchangeData as exc:
             raise self._bad(f"market {symbol}", str(exc), m) from None

@@ -78,6 +78,8 @@ class MarketInfo:
     # The most one order may carry: the smaller of Binance's LOT_SIZE and MARKET_LOT_SIZE
     # maxQty (all our orders are market or stop-market); above it Binance answers -4005.
     max_amount: Decimal | None = None
+    # The taker fee rate as the exchange's market data gives it (0.0005 = 0.05 %).
+    taker_fee: Decimal | None = None
 
 
 @dataclass(frozen=True)

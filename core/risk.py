@@ -13,8 +13,10 @@ Sizing (``[risk] sizing``):
   loses ``risk_pct`` % of equity if the stop hits.
 
 The target is then capped by ``max_position_notional``, by what is left of
-``max_total_notional``, and by the free margin (``free * leverage``, keeping 2 %
-for fees) - the balance is re-checked before every entry. The amount is truncated
+``max_total_notional``, and by the free margin: margin plus taker fee within
+``FREE_BALANCE_USE`` of it - the balance is re-checked before every entry. Exposure
+without a ledger position counts against the position, notional and correlation limits
+too: flagged external positions and entry orders not settled yet. The amount is truncated
 to the market's amount step (as ccxt's ``amount_to_precision`` does) and must meet
 the market's minimum amount and minimum notional; it is never rounded up.
 
@@ -23,8 +25,8 @@ Entry limits, in order (the first that fails is the reason): active halts
 (``reconcile_failed``), a position already open in the symbol, an entry order in it not
 settled yet (``entry_pending``, for a few reconcile intervals), a flagged external
 position in it (``external_position``), max open positions (unsettled entries count),
-cooldown after a losing exit, return correlation with an open position, notional caps,
-balance, minimums.
+cooldown after a losing exit, return correlation with an open position (or
+``correlation_unknown`` without candles to measure it), notional caps, balance, minimums.
 
 Account limits (:func:`check_account`):
 
@@ -73,6 +75,24 @@ class OpenExposure:
     notional: Decimal  # at entry price
 
 
+def _exposures(raw: Any) -> tuple[OpenExposure, ...]:
+    """OpenExposure per position dict (symbol, side and either ``notional`` or ``amount``
+    and ``entry_price``, times ``contract_size``, default 1); a list or a dict of them."""
+    items = raw.values() if isinstance(raw, Mapping) else raw
+    out = []
+    for p in items:
+        if isinstance(p, OpenExposure):
+            out.append(p)
+            continue
+        notional = as_decimal(p.get("notional"))
+        if notional is None:
+            amount, entry = as_decimal(p.get("amount")), as_decimal(p.get("entry_price"))
+            size = as_decimal(p.get("contract_size")) or Decimal(1)
+            notional = abs(amount * entry * size) if amount is not None and entry else ZERO
+        out.append(OpenExposure(str(p["symbol"]), str(p["side"]), notional))
+    return tuple(out)
+
+
 @dataclass(frozen=True)
 class RiskState:
     """The slice of the folded ledger state the risk checks read."""
@@ -87,6 +107,13 @@ class RiskState:
     # symbol -> when its entry order not settled yet was decided (sent, its outcome not
     # known or not final): it may have opened a position the ledger does not hold yet
     pending_entries: Mapping[str, int] = field(default_factory=lambda: MappingProxyType({}))
+    # symbol -> (side, amount) of that order: the exposure it may hold (priced by the
+    # entry check at the symbol's last close)
+    pending_amounts: Mapping[str, tuple[str, Decimal]] = field(
+        default_factory=lambda: MappingProxyType({}))
+    # The flagged external positions' exposure (at the exchange's entry price): real
+    # exposure on the account, counted by every limit on positions
+    external_exposure: tuple[OpenExposure, ...] = ()
     # The last reconciliation failed: what the exchange holds is not known to match the
     # ledger (a position it could not place, an order it could not settle).
     reconcile_failed: bool = False
@@ -96,32 +123,27 @@ class RiskState:
         """From a plain summary dict with the same keys as the fields. ``positions`` may be
         a list or a dict of ledger position dicts: each needs symbol, side and either
         ``notional`` or ``amount`` and ``entry_price`` (times ``contract_size``, default 1)."""
-        raw = summary.get("positions") or ()
-        items = raw.values() if isinstance(raw, Mapping) else raw
-        positions = []
-        for p in items:
-            if isinstance(p, OpenExposure):
-                positions.append(p)
-                continue
-            notional = as_decimal(p.get("notional"))
-            if notional is None:
-                amount, entry = as_decimal(p.get("amount")), as_decimal(p.get("entry_price"))
-                size = as_decimal(p.get("contract_size")) or Decimal(1)
-                notional = abs(amount * entry * size) if amount is not None and entry else ZERO
-            positions.append(OpenExposure(str(p["symbol"]), str(p["side"]), notional))
+        external = summary.get("external") or ()
+        entries = [o for o in (summary.get("orders") or {}).values()
+                   if o.get("purpose") == "entry" and o.get("symbol")]
         return cls(
-            positions=tuple(positions),
+            positions=_exposures(summary.get("positions") or ()),
             halts=MappingProxyType(dict(summary.get("halts") or {})),
             day_start_equity=as_decimal(summary.get("day_start_equity")),
             realized_today=as_decimal(summary.get("realized_today")) or ZERO,
             equity_peak=as_decimal(summary.get("equity_peak")),
             last_loss_exit_ms=MappingProxyType({str(k): int(v) for k, v in
                                                 (summary.get("last_loss_exit_ms") or {}).items()}),
-            external=frozenset(str(s) for s in summary.get("external") or ()),
+            external=frozenset(str(s) for s in external),
+            external_exposure=_exposures(
+                [{**p, "symbol": s, "entry_price": p.get("price")}
+                 for s, p in external.items() if isinstance(p, Mapping)]
+                if isinstance(external, Mapping) else ()),
             pending_entries=MappingProxyType({
-                str(o["symbol"]): int(o.get("ts") or 0)
-                for o in (summary.get("orders") or {}).values()
-                if o.get("purpose") == "entry" and o.get("symbol")}),
+                str(o["symbol"]): int(o.get("ts") or 0) for o in entries}),
+            pending_amounts=MappingProxyType({
+                str(o["symbol"]): ("long" if o.get("side") == "buy" else "short",
+                                   abs(as_decimal(o.get("amount")) or ZERO)) for o in entries}),
             reconcile_failed=((summary.get("last_runs") or {}).get("reconcile") or {}).get(
                 "outcome") == "error",
         )
@@ -389,7 +411,8 @@ def check_entry(*, symbol: str, side: str, price: Any, market: MarketInfo, state
         # One-way mode: an order here would add to (or close) someone else's position.
         return refuse("external_position", f"{symbol} holds a position the bot did not "
                       "open (flagged by reconcile); close or adopt it first")
-    held = len(state.symbols() | pending)  # an unsettled entry may hold a position
+    # An unsettled entry may hold a position; a flagged external one does.
+    held = len(state.symbols() | pending | state.external)
     checks["open_positions"] = held
     if held >= rc.max_open_positions:
         return refuse("max_positions", f"{held} positions open or being entered "
@@ -403,21 +426,34 @@ def check_entry(*, symbol: str, side: str, price: Any, market: MarketInfo, state
             return refuse("cooldown", f"{symbol} exited at a loss; cooldown "
                           f"{rc.cooldown_minutes} min ends at {until}")
 
-    blocked = _correlation_check(symbol, side, state, closes, rc, checks)
+    unpriced = [s for s in sorted(pending) if _last_close(closes, s) is None]
+    exposure = (*state.positions, *state.external_exposure,
+                *(OpenExposure(s, state.pending_amounts[s][0],
+                               state.pending_amounts[s][1] * _last_close(closes, s))
+                  for s in sorted(pending) if s not in unpriced and s in state.pending_amounts))
+    blocked = _correlation_check(symbol, side, exposure, closes, rc, checks)
     if blocked:
-        return refuse("correlation", blocked)
+        return refuse(*blocked)
 
     caps: dict[str, Decimal] = {}
     if rc.max_position_notional > 0:
         caps["max_position_notional"] = pct(rc.max_position_notional)
     if rc.max_total_notional > 0:
-        room = pct(rc.max_total_notional) - state.total_notional
+        if unpriced:
+            return refuse("max_total_notional", f"entry orders not settled in {unpriced} have "
+                          "no price to count against the limit (reconcile settles them)")
+        total = sum((e.notional for e in exposure), ZERO)
+        room = pct(rc.max_total_notional) - total
         checks["total_notional_room"] = room
         if room <= 0:
-            return refuse("max_total_notional", f"open notional {state.total_notional} is at the "
+            return refuse("max_total_notional", f"open notional {total} is at the "
                           f"limit {rc.max_total_notional}")
         caps["max_total_notional"] = room
-    caps["free_balance"] = max(free, ZERO) * FREE_BALANCE_USE * leverage
+    # The margin and the taker fee both come out of the free balance: at high leverage the
+    # fee is a large share of the margin (0.05 % of 125x is 6 %), beyond FREE_BALANCE_USE.
+    fee = max(market.taker_fee or ZERO, as_decimal(config.sim.taker_fee_pct) / HUNDRED)
+    checks["fee_rate"] = fee
+    caps["free_balance"] = max(free, ZERO) * FREE_BALANCE_USE / (1 / Decimal(leverage) + fee)
 
     size = size_entry(mode=rc.sizing, price=p, equity=equity, market=market,
                       trade_fraction=rc.trade_fraction, risk_pct=rc.risk_pct, leverage=leverage,
@@ -436,32 +472,43 @@ def check_entry(*, symbol: str, side: str, price: Any, market: MarketInfo, state
                         size.amount, size.notional, checks)
 
 
-def _correlation_check(symbol: str, side: str, state: RiskState,
+def _last_close(closes: Mapping[str, Any] | None, symbol: str) -> Decimal | None:
+    data = (closes or {}).get(symbol)
+    if data is None:
+        return None
+    close = _ts_closes(data)[1]
+    return Decimal(repr(float(close[-1]))) if len(close) and math.isfinite(close[-1]) else None
+
+
+def _correlation_check(symbol: str, side: str, exposure: Iterable[OpenExposure],
                        closes: Mapping[str, Any] | None, rc: Any,
-                       checks: dict[str, Any]) -> str | None:
-    """Detail text when an open position is too correlated with the candidate.
+                       checks: dict[str, Any]) -> tuple[str, str] | None:
+    """(reason, detail) when an exposure is too correlated with the candidate, or its
+    correlation cannot be measured (no candles this scan: it is not known to be safe).
 
     Direction-aware: correlation times the two directions (a long and a short on
     correlated coins hedge each other, so that pair is not blocked)."""
-    if not closes or not state.positions:
+    exposure = list(exposure)
+    if not closes or not exposure or rc.correlation_max >= 1:
         return None
-    mine = closes.get(symbol)
     seen: dict[str, float | None] = {}
     checks["correlation"] = seen
-    if mine is None:
-        checks["correlation_missing"] = [symbol]
-        return None
+    missing = sorted({symbol, *(e.symbol for e in exposure)} - set(closes))
+    if missing:
+        checks["correlation_missing"] = missing
+        return ("correlation_unknown", f"no candles of {missing} this scan: the correlation "
+                f"with the open exposure cannot be measured")
+    mine = closes[symbol]
     direction = 1 if side == "long" else -1
-    for pos in state.positions:
-        other = closes.get(pos.symbol)
-        c = None if other is None else return_correlation(mine, other, rc.correlation_window)
+    for pos in exposure:
+        c = return_correlation(mine, closes[pos.symbol], rc.correlation_window)
         seen[pos.symbol] = None if c is None else round(c, 4)
         if c is None:
             continue
         signed = c * direction * (1 if pos.side == "long" else -1)
         if signed > rc.correlation_max:
-            return (f"returns correlate {c:.3f} with open {pos.side} {pos.symbol} "
-                    f"(max {rc.correlation_max})")
+            return ("correlation", f"returns correlate {c:.3f} with open {pos.side} "
+                    f"{pos.symbol} (max {rc.correlation_max})")
     return None
 
 
@@ -529,7 +576,7 @@ def check_account(state: RiskState, equity: Any, now_ms: int, risk: Any) -> list
 
 def exposures(positions: Iterable[Mapping[str, Any]]) -> tuple[OpenExposure, ...]:
     """OpenExposure tuple from ledger position dicts (see RiskState.from_summary)."""
-    return RiskState.from_summary({"positions": list(positions)}).positions
+    return _exposures(list(positions))
 
 
 __all__ = ["OpenExposure", "RiskState", "SizeResult", "RiskDecision", "HaltAction",

@@ -146,8 +146,9 @@ def decide_and_act(rt, symbols: list[str], candles: dict[str, list[Candle]],
             log.info("stop requested: %d entries not made", len(entries) - i)
             rt.ledger.append([e[2] for e in entries[i:]])  # the decisions, as made
             break
-        sent = enter(rt, ex, symbol, signal, signal_fact, last, frames, run_id, current)
-        summary["entries"] += sent
+        opened, sent = enter(rt, ex, symbol, signal, signal_fact, last, frames, run_id,
+                             current)
+        summary["entries"] += opened
         current = None if sent else current
     return summary
 
@@ -251,11 +252,12 @@ def manage_position(rt, ex: Executor, position: dict, series: list[Candle],
 
 
 def enter(rt, ex: Executor, symbol: str, signal, signal_fact: Fact, last: Candle,
-          frames: dict, run_id: str, balance=None) -> int:
+          frames: dict, run_id: str, balance=None) -> tuple[int, bool]:
     """Risk-check one entry against fresh state and balance; send it if approved.
 
     ``balance``: one fetched since the last order was sent (else it is fetched here), so
-    every entry is checked against the balance as it stands.
+    every entry is checked against the balance as it stands. Returns (positions opened,
+    whether an order was sent): one sent whose outcome is unknown may have used margin.
     """
     state = rt.ledger.state()
     now = rt.clock.now_ms()
@@ -265,13 +267,12 @@ def enter(rt, ex: Executor, symbol: str, signal, signal_fact: Fact, last: Candle
     except Exception as exc:  # noqa: BLE001 - skip this entry, keep the scan going
         log.warning("%s: entry skipped, balance/market unavailable (%s)", symbol, exc)
         rt.ledger.append([signal_fact])
-        return 0
-    closes = {s: f for s, f in frames.items() if s == symbol or s in state.positions}
+        return 0, False
     rules = rt.strategy.exit_rules(rt.config.exits)
     decision = risk.check_entry(symbol=symbol, side=signal.side, price=last.close, market=market,
                                 state=risk.RiskState.from_ledger(state, now), balance=balance,
                                 now_ms=now,
-                                config=rt.config, closes=closes, stop_pct=rules.stop_loss_pct)
+                                config=rt.config, closes=frames, stop_pct=rules.stop_loss_pct)
     risk_fact = Fact("risk_decision", now, run_id=run_id, symbol=symbol, side=signal.side,
                      amount=decision.amount if decision.approved else None,
                      reason=decision.reason, data=decision.to_record())
@@ -279,13 +280,13 @@ def enter(rt, ex: Executor, symbol: str, signal, signal_fact: Fact, last: Candle
         log.info("%s: %s entry refused: %s (%s)", symbol, signal.side, decision.reason,
                  decision.detail)
         rt.ledger.append([signal_fact, risk_fact])
-        return 0
+        return 0, False
     log.info("%s: %s entry approved: %s", symbol, signal.side, decision.detail)
     position = ex.open_position(symbol, signal.side, decision.amount, last.ts,
                                 stop_pct=rules.stop_loss_pct,
                                 ref_price=Decimal(repr(last.close)),
                                 before=[signal_fact, risk_fact])
-    return 1 if position is not None else 0
+    return (1 if position is not None else 0), True
 
 
 def check_limits(rt, ex: Executor, balance, now: int, run_id: str, snapshot: bool

@@ -419,6 +419,86 @@ def test_no_second_entry_while_the_first_ones_outcome_is_unknown(bot_factory):
     assert len(bot.venue.fetch_my_trades(AAA, T0 - DAY)) == 1
 
 
+def unknown_first_entry(bot: Bot) -> None:
+    """The next entry is taken by the venue, its answer lost and every lookup failing."""
+    lookups = (1 + bot.rt.config.exchange.read_retries) * 3
+    bot.venue.faults.script([("create_order", "timeout_after_accept")]
+                            + [("fetch_order", "timeout")] * lookups)
+
+
+def test_an_entry_of_unknown_outcome_counts_against_the_notional_cap_and_the_balance(
+        bot_factory):
+    # AAA's entry filled on the venue but the bot cannot know yet: BBB, in the same scan,
+    # gets only the room AAA leaves under the cap, sized on the balance after AAA.
+    bot = bot_factory(strat=Pick(long_at=[T0 - TF]),
+                      paths={"AAA": flat(100, 5), "BBB": flat(100, 5)},
+                      rotation={"top_n": 2}, risk={"max_total_notional": 15000.0})
+    bot.set_coins([AAA, BBB])
+    unknown_first_entry(bot)
+    bot.job("scan", T0)
+    assert bot.position(AAA) is None and bot.facts("risk_decision", symbol=BBB)
+    held = {s: Decimal(str(p["contracts"])) * Decimal(str(p["entryPrice"]))
+            for s, p in bot.exchange_positions().items()}
+    assert set(held) == {AAA, BBB} and sum(held.values()) <= 15000
+    [decision] = bot.facts("risk_decision", symbol=BBB)
+    checks = json.loads(decision["data"])["checks"]
+    assert Decimal(checks["total_notional_room"]) == 15000 - held[AAA]
+    assert Decimal(checks["free"]) < Decimal(bot.rt.config.sim.start_balance)  # re-read
+
+
+def test_a_flagged_external_position_takes_a_slot_and_notional(bot_factory):
+    bot = bot_factory(strat=Pick(long_at=[T0 - TF]),
+                      paths={"AAA": flat(100, 5), "BBB": flat(100, 5)},
+                      rotation={"top_n": 2}, risk={"max_open_positions": 1})
+    bot.venue.create_order(BBB, "market", "buy", 120)  # someone else's, on the account
+    bot.job("reconcile", T0)
+    assert set(bot.ledger.state().external) == {BBB}
+    bot.set_coins([AAA])
+    bot.job("scan", T0)
+    [decision] = bot.facts("risk_decision", symbol=AAA)
+    assert decision["reason"] == "max_positions" and set(bot.exchange_positions()) == {BBB}
+
+
+@pytest.mark.parametrize("leverage", [50, 125])
+def test_an_entry_at_high_leverage_leaves_room_for_its_fee(bot_factory, leverage):
+    bot = bot_factory(strat=Pick(long_at=[T0 - TF]), paths={"AAA": flat(100, 5)},
+                      rotation={"top_n": 1}, exchange={"leverage": leverage},
+                      risk={"trade_fraction": 1.0})
+    bot.set_coins([AAA])
+    bot.job("scan", T0)
+    [decision] = bot.facts("risk_decision")
+    assert json.loads(decision["data"])["checks"]["capped_by"] == "free_balance"
+    assert bot.position(AAA) is not None  # not refused for margin (-2019)
+
+
+def test_no_entry_when_an_open_positions_correlation_cannot_be_measured(bot_factory):
+    # BBB moves with AAA, where a long is open. With AAA's candles read, BBB is refused
+    # as correlated; with them failing this scan, it is refused too, not let through.
+    rnd, a, path_a, path_b = np.random.default_rng(1), 100.0, [], []
+    for r in rnd.uniform(-0.01, 0.01, 80):
+        n = a * (1 + r)
+        path_a.append(candle(a, max(a, n) * 1.001, min(a, n) * 0.999, n))
+        path_b.append(candle(a, max(a, n) * 1.002, min(a, n) * 0.998, n * 1.0005))
+        a = n
+    for fail in (False, True):
+        bot = bot_factory(strat=Pick(long_at=[T0 + 60 * TF, T0 + 61 * TF]),
+                          paths={"AAA": path_a, "BBB": path_b}, strategy={"candles": 150},
+                          exits={"stop_loss_pct": 50.0}, rotation={"top_n": 4})
+        bot.set_coins([AAA])
+        bot.after_candle(60)
+        bot.job("scan")
+        assert bot.position(AAA) is not None
+        bot.set_coins([AAA, BBB])
+        bot.after_candle(61)
+        if fail:  # every attempt at AAA's candles (fetched first) fails this scan
+            bot.venue.faults.script([("fetch_ohlcv", "server_error")]
+                                    * (1 + bot.rt.config.exchange.read_retries))
+        bot.job("scan")
+        [decision] = bot.facts("risk_decision", symbol=BBB)
+        assert decision["reason"] == ("correlation_unknown" if fail else "correlation")
+        assert bot.position(BBB) is None
+
+
 def test_a_manual_halt_refuses_entries_but_positions_stay_managed(bot_factory):
     strat = Pick(long_at=[T0 - TF, T0 + TF])
     path = [candle(100, 100.5, 99.5, 100.2), candle(100.2, 100.3, 96.0, 96.5)]

@@ -17,6 +17,7 @@ from core.clock import DAY_MS
 from core.config import Config
 from core.exchange_types import BalanceReport, MarketInfo
 from core.risk import (
+    FREE_BALANCE_USE,
     PENDING_ENTRY_RUNS,
     OpenExposure,
     RiskState,
@@ -40,8 +41,8 @@ def balance(equity="10000", free=None) -> BalanceReport:
 
 
 def entry(state=None, symbol="ETH/USDT:USDT", side="long", price="2000", bal=None,
-          config=CFG, now=NOW, **kw):
-    return check_entry(symbol=symbol, side=side, price=price, market=MARKET,
+          config=CFG, now=NOW, market=MARKET, **kw):
+    return check_entry(symbol=symbol, side=side, price=price, market=market,
                        state=state or RiskState(), balance=bal or balance(), now_ms=now, config=config, **kw)
 
 
@@ -180,9 +181,51 @@ def test_correlation_limit_is_direction_aware():
     assert entry(long_btc, side="short", closes=closes).approved  # a hedge, not a doubling
     long_xrp = RiskState(positions=(OpenExposure("XRP/USDT:USDT", "long", D("100")),))
     assert entry(long_xrp, closes=closes).approved
-    assert entry(long_btc, closes={"BTC/USDT:USDT": series(twin)}).approved  # no data: noted
-    assert entry(long_btc, closes={"BTC/USDT:USDT": series(twin)}).checks[
-        "correlation_missing"] == ["ETH/USDT:USDT"]
+    # No candles of one side this scan: not known to be safe, so refused (not let through).
+    for partial in ({"BTC/USDT:USDT": series(twin)}, {"ETH/USDT:USDT": series(base)}):
+        d = entry(long_btc, closes=partial)
+        assert d.reason == "correlation_unknown" and d.checks["correlation_missing"] == [
+            ({"ETH/USDT:USDT", "BTC/USDT:USDT"} - set(partial)).pop()]
+    off = CFG.with_values(risk={"correlation_max": 1.0})  # the limit switched off
+    assert entry(long_btc, closes={"ETH/USDT:USDT": series(base)}, config=off).approved
+
+
+def test_flagged_external_positions_count_as_exposure():
+    """A position the bot did not open is still on the account: it takes a slot, counts
+    against the notional cap and correlates like the bot's own."""
+    rng = np.random.default_rng(1)
+    base = rng.normal(0, 0.01, 150)
+    closes = {"ETH/USDT:USDT": series(base), "BTC/USDT:USDT": series(base * 1.01)}
+    summary = {"external": {"BTC/USDT:USDT": {"side": "long", "amount": "2", "price": "500",
+                                              "ts": NOW}}}
+    state = RiskState.from_summary(summary)
+    assert state.external_exposure == (OpenExposure("BTC/USDT:USDT", "long", D("1000")),)
+    one = CFG.with_values(risk={"max_open_positions": 1})
+    assert entry(state, config=one).reason == "max_positions"
+    capped = CFG.with_values(risk={"max_total_notional": 1500.0})
+    d = entry(state, config=capped)
+    assert d.approved and d.notional == D("500") and d.checks["capped_by"] == "max_total_notional"
+    assert entry(state, closes=closes).reason == "correlation"
+
+
+def test_an_unsettled_entry_counts_against_the_notional_cap_at_its_last_close():
+    sent = NOW - 60_000
+    state = RiskState.from_summary({"orders": {"bot1-t1-E-BTC": {
+        "symbol": "BTC/USDT:USDT", "purpose": "entry", "side": "buy", "amount": "3",
+        "state": "unknown", "ts": sent}}})
+    assert dict(state.pending_amounts) == {"BTC/USDT:USDT": ("long", D("3"))}
+    capped = CFG.with_values(risk={"max_total_notional": 2000.0})
+    rng = np.random.default_rng(3)
+    closes = {"ETH/USDT:USDT": series(rng.normal(0, 0.01, 150)),
+              "BTC/USDT:USDT": series(rng.normal(0, 0.01, 150), start=400.0)}
+    last = D(repr(float(closes["BTC/USDT:USDT"].iloc[-1])))
+    d = entry(state, closes=closes, config=capped)  # 3 x ~400 of the 2000 is taken
+    assert d.approved and d.checks["total_notional_room"] == D(2000) - 3 * last
+    assert d.notional <= D(2000) - 3 * last
+    # Not priced (no candles of it this scan): the room is not known, so no entry.
+    d = entry(state, closes={"ETH/USDT:USDT": closes["ETH/USDT:USDT"]}, config=capped)
+    assert d.reason == "max_total_notional" and "no price" in d.detail
+    assert entry(state, closes={"ETH/USDT:USDT": closes["ETH/USDT:USDT"]}).approved  # no cap
 
 
 def test_return_correlation_aligns_on_timestamps_and_needs_overlap():
@@ -237,6 +280,21 @@ def test_balance_rechecked_before_entry():
     assert d.approved and d.checks["capped_by"] == "free_balance"
     assert d.notional <= D("1470") and d.notional / 3 <= D("500")
     assert entry(bal=balance("10000", free="0.001")).reason == "insufficient_balance"
+
+
+@pytest.mark.parametrize("leverage", [3, 20, 50, 125])
+@pytest.mark.parametrize("taker", [None, "0.0004", "0.002"])
+def test_margin_and_taker_fee_together_fit_the_free_balance(leverage, taker):
+    """At 125x the fee on the notional is 6 % of the margin: both must fit, whatever the
+    leverage, or the exchange refuses the entry (-2019 margin is insufficient)."""
+    cfg = CFG.with_values(exchange={"leverage": leverage}, risk={"trade_fraction": 1.0},
+                          rotation={"top_n": 1})
+    market = replace(MARKET, taker_fee=None if taker is None else D(taker))
+    d = entry(config=cfg, bal=balance("10000", free="1000"), market=market)
+    fee = max(D(taker or 0), D(str(cfg.sim.taker_fee_pct)) / 100)
+    assert d.approved and d.checks["capped_by"] == "free_balance" and d.checks["fee_rate"] == fee
+    assert d.notional / leverage + d.notional * fee <= D("1000") * FREE_BALANCE_USE
+    assert d.notional / leverage + d.notional * fee > D("1000") * FREE_BALANCE_USE * D("0.999")
 
 
 def test_bad_inputs_refused():
