@@ -51,11 +51,13 @@ class ProgressBar:
 
 
 def quiet_logging() -> None:
-    """Only errors on the console while a backtest runs (refusals are in the ledger)."""
+    """Only errors on the console while a backtest runs (refusals are in the ledger), and
+    the data's own warnings (candles left out of a CSV file)."""
     root = logging.getLogger()
     if not root.handlers:
         handler = logging.StreamHandler(sys.stderr)
-        handler.setLevel(logging.ERROR)
+        handler.setLevel(logging.WARNING)
+        handler.addFilter(lambda r: r.levelno >= logging.ERROR or r.name == "core.sim_market")
         handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
         root.addHandler(handler)
 

@@ -404,7 +404,16 @@ class CsvMarket(ArraySource):
         df = pd.read_csv(path, dtype={"timestamp": "int64"})
         cols = ["open", "high", "low", "close", "volume"]
         decimals = price_decimals(df[cols[:4]].to_numpy(float)[:5000])
-        df = df.sort_values("timestamp").drop_duplicates("timestamp")
+        # A stable sort keeps a file's order among equal stamps; a stamp given twice is
+        # dropped only when both rows agree: which of two different candles is right
+        # cannot be told, and silently picking one would change the backtest.
+        df = df.sort_values("timestamp", kind="stable")
+        repeated = df[df.duplicated("timestamp", keep=False)]
+        differ = repeated[~repeated.duplicated(["timestamp", *cols], keep=False)]
+        if len(differ):
+            raise ValueError(f"{path.name}: the candle at {int(differ['timestamp'].iloc[0])} "
+                             "is given twice with different values")
+        df = df.drop_duplicates("timestamp")
         prices = df[cols[:4]].to_numpy(dtype=float)
         ok = (np.isfinite(prices).all(axis=1) & (prices > 0).all(axis=1)
               & (df["high"] >= df[["open", "close", "low"]].max(axis=1))
@@ -412,6 +421,9 @@ class CsvMarket(ArraySource):
         if not ok.all():
             log.warning("%s: %d malformed candles left out", path.name, int((~ok).sum()))
         df = df[ok]
+        if df.empty:
+            raise ValueError(f"{path.name}: no valid candles (every row is malformed: a price "
+                             "missing, not positive, or outside its candle's high and low)")
         tick = 10.0 ** -min(decimals, 12)
         step = amount_step_for(float(df["close"].median()))
         self.ticks[symbol] = tick

@@ -208,9 +208,17 @@ def run_jobs(config: Config, data_dir: str, jobs: list[Job], workers: int,
     return results
 
 
-def score(m: dict, objective: str) -> float:
+def score(m: dict, objective: str) -> tuple[float, float]:
+    """How a training result ranks (higher is better): the objective, then the return.
+
+    No value ranks last (no trades, or a Sharpe of a flat curve), except a profit factor
+    without a losing trade: winners only rank first (their profit factor is infinite).
+    """
     v = m.get(objective)
-    return float(v) if v is not None and math.isfinite(float(v)) else -math.inf
+    ret = float(m.get("total_return") or 0.0)
+    if v is None and objective == "profit_factor" and m.get("wins"):
+        return math.inf, ret  # no profit factor with winners: there was no loss
+    return (float(v) if v is not None and math.isfinite(float(v)) else -math.inf), ret
 
 
 def per_day(m: dict, span_ms: int) -> float:

@@ -12,6 +12,8 @@ import io
 import json
 import sqlite3
 import struct
+import subprocess
+import sys
 from decimal import Decimal
 from pathlib import Path
 
@@ -463,6 +465,11 @@ def test_cli_refuses_bad_input(tmp_path):
         (["--data", data, "--db", tmp_path / "new.db", "--plot", tmp_path / "c.jpg"],
          "write the chart as .png, .html or .svg"),
     ]
+    twice = tmp_path / "twice"
+    twice.mkdir()
+    (twice / "X_USDT-5m.csv").write_text("timestamp,open,high,low,close,volume\n"
+                                         "1515542400000,1,1,1,1,1\n1515542400000,2,2,2,2,1\n")
+    cases.append((["--data", twice], "given twice with different values"))
     for args, message in cases:
         r = CliRunner().invoke(cli.main, ["backtest", *map(str, args)])
         assert r.exit_code == 2, (args, r.output)
@@ -470,3 +477,18 @@ def test_cli_refuses_bad_input(tmp_path):
     with Ledger(live, readonly=True) as ledger:
         assert ledger.last_seq() == 1  # untouched
     assert not (tmp_path / "new.db").exists() and not (tmp_path / "c.jpg").exists()
+
+
+def test_candles_left_out_of_a_csv_file_are_said_on_stderr(tmp_path):
+    data = tmp_path / "candles"
+    data.mkdir()
+    rows = [f"{1515542400000 + i * 300_000},1.0,1.1,0.9,1.0,5" for i in range(40)]
+    rows[7] = "1515544500000,1.0,0.5,0.9,1.0,5"  # high under its low
+    (data / "X_USDT-5m.csv").write_text("timestamp,open,high,low,close,volume\n"
+                                        + "\n".join(rows) + "\n")
+    r = subprocess.run([sys.executable, "cli.py", "backtest", "--data", str(data), "--db",
+                        str(tmp_path / "b.db"), "--json"], cwd=ROOT, capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "X_USDT-5m.csv: 1 malformed candles left out" in r.stderr
+    json.loads(r.stdout)  # stdout stays one JSON object

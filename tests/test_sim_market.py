@@ -124,6 +124,29 @@ def test_csv_market_leaves_out_malformed_rows(tmp_path):
     assert c.ts.tolist() == [T0, T0 + 2 * TF]
 
 
+def test_a_candle_given_twice_is_kept_once_if_the_rows_agree_and_refused_if_not(tmp_path):
+    row = f"{T0 + TF},1.0,1.2,0.9,1.1,5"
+    head = ["timestamp,open,high,low,close,volume", f"{T0},1.0,1.1,0.9,1.0,5"]
+    (tmp_path / "X_USDT-5m.csv").write_text("\n".join([*head, row, row, f"{T0 - TF},1,1,1,1,1"]))
+    c = CsvMarket(tmp_path).candles("X/USDT:USDT", 0, T0 + DAY)
+    assert c.ts.tolist() == [T0 - TF, T0, T0 + TF] and c.c.tolist() == [1.0, 1.0, 1.1]
+    # Which of two different candles is the real one cannot be told: refused, named.
+    for n in range(3):  # whatever the order (an unstable sort once picked either)
+        rows = [row, f"{T0 + TF},2.0,2.4,1.8,2.2,10"]
+        (tmp_path / "X_USDT-5m.csv").write_text("\n".join([*head, *rows[n % 2:], *rows[:n % 2]]))
+        with pytest.raises(ValueError, match=f"X_USDT-5m.csv: the candle at {T0 + TF} is given "
+                                             "twice with different values"):
+            CsvMarket(tmp_path)
+
+
+def test_a_file_without_one_valid_candle_is_refused_by_name(tmp_path):
+    lines = ["timestamp,open,high,low,close,volume", f"{T0},1.0,0.8,0.9,1.0,5",
+             f"{T0 + TF},-1,1,1,1,5"]
+    (tmp_path / "X_USDT-5m.csv").write_text("\n".join(lines))
+    with pytest.raises(ValueError, match="X_USDT-5m.csv: no valid candles"):
+        CsvMarket(tmp_path)
+
+
 # ----------------------------------------------------------------------------- live (paper)
 LIVE_T0 = 1_767_225_600_000  # 2026-01-01 00:00 UTC
 MINUTE = 60_000

@@ -14,7 +14,7 @@ from core.backtest_data import parse_when
 from core.config import Config
 from core.report import metrics
 from core.sim_market import CsvMarket
-from core.walkforward import Grid, load_grid, make_folds, parse_span, walk_forward
+from core.walkforward import Grid, load_grid, make_folds, parse_span, score, walk_forward
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "ohlcv"
 needs_data = pytest.mark.skipif(not (DATA / "ETH_BTC-5m.csv").is_file(),
@@ -137,3 +137,18 @@ def test_cli_walkforward_refuses_bad_input(tmp_path):
         r = CliRunner().invoke(cli.main, ["walkforward", "--data", data, *extra])
         assert r.exit_code == 2, (extra, r.output)
         assert message in r.output, (extra, r.output)
+
+
+def test_profit_factor_ranks_winners_only_first_and_no_trades_last():
+    """A training result with winners and no loser has no profit factor (no losses to
+    divide by): it is the best there is, not the worst; one without trades is the worst."""
+    winners_only = {"total_trades": 4, "wins": 4, "profit_factor": None, "total_return": 0.0085}
+    mixed = {"total_trades": 4, "wins": 3, "profit_factor": 10.36, "total_return": 0.0064}
+    poor = {"total_trades": 9, "wins": 1, "profit_factor": 0.1, "total_return": -0.02}
+    idle = {"total_trades": 0, "wins": 0, "profit_factor": None, "total_return": 0.0}
+    ranked = sorted([idle, poor, winners_only, mixed], reverse=True,
+                    key=lambda m: score(m, "profit_factor"))
+    assert ranked == [winners_only, mixed, poor, idle]
+    fewer = {**winners_only, "total_return": 0.004}  # two winners-only: the larger return
+    assert score(winners_only, "profit_factor") > score(fewer, "profit_factor")
+    assert score(idle, "sharpe") < score(poor, "total_return")
