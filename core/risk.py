@@ -20,7 +20,8 @@ too: flagged external positions and entry orders not settled yet. The amount is 
 to the market's amount step (as ccxt's ``amount_to_precision`` does) and must meet
 the market's minimum amount and minimum notional; it is never rounded up.
 
-Entry limits, in order (the first that fails is the reason): active halts
+Entry limits, in order (the first that fails is the reason): a decision on a candle
+that is not the newest closed one (``stale_candles``: the symbol's feed stopped), active halts
 (``halted:<kind>``), daily loss limit, max drawdown, the last reconciliation failed
 (``reconcile_failed``), a position already open in the symbol, an entry order in it not
 settled yet (``entry_pending``, for a few reconcile intervals), a flagged external
@@ -52,7 +53,7 @@ from typing import Any, Literal
 import numpy as np
 import pandas as pd
 
-from core.clock import DAY_MS, day_start_ms, utc_day
+from core.clock import DAY_MS, day_start_ms, iso, timeframe_ms, utc_day
 from core.exchange_types import MarketInfo
 from core.exits import as_decimal, pct
 
@@ -351,14 +352,15 @@ def drawdown_pct(state: RiskState, equity: Decimal) -> Decimal | None:
 def check_entry(*, symbol: str, side: str, price: Any, market: MarketInfo, state: RiskState,
                 balance: Any, now_ms: int, config: Any,
                 closes: Mapping[str, Any] | None = None,
-                stop_pct: float | None = None) -> RiskDecision:
+                stop_pct: float | None = None, candle_ts: int | None = None) -> RiskDecision:
     """Approve or refuse one entry and size it.
 
     ``balance``: a fresh ``BalanceReport`` (or anything with ``free`` and ``equity``);
     ``config``: the whole Config (risk, exchange.leverage, rotation.top_n,
     exits.stop_loss_pct); ``closes``: symbol -> closes (Series by ts, or a candle frame)
     for the candidate and the open positions' symbols, for the correlation limit;
-    ``stop_pct``: the strategy's stop distance if it differs from ``[exits]``.
+    ``stop_pct``: the strategy's stop distance if it differs from ``[exits]``;
+    ``candle_ts``: the open time of the candle decided on (refused if a newer one closed).
     """
     rc = config.risk
     leverage = int(config.exchange.leverage)
@@ -376,6 +378,12 @@ def check_entry(*, symbol: str, side: str, price: Any, market: MarketInfo, state
         return refuse("bad_input", f"side {side!r} is not long/short")
     if p is None or p <= 0 or equity is None or free is None:
         return refuse("bad_input", f"price {price!r} / balance {balance!r} not usable")
+    tf = timeframe_ms(config.strategy.timeframe)
+    if candle_ts is not None and candle_ts + 2 * tf <= now_ms:
+        # The newest candle the exchange gave closed over a timeframe ago: the symbol's
+        # feed has stopped (a trading halt, a delisting): its price is not today's.
+        return refuse("stale_candles", f"the newest candle of {symbol} closed at "
+                      f"{iso(candle_ts + tf)}, over a {config.strategy.timeframe} ago")
 
     halts = state.active_halts(now_ms)
     checks["halts"] = sorted(halts)

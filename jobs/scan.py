@@ -272,7 +272,8 @@ def enter(rt, ex: Executor, symbol: str, signal, signal_fact: Fact, last: Candle
     decision = risk.check_entry(symbol=symbol, side=signal.side, price=last.close, market=market,
                                 state=risk.RiskState.from_ledger(state, now), balance=balance,
                                 now_ms=now,
-                                config=rt.config, closes=frames, stop_pct=rules.stop_loss_pct)
+                                config=rt.config, closes=frames, stop_pct=rules.stop_loss_pct,
+                                candle_ts=last.ts)
     risk_fact = Fact("risk_decision", now, run_id=run_id, symbol=symbol, side=signal.side,
                      amount=decision.amount if decision.approved else None,
                      reason=decision.reason, data=decision.to_record())

@@ -499,6 +499,21 @@ def test_no_entry_when_an_open_positions_correlation_cannot_be_measured(bot_fact
         assert bot.position(BBB) is None
 
 
+def test_no_entry_on_a_symbol_whose_candles_stopped_coming(bot_factory):
+    # The data ends (a trading halt, a delisting): 6 h later the newest candle the venue
+    # gives is the last one; a signal on it is refused as stale, not traded at its price.
+    last = T0 + (5 + 299) * TF  # csv_dir: 5 candles of the path, then 300 flat ones
+    bot = bot_factory(strat=Pick(long_at=[last]), paths={"AAA": flat(100, 5)},
+                      strategy={"candles": 150})  # 12.5 h: the window reaches back to it
+    bot.at(last + TF + 6 * 3_600_000)
+    bot.set_coins([AAA])
+    bot.job("scan")
+    [signal] = bot.facts("signal", symbol=AAA)
+    assert json.loads(signal["data"])["candle_ts"] == last and signal["side"] == "long"
+    [decision] = bot.facts("risk_decision", symbol=AAA)
+    assert decision["reason"] == "stale_candles" and bot.exchange_positions() == {}
+
+
 def test_a_manual_halt_refuses_entries_but_positions_stay_managed(bot_factory):
     strat = Pick(long_at=[T0 - TF, T0 + TF])
     path = [candle(100, 100.5, 99.5, 100.2), candle(100.2, 100.3, 96.0, 96.5)]

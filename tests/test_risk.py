@@ -156,6 +156,15 @@ def test_an_unsettled_entry_blocks_its_symbol_and_holds_a_slot_for_a_few_reconci
     assert entry(one_open, symbol="SOL/USDT:USDT", config=cfg, now=sent + window).approved
 
 
+def test_a_decision_on_a_candle_a_newer_one_has_closed_after_is_refused():
+    tf = 300_000
+    newest = NOW - NOW % tf - tf  # the candle that closed last
+    assert entry(candle_ts=newest).approved
+    assert entry(candle_ts=newest, now=NOW - NOW % tf + tf - 1).approved  # a slow scan
+    stale = entry(candle_ts=newest - tf)
+    assert stale.reason == "stale_candles" and "over a 5m ago" in stale.detail
+
+
 def test_cooldown_after_a_losing_exit():
     state = RiskState().with_exit("ETH/USDT:USDT", NOW, loss=True)
     assert entry(state, now=NOW + 29 * 60_000).reason == "cooldown"
