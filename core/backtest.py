@@ -27,6 +27,11 @@ Timing, and why there is no look-ahead:
   it would fetch (the scan skips a damaged series); the next decision then covers every
   candle since the last one. Orders fill at the last close until candles resume.
 
+The window ``[start, end)`` ends at the close of its last candle: nothing is decided at
+that last instant (an order would fill at the next open, after the window; a walk-forward's
+training run would trade on its test window's first price), and positions still open are
+valued at the window's last closes.
+
 Rotation as in live: the top ``[rotation] top_n`` by 24 h quote volume (computed from
 the candles, as the venue's tickers are), at the start and then whenever the clock
 enters a new ``rotate_interval_h`` slot (epoch-aligned, as the scheduler's slots are),
@@ -214,6 +219,8 @@ class Engine:
                 self.progress(k - self.k0, self.k1 - self.k0)
         if self.progress is not None:
             self.progress(self.k1 - self.k0, self.k1 - self.k0)
+        if self.k1 > self.k0:
+            self.equity[-1] = self.end_equity()
         self.ledger.append([Fact("note", self.clock.now_ms(), reason="backtest end",
                                  data={"kind": "backtest_end", "steps": self.k1 - self.k0})])
 
@@ -225,7 +232,9 @@ class Engine:
             slot = now - now % self.rotate_ms
             rotate.run(self.rt, slot, f"rotate-{now}")
             self.last_slot = slot
-        if self.reference:
+        if k == self.k1 - 1:
+            pass  # the window's end: an order now would fill after it (the next open)
+        elif self.reference:
             scan.run(self.rt, now, f"scan-{now}")  # the live job itself
         else:
             self.scan(k, now)
@@ -373,6 +382,18 @@ class Engine:
         self.equity[i0:i0 + stop] = eq[:stop]
         self.npos[i0:i0 + stop] = len(a["legs"])
         return k + stop if len(hit) else end
+
+    def end_equity(self) -> float:
+        """The equity at the window's end, positions valued at its last closes: not at the
+        next candle's open, which lies after the window (and in a walk-forward, in the test
+        window of the training run that ends there)."""
+        a, end = self.account, self.data.grid[self.k1 - 1]
+        equity = a["wallet"]
+        for symbol, signed, entry in a["legs"]:
+            d = self.data.data[symbol]
+            last = int(np.searchsorted(d.ts, end, side="right")) - 1
+            equity += float(signed) * (float(d.c[last]) - float(entry))
+        return equity
 
     def new_peak_exactly(self, k: int) -> bool:
         """Would the venue's equity at step k exceed the recorded peak? (Only asked when the

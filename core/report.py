@@ -109,6 +109,9 @@ def metrics(result) -> dict[str, Any]:
         "exposure": float((result.open_positions > 0).mean()) if len(eq) else 0.0,
         "avg_open_positions": float(result.open_positions.mean()) if len(eq) else 0.0,
         "fees": result.fees,
+        # of which in the closed trades (the per-symbol table); the rest paid to open the
+        # positions still open at the end
+        "fees_closed_trades": sum(_f(t["fees"]) for t in result.trades),
         "exit_reasons": dict(Counter(t["exit_reason"] for t in result.trades).most_common()),
         "open_at_end": len(result.still_open),
         "per_symbol": per_symbol(result.trades),
@@ -163,7 +166,10 @@ def summary_text(m: dict[str, Any], quote: str = "USDT") -> str:
         f"sharpe        {_num(m['sharpe'])} daily, annualised (sortino {_num(m['sortino'])})",
         f"exposure      {_pct(m['exposure'], 1)} of the time (avg "
         f"{m['avg_open_positions']:.2f} positions open)",
-        f"fees          {_num(m['fees'], 4)} {quote}",
+        f"fees          {_num(m['fees'], 4)} {quote}" + (
+            f"  ({_num(m['fees_closed_trades'], 4)} in the closed trades below, "
+            f"{_num(m['fees'] - m['fees_closed_trades'], 4)} opening the "
+            f"{m['open_at_end']} still open)" if m["open_at_end"] else ""),
         f"exits         {reasons}",
         f"elapsed       {m['elapsed_s']:.3f} s",
     ]
@@ -171,7 +177,8 @@ def summary_text(m: dict[str, Any], quote: str = "USDT") -> str:
         rows = [{"symbol": r["symbol"], "trades": r["trades"], "win %": f"{r['win_rate'] * 100:.1f}",
                  f"pnl {quote}": f"{r['pnl']:.4f}", f"fees {quote}": f"{r['fees']:.4f}",
                  "avg min": f"{r['avg_duration_min']:.0f}"} for r in m["per_symbol"]]
-        lines += ["", tabulate(rows, headers="keys", tablefmt="simple", disable_numparse=True)]
+        lines += ["", "closed trades by symbol:",
+                  tabulate(rows, headers="keys", tablefmt="simple", disable_numparse=True)]
     return "\n".join(lines)
 
 

@@ -34,7 +34,7 @@ from core.backtest_watch import next_due, watch_for
 from core.clock import VirtualClock
 from core.config import Config
 from core.exchange import ExchangeClient
-from core.report import daily_returns, drawdowns, sharpe_sortino
+from core.report import daily_returns, drawdowns, metrics, sharpe_sortino
 from core.sim_market import ArraySource, Candles, CsvMarket, binance_market
 from core.strategies import load_strategy
 from jobs.scan import frame as scan_frame
@@ -265,8 +265,9 @@ def test_stop_and_new_high_in_one_candle_assume_the_worse(tmp_path):
 def test_a_hole_in_the_candles(tmp_path):
     # BBB's signal candle 6 is followed by a hole: the order fills at its last close, and
     # no decision is taken on BBB until its last 4 candles are whole again.
-    bbb = candles(DOWN_UP + [99.2, 99.3, 99.4, 99.5, 99.6, 99.7, 99.8], drop=[7, 8])
-    aaa = candles([50 + 0.01 * i for i in range(14)])
+    # (One candle more than decided: nothing is decided at the window's last close.)
+    bbb = candles(DOWN_UP + [99.2, 99.3, 99.4, 99.5, 99.6, 99.7, 99.8, 99.9], drop=[7, 8])
+    aaa = candles([50 + 0.01 * i for i in range(15)])
     market = ArrayMarket({"AAA/USDT:USDT": aaa, "BBB/USDT:USDT": bbb})
     result, conn = crafted(tmp_path, market)
     opened = conn.execute("SELECT * FROM facts WHERE type = 'position_opened' AND "
@@ -492,3 +493,56 @@ def test_candles_left_out_of_a_csv_file_are_said_on_stderr(tmp_path):
     assert r.returncode == 0, r.stderr
     assert "X_USDT-5m.csv: 1 malformed candles left out" in r.stderr
     json.loads(r.stdout)  # stdout stays one JSON object
+
+
+@needs_data
+def test_fees_of_positions_still_open_are_told_apart_from_the_closed_trades(tmp_path):
+    """The summary's fees count every fill; the per-symbol table only closed trades: the
+    difference, paid to open the positions still open at the end, is said, not hidden."""
+    db = tmp_path / "bt.db"
+    r = invoke("backtest", "--data", DATA, "--from", "2018-01-12", "--to", "2018-01-14",
+               "--db", db, "--json")
+    m = json.loads(r.output)
+    assert m["open_at_end"] > 0
+    with sqlite3.connect(db) as conn:
+        [(opening,)] = conn.execute(
+            "SELECT sum(CAST(fee AS REAL)) FROM facts WHERE type = 'fill' AND client_order_id IN "
+            "(SELECT position_id FROM open_positions)").fetchall()
+    assert sum(row["fees"] for row in m["per_symbol"]) == pytest.approx(m["fees_closed_trades"])
+    assert m["fees"] == pytest.approx(m["fees_closed_trades"] + opening)
+    text = invoke("backtest", "--data", DATA, "--from", "2018-01-12", "--to", "2018-01-14",
+                  "--db", db).output
+    assert (f"in the closed trades below, {opening:,.4f} opening the {m['open_at_end']} "
+            "still open") in text and "closed trades by symbol:" in text
+
+
+@needs_data
+def test_nothing_is_decided_at_the_windows_last_close(tmp_path):
+    """An order decided at the close of a window's last candle would fill at the next
+    open, after the window: it is not sent. (Decided one candle earlier, it is.)"""
+    cfg = Config()
+    start, end = parse_when("2018-01-10T04:05Z", "--from"), parse_when("2018-01-11T04:05Z", "--to")
+    intents = {}
+    for n, upto in enumerate((end, end + 300_000)):
+        run_backtest(cfg, CsvMarket(DATA), tmp_path / f"w{n}.db", start_ms=start, end_ms=upto)
+        with sqlite3.connect(tmp_path / f"w{n}.db") as conn:
+            intents[upto] = [ts for (ts,) in conn.execute(
+                "SELECT ts FROM facts WHERE type = 'order_intent'")]
+    assert max(intents[end]) < end
+    assert end in intents[end + 300_000]  # the longer window does decide at that instant
+
+
+@needs_data
+def test_a_window_gives_one_answer_whatever_candles_lie_after_it(tmp_path):
+    """Walk-forward backtests a window on candles prepared for the whole file; `backtest
+    --to` on candles cut at the window's end. Positions open at the end are valued at the
+    window's last closes, never at the open after it: the same result both ways."""
+    cfg = Config().with_values(strategy={"min_body_pct": 0.9}, exits={"trailing_stop_pct": 0.8})
+    source = CsvMarket(DATA)
+    start, end = 1_516_251_300_000, 1_516_510_500_000
+    whole = MarketData(source, load_strategy(cfg.strategy), limit=cfg.strategy.candles)
+    a = run_backtest(cfg, source, tmp_path / "a.db", start_ms=start, end_ms=end, data=whole)
+    b = run_backtest(cfg, source, tmp_path / "b.db", start_ms=start, end_ms=end)
+    assert a.still_open  # the case that differed: a position open at the end
+    assert metrics(a)["end_equity"] == metrics(b)["end_equity"]
+    assert list(a.equity) == list(b.equity)

@@ -215,7 +215,9 @@ def test_the_service_and_the_backtest_send_the_same_orders_and_get_the_same_fill
     data = write_market(tmp_path / "candles")
     cfg = config(data, tmp_path / "sim_exchange.db", SPEEDS[0])  # the backtest's venue is
     backtest = tmp_path / "backtest.db"  # in memory: it writes no state file
-    run_backtest(cfg, CsvMarket(data), backtest, start_ms=T0 - TF, end_ms=END)
+    # A window decides up to the close before its last one (an order at its end would fill
+    # after it): one candle more, to decide up to END as the service does.
+    run_backtest(cfg, CsvMarket(data), backtest, start_ms=T0 - TF, end_ms=END + TF)
     assert stop_fills_meeting_an_entry_signal(backtest, data, cfg) == []
     expected = orders(backtest)
     purposes = {intent[0] for intent, _, _ in expected.values()}
