@@ -387,7 +387,7 @@ from core import runtime
 from core.config import Config
 from ledger import Fact
 
-rt = runtime.build(Config(), sys.argv[1])
+rt = runtime.build(Config().with_values(sim={"state_path": sys.argv[2]}), sys.argv[1])
 svc = scheduler.Service(rt)
 scheduler.FORCE_EXIT_LOCK_WAIT_S = 30
 held = threading.Event()
@@ -406,7 +406,8 @@ svc._force_exit()
 
 def test_a_forced_stop_waits_for_the_exchange_lock_and_exits_non_zero(tmp_path):
     db = tmp_path / "bot.db"
-    out = subprocess.run([sys.executable, "-c", FORCED, str(db)], cwd=REPO, timeout=120,
+    out = subprocess.run([sys.executable, "-c", FORCED, str(db), str(tmp_path / "sim.db")],
+                         cwd=REPO, timeout=120,
                          capture_output=True, text=True)
     assert out.returncode == scheduler.EXIT_FORCED != 0, out.stderr
     with Ledger(db, readonly=True) as ledger:
