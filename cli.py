@@ -12,6 +12,9 @@ import csv
 import functools
 import io
 import json
+import math
+import os
+import signal
 import sqlite3
 import sys
 from pathlib import Path
@@ -49,9 +52,19 @@ def refusing(fn):
     return wrapper
 
 
+# The most rows a --tail asks for (beyond it SQLite's integers overflow).
+MAX_TAIL = 2**62
+
+
+def _finite(value):
+    """JSON has no Infinity or NaN: such a float is printed as a string."""
+    return str(value) if isinstance(value, float) and not math.isfinite(value) else value
+
+
 def render(rows: list[dict], as_json: bool, empty: str = "(nothing yet)") -> None:
     if as_json:
-        click.echo(json.dumps(rows, indent=2, default=str))
+        rows = [{k: _finite(v) for k, v in row.items()} for row in rows]
+        click.echo(json.dumps(rows, indent=2, default=str, allow_nan=False))
     elif not rows:
         click.echo(empty)
     else:
@@ -158,7 +171,7 @@ def positions(ctx: click.Context, as_json: bool) -> None:
 @main.command()
 @click.option("--since", help="YYYY-MM-DD or ISO time (UTC).")
 @click.option("--symbol", help="Only this symbol, e.g. BTC/USDT:USDT.")
-@click.option("--tail", type=click.IntRange(min=1), help="Only the last N trades.")
+@click.option("--tail", type=click.IntRange(min=1, max=MAX_TAIL), help="Only the last N trades.")
 @json_option
 @click.pass_context
 @refusing
@@ -180,7 +193,7 @@ def pnl(ctx, by, as_json) -> None:
 
 
 @main.command()
-@click.option("--tail", type=click.IntRange(min=1), default=50, show_default=True)
+@click.option("--tail", type=click.IntRange(min=1, max=MAX_TAIL), default=50, show_default=True)
 @json_option
 @click.pass_context
 @refusing
@@ -191,7 +204,7 @@ def orders(ctx, tail, as_json) -> None:
 
 
 @main.command()
-@click.option("--tail", type=click.IntRange(min=1), default=20, show_default=True)
+@click.option("--tail", type=click.IntRange(min=1, max=MAX_TAIL), default=20, show_default=True)
 @json_option
 @click.pass_context
 @refusing
@@ -227,10 +240,12 @@ def verify(ctx, as_json) -> None:
 @refusing
 def query(ctx, sql, as_json) -> None:
     """Run one read-only SQL statement against the ledger and its views."""
+    if not sql.strip():
+        raise Refused("query: the SQL is empty")
     with reader(ctx) as ledger:  # refuses anything that is not our ledger
         path = ledger.path
     refused: list[str] = []
-    with contextlib.closing(connect(path, readonly=True)) as conn:
+    with contextlib.closing(connect(path, readonly=True)) as conn, _interruptible(conn):
         conn.set_authorizer(functools.partial(_reads_only, refused))
         try:
             cur = conn.execute(sql)
@@ -241,8 +256,25 @@ def query(ctx, sql, as_json) -> None:
             if refused or "readonly" in str(exc) or "may not be modified" in str(exc):
                 what = refused[0] if refused else str(exc)
                 raise Refused(f"query is read-only; refused {what}") from None
+            if "interrupted" in str(exc):
+                raise Refused("query interrupted (Ctrl-C)") from None
             raise Refused(f"query failed: {exc}") from None
     render(rows, as_json, empty="(no rows)")
+
+
+@contextlib.contextmanager
+def _interruptible(conn: sqlite3.Connection):
+    """Ctrl-C stops a running statement. Python runs a signal handler only between its
+    own bytecodes, never inside SQLite: a progress handler, called by SQLite every few
+    thousand steps, runs it and then aborts the statement."""
+    asked = []
+    previous = signal.signal(signal.SIGINT, lambda *_: asked.append(True))
+    conn.set_progress_handler(lambda: 1 if asked else 0, 10_000)
+    try:
+        yield
+    finally:
+        conn.set_progress_handler(None, 0)
+        signal.signal(signal.SIGINT, previous)
 
 
 # Pragmas `query` may run: they only report. Those in PRAGMA_ARGS take a table name or a
@@ -295,10 +327,12 @@ def _reads_only(refused: list[str], action: int, arg1, arg2, _db, _source) -> in
 @refusing
 def export(ctx, view, fmt, output) -> None:
     """Export a view (open_positions, closed_trades, daily_pnl, ...) as CSV or JSON."""
+    if output == "-":
+        output = None  # stdout, as usual for "-"
     with reader(ctx) as ledger:
         if output and _same_file(Path(output), ledger.path):
-            raise Refused(f"{output}: that is the ledger itself (or its -wal/-shm file); "
-                          "nothing was written")
+            raise Refused(f"{output}: that is the ledger itself (or its -wal, -shm or "
+                          "-journal file); nothing was written")
         rows = audit.export(ledger, view)
         # An empty view still exports its header, so a consumer sees the columns.
         names = list(rows[0]) if rows else [
@@ -312,15 +346,26 @@ def export(ctx, view, fmt, output) -> None:
         writer.writerows(rows)
         text = buf.getvalue()
     if output:
-        Path(output).write_text(text, encoding="utf-8")
+        try:
+            Path(output).write_text(text, encoding="utf-8")
+        except OSError as exc:
+            raise Refused(f"{output}: cannot write ({exc.strerror or exc}); the export was "
+                          "not written") from None
     else:
         click.echo(text, nl=False)
 
 
 def _same_file(output: Path, ledger: Path) -> bool:
-    """Would writing ``output`` overwrite the ledger or one of its side files?"""
-    target = output.resolve()
-    return any(target == Path(f"{ledger.resolve()}{suffix}") for suffix in ("", "-wal", "-shm"))
+    """Would writing ``output`` overwrite the ledger or one of its side files (by any name:
+    a symlink, a hard link)? A -journal there would be taken for a hot rollback journal."""
+    for suffix in ("", "-wal", "-shm", "-journal"):
+        side = Path(f"{ledger.resolve()}{suffix}")
+        if output.resolve() == side:
+            return True
+        with contextlib.suppress(OSError):  # either missing: not the same file
+            if os.path.samefile(output, side):
+                return True
+    return False
 
 
 # -- the service and its jobs -----------------------------------------------------------
@@ -347,6 +392,7 @@ def _locked_runtime(ctx: click.Context):
     from core import runtime
 
     cfg = load_config(ctx)
+    config_mod.check_can_trade(cfg)
     lock = scheduler.LedgerLock(ctx.obj["db"])
     try:
         lock.acquire()

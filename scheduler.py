@@ -46,10 +46,11 @@ from apscheduler.triggers.interval import IntervalTrigger
 
 from core import logs, runtime
 from core.clock import WallClock
-from core.config import Config
+from core.config import Config, check_can_trade
 from jobs import daily_reset, reconcile, rotate, scan
 from jobs.runner import record_not_run, run_job
 from ledger import Fact
+from ledger.store import LedgerError, check_path
 
 log = logging.getLogger(__name__)
 
@@ -142,12 +143,21 @@ class LedgerLock:
     """An exclusive flock next to the ledger; the holder's pid is written inside."""
 
     def __init__(self, db_path: str | Path) -> None:
+        self.db_path = Path(db_path)
         # The resolved path: a symlink to the ledger must meet the same lock.
-        self.path = Path(f"{Path(db_path).resolve()}.lock")
+        self.path = Path(f"{self.db_path.resolve()}.lock")
         self._fh = None
 
     def acquire(self) -> None:
-        fh = open(self.path, "a+")  # noqa: SIM115 - held for the life of the process
+        """Take the lock, or refuse (AlreadyRunning); a ledger path that cannot be ours
+        (a folder, not SQLite, read-only, no such folder) is refused before any file is
+        made beside it (LedgerError)."""
+        check_path(self.db_path, for_writing=True)
+        try:
+            fh = open(self.path, "a+")  # noqa: SIM115 - held for the life of the process
+        except OSError as exc:
+            raise LedgerError(f"{self.path}: cannot make the lock file beside the ledger "
+                              f"({exc.strerror or exc})") from None
         try:
             fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -330,10 +340,11 @@ class Service:
 
 def serve(config: Config, db_path: str | Path) -> int:
     """``cli.py run``: lock the ledger, build the runtime, run until a signal."""
-    logs.setup(config.bot.log_dir)
+    check_can_trade(config)  # nothing made or started on a config that cannot trade
     lock = LedgerLock(db_path)
     lock.acquire()
     try:
+        logs.setup(config.bot.log_dir)
         rt = runtime.build(config, db_path)
         if config.bot.mode == "live":
             problem = rt.client.account_mode_problem()

@@ -40,10 +40,11 @@ def param(default: Any, doc: str, *, lo: float | None = None, hi: float | None =
 @dataclass(frozen=True)
 class BotSection:
     id: str = param("bot1", "Short bot id, the prefix of every client order id.",
-                    pattern=r"^[A-Za-z0-9]{1,8}$")
+                    pattern=r"[A-Za-z0-9]{1,8}")
     mode: str = param("sim", "sim (offline, default) | paper | live | backtest.",
                       choices=("sim", "paper", "live", "backtest"))
-    log_dir: str = param("logs", "Folder for the daily log files (bot_YYYY-MM-DD.log).")
+    log_dir: str = param("logs", "Folder for the daily log files (bot_YYYY-MM-DD.log; "
+                         "empty: no files).")
     checkpoint_every: int = param(5000, "Rows between ledger checkpoints.", lo=10, hi=10_000_000)
 
 
@@ -51,7 +52,7 @@ class BotSection:
 class ExchangeSection:
     id: str = param("binanceusdm", "ccxt exchange id.")
     demo: bool = param(False, "Use Binance demo trading (the futures testnet is gone).")
-    quote: str = param("USDT", "Quote/settlement currency.")
+    quote: str = param("USDT", "Quote/settlement currency.", pattern=r"[A-Z0-9]{2,10}")
     timeout_ms: int = param(10_000, "Timeout of every HTTP call.", lo=500, hi=120_000)
     read_retries: int = param(4, "Retries of a read on a network error.", lo=0, hi=10)
     retry_base_ms: int = param(250, "First backoff delay; doubles each retry, with jitter.",
@@ -147,11 +148,14 @@ class SimSection:
                         choices=("synthetic", "csv", "live"))
     data_dir: str = param("", "Folder of BASE_QUOTE-TF.csv candles for source = csv.")
     symbols: int = param(12, "Number of synthetic symbols.", lo=1, hi=1000)
-    seed: int = param(42, "Seed of the synthetic market and fault injection.")
+    seed: int = param(42, "Seed of the synthetic market and fault injection.", lo=0,
+                      hi=2**32 - 1)
     speed: float = param(60.0, "Clock acceleration of the simulated service.", lo=0, hi=100_000,
                          lo_open=True)
-    state_path: str = param("sim_exchange.db", "SQLite file of the simulated exchange's state.")
-    start_balance: float = param(10_000.0, "Starting USDT balance.", lo=0, lo_open=True)
+    state_path: str = param("sim_exchange.db", "SQLite file of the simulated exchange's state.",
+                            pattern=r".*\S.*")
+    start_balance: float = param(10_000.0, "Starting USDT balance.", lo=0, lo_open=True,
+                                 hi=1e12)
     taker_fee_pct: float = param(0.05, "Taker fee, %.", lo=0, hi=10)
     maker_fee_pct: float = param(0.02, "Maker fee, %.", lo=0, hi=10)
     slippage_bps: float = param(2.0, "Slippage of market orders, basis points.", lo=0, hi=10_000)
@@ -304,8 +308,12 @@ def _section(name: str, cls: type, values: Mapping[str, Any], errors: list[str])
             continue
         problem = _check_value(known[key], value)
         if problem:
-            # A table's content is never echoed: it may hold credentials.
-            shown = "{...}" if isinstance(value, Mapping) else repr(value)
+            # A table's content is never echoed, nor an array's holding tables: it may
+            # hold credentials.
+            shown = ("{...}" if isinstance(value, Mapping) else "[...]"
+                     if isinstance(value, list | tuple)
+                     and any(isinstance(v, Mapping | list | tuple) for v in value)
+                     else repr(value))
             errors.append(f"{where} = {shown}: {problem}")
         elif isinstance(value, list | tuple):
             kwargs[key] = tuple(value)
@@ -350,8 +358,8 @@ def _check_value(f, value: Any) -> str | None:
         return f"wrong type ({type_name(value)}); allowed: {allowed}"
     if meta["choices"] and value not in meta["choices"]:
         return f"not allowed; allowed: {' | '.join(meta['choices'])}"
-    if meta["pattern"] and not re.match(meta["pattern"], value):
-        return f"not allowed; allowed: a string matching {meta['pattern']}"
+    if meta["pattern"] and not re.fullmatch(meta["pattern"], value):
+        return f"not allowed; allowed: a whole string matching {meta['pattern']}"
     lo, hi = meta["lo"], meta["hi"]
     if isinstance(value, int | float) and not isinstance(value, bool):
         if isinstance(value, float) and not math.isfinite(value):  # TOML allows nan, inf
@@ -378,10 +386,39 @@ def _check_across(config: Config, source: str) -> None:
         raise ConfigError(f"{source}: invalid config\n  [strategy] sma_fast = "
                           f"{config.strategy.sma_fast}: must be below sma_slow "
                           f"({config.strategy.sma_slow})")
+
+
+def check_can_trade(config: Config) -> None:
+    """Before a command that trades (run, job, reconcile): live mode needs the API keys,
+    and the files it will write need folders that exist and are writable. (Read commands
+    need neither: an operator's shell on a live server has no keys.)"""
+    source = config.source
     if config.bot.mode == "live" and not config.secrets.has_keys:
         raise ConfigError(f"{source}: invalid config\n  [bot] mode = 'live' needs API keys in "
                           f"the environment variables {SECRET_ENV['api_key']} and "
                           f"{SECRET_ENV['api_secret']}")
+    writes = [("[bot] log_dir", config.bot.log_dir, False)] if config.bot.log_dir else []
+    if config.bot.mode in ("sim", "paper"):
+        writes.append(("[sim] state_path", config.sim.state_path, True))
+    for where, value, is_file in writes:
+        problem = _unwritable(Path(value), is_file)
+        if problem:
+            raise ConfigError(f"{source}: invalid config\n  {where} = {value!r}: {problem}")
+
+
+def _unwritable(path: Path, is_file: bool) -> str | None:
+    """Why the bot could not write ``path`` (a file, or a folder it creates), or None."""
+    if is_file:
+        if path.is_dir():
+            return "is a folder, not a file"
+        folder = path.parent
+    else:
+        folder = path
+        while not folder.exists() and folder != folder.parent:
+            folder = folder.parent
+    if not folder.is_dir() or not os.access(folder, os.W_OK):
+        return f"folder {folder} does not exist or is not writable"
+    return None
 
 
 def type_name(value: Any) -> str:
@@ -410,4 +447,4 @@ def describe() -> list[tuple[str, str, Any, str]]:
 
 
 __all__ = ["Config", "ConfigError", "Secrets", "load", "from_mapping", "to_mapping", "describe",
-           "load_secrets", "SECRET_ENV", "replace"]
+           "load_secrets", "check_can_trade", "SECRET_ENV", "replace"]

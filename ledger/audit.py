@@ -34,6 +34,9 @@ def positions(ledger: Ledger) -> list[dict]:
 def trades(ledger: Ledger, since: str | None = None, symbol: str | None = None,
            limit: int | None = None) -> list[dict]:
     where, params = ["1"], []
+    for flag, value in (("--since", since), ("--symbol", symbol)):
+        if value is not None and not value.strip():
+            raise ValueError(f"{flag} is empty; leave it out to take every trade")
     if since:
         where.append("closed_seq IN (SELECT seq FROM facts WHERE type = 'position_closed' "
                      "AND ts >= ?)")

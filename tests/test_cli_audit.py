@@ -958,3 +958,91 @@ def _rows(path: Path) -> int:
         return ledger.last_seq()
     finally:
         ledger.close()
+
+
+# -- second audit of the command line ---------------------------------------------------
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_a_query_that_would_run_forever(db):
+    proc = subprocess.Popen(
+        [sys.executable, "cli.py", "--db", str(db), "query",
+         "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c) SELECT count(*) FROM c"],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(1.5)  # inside SQLite by now
+    proc.send_signal(2)  # SIGINT, as Ctrl-C sends it
+    try:
+        _, err = proc.communicate(timeout=10)
+    finally:
+        proc.kill()
+    assert proc.returncode == 2 and "query interrupted" in err, err
+
+
+@pytest.mark.parametrize("suffix", ["-journal", "hard link"])
+def test_export_never_writes_where_sqlite_or_the_ledger_would_read_it(db, suffix, tmp_path):
+    # A CSV named bot.db-journal is a "hot journal" to SQLite: every command, run too,
+    # would then refuse the (intact) ledger. A hard link is the ledger by another name.
+    before = db.read_bytes()
+    target = tmp_path / "backup.csv"
+    if suffix == "hard link":
+        os.link(db, target)
+    else:
+        target = Path(f"{db}{suffix}")
+    assert "that is the ledger itself" in run("--db", str(db), "export", "daily_pnl", "-o",
+                                              str(target), code=2).stderr
+    assert db.read_bytes() == before and not Path(f"{db}-journal").exists()
+    assert run("--db", str(db), "verify").stdout.startswith("ok: ")
+
+
+def test_export_to_a_place_it_cannot_write_is_a_clear_refusal(db, tmp_path):
+    for target in (tmp_path / "missing" / "x.csv", Path("/dev/full")):
+        result = run("--db", str(db), "export", "daily_pnl", "-o", str(target), code=2)
+        assert f"{target}: cannot write" in result.stderr
+    assert run("--db", str(db), "export", "daily_pnl", "-o", "-").stdout.startswith("day,")
+    assert not Path("-").exists()
+
+
+def test_odd_inputs_are_refused_or_answered_as_valid_json(db):
+    huge = CliRunner().invoke(cli.main, ["--db", str(db), "events", "--tail", "9" * 23])
+    assert huge.exit_code == 2 and "Invalid value for '--tail'" in huge.stderr
+    assert "empty" in run("--db", str(db), "query", "  ", code=2).stderr
+    for flag in ("--since", "--symbol"):
+        assert f"{flag} is empty" in run("--db", str(db), "trades", flag, "", code=2).stderr
+    [row] = run_json("--db", str(db), "query", "SELECT 1e999 AS up, -1e999 AS down")
+    assert row == {"up": "inf", "down": "-inf"}
+
+
+WRITING_COMMANDS = [["run"], ["job", "scan"], ["reconcile"]]
+
+
+@pytest.mark.parametrize("kind", ["missing-folder", "directory", "random-bytes"])
+@pytest.mark.parametrize("command", WRITING_COMMANDS, ids=" ".join)
+def test_a_bad_ledger_path_is_refused_by_the_commands_that_write(tmp_path, monkeypatch, kind,
+                                                                 command):
+    monkeypatch.chdir(tmp_path)
+    make, _ = BAD_FILES[kind]
+    folder = tmp_path / "files"
+    folder.mkdir()
+    path = make(folder)
+    before = _snapshot(folder)
+    result = run("--db", str(path), *command, code=2)
+    assert str(path) in result.stderr
+    assert _snapshot(folder) == before  # not even a lock file beside it
+    assert not (tmp_path / "sim_exchange.db").exists()
+
+
+def test_read_commands_work_on_a_live_config_without_keys_in_the_shell(db, tmp_path):
+    Path("bot.toml").write_text('[bot]\nmode = "live"\n', encoding="utf-8")
+    assert run_json("--db", str(db), "config", "show")["config"]["bot"]["mode"] == "live"
+    assert run("--db", str(db), "status").stdout.startswith("ledger")
+    for command in WRITING_COMMANDS:
+        assert "BOT_API_KEY" in run("--db", str(db), *command, code=2).stderr
+
+
+def test_files_the_service_writes_are_checked_before_it_starts(db, tmp_path):
+    Path("bot.toml").write_text(f'[sim]\nstate_path = "{tmp_path}/no/such/x.db"\n',
+                                encoding="utf-8")
+    before = _snapshot(tmp_path)
+    result = run("--db", str(tmp_path / "new.db"), "run", code=2)
+    assert "[sim] state_path" in result.stderr and "does not exist" in result.stderr
+    assert _snapshot(tmp_path) == before  # no ledger, lock, log or state file made

@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import tomllib
 
 import pytest
 
 from core import config
-from core.config import Config, ConfigError, from_mapping, load, to_mapping
+from core.config import Config, ConfigError, check_can_trade, from_mapping, load, to_mapping
 
 KEY = "AKIAexampleKEY-7f3a9"
 SECRET = "s3cr3t-VALUE-q8z1x"
@@ -178,6 +179,12 @@ BAD = [
      "1 <= value <= 86400"),
     ("[schedule]\nscan_interval_s = 2.5", "[schedule] scan_interval_s", "2.5", "an integer"),
     ("[bot]\nid = \"bot-1\"", "[bot] id", "'bot-1'", "[A-Za-z0-9]{1,8}"),
+    ("[bot]\nid = \"bot1\\n\"", "[bot] id", "'bot1\\n'", "a whole string matching"),
+    ("[exchange]\nquote = \"\"", "[exchange] quote", "''", "[A-Z0-9]{2,10}"),
+    ("[sim]\nstate_path = \" \"", "[sim] state_path", "' '", "a whole string matching"),
+    ("[sim]\nseed = -5", "[sim] seed", "-5", "0 <= value <= 4294967295"),
+    ("[sim]\nstart_balance = 1e308", "[sim] start_balance", "1e+308",
+     "0 < value <= 1000000000000.0"),
     ("[bot]\nmode = \"real\"", "[bot] mode", "'real'", "sim | paper | live | backtest"),
     ("[rotation]\nblacklist = \"BTC\"", "[rotation] blacklist", "'BTC'", "a list of strings"),
     ("[rotation]\nblacklist = [1, 2]", "[rotation] blacklist", "[1, 2]", "a list of strings"),
@@ -240,11 +247,36 @@ def test_range_edges_are_accepted(section, key, value):
     assert getattr(getattr(cfg, section), key) == value
 
 
-def test_live_mode_needs_keys_in_the_environment(tmp_path):
+def test_live_mode_needs_keys_in_the_environment_to_trade_not_to_read(tmp_path):
+    # An operator's shell on a live server has no keys (the service's unit file loads
+    # them): status and config show still read the config; run, job and reconcile refuse.
     path = write_toml(tmp_path / "live.toml", "[bot]\nmode = \"live\"\n")
+    keyless = load(path, environ={})
+    assert keyless.bot.mode == "live"
     with pytest.raises(ConfigError, match="BOT_API_KEY and BOT_API_SECRET"):
-        load(path, environ={})
-    assert load(path, environ=ENV).bot.mode == "live"
+        check_can_trade(keyless)
+    check_can_trade(load(path, environ=ENV))
+
+
+@pytest.mark.parametrize(("text", "where"), [
+    ("[sim]\nstate_path = \"{tmp}/missing/x.db\"", "[sim] state_path"),
+    ("[sim]\nstate_path = \"{tmp}\"", "[sim] state_path"),
+    ("[bot]\nlog_dir = \"{tmp}/file/logs\"", "[bot] log_dir"),
+])
+def test_a_file_the_service_would_write_where_it_cannot_is_refused_by_key(tmp_path, text,
+                                                                          where):
+    (tmp_path / "file").write_text("not a folder")
+    cfg = load(write_toml(tmp_path / "bot.toml", text.format(tmp=tmp_path)), environ={})
+    with pytest.raises(ConfigError, match=re.escape(where)) as refused:
+        check_can_trade(cfg)
+    assert "Traceback" not in str(refused.value)
+    fine = f"[sim]\nstate_path = \"{tmp_path}/x.db\"\n[bot]\nlog_dir = \"{tmp_path}/a/b\""
+    check_can_trade(load(write_toml(tmp_path / "ok.toml", fine), environ={}))
+
+
+def test_an_array_of_tables_is_not_echoed_in_a_refusal():
+    message = refusal("[rotation]\nblacklist = [{api_key = \"AKIASENTINEL\"}]")
+    assert "[rotation] blacklist = [...]" in message and "AKIASENTINEL" not in message
 
 
 # -- with_values ------------------------------------------------------------------------
