@@ -435,11 +435,12 @@ def check_entry(*, symbol: str, side: str, price: Any, market: MarketInfo, state
                           f"{rc.cooldown_minutes} min ends at {until}")
 
     unpriced = [s for s in sorted(pending) if _last_close(closes, s) is None]
-    exposure = (*state.positions, *state.external_exposure,
-                *(OpenExposure(s, state.pending_amounts[s][0],
-                               state.pending_amounts[s][1] * _last_close(closes, s))
-                  for s in sorted(pending) if s not in unpriced and s in state.pending_amounts))
-    blocked = _correlation_check(symbol, side, exposure, closes, rc, checks)
+    others = (*state.external_exposure,
+              *(OpenExposure(s, state.pending_amounts[s][0],
+                             state.pending_amounts[s][1] * _last_close(closes, s))
+                for s in sorted(pending) if s not in unpriced and s in state.pending_amounts))
+    exposure = (*state.positions, *others)
+    blocked = _correlation_check(symbol, side, state.positions, others, closes, rc, checks)
     if blocked:
         return refuse(*blocked)
 
@@ -488,27 +489,31 @@ def _last_close(closes: Mapping[str, Any] | None, symbol: str) -> Decimal | None
     return Decimal(repr(float(close[-1]))) if len(close) and math.isfinite(close[-1]) else None
 
 
-def _correlation_check(symbol: str, side: str, exposure: Iterable[OpenExposure],
-                       closes: Mapping[str, Any] | None, rc: Any,
-                       checks: dict[str, Any]) -> tuple[str, str] | None:
-    """(reason, detail) when an exposure is too correlated with the candidate, or its
-    correlation cannot be measured (no candles this scan: it is not known to be safe).
+def _correlation_check(symbol: str, side: str, positions: Iterable[OpenExposure],
+                       others: Iterable[OpenExposure], closes: Mapping[str, Any] | None,
+                       rc: Any, checks: dict[str, Any]) -> tuple[str, str] | None:
+    """(reason, detail) when an exposure is too correlated with the candidate, or the
+    correlation with one of the bot's positions cannot be measured (no candles this scan:
+    it is not known to be safe). ``others`` (external positions, unsettled entries: the
+    scan may not fetch their symbols) count when their candles are at hand.
 
     Direction-aware: correlation times the two directions (a long and a short on
     correlated coins hedge each other, so that pair is not blocked)."""
-    exposure = list(exposure)
-    if not closes or not exposure or rc.correlation_max >= 1:
+    positions, others = list(positions), list(others)
+    if not closes or not (positions or others) or rc.correlation_max >= 1:
         return None
     seen: dict[str, float | None] = {}
     checks["correlation"] = seen
-    missing = sorted({symbol, *(e.symbol for e in exposure)} - set(closes))
+    missing = sorted({symbol, *(e.symbol for e in positions)} - set(closes))
+    unseen = sorted({e.symbol for e in others} - set(closes))
+    if missing or unseen:
+        checks["correlation_missing"] = missing + unseen
     if missing:
-        checks["correlation_missing"] = missing
         return ("correlation_unknown", f"no candles of {missing} this scan: the correlation "
                 f"with the open exposure cannot be measured")
     mine = closes[symbol]
     direction = 1 if side == "long" else -1
-    for pos in exposure:
+    for pos in (*positions, *(e for e in others if e.symbol in closes)):
         c = return_correlation(mine, closes[pos.symbol], rc.correlation_window)
         seen[pos.symbol] = None if c is None else round(c, 4)
         if c is None:

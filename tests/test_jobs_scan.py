@@ -458,6 +458,18 @@ def test_a_flagged_external_position_takes_a_slot_and_notional(bot_factory):
     [decision] = bot.facts("risk_decision", symbol=AAA)
     assert decision["reason"] == "max_positions" and set(bot.exchange_positions()) == {BBB}
 
+    # With a slot free it enters: the external symbol's candles are not fetched (not an
+    # active coin), and that is no reason to refuse (correlation is measured without it).
+    roomy = bot_factory(strat=Pick(long_at=[T0 - TF]),
+                        paths={"AAA": flat(100, 5), "BBB": flat(100, 5)},
+                        rotation={"top_n": 2}, risk={"max_open_positions": 2})
+    roomy.venue.create_order(BBB, "market", "buy", 120)
+    roomy.job("reconcile", T0)
+    roomy.set_coins([AAA])
+    roomy.job("scan", T0)
+    [decision] = roomy.facts("risk_decision", symbol=AAA)
+    assert decision["reason"] == "approved" and set(roomy.exchange_positions()) == {AAA, BBB}
+
 
 @pytest.mark.parametrize("leverage", [50, 125])
 def test_an_entry_at_high_leverage_leaves_room_for_its_fee(bot_factory, leverage):

@@ -215,6 +215,10 @@ def test_flagged_external_positions_count_as_exposure():
     d = entry(state, config=capped)
     assert d.approved and d.notional == D("500") and d.checks["capped_by"] == "max_total_notional"
     assert entry(state, closes=closes).reason == "correlation"
+    # The scan fetches the active coins and the bot's positions, maybe not this symbol:
+    # without its candles it is left out of the correlation, not a reason to refuse all.
+    d = entry(state, closes={"ETH/USDT:USDT": closes["ETH/USDT:USDT"]})
+    assert d.approved and d.checks["correlation_missing"] == ["BTC/USDT:USDT"]
 
 
 def test_an_unsettled_entry_counts_against_the_notional_cap_at_its_last_close():
