@@ -44,7 +44,7 @@ from typing import Any
 import ccxt
 import numpy as np
 
-from core.clock import DAY_MS, TIMEFRAME_MS, day_start_ms
+from core.clock import DAY_MS, TIMEFRAME_MS, day_start_ms, iso
 from core.sim_account import ZERO, Account, D, Spec, account, apply_fill, fee, margin_ok, plain
 from core.sim_binance import Wire, raw_account, raw_order, raw_position, raw_ticker, raw_trade
 from core.sim_faults import CRASH_FAULTS, PRICE_FAULTS, FaultInjector
@@ -56,6 +56,9 @@ log = logging.getLogger(__name__)
 HISTORY_DAYS = 3  # synthetic candles before the clock's start, for indicators
 DEFAULT_LEVERAGE = 20  # Binance's default until set_leverage
 ORDER_ID0, TRADE_ID0 = 4_000_000_000, 700_000_000  # ids that look like Binance's
+# A live source (paper) whose candles stop short of now (an empty answer) is asked again
+# from where they stopped, for up to this long; then its stops are given up on for the gap.
+MAX_UNSEEN_MS = 15 * 60_000
 MAX_ALGO_PER_SYMBOL = 10  # Binance's MAX_NUM_ALGO_ORDERS filter
 KLINES_DEFAULT, KLINES_MAX = 500, 1000  # ccxt's binance caps a klines request at 1000
 CLIENT_ID = re.compile(r"^[.A-Z:/a-z0-9_-]{1,36}$")
@@ -227,32 +230,41 @@ class SimExchange:
             self._marks.clear()
         boundary = now - now % self._tf
         if boundary > self._processed:
-            if self._open:
-                self._match(self._processed, boundary)
-            self._processed = boundary
-            self.store.set_meta(processed_until=boundary, now_ms=now)
+            seen = self._match(self._processed, boundary) if self._open else boundary
+            if seen < boundary and boundary - seen > MAX_UNSEEN_MS:
+                log.warning("no candles from %s on for a resting order's symbol: its stops "
+                            "were not checked until %s", iso(seen), iso(boundary))
+                seen = boundary
+            self._processed = max(self._processed, seen)
+            self.store.set_meta(processed_until=self._processed, now_ms=now)
 
-    def _match(self, start: int, end: int) -> None:
-        """Trigger stops and fill limits on the candles closed in [start, end), in time order."""
+    def _match(self, start: int, end: int) -> int:
+        """Trigger stops and fill limits on the candles closed in [start, end), in time order.
+        Returns how far the candles were seen: ``end``, or for a live source whose answer
+        stopped short (an empty page), where it stopped (matched again next time)."""
         tf = self._tf
         by_symbol: dict[str, list[SimOrder]] = defaultdict(list)
         for o in self._open.values():
             by_symbol[o.symbol].append(o)
         one = end - start == tf and hasattr(self.source, "candle_at")  # a backtest step
         events = []
+        seen = end
         for symbol, orders in by_symbol.items():
             if one:
                 row = self.source.candle_at(symbol, start)
                 hits = [(o, self._hit(o, start, *row)) for o in orders] if row else []
             else:
-                first = min(o.created_ms - o.created_ms % tf for o in orders)
-                c = self.source.candles(symbol, max(start, first), end)
+                first = max(start, min(o.created_ms - o.created_ms % tf for o in orders))
+                c = self.source.candles(symbol, first, end)
                 hits = [(o, self._first_hit(o, c)) for o in orders] if len(c) else []
+                if getattr(self.source, "live", False) and first < end:
+                    seen = min(seen, int(c.ts[-1]) + tf if len(c) else first)
             events += [(h[0], _priority(o), o.id, h[1]) for o, h in hits if h]
         for ts, _, oid, price in sorted(events):
             o = self._open.get(oid)
             if o is not None:
                 self._trigger(o, self._spec[o.symbol].round_price(D(price)), ts)
+        return seen
 
     def _first_hit(self, o: SimOrder, c: Candles) -> tuple[int, float] | None:
         """(fill time, price) at the first of the candles ``c`` that reaches the order."""

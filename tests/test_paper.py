@@ -121,3 +121,55 @@ def test_paper_scan_enters_on_live_data_with_the_simulated_account(tmp_path, pub
         assert BTC in rt.ledger.state().positions
     finally:
         rt.close()
+
+
+class WickingBinance(PublicBinance):
+    """The recorded answers, plus 1 m candles at the last price: one minute wicks down to
+    ``wick_low``, and the next ``empty`` answers for 1 m candles come back empty."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.wick_at, self.wick_low, self.empty, self.now = None, None, 0, None
+
+    def fetch(self, url, method="GET", headers=None, body_=None):
+        params = dict(parse_qsl(urlsplit(url).query))
+        if urlsplit(url).path != "/fapi/v1/klines" or params.get("interval") != "1m":
+            return super().fetch(url, method, headers, body_)
+        self.requests.append((method, "/fapi/v1/klines", params, dict(headers or {})))
+        if self.empty:
+            self.empty -= 1
+            return []
+        rows, t = [], int(params["startTime"])
+        while t + 60_000 <= self.now() and len(rows) < int(params.get("limit", 500)):
+            low = self.wick_low if t == self.wick_at else 96_500.0
+            rows.append([t, "96512.3", "96520.0", str(low), "96512.3", "10", t + 59_999,
+                         "965123", 10, "5", "482561", "0"])
+            t += 60_000
+        return rows
+
+
+def test_paper_stops_see_the_minutes_an_empty_answer_left_out(tmp_path, monkeypatch):
+    # A wick through the stop in a closed minute; the first answer for it comes back
+    # empty. The minute is asked for again and the stop fires, instead of being skipped.
+    wicking = WickingBinance()
+    monkeypatch.setattr(ccxt.binanceusdm, "fetch",
+                        lambda self, url, method="GET", headers=None, body=None:
+                        wicking.fetch(url, method, headers, body))
+    clock = VirtualClock(SERVER_NOW)
+    wicking.now = clock.now_ms
+    rt = runtime.build(paper_config(tmp_path), tmp_path / "bot.db", clock=clock)
+    try:
+        rotate.run(rt, SERVER_NOW, "rotate-1")
+        assert scan.run(rt, SERVER_NOW, "scan-1")["entries"] == 1
+        stop = Decimal(rt.ledger.state().positions[BTC]["stop"]["price"])
+        minute = SERVER_NOW - SERVER_NOW % 60_000 + 60_000
+        wicking.wick_at, wicking.wick_low = minute, str(stop * Decimal("0.99"))
+        clock.advance(3 * 60_000)  # the wick's minute has closed
+        wicking.empty = 1
+        assert {p.symbol for p in rt.client.positions()} == {BTC}  # not seen yet
+        clock.advance(60_000)
+        assert rt.client.positions() == []  # asked again: the stop fired in that minute
+        [stop_fill] = [t for t in rt.venue.store.trades(BTC, 0, 10**14) if t.side == "SELL"]
+        assert minute <= stop_fill.ts < minute + 60_000
+    finally:
+        rt.close()
