@@ -104,13 +104,8 @@ class SimExchange:
         self._wire = Wire(self.id)
         self._parser = self._wire.parser
         info = getattr(source, "exchange_info", None)
-        markets = ([self._parser.parse_market(m) for m in info()] if info
-                   else source.unified_markets())
-        self._parser.set_markets(markets)
-        self.markets: dict[str, dict] = self._parser.markets
-        self.markets_by_id = self._parser.markets_by_id
-        self.symbols = sorted(self.markets)
-        self._spec = {s: Spec.of(m) for s, m in self.markets.items()}
+        self._set_markets([self._parser.parse_market(m) for m in info()] if info
+                          else source.unified_markets())
         self._tf = source.timeframe_ms
         self._marks: dict[str, Decimal] = {}
         self._markets_loaded = False
@@ -419,10 +414,24 @@ class SimExchange:
             self.store.save_order(o)
 
     # ----------------------------------------------------------------- markets, precision
+    def _set_markets(self, markets: list[dict]) -> None:
+        """Take the markets a source lists. One it no longer lists stays known, inactive:
+        a position or order stored in it must stay readable."""
+        gone = [{**m, "active": False} for s, m in getattr(self, "markets", {}).items()
+                if s not in {n["symbol"] for n in markets}]
+        self._parser.set_markets([*markets, *gone])
+        self.markets: dict[str, dict] = self._parser.markets
+        self.markets_by_id = self._parser.markets_by_id
+        self.symbols = sorted(self.markets)
+        self._spec = {s: Spec.of(m) for s, m in self.markets.items()}
+
     def load_markets(self, reload: bool = False, params: dict | None = None) -> dict:
-        """Like ccxt: only the first call (or a reload) goes to the venue."""
+        """Like ccxt: only the first call (or a reload) goes to the venue. A live source
+        (paper) is read again on a reload: a symbol that stopped trading shows inactive."""
         if reload or not self._markets_loaded:
             with self._venue("load_markets"):
+                if reload and getattr(self.source, "live", False):
+                    self._set_markets(self.source.unified_markets())
                 self._markets_loaded = True
         return self.markets
 

@@ -478,10 +478,12 @@ class LiveMarket:
         return {"source": "live", "exchange": self.exchange.id, "settle": self.settle}
 
     def unified_markets(self) -> list[dict]:
-        """The exchange's linear perpetuals settled in ``settle`` (ccxt market dicts)."""
-        markets = [m for m in self.exchange.load_markets().values()
-                   if m.get("swap") and m.get("linear") and m.get("settle") == self.settle
-                   and m.get("active") is not False]
+        """The exchange's linear perpetuals settled in ``settle`` (ccxt market dicts),
+        read again from the exchange on every call after the first."""
+        # Inactive ones too (``active`` False): the bot's rotation leaves them out, but a
+        # position or stop the simulated account holds in one must stay readable.
+        markets = [m for m in self.exchange.load_markets(reload=bool(self.symbols)).values()
+                   if m.get("swap") and m.get("linear") and m.get("settle") == self.settle]
         decimal_places = self.exchange.precisionMode != 4  # ccxt.TICK_SIZE
         for m in markets:
             p = m["precision"]["price"]

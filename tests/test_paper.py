@@ -173,3 +173,59 @@ def test_paper_stops_see_the_minutes_an_empty_answer_left_out(tmp_path, monkeypa
         assert minute <= stop_fill.ts < minute + 60_000
     finally:
         rt.close()
+
+
+class DelistingBinance(PublicBinance):
+    """The recorded answers; once ``settling`` is set, BTCUSDT stops trading."""
+
+    settling = False
+
+    def fetch(self, url, method="GET", headers=None, body_=None):
+        answer = super().fetch(url, method, headers, body_)
+        if self.settling and urlsplit(url).path == "/fapi/v1/exchangeInfo":
+            for market in answer["symbols"]:
+                if market["symbol"] == "BTCUSDT":
+                    market["status"] = "SETTLING"
+        return answer
+
+
+def delisting(monkeypatch) -> DelistingBinance:
+    binance = DelistingBinance()
+    monkeypatch.setattr(ccxt.binanceusdm, "fetch",
+                        lambda self, url, method="GET", headers=None, body=None:
+                        binance.fetch(url, method, headers, body))
+    return binance
+
+
+def test_paper_rotates_out_a_symbol_that_stopped_trading_while_it_runs(tmp_path, monkeypatch):
+    binance = delisting(monkeypatch)
+    cfg = paper_config(tmp_path).with_values(rotation={"top_n": 2})
+    rt = runtime.build(cfg, tmp_path / "bot.db", clock=VirtualClock(SERVER_NOW))
+    try:
+        rotate.run(rt, SERVER_NOW, "rotate-1")
+        assert rt.ledger.state().active_coins == [BTC, "ETH/USDT:USDT"]
+        binance.settling = True  # the next rotation reloads the markets
+        rotate.run(rt, SERVER_NOW + 60_000, "rotate-2")
+        assert rt.ledger.state().active_coins == ["ETH/USDT:USDT"]
+    finally:
+        rt.close()
+
+
+def test_paper_keeps_a_held_symbol_that_stopped_trading_readable(tmp_path, monkeypatch):
+    binance = delisting(monkeypatch)
+    cfg = paper_config(tmp_path)
+    rt = runtime.build(cfg, tmp_path / "bot.db", clock=VirtualClock(SERVER_NOW))
+    try:
+        rotate.run(rt, SERVER_NOW, "rotate-1")
+        assert scan.run(rt, SERVER_NOW, "scan-1")["entries"] == 1
+    finally:
+        rt.close()
+    binance.settling = True
+    # Restarted while BTC is settling: its position and stop are still read, not a
+    # KeyError on every call.
+    rt = runtime.build(cfg, tmp_path / "bot.db", clock=VirtualClock(SERVER_NOW + 120_000))
+    try:
+        assert {p.symbol for p in rt.client.positions()} == {BTC}
+        assert rt.client.balance().total > 0
+    finally:
+        rt.close()
