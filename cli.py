@@ -17,6 +17,7 @@ import os
 import signal
 import sqlite3
 import sys
+import threading
 from pathlib import Path
 
 import click
@@ -267,6 +268,9 @@ def _interruptible(conn: sqlite3.Connection):
     """Ctrl-C stops a running statement. Python runs a signal handler only between its
     own bytecodes, never inside SQLite: a progress handler, called by SQLite every few
     thousand steps, runs it and then aborts the statement."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # only the main thread may handle signals (an embedded caller's thread)
+        return
     asked = []
     previous = signal.signal(signal.SIGINT, lambda *_: asked.append(True))
     conn.set_progress_handler(lambda: 1 if asked else 0, 10_000)

@@ -340,7 +340,7 @@ class Service:
 
 def serve(config: Config, db_path: str | Path) -> int:
     """``cli.py run``: lock the ledger, build the runtime, run until a signal."""
-    check_can_trade(config)  # nothing made or started on a config that cannot trade
+    check_can_trade(config, serving=True)  # nothing made or started if it cannot trade
     lock = LedgerLock(db_path)
     lock.acquire()
     try:

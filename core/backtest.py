@@ -293,13 +293,12 @@ class Engine:
                     data={**signal.to_record(), "candle_ts": int(d.ts[i])})
 
     def frames(self, symbol: str, now: int) -> dict:
-        """The candle frames scan.enter reads: the candidate's and the open positions' (a
-        symbol the scan could not fetch intact has none)."""
-        wanted = {symbol, *self.ledger.state().positions}
+        """The candles scan.enter reads: the candidate's, and the open positions' as the
+        scan's correlation reads them (the last fetched, holes and all)."""
         out = {}
-        for s in sorted(wanted):
+        for s in sorted({symbol, *self.ledger.state().positions}):
             d = self.data.data[s]
-            if d.intact(now):
+            if s != symbol or d.intact(now):
                 out[s] = d.closes(now)
         return out
 

@@ -388,16 +388,18 @@ def _check_across(config: Config, source: str) -> None:
                           f"({config.strategy.sma_slow})")
 
 
-def check_can_trade(config: Config) -> None:
+def check_can_trade(config: Config, *, serving: bool = False) -> None:
     """Before a command that trades (run, job, reconcile): live mode needs the API keys,
-    and the files it will write need folders that exist and are writable. (Read commands
-    need neither: an operator's shell on a live server has no keys.)"""
+    and the files it will write need folders that exist and are writable (the log files
+    only when ``serving``: only the service writes them). Read commands need neither: an
+    operator's shell on a live server has no keys."""
     source = config.source
     if config.bot.mode == "live" and not config.secrets.has_keys:
         raise ConfigError(f"{source}: invalid config\n  [bot] mode = 'live' needs API keys in "
                           f"the environment variables {SECRET_ENV['api_key']} and "
                           f"{SECRET_ENV['api_secret']}")
-    writes = [("[bot] log_dir", config.bot.log_dir, False)] if config.bot.log_dir else []
+    writes = [("[bot] log_dir", config.bot.log_dir, False)] if serving and config.bot.log_dir \
+        else []
     if config.bot.mode in ("sim", "paper"):
         writes.append(("[sim] state_path", config.sim.state_path, True))
     for where, value, is_file in writes:
@@ -417,7 +419,7 @@ def _unwritable(path: Path, is_file: bool) -> str | None:
         while not folder.exists() and folder != folder.parent:
             folder = folder.parent
     if not folder.is_dir() or not os.access(folder, os.W_OK):
-        return f"folder {folder} does not exist or is not writable"
+        return f"folder {folder.absolute()} does not exist or is not writable"
     return None
 
 

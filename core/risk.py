@@ -27,7 +27,8 @@ that is not the newest closed one (``stale_candles``: the symbol's feed stopped)
 settled yet (``entry_pending``, for a few reconcile intervals), a flagged external
 position in it (``external_position``), max open positions (unsettled entries count),
 cooldown after a losing exit, return correlation with an open position (or
-``correlation_unknown`` without candles to measure it), notional caps, balance, minimums.
+``correlation_unknown`` without any candles to measure it), notional caps, balance,
+minimums.
 
 Account limits (:func:`check_account`):
 
@@ -352,7 +353,8 @@ def drawdown_pct(state: RiskState, equity: Decimal) -> Decimal | None:
 def check_entry(*, symbol: str, side: str, price: Any, market: MarketInfo, state: RiskState,
                 balance: Any, now_ms: int, config: Any,
                 closes: Mapping[str, Any] | None = None,
-                stop_pct: float | None = None, candle_ts: int | None = None) -> RiskDecision:
+                stop_pct: float | None = None, candle_ts: int | None = None,
+                as_of_ms: int | None = None) -> RiskDecision:
     """Approve or refuse one entry and size it.
 
     ``balance``: a fresh ``BalanceReport`` (or anything with ``free`` and ``equity``);
@@ -360,7 +362,8 @@ def check_entry(*, symbol: str, side: str, price: Any, market: MarketInfo, state
     exits.stop_loss_pct); ``closes``: symbol -> closes (Series by ts, or a candle frame)
     for the candidate and the open positions' symbols, for the correlation limit;
     ``stop_pct``: the strategy's stop distance if it differs from ``[exits]``;
-    ``candle_ts``: the open time of the candle decided on (refused if a newer one closed).
+    ``candle_ts``: the open time of the candle decided on, refused if a newer one had
+    closed when the candles were fetched (``as_of_ms``, default ``now_ms``).
     """
     rc = config.risk
     leverage = int(config.exchange.leverage)
@@ -379,7 +382,8 @@ def check_entry(*, symbol: str, side: str, price: Any, market: MarketInfo, state
     if p is None or p <= 0 or equity is None or free is None:
         return refuse("bad_input", f"price {price!r} / balance {balance!r} not usable")
     tf = timeframe_ms(config.strategy.timeframe)
-    if candle_ts is not None and candle_ts + 2 * tf <= now_ms:
+    fetched = now_ms if as_of_ms is None else as_of_ms
+    if candle_ts is not None and candle_ts + 2 * tf <= fetched:
         # The newest candle the exchange gave closed over a timeframe ago: the symbol's
         # feed has stopped (a trading halt, a delisting): its price is not today's.
         return refuse("stale_candles", f"the newest candle of {symbol} closed at "

@@ -34,6 +34,9 @@ class Runtime:
     # Set when the service is asked to stop: a job waiting for the lock, or a scan with
     # entries still to make, sends nothing new.
     stopping: threading.Event = field(default_factory=threading.Event)
+    # symbol -> the candles last fetched (holes and all): the correlation limit measures
+    # a held symbol on them when this scan could not fetch it (or not intact).
+    last_candles: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not self.data_clients:

@@ -47,7 +47,7 @@ def run(rt, scheduled_ms: int, run_id: str) -> dict:
     # The rest reads the ledger, decides and sends orders: serialised with the other jobs'
     # exchange writes (a reconcile must not close a position this scan is managing).
     with rt.lock:
-        return decide_and_act(rt, symbols, candles, run_id, balance)
+        return decide_and_act(rt, symbols, candles, run_id, balance, as_of=cutoff)
 
 
 def scan_instant(rt) -> int | None:
@@ -85,7 +85,7 @@ def _result_or_none(pending):
 
 
 def decide_and_act(rt, symbols: list[str], candles: dict[str, list[Candle]],
-                   run_id: str, balance=None) -> dict:
+                   run_id: str, balance=None, as_of: int | None = None) -> dict:
     cfg = rt.config
     state = rt.ledger.state()
     fresh = {s: c for s, c in candles.items() if c and c[-1].ts > state.last_signal.get(s, -1)}
@@ -147,7 +147,7 @@ def decide_and_act(rt, symbols: list[str], candles: dict[str, list[Candle]],
             rt.ledger.append([e[2] for e in entries[i:]])  # the decisions, as made
             break
         opened, sent = enter(rt, ex, symbol, signal, signal_fact, last, frames, run_id,
-                             current)
+                             current, as_of=as_of if as_of is not None else now)
         summary["entries"] += opened
         current = None if sent else current
     return summary
@@ -163,6 +163,7 @@ def fetch_candles(rt, symbols: list[str]) -> dict[str, list[Candle]]:
     def one(client, symbol: str) -> tuple[str, list[Candle]]:
         try:
             candles = client.closed_candles(symbol, tf, limit)
+            rt.last_candles[symbol] = candles
             hole = first_gap(candles[-lookback:], tf_ms)
             if hole is None:
                 return symbol, candles
@@ -252,12 +253,15 @@ def manage_position(rt, ex: Executor, position: dict, series: list[Candle],
 
 
 def enter(rt, ex: Executor, symbol: str, signal, signal_fact: Fact, last: Candle,
-          frames: dict, run_id: str, balance=None) -> tuple[int, bool]:
+          frames: dict, run_id: str, balance=None, as_of: int | None = None
+          ) -> tuple[int, bool]:
     """Risk-check one entry against fresh state and balance; send it if approved.
 
     ``balance``: one fetched since the last order was sent (else it is fetched here), so
-    every entry is checked against the balance as it stands. Returns (positions opened,
-    whether an order was sent): one sent whose outcome is unknown may have used margin.
+    every entry is checked against the balance as it stands. ``as_of``: when the candles
+    were fetched (the exchange's time), what their freshness is judged against. Returns
+    (positions opened, whether an order was sent): one sent whose outcome is unknown may
+    have used margin.
     """
     state = rt.ledger.state()
     now = rt.clock.now_ms()
@@ -272,8 +276,8 @@ def enter(rt, ex: Executor, symbol: str, signal, signal_fact: Fact, last: Candle
     decision = risk.check_entry(symbol=symbol, side=signal.side, price=last.close, market=market,
                                 state=risk.RiskState.from_ledger(state, now), balance=balance,
                                 now_ms=now,
-                                config=rt.config, closes=frames, stop_pct=rules.stop_loss_pct,
-                                candle_ts=last.ts)
+                                config=rt.config, closes=correlation_closes(rt, state, frames),
+                                stop_pct=rules.stop_loss_pct, candle_ts=last.ts, as_of_ms=as_of)
     risk_fact = Fact("risk_decision", now, run_id=run_id, symbol=symbol, side=signal.side,
                      amount=decision.amount if decision.approved else None,
                      reason=decision.reason, data=decision.to_record())
@@ -288,6 +292,17 @@ def enter(rt, ex: Executor, symbol: str, signal, signal_fact: Fact, last: Candle
                                 ref_price=Decimal(repr(last.close)),
                                 before=[signal_fact, risk_fact])
     return (1 if position is not None else 0), True
+
+
+def correlation_closes(rt, state, frames: dict) -> dict:
+    """This scan's frames, and for the symbols held (or flagged, or being entered) that
+    it could not fetch intact, the candles last fetched: a hole or a failed read must not
+    hide a correlation, nor block every entry while it lasts."""
+    exposed = set(state.positions) | set(state.external) | {
+        o["symbol"] for o in state.orders.values() if o.get("purpose") == "entry"}
+    cached = {s: frame(rt.last_candles[s]) for s in sorted(exposed - set(frames))
+              if rt.last_candles.get(s)}
+    return {**cached, **frames}
 
 
 def check_limits(rt, ex: Executor, balance, now: int, run_id: str, snapshot: bool

@@ -1046,3 +1046,12 @@ def test_files_the_service_writes_are_checked_before_it_starts(db, tmp_path):
     result = run("--db", str(tmp_path / "new.db"), "run", code=2)
     assert "[sim] state_path" in result.stderr and "does not exist" in result.stderr
     assert _snapshot(tmp_path) == before  # no ledger, lock, log or state file made
+
+
+def test_only_the_service_needs_its_log_folder(db, tmp_path):
+    (tmp_path / "file").write_text("in the way")
+    Path("bot.toml").write_text(f'[bot]\nlog_dir = "{tmp_path}/file/logs"\n', encoding="utf-8")
+    ledger = tmp_path / "fresh.db"
+    result = CliRunner().invoke(cli.main, ["--db", str(ledger), "reconcile", "--dry-run"])
+    assert result.exit_code == 0 and "log_dir" not in result.output, result.output
+    assert "[bot] log_dir" in run("--db", str(ledger), "run", code=2).stderr

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from decimal import Decimal
 from pathlib import Path
 from types import MappingProxyType
@@ -26,6 +26,7 @@ from core.clock import VirtualClock
 from core.config import Config
 from core.exchange import ExchangeClient
 from core.sim_exchange import SimExchange
+from core.sim_market import Candles
 from core.strategies import Strategy
 from core.venues import quiet_open_orders
 from jobs import scan
@@ -483,16 +484,18 @@ def test_an_entry_at_high_leverage_leaves_room_for_its_fee(bot_factory, leverage
     assert bot.position(AAA) is not None  # not refused for margin (-2019)
 
 
-def test_no_entry_when_an_open_positions_correlation_cannot_be_measured(bot_factory):
-    # BBB moves with AAA, where a long is open. With AAA's candles read, BBB is refused
-    # as correlated; with them failing this scan, it is refused too, not let through.
+@pytest.mark.parametrize("aaa", ["read", "failing", "failing since the start"])
+def test_a_held_symbols_correlation_is_measured_on_the_last_candles_fetched(bot_factory, aaa):
+    # BBB moves with AAA, where a long is open: refused as correlated whether AAA's
+    # candles are read this scan or fail (measured on the last ones fetched); with none
+    # fetched since the process started, refused as not measurable, never let through.
     rnd, a, path_a, path_b = np.random.default_rng(1), 100.0, [], []
     for r in rnd.uniform(-0.01, 0.01, 80):
         n = a * (1 + r)
         path_a.append(candle(a, max(a, n) * 1.001, min(a, n) * 0.999, n))
         path_b.append(candle(a, max(a, n) * 1.002, min(a, n) * 0.998, n * 1.0005))
         a = n
-    for fail in (False, True):
+    for _ in (1,):
         bot = bot_factory(strat=Pick(long_at=[T0 + 60 * TF, T0 + 61 * TF]),
                           paths={"AAA": path_a, "BBB": path_b}, strategy={"candles": 150},
                           exits={"stop_loss_pct": 50.0}, rotation={"top_n": 4})
@@ -502,13 +505,39 @@ def test_no_entry_when_an_open_positions_correlation_cannot_be_measured(bot_fact
         assert bot.position(AAA) is not None
         bot.set_coins([AAA, BBB])
         bot.after_candle(61)
-        if fail:  # every attempt at AAA's candles (fetched first) fails this scan
+        if aaa != "read":  # every attempt at AAA's candles (fetched first) fails this scan
             bot.venue.faults.script([("fetch_ohlcv", "server_error")]
                                     * (1 + bot.rt.config.exchange.read_retries))
+        if aaa == "failing since the start":
+            bot.rt.last_candles.clear()  # as after a restart
         bot.job("scan")
         [decision] = bot.facts("risk_decision", symbol=BBB)
-        assert decision["reason"] == ("correlation_unknown" if fail else "correlation")
+        assert decision["reason"] == ("correlation_unknown" if aaa.endswith("start")
+                                      else "correlation")
         assert bot.position(BBB) is None
+
+
+def test_a_hole_in_a_held_symbols_candles_blocks_no_entry(bot_factory):
+    # AAA is held and one of its recent candles is missing: AAA is not decided on until
+    # its window is whole, but BBB's entry goes ahead (its correlation with AAA is
+    # measured on the candles there are).
+    rnd = np.random.default_rng(4)
+    path_a = [candle(100, 100.2, 99.8, 100 + d) for d in rnd.uniform(-0.1, 0.1, 20)]
+    path_b = [candle(50, 50.2, 49.8, 50 + d) for d in rnd.uniform(-0.1, 0.1, 20)]
+    bot = bot_factory(strat=Pick(long_at=[T0 - TF, T0 + 12 * TF]),
+                      paths={"AAA": path_a, "BBB": path_b}, rotation={"top_n": 2},
+                      exits={"stop_loss_pct": 50.0})
+    bot.set_coins([AAA])
+    bot.job("scan", T0)
+    assert bot.position(AAA) is not None
+    bot.set_coins([AAA, BBB])
+    held = bot.venue.source._series[AAA]
+    keep = held.ts != T0 + 11 * TF  # the hole
+    bot.venue.source._series[AAA] = Candles(*(getattr(held, f.name)[keep] for f in fields(held)))
+    bot.after_candle(12)
+    bot.job("scan")
+    [decision] = bot.facts("risk_decision", symbol=BBB)
+    assert decision["reason"] == "approved", decision["data"]
 
 
 def test_no_entry_on_a_symbol_whose_candles_stopped_coming(bot_factory):
@@ -713,3 +742,16 @@ def test_no_new_entry_while_the_last_reconciliation_failed(bot_factory):
     bot.after_candle(0)
     bot.job("scan")
     assert bot.position(AAA) is not None  # squared again: entries go on
+
+
+def test_a_scan_slowed_after_fetching_does_not_call_its_candles_stale(bot_factory):
+    # The scan fetched fresh candles, then waited 6 minutes for the jobs' lock (a long
+    # reconcile): the candles were the newest when fetched, so the entry goes ahead.
+    bot = bot_factory(strat=PICK_FIRST, paths={"AAA": flat(100, 5)})
+    bot.set_coins([AAA])
+    cutoff = scan.scan_instant(bot.rt)
+    candles = scan.closed_by(scan.fetch_candles(bot.rt, [AAA]), cutoff, TF)
+    bot.at(bot.clock.now_ms() + 6 * 60_000)
+    scan.decide_and_act(bot.rt, [AAA], candles, "scan-slow", as_of=cutoff)
+    [decision] = bot.facts("risk_decision", symbol=AAA)
+    assert decision["reason"] == "approved" and bot.position(AAA) is not None
