@@ -722,14 +722,20 @@ def _snapshot(folder: Path) -> dict:
             for p in sorted(folder.rglob("*"))}
 
 
-@pytest.mark.parametrize("kind", list(BAD_FILES))
-def test_not_a_ledger_is_refused_and_untouched(tmp_path, monkeypatch, kind):
+def bad_file(tmp_path: Path, monkeypatch, kind: str) -> tuple[Path, str, Path, dict]:
+    """(path, what its refusal says, its folder, the folder's snapshot) of a BAD_FILES kind,
+    made in a folder of its own, with the working folder moved beside it."""
     monkeypatch.chdir(tmp_path)
     make, fragment = BAD_FILES[kind]
     folder = tmp_path / "files"
     folder.mkdir()
     path = make(folder)
-    before = _snapshot(folder)
+    return path, fragment, folder, _snapshot(folder)
+
+
+@pytest.mark.parametrize("kind", list(BAD_FILES))
+def test_not_a_ledger_is_refused_and_untouched(tmp_path, monkeypatch, kind):
+    path, fragment, folder, before = bad_file(tmp_path, monkeypatch, kind)
     for command in READ_COMMANDS:
         result = run("--db", str(path), *command, code=2)
         assert str(path) in result.stderr, (command, result.stderr)
@@ -1019,12 +1025,7 @@ WRITING_COMMANDS = [["run"], ["job", "scan"], ["reconcile"]]
 @pytest.mark.parametrize("command", WRITING_COMMANDS, ids=" ".join)
 def test_a_bad_ledger_path_is_refused_by_the_commands_that_write(tmp_path, monkeypatch, kind,
                                                                  command):
-    monkeypatch.chdir(tmp_path)
-    make, _ = BAD_FILES[kind]
-    folder = tmp_path / "files"
-    folder.mkdir()
-    path = make(folder)
-    before = _snapshot(folder)
+    path, _, folder, before = bad_file(tmp_path, monkeypatch, kind)
     result = run("--db", str(path), *command, code=2)
     assert str(path) in result.stderr
     assert _snapshot(folder) == before  # not even a lock file beside it
