@@ -223,7 +223,9 @@ class SimExchange:
         if now != self._now:
             self._now = now
             self._marks.clear()
-        boundary = now - now % self._tf
+        # A live source's minutes close by the exchange's clock (paper): ours may run ahead.
+        closes = self.source.server_now_ms(now) if getattr(self.source, "live", False) else now
+        boundary = closes - closes % self._tf
         if boundary > self._processed:
             seen = self._match(self._processed, boundary) if self._open else boundary
             if seen < boundary and boundary - seen > MAX_UNSEEN_MS:
@@ -462,6 +464,8 @@ class SimExchange:
     # ----------------------------------------------------------------- market data
     def fetch_time(self, params: dict | None = None) -> int:
         with self._venue("fetch_time"):
+            if getattr(self.source, "live", False):
+                return self.source.server_now_ms(self._now)  # paper: the exchange's time
             return self._now
 
     def load_time_difference(self, params: dict | None = None) -> int:

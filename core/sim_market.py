@@ -473,6 +473,20 @@ class LiveMarket:
         self.settle = settle
         self.symbols: list[str] = []
         self.ticks: dict[str, float] = {}
+        self._offset_ms = 0  # the exchange's clock minus ours
+        self._offset_at: int | None = None
+
+    def server_now_ms(self, now_ms: int) -> int:
+        """The exchange's time at our ``now_ms``: a candle is closed by its clock, not
+        ours. The offset is measured at most once a minute (on a failed read, the last)."""
+        if self._offset_at is None or abs(now_ms - self._offset_at) >= 60_000:
+            self._offset_at = now_ms
+            try:
+                self._offset_ms = int(self.exchange.fetch_time()) - now_ms
+            except Exception as exc:  # noqa: BLE001 - the last offset stands meanwhile
+                log.warning("exchange time not read (%s); offset %d ms kept", exc,
+                            self._offset_ms)
+        return now_ms + self._offset_ms
 
     def describe(self) -> dict:
         return {"source": "live", "exchange": self.exchange.id, "settle": self.settle}

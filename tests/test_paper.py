@@ -133,6 +133,8 @@ class WickingBinance(PublicBinance):
 
     def fetch(self, url, method="GET", headers=None, body_=None):
         params = dict(parse_qsl(urlsplit(url).query))
+        if urlsplit(url).path == "/fapi/v1/time":  # its clock moves with the test's
+            return {"serverTime": self.now()}
         if urlsplit(url).path != "/fapi/v1/klines" or params.get("interval") != "1m":
             return super().fetch(url, method, headers, body_)
         self.requests.append((method, "/fapi/v1/klines", params, dict(headers or {})))
@@ -227,5 +229,21 @@ def test_paper_keeps_a_held_symbol_that_stopped_trading_readable(tmp_path, monke
     try:
         assert {p.symbol for p in rt.client.positions()} == {BTC}
         assert rt.client.balance().total > 0
+    finally:
+        rt.close()
+
+
+def test_paper_judges_a_closed_candle_by_the_exchanges_clock(tmp_path, public, monkeypatch):
+    # Our clock runs 2.5 minutes ahead of Binance's (its /time says 10:02:30 while ours
+    # says 10:05:00): the 10:00 candle is still forming there, so the scan decides 09:55.
+    monkeypatch.delenv("BOT_API_KEY", raising=False)
+    ahead = SERVER_NOW + 150_000
+    rt = runtime.build(paper_config(tmp_path), tmp_path / "bot.db", clock=VirtualClock(ahead))
+    try:
+        rotate.run(rt, ahead, "rotate-1")
+        scan.run(rt, ahead, "scan-1")
+        [signal] = rt.ledger.select("SELECT data FROM facts WHERE type = 'signal'")
+        assert json.loads(signal["data"])["candle_ts"] == 1768470900000  # 09:55, closed
+        assert rt.client.server_now_ms() - SERVER_NOW < 5_000
     finally:
         rt.close()
