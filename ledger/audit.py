@@ -22,6 +22,8 @@ def _since_ms(since: str) -> int:
     except ValueError:
         raise ValueError(f"--since {since!r}: use YYYY-MM-DD or an ISO time like "
                          "2026-01-02T03:04:05Z") from None
+    if dt.tzinfo is None and not any(sep in since for sep in "T "):  # a day, as 20180105
+        raise ValueError(f"--since {since!r}: not a valid day; use YYYY-MM-DD")
     if dt.tzinfo is None:
         raise ValueError(f"--since {since!r}: give the time zone (Z for UTC)")
     return int(dt.timestamp() * 1000)

@@ -248,10 +248,12 @@ def test_trades_filters(db, args, expected):
     assert [t["position_id"] for t in trades] == expected
 
 
-@pytest.mark.parametrize("since", ["yesterday", "2025-13-01", "2025-03-01T10:00:00"])
-def test_trades_bad_since_is_refused(db, since):
+@pytest.mark.parametrize(("since", "hint"), [
+    ("yesterday", "use YYYY-MM-DD or an ISO time"), ("2025-13-01", "use YYYY-MM-DD"),
+    ("2025-03-01T10:00:00", "give the time zone"), ("20250301", "use YYYY-MM-DD")])
+def test_trades_bad_since_is_refused(db, since, hint):
     result = run("--db", str(db), "trades", "--since", since, code=2)
-    assert since in result.stderr
+    assert since in result.stderr and hint in result.stderr
 
 
 def test_empty_result_says_so(db):
