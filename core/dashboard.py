@@ -32,6 +32,7 @@ import http.server
 import ipaddress
 import json
 import logging
+import re
 import signal
 import socket
 import threading
@@ -41,7 +42,6 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from decimal import Decimal
 from http import HTTPStatus
-from http.cookies import SimpleCookie
 from pathlib import Path
 from urllib.parse import parse_qs, quote, unquote, urlsplit
 
@@ -58,6 +58,10 @@ DEFAULT_PORT = 8050
 REFRESH_S = 10  # the page polls /api/dashboard this often
 WORKERS = 6  # request threads, each with its own read-only connection
 REQUEST_TIMEOUT_S = 15  # a silent client must not hold a worker forever
+# The whole request line and headers must arrive within this: a client sending a byte
+# every few seconds would otherwise hold a worker for good (before any token check).
+HEAD_DEADLINE_S = 10
+QUEUED_PER_WORKER = 4  # connections waiting for a worker; more are closed at once
 STATIC_DIR = Path(__file__).with_name("dashboard_static")
 CONTENT_TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript; charset=utf-8",
                  ".css": "text/css; charset=utf-8", ".svg": "image/svg+xml",
@@ -104,8 +108,9 @@ def is_local(host: str) -> bool:
 
 
 def check_bind(host: str, token: str) -> None:
-    """Refuse to expose the ledger beyond this machine without a token."""
-    if not is_local(host) and not token:
+    """Refuse to expose the ledger beyond this machine without a token (a blank one is
+    none)."""
+    if not is_local(host) and not token.strip():
         raise DashboardError(
             f"--host {host} would serve the ledger beyond this machine; set a token in the "
             "environment variable BOT_DASHBOARD_TOKEN (every request must then carry it), "
@@ -320,6 +325,12 @@ class Dashboard:
 
     # -- basics --------------------------------------------------------------------------
 
+    def _backtest(self) -> bool:
+        """A backtest's ledger says so in its first fact (it records no service fact)."""
+        rows = self.ledger.select("SELECT type, json_extract(data, '$.kind') AS kind "
+                                  "FROM facts ORDER BY seq LIMIT 1")
+        return bool(rows) and rows[0]["type"] == "note" and rows[0]["kind"] == "backtest"
+
     def _last(self) -> tuple[int, int]:
         """(last seq, its ts), (0, 0) for an empty ledger: a primary-key lookup."""
         row = self.ledger.select("SELECT seq, ts FROM facts ORDER BY seq DESC LIMIT 1")
@@ -332,7 +343,8 @@ class Dashboard:
         with self._tail.lock:
             self._tail.catch_up(self.ledger, last_seq)
             service = dict(self._tail.service)
-        mode = service.get("mode") or self.config.bot.mode
+        mode = service.get("mode") or ("backtest" if self._backtest() else
+                                       self.config.bot.mode)
         state = self.ledger.state()
         now = last_ts if mode == "backtest" and last_ts else max(self.clock.now_ms(), last_ts)
         return {"state": state, "mode": str(mode), "now": now, "last_ts": last_ts,
@@ -547,9 +559,10 @@ class DashboardServer(http.server.HTTPServer):
     def __init__(self, address: tuple[str, int], dashboard: Dashboard, token: str = "",
                  workers: int = WORKERS) -> None:
         self.dashboard = dashboard
-        self.token = token
+        self.token = token.strip()
         self.static = {p.name: p for p in STATIC_DIR.iterdir() if p.is_file()}
         self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="dashboard")
+        self._slots = threading.BoundedSemaphore(workers * (1 + QUEUED_PER_WORKER))
         if ":" in address[0]:
             self.address_family = socket.AF_INET6
         super().__init__(address, Handler)
@@ -561,6 +574,9 @@ class DashboardServer(http.server.HTTPServer):
         return f"http://{host}:{port}/"
 
     def process_request(self, request, client_address) -> None:
+        if not self._slots.acquire(blocking=False):  # a flood: refuse, do not queue
+            self.shutdown_request(request)
+            return
         self.pool.submit(self._answer, request, client_address)
 
     def _answer(self, request, client_address) -> None:
@@ -570,6 +586,7 @@ class DashboardServer(http.server.HTTPServer):
             self.handle_error(request, client_address)
         finally:
             self.shutdown_request(request)
+            self._slots.release()
 
     def handle_error(self, request, client_address) -> None:
         log.warning("dashboard: connection from %s failed", client_address[0], exc_info=True)
@@ -582,7 +599,7 @@ class DashboardServer(http.server.HTTPServer):
 
 def _limit(query: dict) -> int:
     raw = query.get("limit", [str(LIST_LIMIT)])[-1]
-    if not raw.isdigit() or not 1 <= int(raw) <= MAX_LIST_LIMIT:
+    if not re.fullmatch(r"[0-9]{1,6}", raw) or not 1 <= int(raw) <= MAX_LIST_LIMIT:
         raise _BadRequest(f"limit must be a whole number from 1 to {MAX_LIST_LIMIT}")
     return int(raw)
 
@@ -602,6 +619,28 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
     def log_message(self, format: str, *args) -> None:  # noqa: A002 - stdlib's name
         pass  # the request line may carry the token; requests are logged in _route
+
+    def setup(self) -> None:
+        super().setup()
+        # Past the deadline, a request still arriving is cut off (see HEAD_DEADLINE_S).
+        self._deadline = threading.Timer(HEAD_DEADLINE_S, self._cut_off)
+        self._deadline.daemon = True
+        self._deadline.start()
+
+    def _cut_off(self) -> None:
+        try:
+            self.connection.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass  # already closed
+
+    def parse_request(self) -> bool:
+        parsed = super().parse_request()  # reads the headers
+        self._deadline.cancel()  # the request line and headers are in
+        return parsed
+
+    def finish(self) -> None:
+        self._deadline.cancel()
+        super().finish()
 
     def _send(self, status: int, body: bytes, content_type: str,
               headers: dict | None = None) -> None:
@@ -647,19 +686,21 @@ class Handler(http.server.BaseHTTPRequestHandler):
             return self.headers["X-Dashboard-Token"].strip(), "header"
         if query.get("token"):
             return query["token"][-1], "query"
-        cookie = SimpleCookie()
-        try:
-            cookie.load(self.headers.get("Cookie", ""))
-        except Exception:  # noqa: BLE001 - a malformed cookie is no token
-            return "", ""
-        if TOKEN_COOKIE in cookie:
-            return unquote(cookie[TOKEN_COOKIE].value), "cookie"
+        # By hand, not http.cookies: its strict parser drops every cookie of a header
+        # holding one it dislikes (another app's, on the same host).
+        for piece in self.headers.get("Cookie", "").split(";"):
+            name, _, value = piece.strip().partition("=")
+            if name == TOKEN_COOKIE:
+                return unquote(value.strip().strip('"')), "cookie"
         return "", ""
 
     def _allowed(self, path: str, query: dict, api: bool) -> bool:
         token = self.server.token
         if not token:
-            host = urlsplit(f"//{self.headers.get('Host', '')}").hostname or ""
+            try:
+                host = urlsplit(f"//{self.headers.get('Host', '')}").hostname or ""
+            except ValueError:  # a malformed Host header names no local host
+                host = ""
             if not is_local(host):
                 self._refuse(403, "this dashboard answers only to localhost names", api)
                 return False
@@ -672,7 +713,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         if where == "query" and not api:
             # Move the token from the address bar into a cookie, then show the page.
             rest = {k: v for k, v in query.items() if k != "token"}
-            target = quote(path) + ("?" + "&".join(f"{quote(k)}={quote(x)}"
+            target = quote(unquote(path)) + ("?" + "&".join(f"{quote(k)}={quote(x)}"
                                                     for k, vs in rest.items() for x in vs)
                                     if rest else "")
             self._send(303, b"", "text/plain", {

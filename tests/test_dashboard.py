@@ -533,3 +533,110 @@ def test_cli_serves_until_stopped(tmp_path, monkeypatch):
     text = "\n".join(lines)
     assert "read-only" in text and "token" in text and "cli-token-123" not in text
     assert lines[-1] == "dashboard stopped"
+
+
+# -- second audit: hostile and odd clients ---------------------------------------------------
+
+
+def slow_clients(server, n: int, stop: threading.Event) -> list:
+    """n connections sending their headers one line every 0.3 s, never finishing."""
+    import socket
+    import time
+
+    def drip(sock):
+        try:
+            sock.sendall(b"GET /health HTTP/1.1\r\nHost: localhost\r\n")
+            while not stop.is_set():
+                sock.sendall(b"X-a: b\r\n")
+                time.sleep(0.3)
+        except OSError:
+            pass  # cut off by the server: what it should do
+
+    socks = [socket.create_connection(server.server_address[:2]) for _ in range(n)]
+    for sock in socks:
+        threading.Thread(target=drip, args=(sock,), daemon=True).start()
+    return socks
+
+
+def test_clients_sending_headers_slowly_cannot_hold_the_workers(backtest, monkeypatch):
+    # Before any token is checked: each must send its request within HEAD_DEADLINE_S.
+    import time
+
+    monkeypatch.setattr(dash, "HEAD_DEADLINE_S", 1.0)
+    stop = threading.Event()
+    with serving(backtest["path"], backtest["end"]) as (server, _):
+        socks = slow_clients(server, dash.WORKERS + 2, stop)
+        try:
+            time.sleep(0.5)
+            assert get(server, "/api/summary")[0] == 200  # answered (get waits 10 s at most)
+        finally:
+            stop.set()
+            for sock in socks:
+                sock.close()
+
+
+def test_the_server_stops_promptly_with_a_slow_client_connected(backtest, monkeypatch):
+    import time
+
+    monkeypatch.setattr(dash, "HEAD_DEADLINE_S", 1.0)
+    stop = threading.Event()
+    board = dash.Dashboard.open(backtest["path"], bot_config(), VirtualClock(backtest["end"]))
+    server = dash.make_server(board, "127.0.0.1", 0)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05},
+                              daemon=True)
+    thread.start()
+    socks = slow_clients(server, 1, stop)
+    time.sleep(0.3)
+    server.shutdown()
+    closer = threading.Thread(target=server.server_close, daemon=True)
+    closer.start()
+    closer.join(20)  # the client keeps dripping all along: it must be cut off, not waited for
+    stopped = not closer.is_alive()
+    stop.set()
+    socks[0].close()
+    assert stopped
+
+
+def test_token_cookie_is_found_beside_cookies_other_apps_set(backtest):
+    token = "t0k3n-for-tests"
+    with serving(backtest["path"], backtest["end"], token=token) as (server, _):
+        for header in (f'ui_prefs={{"theme":"dark"}}; dashboard_token={token}',
+                       f"other=a b; dashboard_token={token}", f"flag; dashboard_token={token}",
+                       f"dashboard_token={token}; other=a b"):
+            assert get(server, "/api/summary", {"Cookie": header})[0] == 200, header
+        assert get(server, "/api/summary", {"Cookie": "dashboard_token=nope"})[0] == 401
+        # The token's redirect keeps the path's encoding as it was, not encoded twice.
+        status, headers, _ = get(server, f"/position/P1%22%3E?token={token}")
+        assert status == 303 and headers["Location"] == "/position/P1%22%3E"
+
+
+def test_a_blank_token_is_no_token():
+    with pytest.raises(dash.DashboardError, match="BOT_DASHBOARD_TOKEN"):
+        dash.check_bind("0.0.0.0", "   ")
+
+
+def test_odd_limits_and_host_headers_are_refused_without_a_traceback(backtest, caplog):
+    with serving(backtest["path"], backtest["end"]) as (server, _):
+        for limit in ("%C2%B2", "9" * 5000, "-1", "0"):
+            status, body = get_json(server, f"/api/trades?limit={limit}")
+            assert status == 400 and "limit" in body["error"]
+        assert get(server, "/api/summary", {"Host": "[::1"})[0] == 403
+        assert get(server, "/api/summary")[0] == 200  # still up
+    assert "Traceback" not in caplog.text
+
+
+@pytest.mark.skipif(not (Path(__file__).resolve().parents[2] / "shared" / "data" / "ohlcv"
+                         ).is_dir(), reason="needs ../shared/data/ohlcv")
+def test_a_real_backtests_ledger_is_judged_at_its_own_end(tmp_path):
+    from core.backtest import run_backtest
+    from core.sim_market import CsvMarket
+
+    data = Path(__file__).resolve().parents[2] / "shared" / "data" / "ohlcv"
+    path = tmp_path / "bt.db"
+    run_backtest(config_mod.Config(), CsvMarket(data), path, start_ms=day_ms("2018-01-20"),
+                 end_ms=day_ms("2018-01-21"))
+    with Ledger(path, readonly=True) as ledger:
+        last = ledger.select("SELECT max(ts) AS ts FROM facts")[0]["ts"]
+    with serving(path, last + 400 * DAY_MS) as (server, _):
+        _, summary = get_json(server, "/api/summary")
+    assert summary["mode"] == "backtest" and summary["now"] == last
