@@ -102,10 +102,13 @@ def schedules(config: Config) -> dict[str, Schedule]:
     out = {
         "scan": Schedule(IntervalTrigger(seconds=scan_s, timezone="UTC"),
                          max(scan_s, 1.0), s.scan_interval_s * 1000),
+        # A grace of a whole interval: after a pause APScheduler coalesces the missed runs
+        # into the last one due, up to an interval ago, and drops it if that is past the
+        # grace. A shorter grace dropped the one catch-up run about half the time.
         "rotate": Schedule(IntervalTrigger(seconds=rotate_s, timezone="UTC"),
-                           max(rotate_s / 4, 1.0), int(s.rotate_interval_h * 3_600_000)),
+                           max(rotate_s, 1.0), int(s.rotate_interval_h * 3_600_000)),
         "reconcile": Schedule(IntervalTrigger(seconds=reconcile_s, timezone="UTC"),
-                              max(reconcile_s / 2, 1.0), s.reconcile_interval_s * 1000),
+                              max(reconcile_s, 1.0), s.reconcile_interval_s * 1000),
     }
     if config.bot.mode != "sim":  # the bot's clock is the wall clock
         out["daily_reset"] = Schedule(CronTrigger(minute=DAILY_CRON_MINUTES, second=0,
@@ -352,8 +355,10 @@ def serve(config: Config, db_path: str | Path) -> int:
                 rt.close()
                 raise StartRefused(f"not started: {problem}")
         service = Service(rt)
-        signal.signal(signal.SIGTERM, service.request_stop)
-        signal.signal(signal.SIGINT, service.request_stop)
+        # A hang-up (an SSH session running it in the foreground dropped) stops it cleanly
+        # too: its default would end the process wherever it is.
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(sig, service.request_stop)
         try:
             return service.run()
         finally:

@@ -140,11 +140,43 @@ def test_sim_mode_runs_every_interval_faster_by_the_speed():
 def test_misfire_grace_suits_each_job():
     plan = scheduler.schedules(PAPER)
     assert plan["scan"].misfire_grace_s == 10  # a scan later than one interval is pointless
-    assert plan["reconcile"].misfire_grace_s == 150
-    assert plan["rotate"].misfire_grace_s == 45 * 60
+    assert plan["reconcile"].misfire_grace_s == 300
+    assert plan["rotate"].misfire_grace_s == 3 * 3600
     assert plan["daily_reset"].misfire_grace_s == 900
     fast = scheduler.schedules(Config().with_values(sim={"speed": 1000.0}))
     assert all(p.misfire_grace_s >= 1.0 for p in fast.values())
+
+
+def test_a_late_wake_up_always_runs_one_reconcile_and_one_rotation():
+    """After a pause APScheduler coalesces the runs due into the last one and drops it if
+    that is later than the grace: with a grace of an interval it never is, wherever in
+    an interval the pause ends."""
+    plan = scheduler.schedules(PAPER)
+    for name in ("reconcile", "rotate"):
+        trigger, grace = plan[name].trigger, plan[name].misfire_grace_s
+        first = trigger.get_next_fire_time(None, at(2026, 1, 1, 12))
+        interval = trigger.interval.total_seconds()
+        for k in range(200):  # pauses ending all over the next ten intervals
+            wake = first + timedelta(seconds=interval * 10 * k / 200 + 0.5)
+            due, t = [], first
+            while t <= wake:
+                due.append(t)
+                t = trigger.get_next_fire_time(t, t + timedelta(microseconds=1))
+            assert (wake - due[-1]).total_seconds() <= grace, (name, k)
+
+
+def test_the_systemd_unit_lets_a_stop_finish_and_does_not_restart_a_refusal():
+    import configparser
+
+    import cli
+
+    unit = configparser.ConfigParser(strict=False, interpolation=None)
+    unit.read(os.path.join(REPO, "deploy", "ledgerbot.service"))
+    service = unit["Service"]
+    worst_stop = scheduler.SHUTDOWN_GRACE_S + scheduler.FORCE_EXIT_LOCK_WAIT_S
+    assert int(service["TimeoutStopSec"]) > worst_stop  # not SIGKILLed inside an order
+    assert service["Restart"] == "on-failure"  # a forced exit (1) or a crash: restarted
+    assert str(cli.Refused.exit_code) in service["RestartPreventExitStatus"].split()
 
 
 def test_fire_times_between_two_runs_are_the_runs_coalescing_merged():

@@ -1,7 +1,7 @@
 """The service as the user runs it: `cli.py run` in a folder, as a real process.
 
 * one instance per ledger: a second `run` exits 2 naming the holder;
-* SIGTERM / SIGINT: the running job finishes, the stop is recorded, exit 0;
+* SIGTERM / SIGINT / SIGHUP: the running job finishes, the stop is recorded, exit 0;
 * with no config but a faster clock, it trades on the synthetic market, and
   `status`, `trades` and `pnl` show it; no secret reaches a log, the console or a file.
 """
@@ -71,7 +71,7 @@ def test_a_second_instance_on_the_same_ledger_exits_2_and_names_the_holder(tmp_p
     assert [e["event"] for e in service_events(bot)] == ["started", "stopped"]
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP])
 def test_a_stop_signal_lets_the_running_job_finish_and_exits_0(tmp_path, sig):
     # Every venue call takes 600 ms and scans are due every 167 ms: a scan takes over
     # 1.2 s (the exchange's time, then the candles), and the scheduler drops a due run
