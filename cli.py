@@ -387,6 +387,9 @@ def run(ctx) -> None:
         code = scheduler.serve(cfg, ctx.obj["db"])
     except (scheduler.AlreadyRunning, scheduler.StartRefused) as exc:
         raise Refused(str(exc)) from None
+    except scheduler.StartFailed as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(1)
     sys.exit(code)
 
 

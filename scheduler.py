@@ -33,6 +33,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import ccxt
 from apscheduler.events import (
     EVENT_JOB_ERROR,
     EVENT_JOB_MAX_INSTANCES,
@@ -47,6 +48,7 @@ from apscheduler.triggers.interval import IntervalTrigger
 from core import logs, runtime
 from core.clock import WallClock
 from core.config import Config, check_can_trade
+from core.exchange import BadExchangeData, error_text
 from jobs import daily_reset, reconcile, rotate, scan
 from jobs.runner import record_not_run, run_job
 from ledger import Fact
@@ -140,6 +142,11 @@ def slot(now_ms: int, interval_ms: int | None) -> int:
 
 class StartRefused(Exception):
     """The account cannot be traded as configured; nothing was started."""
+
+
+class StartFailed(Exception):
+    """The exchange could not be asked before starting (a network outage): nothing was
+    started, and starting again later may work (exit 1: a restart policy retries)."""
 
 
 class LedgerLock:
@@ -350,7 +357,16 @@ def serve(config: Config, db_path: str | Path) -> int:
         logs.setup(config.bot.log_dir)
         rt = runtime.build(config, db_path)
         if config.bot.mode == "live":
-            problem = rt.client.account_mode_problem()
+            try:
+                problem = rt.client.account_mode_problem()
+            except (ccxt.AuthenticationError, ccxt.PermissionDenied) as exc:
+                rt.close()  # keys refused: a person must look, a restart would not help
+                raise StartRefused(f"not started: the exchange refused the API keys "
+                                   f"({error_text(exc)})") from None
+            except (ccxt.BaseError, BadExchangeData) as exc:
+                rt.close()
+                raise StartFailed(f"not started: the account's mode could not be read from "
+                                  f"the exchange ({error_text(exc)})") from None
             if problem:
                 rt.close()
                 raise StartRefused(f"not started: {problem}")

@@ -551,7 +551,7 @@ class ExchangeClient:
                 return self._resolve_ambiguous(sent, exc)
             if isinstance(exc, ccxt.InvalidNonce):
                 self._resync_time()
-            note = _error_text(exc)
+            note = error_text(exc)
             log.warning("order %s: not processed by the exchange: %s", req.client_order_id, note)
             return SubmitResult("rejected", sent, reason=f"not processed: {note}", errors=[note])
         except ccxt.OperationFailed as exc:  # NetworkError, timeouts, 5xx, BadResponse
@@ -560,7 +560,7 @@ class ExchangeClient:
             if isinstance(exc, ccxt.DuplicateOrderId) or DUPLICATE_CLIENT_ID_CODE in str(exc) \
                     or _may_have_executed(exc):
                 return self._resolve_ambiguous(sent, exc)
-            note = _error_text(exc)
+            note = error_text(exc)
             log.warning("order %s: rejected by the exchange: %s", req.client_order_id, note)
             return SubmitResult("rejected", sent, reason=note, errors=[note],
                                 would_trigger=is_stop
@@ -654,15 +654,15 @@ class ExchangeClient:
             except ccxt.OperationFailed as exc:
                 if _http_status(exc) == IP_BANNED_STATUS:  # calling again lengthens the ban
                     log.error("%s: IP banned by the exchange; not retried: %s", what,
-                              _error_text(exc))
+                              error_text(exc))
                     raise
                 if attempt == attempts:
-                    log.error("%s failed after %d attempts: %s", what, attempts, _error_text(exc))
+                    log.error("%s failed after %d attempts: %s", what, attempts, error_text(exc))
                     raise
                 if isinstance(exc, ccxt.InvalidNonce):
                     self._resync_time()
                 delay = self._backoff_s(attempt, exc)
-                log.warning("%s failed (%s); retry %d of %d in %.2f s", what, _error_text(exc),
+                log.warning("%s failed (%s); retry %d of %d in %.2f s", what, error_text(exc),
                             attempt, attempts - 1, delay)
                 self._sleep(delay)
         raise AssertionError("unreachable")
@@ -685,11 +685,11 @@ class ExchangeClient:
             self._call(resync)
             log.info("re-synchronised with the exchange clock")
         except ccxt.BaseError as exc:
-            log.warning("clock re-synchronisation failed: %s", _error_text(exc))
+            log.warning("clock re-synchronisation failed: %s", error_text(exc))
 
     def _resolve_ambiguous(self, sent: OrderRequest, exc: BaseException) -> SubmitResult:
         cid = sent.client_order_id
-        errors = [_error_text(exc)]
+        errors = [error_text(exc)]
         log.warning("order %s: outcome unknown (%s); looking it up by client order id",
                     cid, errors[0])
         is_stop = sent.type == "stop_market"
@@ -699,7 +699,7 @@ class ExchangeClient:
             try:
                 report = self._lookup(sent.symbol, cid, None, is_stop)
             except (ccxt.BaseError, BadExchangeData) as lookup_exc:
-                errors.append(f"lookup: {_error_text(lookup_exc)}")
+                errors.append(f"lookup: {error_text(lookup_exc)}")
                 continue
             if report is not None:
                 log.info("order %s: found on the exchange (%s)", cid, report.status)
@@ -1138,7 +1138,8 @@ def _may_have_executed(exc: BaseException) -> bool:
     return (status is not None and status >= 500) or "unknown error" in str(exc).lower()
 
 
-def _error_text(exc: BaseException) -> str:
+def error_text(exc: BaseException) -> str:
+    """One line about an exchange error, its request's signature masked."""
     text = re.sub(r"signature=[0-9a-f]+", "signature=...", str(exc))
     return _clip(f"{type(exc).__name__}: {text}")
 

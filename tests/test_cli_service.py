@@ -230,3 +230,31 @@ def test_job_and_reconcile_refuse_while_another_process_holds_the_ledger(world, 
     holder.kill()
     holder.wait()
     assert world.cli(*args).exit_code == 0  # free again
+
+
+@pytest.mark.parametrize(("error", "code", "said"), [
+    ("NetworkError", 1, "could not be read from the exchange"),
+    ("AuthenticationError", 2, "refused the API keys")])
+def test_a_live_start_the_exchange_cannot_answer_is_one_clear_line(tmp_path, monkeypatch,
+                                                                  error, code, said):
+    # Only the transport is faked: the exchange unreachable (exit 1: a restart policy
+    # tries again) or refusing the keys (exit 2: a person must look).
+    import ccxt
+    from click.testing import CliRunner
+
+    import cli
+
+    def fetch(self, url, method="GET", headers=None, body=None):
+        raise getattr(ccxt, error)(f"binanceusdm GET {url}")
+
+    monkeypatch.setattr(ccxt.binanceusdm, "fetch", fetch)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "bot.toml").write_text('[bot]\nmode = "live"\nlog_dir = ""\n'
+                                       '[exchange]\nread_retries = 0\n')
+    result = CliRunner().invoke(cli.main, ["--db", str(tmp_path / "bot.db"), "run"],
+                                env={"BOT_API_KEY": "k3y", "BOT_API_SECRET": "s3cr3t"})
+    assert result.exit_code == code, result.output
+    last = result.stderr.strip().splitlines()[-1]  # after the client's own log line
+    assert last.startswith("error: not started:") and said in last
+    assert "Traceback" not in result.output and "s3cr3t" not in result.output
+    assert "signature=..." in result.stderr or "signature" not in result.stderr
