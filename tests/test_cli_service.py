@@ -9,6 +9,7 @@ second process where a test needs one.
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -251,8 +252,16 @@ def test_a_live_start_the_exchange_cannot_answer_is_one_clear_line(tmp_path, mon
     monkeypatch.chdir(tmp_path)
     (tmp_path / "bot.toml").write_text('[bot]\nmode = "live"\nlog_dir = ""\n'
                                        '[exchange]\nread_retries = 0\n')
-    result = CliRunner().invoke(cli.main, ["--db", str(tmp_path / "bot.db"), "run"],
-                                env={"BOT_API_KEY": "k3y", "BOT_API_SECRET": "s3cr3t"})
+    # `run` sets the process's logging up (levels, handlers): restored for later tests.
+    loggers = [logging.getLogger(n) for n in ("", "ccxt", "apscheduler")]
+    saved = [(lg, lg.level, list(lg.handlers)) for lg in loggers]
+    try:
+        result = CliRunner().invoke(cli.main, ["--db", str(tmp_path / "bot.db"), "run"],
+                                    env={"BOT_API_KEY": "k3y", "BOT_API_SECRET": "s3cr3t"})
+    finally:
+        for lg, level, handlers in saved:
+            lg.setLevel(level)
+            lg.handlers[:] = handlers
     assert result.exit_code == code, result.output
     last = result.stderr.strip().splitlines()[-1]  # after the client's own log line
     assert last.startswith("error: not started:") and said in last
