@@ -82,11 +82,11 @@ from core.sim_store import SimPosition
 from core.strategies import Strategy, load_strategy
 from jobs import daily_reset, rotate, scan
 from ledger import Fact, Ledger
+from ledger.audit import BACKTEST_KIND, written_by_backtest
 
 log = logging.getLogger(__name__)
 
 PCT_MARGIN = 1e-6  # percentage points: a limit this close is checked by the exact rules
-BACKTEST_KIND = "backtest"
 Progress = Callable[[int, int], None]
 
 
@@ -112,11 +112,9 @@ class BacktestResult:
 
 
 def is_backtest_ledger(path: str | Path) -> bool:
-    """True if ``path`` is a ledger a backtest wrote (its first fact says so)."""
+    """True if ``path`` is empty or a ledger a backtest wrote (its first fact says so)."""
     with Ledger(path, readonly=True) as ledger:
-        rows = ledger.select("SELECT type, json_extract(data, '$.kind') AS kind FROM facts "
-                             "ORDER BY seq LIMIT 1")
-    return not rows or (rows[0]["type"] == "note" and rows[0]["kind"] == BACKTEST_KIND)
+        return ledger.last_seq() == 0 or written_by_backtest(ledger)
 
 
 def run_backtest(config: Config, source, db_path: str | Path, *, start_ms: int | None = None,
@@ -390,8 +388,7 @@ class Engine:
         equity = a["wallet"]
         for symbol, signed, entry in a["legs"]:
             d = self.data.data[symbol]
-            last = int(np.searchsorted(d.ts, end, side="right")) - 1
-            equity += float(signed) * (float(d.c[last]) - float(entry))
+            equity += float(signed) * (float(d.c[d.last_at(end)]) - float(entry))
         return equity
 
     def new_peak_exactly(self, k: int) -> bool:

@@ -50,6 +50,7 @@ from core.config import Config
 from core.exits import as_decimal
 from core.risk import RiskState, daily_loss_pct, drawdown_pct
 from ledger import Ledger, LedgerError
+from ledger.audit import written_by_backtest
 
 log = logging.getLogger(__name__)
 
@@ -314,6 +315,7 @@ class Dashboard:
         self.clock = clock or WallClock()
         self.intervals = expected_intervals(config)
         self._tail = Tail()
+        self._written_by_backtest: bool | None = None
 
     @classmethod
     def open(cls, db_path: str | Path, config: Config, clock=None) -> Dashboard:
@@ -326,10 +328,11 @@ class Dashboard:
     # -- basics --------------------------------------------------------------------------
 
     def _backtest(self) -> bool:
-        """A backtest's ledger says so in its first fact (it records no service fact)."""
-        rows = self.ledger.select("SELECT type, json_extract(data, '$.kind') AS kind "
-                                  "FROM facts ORDER BY seq LIMIT 1")
-        return bool(rows) and rows[0]["type"] == "note" and rows[0]["kind"] == "backtest"
+        """A backtest's ledger says so in its first fact (it records no service fact),
+        which never changes once written: read once there is one."""
+        if self._written_by_backtest is None and self.ledger.last_seq():
+            self._written_by_backtest = written_by_backtest(self.ledger)
+        return bool(self._written_by_backtest)
 
     def _last(self) -> tuple[int, int]:
         """(last seq, its ts), (0, 0) for an empty ledger: a primary-key lookup."""

@@ -438,11 +438,12 @@ def check_entry(*, symbol: str, side: str, price: Any, market: MarketInfo, state
             return refuse("cooldown", f"{symbol} exited at a loss; cooldown "
                           f"{rc.cooldown_minutes} min ends at {until}")
 
-    unpriced = [s for s in sorted(pending) if _last_close(closes, s) is None]
+    last_closes = {s: _last_close(closes, s) for s in sorted(pending)}
+    unpriced = [s for s, close in last_closes.items() if close is None]
     others = (*state.external_exposure,
-              *(OpenExposure(s, state.pending_amounts[s][0],
-                             state.pending_amounts[s][1] * _last_close(closes, s))
-                for s in sorted(pending) if s not in unpriced and s in state.pending_amounts))
+              *(OpenExposure(s, state.pending_amounts[s][0], state.pending_amounts[s][1] * close)
+                for s, close in last_closes.items()
+                if close is not None and s in state.pending_amounts))
     exposure = (*state.positions, *others)
     blocked = _correlation_check(symbol, side, state.positions, others, closes, rc, checks)
     if blocked:

@@ -103,6 +103,9 @@ class SimExchange:
         self._lock = threading.RLock()
         self._wire = Wire(self.id)
         self._parser = self._wire.parser
+        # A live source (paper): its answers can stop short, its clock is the exchange's
+        # and its markets change (see _sync, fetch_time, load_markets).
+        self._live = bool(getattr(source, "live", False))
         info = getattr(source, "exchange_info", None)
         self._set_markets([self._parser.parse_market(m) for m in info()] if info
                           else source.unified_markets())
@@ -224,7 +227,7 @@ class SimExchange:
             self._now = now
             self._marks.clear()
         # A live source's minutes close by the exchange's clock (paper): ours may run ahead.
-        closes = self.source.server_now_ms(now) if getattr(self.source, "live", False) else now
+        closes = self.source.server_now_ms(now) if self._live else now
         boundary = closes - closes % self._tf
         if boundary > self._processed:
             seen = self._match(self._processed, boundary) if self._open else boundary
@@ -254,7 +257,7 @@ class SimExchange:
                 first = max(start, min(o.created_ms - o.created_ms % tf for o in orders))
                 c = self.source.candles(symbol, first, end)
                 hits = [(o, self._first_hit(o, c)) for o in orders] if len(c) else []
-                if getattr(self.source, "live", False) and first < end:
+                if self._live and first < end:
                     seen = min(seen, int(c.ts[-1]) + tf if len(c) else first)
             events += [(h[0], _priority(o), o.id, h[1]) for o, h in hits if h]
         for ts, _, oid, price in sorted(events):
@@ -419,8 +422,9 @@ class SimExchange:
     def _set_markets(self, markets: list[dict]) -> None:
         """Take the markets a source lists. One it no longer lists stays known, inactive:
         a position or order stored in it must stay readable."""
+        listed = {m["symbol"] for m in markets}
         gone = [{**m, "active": False} for s, m in getattr(self, "markets", {}).items()
-                if s not in {n["symbol"] for n in markets}]
+                if s not in listed]
         self._parser.set_markets([*markets, *gone])
         self.markets: dict[str, dict] = self._parser.markets
         self.markets_by_id = self._parser.markets_by_id
@@ -432,7 +436,7 @@ class SimExchange:
         (paper) is read again on a reload: a symbol that stopped trading shows inactive."""
         if reload or not self._markets_loaded:
             with self._venue("load_markets"):
-                if reload and getattr(self.source, "live", False):
+                if reload and self._live:
                     self._set_markets(self.source.unified_markets())
                 self._markets_loaded = True
         return self.markets
@@ -464,7 +468,7 @@ class SimExchange:
     # ----------------------------------------------------------------- market data
     def fetch_time(self, params: dict | None = None) -> int:
         with self._venue("fetch_time"):
-            if getattr(self.source, "live", False):
+            if self._live:
                 return self.source.server_now_ms(self._now)  # paper: the exchange's time
             return self._now
 

@@ -273,10 +273,10 @@ def enter(rt, ex: Executor, symbol: str, signal, signal_fact: Fact, last: Candle
         rt.ledger.append([signal_fact])
         return 0, False
     rules = rt.strategy.exit_rules(rt.config.exits)
+    exposure = risk.RiskState.from_ledger(state, now)
     decision = risk.check_entry(symbol=symbol, side=signal.side, price=last.close, market=market,
-                                state=risk.RiskState.from_ledger(state, now), balance=balance,
-                                now_ms=now,
-                                config=rt.config, closes=correlation_closes(rt, state, frames),
+                                state=exposure, balance=balance, now_ms=now, config=rt.config,
+                                closes=correlation_closes(rt, exposure, frames),
                                 stop_pct=rules.stop_loss_pct, candle_ts=last.ts, as_of_ms=as_of)
     risk_fact = Fact("risk_decision", now, run_id=run_id, symbol=symbol, side=signal.side,
                      amount=decision.amount if decision.approved else None,
@@ -294,12 +294,11 @@ def enter(rt, ex: Executor, symbol: str, signal, signal_fact: Fact, last: Candle
     return (1 if position is not None else 0), True
 
 
-def correlation_closes(rt, state, frames: dict) -> dict:
+def correlation_closes(rt, exposure: risk.RiskState, frames: dict) -> dict:
     """This scan's frames, and for the symbols held (or flagged, or being entered) that
     it could not fetch intact, the candles last fetched: a hole or a failed read must not
     hide a correlation, nor block every entry while it lasts."""
-    exposed = set(state.positions) | set(state.external) | {
-        o["symbol"] for o in state.orders.values() if o.get("purpose") == "entry"}
+    exposed = exposure.symbols() | exposure.external | set(exposure.pending_entries)
     cached = {s: frame(rt.last_candles[s]) for s in sorted(exposed - set(frames))
               if rt.last_candles.get(s)}
     return {**cached, **frames}

@@ -7,6 +7,16 @@ from core.clock import day_ms
 from .schema import VIEW_NAMES
 from .store import Ledger
 
+# data.kind of the note a backtest opens its ledger with (core/backtest.py)
+BACKTEST_KIND = "backtest"
+
+
+def written_by_backtest(ledger: Ledger) -> bool:
+    """Does the ledger's first fact say a backtest wrote it? (False while it is empty.)"""
+    rows = ledger.select("SELECT type, json_extract(data, '$.kind') AS kind FROM facts "
+                         "ORDER BY seq LIMIT 1")
+    return bool(rows) and rows[0]["type"] == "note" and rows[0]["kind"] == BACKTEST_KIND
+
 
 def _since_ms(since: str) -> int:
     """YYYY-MM-DD (UTC midnight) or a full ISO timestamp ending in Z."""
