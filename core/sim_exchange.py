@@ -876,4 +876,4 @@ def make_source(config, clock, stored: dict | None, live_exchange: Any = None,
     if live_exchange is None:
         live_exchange = getattr(ccxt, config.exchange.id)({
             "timeout": config.exchange.timeout_ms, "options": {"fetchCurrencies": False}})
-    return LiveMarket(live_exchange, settle)
+    return LiveMarket(live_exchange, settle, clock)

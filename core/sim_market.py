@@ -468,9 +468,10 @@ class LiveMarket:
     # where they stopped instead of taking the missing minutes as quiet.
     live = True
 
-    def __init__(self, exchange: Any, settle: str = "USDT") -> None:
+    def __init__(self, exchange: Any, settle: str = "USDT", clock: Any = None) -> None:
         self.exchange = exchange
         self.settle = settle
+        self.clock = clock  # read again once /time answers (None: the caller's now_ms)
         self.symbols: list[str] = []
         self.ticks: dict[str, float] = {}
         self._offset_ms = 0  # the exchange's clock minus ours
@@ -478,11 +479,15 @@ class LiveMarket:
 
     def server_now_ms(self, now_ms: int) -> int:
         """The exchange's time at our ``now_ms``: a candle is closed by its clock, not
-        ours. The offset is measured at most once a minute (on a failed read, the last)."""
+        ours. The offset is measured at most once a minute (on a failed read, the last),
+        against our clock once the answer is back: late by the answer's way back, never
+        early by the request's way out (a forming candle must never count as closed)."""
         if self._offset_at is None or abs(now_ms - self._offset_at) >= 60_000:
             self._offset_at = now_ms
             try:
-                self._offset_ms = int(self.exchange.fetch_time()) - now_ms
+                server_ms = int(self.exchange.fetch_time())
+                answered_ms = self.clock.now_ms() if self.clock is not None else now_ms
+                self._offset_ms = server_ms - max(answered_ms, now_ms)
             except Exception as exc:  # noqa: BLE001 - the last offset stands meanwhile
                 log.warning("exchange time not read (%s); offset %d ms kept", exc,
                             self._offset_ms)

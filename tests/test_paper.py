@@ -21,6 +21,7 @@ import pytest
 from core import runtime
 from core.clock import VirtualClock
 from core.config import Config
+from core.sim_market import LiveMarket
 from jobs import rotate, scan
 
 FIX = Path(__file__).parent / "fixtures" / "binance"
@@ -247,3 +248,39 @@ def test_paper_judges_a_closed_candle_by_the_exchanges_clock(tmp_path, public, m
         assert rt.client.server_now_ms() - SERVER_NOW < 5_000
     finally:
         rt.close()
+
+
+class SlowTimeBinance(PublicBinance):
+    """/time takes 2 s each way on the test's clock: the server reads its time halfway."""
+
+    def __init__(self, clock: VirtualClock, server_ahead_ms: int) -> None:
+        super().__init__()
+        self.clock, self.server_ahead_ms, self.time_calls = clock, server_ahead_ms, 0
+
+    def fetch(self, url, method="GET", headers=None, body_=None):
+        if urlsplit(url).path != "/fapi/v1/time":
+            return super().fetch(url, method, headers, body_)
+        self.time_calls += 1
+        self.clock.advance(2_000)
+        server = self.clock.now_ms() + self.server_ahead_ms
+        self.clock.advance(2_000)
+        return {"serverTime": server}
+
+
+def test_paper_measures_the_exchange_clock_once_its_answer_is_back(monkeypatch):
+    # Both clocks agree; the /time answer takes 4 s. Measured against our clock before
+    # the request, the exchange would seem 2 s ahead, and a candle still forming there
+    # would count as closed. Measured once the answer is back, it seems 2 s behind: late,
+    # the safe direction.
+    clock = VirtualClock(SERVER_NOW)
+    slow = SlowTimeBinance(clock, server_ahead_ms=0)
+    monkeypatch.setattr(ccxt.binanceusdm, "fetch",
+                        lambda self, url, method="GET", headers=None, body=None:
+                        slow.fetch(url, method, headers, body))
+    market = LiveMarket(ccxt.binanceusdm(), clock=clock)
+    asked_at = clock.now_ms()
+    server_now = market.server_now_ms(asked_at)
+    assert server_now == asked_at - 2_000
+    clock.advance(30_000)  # within the minute: the offset stands, no new request
+    assert market.server_now_ms(clock.now_ms()) == clock.now_ms() - 2_000
+    assert slow.time_calls == 1
