@@ -50,7 +50,10 @@ class BotSection:
 
 @dataclass(frozen=True)
 class ExchangeSection:
-    id: str = param("binanceusdm", "ccxt exchange id.")
+    # The only venue the client speaks: its order rules, error codes, algo stops and
+    # one-unit contracts are Binance USDⓈ-M's; another ccxt id would trade on wrong rules.
+    id: str = param("binanceusdm", "ccxt exchange id (Binance USDⓈ-M futures only).",
+                    choices=("binanceusdm",))
     demo: bool = param(False, "Use Binance demo trading (the futures testnet is gone).")
     quote: str = param("USDT", "Quote/settlement currency.", pattern=r"[A-Z0-9]{2,10}")
     timeout_ms: int = param(10_000, "Timeout of every HTTP call.", lo=500, hi=120_000)

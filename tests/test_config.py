@@ -168,6 +168,8 @@ BAD = [
     ("[exchange]\ndemo = \"yes\"", "[exchange] demo", "'yes'", "true or false"),
     ("[exchange]\nmargin_mode = \"portfolio\"", "[exchange] margin_mode", "'portfolio'",
      "cross | isolated"),
+    # another venue's orders, error codes and contract sizes are not what the client speaks
+    ("[exchange]\nid = \"okx\"", "[exchange] id", "'okx'", "binanceusdm"),
     ("[risk]\ntrade_fraction = 1.2", "[risk] trade_fraction", "1.2", "0 < value <= 1"),
     ("[risk]\ntrade_fraction = 0", "[risk] trade_fraction", "= 0", "0 < value <= 1"),
     ("[risk]\ntrade_fraction = true", "[risk] trade_fraction", "True", "a number"),
