@@ -631,7 +631,13 @@ class ExchangeClient:
 
     def _call(self, fn: Callable, *args: Any) -> Any:
         with self._lock:
-            return fn(*args)
+            try:
+                return fn(*args)
+            except ccxt.BaseError as exc:
+                # ccxt's message holds a signed request's URL. Masked here, at the edge,
+                # so no log line, traceback, job record or reconcile note can carry it.
+                mask_signature(exc)
+                raise
 
     def _retrying(self, what: str, fn: Callable, *args: Any) -> Any:
         """A safe (read or idempotent) call, retried on network-class errors."""
@@ -1134,10 +1140,21 @@ def _may_have_executed(exc: BaseException) -> bool:
     return (status is not None and status >= 500) or "unknown error" in str(exc).lower()
 
 
+# HMAC keys sign in hex; RSA and Ed25519 keys in (URL-encoded) base64.
+_SIGNATURE = re.compile(r"signature=[^&\s\"',;]+")
+
+
+def mask_signature(exc: BaseException) -> None:
+    """Mask a signed request's signature in ``exc``'s message, in place (type kept)."""
+    text = str(exc)
+    masked = _SIGNATURE.sub("signature=...", text)
+    if masked != text:
+        exc.args = (masked,)
+
+
 def error_text(exc: BaseException) -> str:
     """One line about an exchange error, its request's signature masked."""
-    text = re.sub(r"signature=[0-9a-f]+", "signature=...", str(exc))
-    return _clip(f"{type(exc).__name__}: {text}")
+    return _clip(f"{type(exc).__name__}: {_SIGNATURE.sub('signature=...', str(exc))}")
 
 
 def _clip(text: str, limit: int = SUMMARY_CHARS) -> str:

@@ -959,3 +959,37 @@ def test_one_call_at_a_time_on_the_ccxt_instance():
     for w in workers:
         w.join()
     assert inside["most"] == 1
+
+
+def test_a_failed_signed_read_never_carries_its_signature(tmp_path, caplog):
+    # ccxt's message for a signed GET that timed out is its whole URL, signature and all;
+    # the job's record (kept for good in the ledger) and its log lines must not keep it.
+    from types import SimpleNamespace
+
+    from jobs.runner import run_job
+    from ledger import Ledger
+
+    client, venue, _ = make(http=True, read_retries=0)
+    venue.then("GET", "/fapi/v3/account", requests.exceptions.ReadTimeout("Read timed out."))
+    with Ledger(tmp_path / "bot.db") as ledger, caplog.at_level(logging.DEBUG):
+        rt = SimpleNamespace(clock=client.clock, ledger=ledger)
+        record = run_job(rt, "reconcile", lambda rt, scheduled, run_id: client.balance())
+        [reason] = [r["reason"] for r in ledger.select("SELECT reason FROM facts")]
+    signature = venue.requests_to("GET", "/fapi/v3/account")[-1]["signature"]
+    assert record["outcome"] == "error" and reason.startswith("RequestTimeout: ")
+    assert "/fapi/v3/account" in reason and "signature=..." in reason
+    logged = "\n".join(r.getMessage() for r in caplog.records)
+    assert "signature=..." in logged
+    assert signature not in reason and signature not in logged
+
+
+@pytest.mark.parametrize("signed", ["signature=5f2e9a0c41d7b3e8", "signature=kX9%2Bq%2F7w%3D%3D",
+                                    "signature=kX9+q/7w=="])
+def test_signatures_of_every_key_kind_are_masked(signed):
+    # HMAC keys sign in hex, RSA and Ed25519 keys in (URL-encoded) base64.
+    from core.exchange import mask_signature
+
+    exc = ccxt.RequestTimeout(f"binanceusdm GET https://x/fapi/v3/account?ts=1&{signed}&z=2")
+    mask_signature(exc)
+    assert str(exc) == "binanceusdm GET https://x/fapi/v3/account?ts=1&signature=...&z=2"
+    assert isinstance(exc, ccxt.RequestTimeout)
