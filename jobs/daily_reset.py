@@ -3,6 +3,8 @@
 For each such day it records realized PnL, fees, trades and the closing equity, and
 lifts the daily-loss halt. Run at 00:00 UTC, and at start to catch up the days that
 ended while the bot was down (APScheduler forgets missed runs; the ledger does not).
+A scan that comes first after midnight closes the day itself (with its balance), so
+today's loss is never measured from the day before's start.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ def run(rt, scheduled_ms: int, run_id: str) -> dict:
         return close_days(rt, run_id)
 
 
-def close_days(rt, run_id: str) -> dict:
+def close_days(rt, run_id: str, balance=None) -> dict:
     now = rt.clock.now_ms()
     state = rt.ledger.state()
     first = rt.ledger.select("SELECT ts FROM facts ORDER BY seq LIMIT 1")
@@ -47,8 +49,7 @@ def close_days(rt, run_id: str) -> dict:
         return {"skipped": True, "reason": "no ended day left to close"}
     # fetch: the balance now is the equity at the close of the day that just ended
     try:
-        balance = rt.client.balance()
-        equity_now = balance.equity
+        equity_now = (balance or rt.client.balance()).equity
     except Exception as exc:  # noqa: BLE001 - fall back to the last snapshot, say so
         log.warning("daily reset: balance unavailable (%s); using the last snapshot", exc)
         equity_now = None

@@ -23,9 +23,10 @@ from decimal import Decimal
 import pandas as pd
 
 from core import exits, risk
-from core.clock import iso, timeframe_ms
+from core.clock import DAY_MS, iso, timeframe_ms, utc_day
 from core.exchange_types import BadExchangeData, Candle
 from core.execution import READ_ERRORS, Executor
+from jobs import daily_reset
 from ledger import Fact
 
 log = logging.getLogger(__name__)
@@ -308,10 +309,14 @@ def check_limits(rt, ex: Executor, balance, now: int, run_id: str, snapshot: boo
                  ) -> list[str]:
     """The account limits on this balance; the halts they call for, applied. A scan with
     new candles records the balance it decides on; one without, only the balance
-    behind a new halt (why it halted stays answerable in SQL)."""
+    behind a new halt (why it halted stays answerable in SQL). A UTC day that ended is
+    closed first: today's loss is measured from today's start, whichever job runs first."""
     if snapshot:
         rt.ledger.append([balance_fact(balance, now, run_id)])
     state = rt.ledger.state()
+    if state.last_day_closed != utc_day(now - DAY_MS) \
+            and daily_reset.close_days(rt, run_id, balance).get("closed_days"):
+        state = rt.ledger.state()
     # vars(): the state's fields as a dict, read without another deep copy
     actions = risk.check_account(risk.RiskState.from_ledger(vars(state), now), balance.equity,
                                  now, rt.config.risk)

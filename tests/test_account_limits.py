@@ -57,6 +57,34 @@ def test_the_daily_loss_limit_holds_before_the_first_utc_midnight(bot_factory):
     assert decision["reason"] == "halted:daily_loss" and bot.position(BBB) is None
 
 
+def test_a_scan_before_the_daily_reset_measures_todays_loss_from_today(bot_factory):
+    # Yesterday lost ~3.5 %; today's first minutes ~2 % more. A scan running before the
+    # daily reset (the reset job and the scan both fire after midnight, in either order;
+    # a backtest scans first) measured today's equity against yesterday's start (5.4 %),
+    # halted and closed the position. It closes the day first now.
+    midnight = T0 + 144 * TF
+    assert utc_day(midnight) != utc_day(midnight - 1)
+    path = [*flat(100.0, 143), candle(100, 100, 98.55, 98.6), candle(97.8, 97.9, 97.7, 97.8),
+            *flat(97.8, 10)]
+    bot = long_bot(bot_factory, path, risk={"daily_loss_limit_pct": 5.0,
+                                            "daily_loss_close_all": True})
+    bot.after_candle(142)
+    bot.job("scan")
+    bot.at(midnight - 2_000)
+    bot.job("scan")
+    yesterdays_close = Decimal(bot.client.balance().equity)
+    assert 3 < below(yesterdays_close) < 5
+    bot.at(midnight + 10_000)
+    record = bot.job("scan")
+    assert 5 < below(Decimal(bot.ledger.state().equity))  # from yesterday's start
+    assert "halts" not in record["summary"] and not bot.facts("halt")
+    assert bot.position(AAA) is not None
+    [close] = bot.facts("day_close")
+    assert close["run_id"] == f"scan-{midnight + 10_000}"  # the scan closed the ended day
+    assert bot.job("daily_reset")["outcome"] == "skipped"  # nothing left to close
+    assert len(bot.facts("day_close")) == 1
+
+
 def test_the_first_day_close_becomes_the_day_start(bot_factory):
     bot = bot_factory(paths={"AAA": flat(100.0, 5)})
     bot.ledger.append([Fact("balance", T0, data={"currency": "USDT", "total": "9000",
