@@ -308,8 +308,9 @@ def correlation_closes(rt, exposure: risk.RiskState, frames: dict) -> dict:
 def check_limits(rt, ex: Executor, balance, now: int, run_id: str, snapshot: bool
                  ) -> list[str]:
     """The account limits on this balance; the halts they call for, applied. A scan with
-    new candles records the balance it decides on; one without, only the balance
-    behind a new halt (why it halted stays answerable in SQL). A UTC day that ended is
+    new candles records the balance it decides on; one without, only a balance behind a
+    new halt (why it halted stays answerable in SQL) or at a new equity peak (drawdown is
+    measured from every peak a scan saw, not only those at candle closes). A UTC day that ended is
     closed first: today's loss is measured from today's start, whichever job runs first."""
     if snapshot:
         rt.ledger.append([balance_fact(balance, now, run_id)])
@@ -320,11 +321,17 @@ def check_limits(rt, ex: Executor, balance, now: int, run_id: str, snapshot: boo
     # vars(): the state's fields as a dict, read without another deep copy
     actions = risk.check_account(risk.RiskState.from_ledger(vars(state), now), balance.equity,
                                  now, rt.config.risk)
-    if not snapshot and any(a.new for a in actions):
+    if not snapshot and (any(a.new for a in actions) or new_peak(state, balance.equity)):
         rt.ledger.append([balance_fact(balance, now, run_id)])
     for action in actions:
         apply_halt(rt, ex, state, action, now, run_id)
     return [a.kind for a in actions]
+
+
+def new_peak(state, equity) -> bool:
+    """Whether ``equity`` tops the peak the ledger holds."""
+    eq = exits.as_decimal(equity)
+    return eq is not None and (state.equity_peak is None or eq > Decimal(state.equity_peak))
 
 
 def apply_halt(rt, ex: Executor, state, action, now: int, run_id: str) -> None:

@@ -153,6 +153,30 @@ def test_the_limits_are_checked_every_scan_not_only_at_candle_closes(bot_factory
     assert below(Decimal(snapshot["data"].split('"equity":"')[1].split('"')[0])) >= 15
 
 
+def test_drawdown_is_measured_from_a_peak_seen_between_candle_closes(bot_factory):
+    # Candle 1 climbs 100 -> 110 (equity ~+30 %) and candle 2 opens back at 101. Only
+    # candle-close scans recorded the balance, so the peak the 10 s scans saw inside
+    # candle 1 was forgotten and the fall from it (~20 %) never reached the 15 % limit.
+    path = [candle(100, 100.1, 99.9, 100), candle(100, 110, 100, 110),
+            candle(101, 101.1, 100.9, 101), *flat(101.0, 6)]
+    bot = long_bot(bot_factory, path, exits={"stop_loss_pct": 30.0, "surge_pct": 100.0,
+                                             "trailing_activation_pct": 50.0},
+                   risk={"daily_loss_limit_pct": 90.0, "max_drawdown_pct": 15.0})
+    bot.after_candle(0)
+    bot.job("scan")
+    seen = []
+    for t in range(T0 + TF + 10_000, T0 + 2 * TF, 10_000):  # the 10 s scans inside candle 1
+        bot.at(t)
+        assert bot.job("scan")["summary"]["new_candles"] == 0
+        seen.append(Decimal(bot.client.balance().equity))
+    assert Decimal(bot.ledger.state().equity_peak) == max(seen)
+    bot.after_candle(2)
+    record = bot.job("scan")
+    assert below(Decimal(bot.ledger.state().equity), max(seen)) >= 15
+    assert record["summary"]["halts"] == ["drawdown"]
+    assert bot.position(AAA) is None and not bot.exchange_positions()
+
+
 def test_the_limits_are_checked_while_candles_cannot_be_read(bot_factory):
     path = [candle(100, 100.2, 99.8, 100), candle(100, 100, 90, 90), *flat(88.0, 6)]
     bot = long_bot(bot_factory, path)
