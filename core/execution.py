@@ -31,7 +31,7 @@ from typing import Any
 import ccxt
 
 from core.exchange_types import BadExchangeData, FillReport, OrderReport, OrderRequest, SubmitResult
-from core.exits import resting_level, stop_price
+from core.exits import resting_level, stop_on_tick, stop_price
 from core.orders import TERMINAL, TRANSITIONS, client_order_id, state_of, transition
 from ledger import Fact, Ledger
 
@@ -349,7 +349,9 @@ class Executor:
         """
         symbol, pid = position["symbol"], position["position_id"]
         try:
-            trigger = self.client.prepare_price(symbol, trigger)
+            step = self.client.market(symbol).price_step
+            trigger = self.client.prepare_price(
+                symbol, stop_on_tick(position["side"], Decimal(trigger), step))
         except READ_ERRORS as exc:  # submit rounds it again, or refuses it
             log.warning("%s: stop price %s not rounded (%s)", symbol, trigger, exc)
         with self.lock:

@@ -29,15 +29,15 @@ came after it). That never exits on a retrace that may have happened before the 
 
 The protective level (:attr:`ExitDecision.stop_price`, the more protective of the
 stop loss and the armed trail) is what should rest on the exchange; it only ever
-tightens. Prices are exact ``Decimal``; the caller rounds with the exchange's
-``price_to_precision`` before sending.
+tightens. Prices are exact ``Decimal``; a stop goes on the market's tick the protective
+way (``stop_on_tick``) before it is sent.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from decimal import Decimal, InvalidOperation
+from decimal import ROUND_CEILING, ROUND_FLOOR, Decimal, InvalidOperation
 from typing import Any, Literal
 
 PositionSide = Literal["long", "short"]
@@ -323,15 +323,14 @@ def evaluate_exit(position: PositionView | Mapping[str, Any], price_high: Any, p
     return ExitDecision("hold", "hold", f"last {last}, protective level {level_now}", **common)
 
 
-def round_price(price: Decimal, step: Decimal | None) -> Decimal:
-    """To the nearest multiple of ``step``, halves away from zero - what ccxt's
-    ``price_to_precision`` does for tick-size markets such as Binance futures."""
+def stop_on_tick(side: PositionSide, level: Decimal, step: Decimal | None) -> Decimal:
+    """A stop ``level`` on the market's tick ``step``, rounded the protective way: a long's
+    up, a short's down. To the nearest tick (ccxt's ``price_to_precision``), a stop could
+    land up to half a tick past its level and lose more than the stop loss asks."""
     if step is None or step <= 0:
-        return price
-    units, rest = divmod(price, step)
-    if rest * 2 >= step:
-        units += 1
-    out = units * step
+        return level
+    rounding = ROUND_CEILING if _sign(side) > 0 else ROUND_FLOOR
+    out = (level / step).to_integral_value(rounding=rounding) * step
     return out.quantize(Decimal(1)) if out.as_tuple().exponent > 0 else out
 
 
@@ -346,7 +345,7 @@ def stop_needs_move(side: PositionSide, resting: Decimal | None, desired: Decima
         return False
     if resting is None:
         return True
-    desired = round_price(desired, price_step)
+    desired = stop_on_tick(side, desired, price_step)
     if desired == resting or more_protective(side, resting, desired) == resting:
         return False
     return last_move_ms is None or now_ms - last_move_ms >= interval_s * 1000
@@ -354,4 +353,4 @@ def stop_needs_move(side: PositionSide, resting: Decimal | None, desired: Decima
 
 __all__ = ["ExitRules", "PositionView", "ExitDecision", "position_view", "evaluate_exit",
            "stop_price", "trailing_stop_price", "favourable_pct", "more_protective", "crossed",
-           "stop_needs_move", "round_price", "as_decimal", "pct"]
+           "stop_needs_move", "stop_on_tick", "as_decimal", "pct"]

@@ -223,18 +223,24 @@ class SizeResult:
 
 
 def target_notional(mode: SizingMode, equity: Decimal, *, trade_fraction: float,
-                    risk_pct: float, leverage: int, slots: int, stop_pct: float) -> Decimal:
-    """Notional the sizing mode aims for, before caps and precision."""
+                    risk_pct: float, leverage: int, slots: int, stop_pct: float,
+                    fee_rate: Decimal = ZERO) -> Decimal:
+    """Notional the sizing mode aims for, before caps and precision. ``risk``: a stop hit
+    costs at most ``risk_pct`` of equity, the taker fees (``fee_rate``) of the entry and
+    of the stop's fill included (slippage is not). The fill's notional is the entry's
+    moved by the stop distance: larger for a short, so that side bounds both."""
     if mode == "fraction":
         return equity * pct(trade_fraction) * leverage / max(int(slots), 1)
     if mode == "risk":
-        return equity * pct(risk_pct) / pct(stop_pct)
+        stop = pct(stop_pct)
+        return equity * pct(risk_pct) / (stop + HUNDRED * fee_rate * (2 + stop / HUNDRED))
     raise ValueError(f"sizing must be 'fraction' or 'risk', not {mode!r}")
 
 
 def size_entry(*, mode: SizingMode, price: Any, equity: Any, market: MarketInfo,
                trade_fraction: float, risk_pct: float, leverage: int, slots: int,
-               stop_pct: float, caps: Mapping[str, Decimal] | None = None) -> SizeResult:
+               stop_pct: float, caps: Mapping[str, Decimal] | None = None,
+               fee_rate: Decimal = ZERO) -> SizeResult:
     """Amount to enter at ``price``: target notional, capped by the smallest of ``caps``
     (name -> max notional), truncated to the amount step, capped by the most one order may
     carry, checked against minimums."""
@@ -243,7 +249,8 @@ def size_entry(*, mode: SizingMode, price: Any, equity: Any, market: MarketInfo,
         return SizeResult(False, "bad_input", f"price {price!r}, equity {equity!r}, leverage "
                           f"{leverage}, stop {stop_pct}%: cannot size", ZERO, ZERO, ZERO)
     target = target_notional(mode, eq, trade_fraction=trade_fraction, risk_pct=risk_pct,
-                             leverage=leverage, slots=slots, stop_pct=stop_pct)
+                             leverage=leverage, slots=slots, stop_pct=stop_pct,
+                             fee_rate=fee_rate)
     wanted, capped_by = target, None
     for name, cap in (caps or {}).items():
         if cap < wanted:
@@ -471,7 +478,7 @@ def check_entry(*, symbol: str, side: str, price: Any, market: MarketInfo, state
 
     size = size_entry(mode=rc.sizing, price=p, equity=equity, market=market,
                       trade_fraction=rc.trade_fraction, risk_pct=rc.risk_pct, leverage=leverage,
-                      slots=config.rotation.top_n, stop_pct=stop, caps=caps)
+                      slots=config.rotation.top_n, stop_pct=stop, caps=caps, fee_rate=fee)
     checks.update(sizing=rc.sizing, target_notional=size.target_notional,
                   capped_by=size.capped_by, amount=size.amount, notional=size.notional,
                   margin=size.notional / leverage)

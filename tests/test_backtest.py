@@ -141,8 +141,8 @@ def cases(draw):
     if trailing:
         width = Decimal(trail or str(RULES.trailing_stop_pct))
         level = exits.more_protective(side, level, exits.trailing_stop_price(side, best, width))
-    stop = draw(st.sampled_from([exits.round_price(level, STEP)] * 4 + [
-        None, exits.round_price(level * (1 - sign * Decimal("0.004")), STEP)]))
+    stop = draw(st.sampled_from([exits.stop_on_tick(side, level, STEP)] * 4 + [
+        None, exits.stop_on_tick(side, level * (1 - sign * Decimal("0.004")), STEP)]))
     p = position(side, entry, best, trailing, trail, stop)
     w = watch_for(p, RULES, STEP)
     # prices inside the position's band, exactly on its edges and bounds, or anywhere near
@@ -257,7 +257,8 @@ def test_stop_and_new_high_in_one_candle_assume_the_worse(tmp_path):
     t = trades[0]
     assert t["exit_reason"] == "stop_loss"
     entry = Decimal(t["entry_price"])
-    assert Decimal(t["exit_price"]) == exits.round_price(entry * Decimal("0.98"), Decimal("0.01"))
+    assert Decimal(t["exit_price"]) == exits.stop_on_tick("long", entry * Decimal("0.98"),
+                                                          Decimal("0.01"))
     assert Decimal(t["realized_pnl"]) < 0
     assert conn.execute("SELECT count(*) FROM facts WHERE type = 'best_price'").fetchone()[0] == 1
 

@@ -21,6 +21,7 @@ from core.config import Config
 from core.exchange import NOT_FOUND_FINAL_MS, ExchangeClient
 from core.exchange_types import OrderRequest
 from core.execution import Executor, executed, unsettled
+from core.exits import stop_on_tick
 from core.orders import IllegalTransition, client_order_id
 from core.sim_account import Spec
 from core.sim_exchange import SimExchange
@@ -202,8 +203,10 @@ def test_entry_fill_places_a_reduce_only_stop_at_stop_loss_pct_from_the_fill(w, 
     assert Decimal(position["fees"]) == Decimal(fill["info"]["commission"])
     [stop] = w.resting_stops()
     factor = Decimal("0.98") if side == "long" else Decimal("1.02")
-    expected = w.client.prepare_price(SYM, avg * factor)
+    # on the tick, rounded the protective way: never more than 2 % from the fill
+    expected = stop_on_tick(side, avg * factor, w.client.market(SYM).price_step)
     assert Decimal(str(stop["triggerPrice"])) == expected
+    assert abs(expected - avg) <= avg * Decimal("0.02")
     assert stop["reduceOnly"] is True
     assert stop["side"] == ("sell" if side == "long" else "buy")
     assert Decimal(str(stop["amount"])) == Decimal(position["amount"])

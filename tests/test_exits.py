@@ -15,9 +15,10 @@ from core.exits import (
     ExitRules,
     PositionView,
     evaluate_exit,
+    more_protective,
     resting_level,
-    round_price,
     stop_needs_move,
+    stop_on_tick,
     stop_price,
     trailing_stop_price,
 )
@@ -173,16 +174,32 @@ def test_stop_moves_only_tighter_and_rate_limited():
 
 def test_stop_move_compares_at_exchange_precision():
     # the trail moved by less than a tick: same price on the exchange, no replace
-    assert not stop_needs_move("long", D("101.49"), D("101.4925"), None, 0, 30, D("0.01"))
-    assert stop_needs_move("long", D("101.49"), D("101.4951"), None, 0, 30, D("0.01"))
+    assert not stop_needs_move("long", D("101.49"), D("101.4825"), None, 0, 30, D("0.01"))
+    assert stop_needs_move("long", D("101.49"), D("101.4901"), None, 0, 30, D("0.01"))
+    assert not stop_needs_move("short", D("101.49"), D("101.4999"), None, 0, 30, D("0.01"))
+    assert stop_needs_move("short", D("101.49"), D("101.4899"), None, 0, 30, D("0.01"))
+
+
+def test_a_stop_goes_on_the_tick_the_protective_way():
+    # Entry 100.30, 2 % stop: 98.294 (long) and 102.306 (short). To the nearest tick they
+    # were 98.29 and 102.31: a 2.004 % loss at the stop instead of at most 2 %.
+    assert stop_on_tick("long", D("98.294"), D("0.01")) == D("98.30")
+    assert stop_on_tick("short", D("102.306"), D("0.01")) == D("102.30")
+    assert stop_on_tick("long", D("0.0120981"), D("0.000001")) == D("0.012099")
+    assert stop_on_tick("long", D("98.29"), D("0.01")) == D("98.29")  # on the tick already
+    assert stop_on_tick("short", D("1234"), D("5")) == D("1230")
 
 
 @settings(max_examples=300, deadline=None)
-@given(price=st.decimals(min_value=D("0.0001"), max_value=D("100000"), places=6),
-       step=st.sampled_from([D("0.01"), D("0.1"), D("0.00001"), D("0.5"), D("5"), D("1")]))
-def test_round_price_matches_ccxt(price, step):
-    assert round_price(price, step) == D(decimal_to_precision(str(price), ROUND, str(step),
-                                                              TICK_SIZE))
+@given(level=st.decimals(min_value=D("0.0001"), max_value=D("100000"), places=6),
+       step=st.sampled_from([D("0.01"), D("0.1"), D("0.00001"), D("0.5"), D("5"), D("1")]),
+       side=st.sampled_from(["long", "short"]))
+def test_a_stop_on_the_tick_is_never_looser_and_survives_ccxt_rounding(level, step, side):
+    out = stop_on_tick(side, level, step)
+    assert out % step == 0 and abs(out - level) < step
+    assert more_protective(side, out, level) == out  # never past the level asked for
+    # submit() sends it through ccxt's price_to_precision, which must keep it as it is
+    assert D(decimal_to_precision(str(out), ROUND, str(step), TICK_SIZE)) == out
 
 
 # -- properties over random price paths ------------------------------------------------

@@ -60,12 +60,29 @@ def test_fraction_sizing():
 
 
 def test_risk_sizing_divides_by_the_stop_distance():
-    cfg = CFG.with_values(risk={"sizing": "risk", "risk_pct": 1.0})
+    cfg = CFG.with_values(risk={"sizing": "risk", "risk_pct": 1.0}, sim={"taker_fee_pct": 0})
     # loses 1 % of 10 000 = 100 if the 2 % stop hits: notional 5 000
     d = entry(config=cfg, price="2500")
     assert (d.amount, d.notional) == (D("2"), D("5000"))
     d = entry(config=cfg, price="2500", stop_pct=4.0)  # a wider stop halves the size
     assert d.amount == D("1")
+
+
+@pytest.mark.parametrize("fee_pct", [0.02, 0.05, 0.1])
+@pytest.mark.parametrize("side", ["long", "short"])
+def test_a_stop_hit_costs_risk_pct_fees_included(fee_pct, side):
+    # The entry's and the stop fill's taker fees come out of the same 1 %: sized on the
+    # stop distance alone, a hit cost ~1.05 % of equity at 0.05 % fees.
+    cfg = CFG.with_values(risk={"sizing": "risk", "risk_pct": 1.0},
+                          sim={"taker_fee_pct": fee_pct})
+    price, equity = D("2500"), D("10000")
+    d = entry(config=cfg, price=str(price), side=side)
+    stop = price * (1 - D("0.02")) if side == "long" else price * (1 + D("0.02"))
+    fee = D(str(fee_pct)) / 100
+    loss = d.amount * abs(price - stop) + d.amount * (price + stop) * fee
+    assert loss <= equity / 100
+    # within one amount step (and a long's smaller exit fee) of the 1 %
+    assert loss > equity / 100 - MARKET.amount_step * price * D("0.03") - 2 * fee * 100
 
 
 def test_amount_truncates_never_rounds_up():
