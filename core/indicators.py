@@ -152,6 +152,13 @@ def bad_candles(df: pd.DataFrame) -> np.ndarray:
     return ~(finite & sane)
 
 
+def window_any(flags: np.ndarray, n: int) -> np.ndarray:
+    """True where any of the last ``n`` flags (this row's included) is set."""
+    counts = np.concatenate(([0], np.cumsum(np.asarray(flags, dtype=np.int64))))
+    rows = np.arange(1, len(counts))
+    return counts[rows] - counts[np.maximum(rows - n, 0)] > 0
+
+
 __all__ = ["COLUMNS", "VOLUME_LOOKBACK", "CHOP_PERIOD", "to_frame", "window_sum", "window_max",
            "window_min", "sma", "body_pct", "volume_ratio", "true_range", "choppiness",
-           "bad_candles"]
+           "bad_candles", "window_any"]

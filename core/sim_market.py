@@ -33,6 +33,7 @@ import numpy as np
 import pandas as pd
 
 from core.clock import DAY_MS, TIMEFRAME_MS, timeframe_ms
+from core.indicators import bad_candles
 
 log = logging.getLogger(__name__)
 
@@ -414,16 +415,14 @@ class CsvMarket(ArraySource):
             raise ValueError(f"{path.name}: the candle at {int(differ['timestamp'].iloc[0])} "
                              "is given twice with different values")
         df = df.drop_duplicates("timestamp")
-        prices = df[cols[:4]].to_numpy(dtype=float)
-        ok = (np.isfinite(prices).all(axis=1) & (prices > 0).all(axis=1)
-              & (df["high"] >= df[["open", "close", "low"]].max(axis=1))
-              & (df["low"] <= df[["open", "close"]].min(axis=1))).to_numpy()
+        ok = ~bad_candles(df)  # what the exchange client drops from a live answer
         if not ok.all():
             log.warning("%s: %d malformed candles left out", path.name, int((~ok).sum()))
         df = df[ok]
         if df.empty:
             raise ValueError(f"{path.name}: no valid candles (every row is malformed: a price "
-                             "missing, not positive, or outside its candle's high and low)")
+                             "missing, not positive, or outside its candle's high and low, "
+                             "or a volume missing or negative)")
         tick = 10.0 ** -min(decimals, 12)
         step = amount_step_for(float(df["close"].median()))
         self.ticks[symbol] = tick

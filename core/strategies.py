@@ -123,7 +123,9 @@ class Strategy:
         side, reason = self.rule(df, ind)
         side = np.asarray(side, dtype=np.int8)
         reason = np.asarray(reason, dtype=object)
-        bad = ta.bad_candles(df)
+        # A bad candle anywhere among the rows a decision rests on (its warm-up) taints it:
+        # a negative volume in the 20 before would otherwise fake a volume surge.
+        bad = ta.window_any(ta.bad_candles(df), max(int(self.warmup), 1))
         warm = ind.isna().to_numpy().any(axis=1) if ind.shape[1] else np.zeros(len(df), bool)
         reason = np.where(bad, "bad_candle", np.where(warm, "warmup", reason))
         side = np.where(bad | warm, 0, side).astype(np.int8)
@@ -151,6 +153,12 @@ class Strategy:
         shown = ", ".join(f"{k}={'n/a' if v is None else f'{v:.4g}'}" for k, v in values.items())
         params = ", ".join(f"{k}={v}" for k, v in self.params.items())
         return f"{reason} ({shown}; {params})"
+
+
+def at_least(values: np.ndarray, threshold: float) -> np.ndarray:
+    """``values >= threshold``, counting a value float arithmetic put a hair under it as
+    met: a body of exactly 0.7 % (open 1e-05, close 1.007e-05) computes as 0.69999...93."""
+    return values >= threshold - 1e-9 * abs(threshold)
 
 
 def _num(x: Any) -> float | None:
@@ -188,10 +196,10 @@ class Momentum(Strategy):
         o, c = df["open"].to_numpy(float), df["close"].to_numpy(float)
         body, vr, chop = (ind[k].to_numpy() for k in ("body_pct", "volume_ratio", "chop"))
         up, down = c > o, c < o
-        long_ok = up & (vr >= p["long_volume_ratio"])
-        short_ok = down & (vr >= p["short_volume_ratio"])
+        long_ok = up & at_least(vr, p["long_volume_ratio"])
+        short_ok = down & at_least(vr, p["short_volume_ratio"])
         conditions = [
-            body < p["min_body_pct"],
+            ~at_least(body, p["min_body_pct"]),
             chop >= p["choppiness_max"],
             ~(up | down),
             long_ok,

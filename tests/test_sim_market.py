@@ -117,11 +117,14 @@ def test_csv_folder_errors(tmp_path):
 
 
 def test_csv_market_leaves_out_malformed_rows(tmp_path):
+    # a high under the low, then volumes the exchange client drops too (negative, none)
     lines = ["timestamp,open,high,low,close,volume", f"{T0},1.0,1.1,0.9,1.0,5",
-             f"{T0 + TF},1.0,0.8,0.9,1.0,5", f"{T0 + 2 * TF},1.0,1.2,0.9,1.1,5"]
+             f"{T0 + TF},1.0,0.8,0.9,1.0,5", f"{T0 + 2 * TF},1.0,1.2,0.9,1.1,5",
+             f"{T0 + 3 * TF},1.1,1.2,1.0,1.1,-150", f"{T0 + 4 * TF},1.1,1.2,1.0,1.1,",
+             f"{T0 + 5 * TF},1.1,1.2,1.0,1.1,inf", f"{T0 + 6 * TF},1.1,1.2,1.0,1.1,0"]
     (tmp_path / "X_USDT-5m.csv").write_text("\n".join(lines))
     c = CsvMarket(tmp_path).candles("X/USDT:USDT", 0, T0 + DAY)
-    assert c.ts.tolist() == [T0, T0 + 2 * TF]
+    assert c.ts.tolist() == [T0, T0 + 2 * TF, T0 + 6 * TF]
 
 
 def test_a_candle_given_twice_is_kept_once_if_the_rows_agree_and_refused_if_not(tmp_path):

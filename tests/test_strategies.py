@@ -105,6 +105,29 @@ def test_warmup_bad_candle_and_no_data():
     assert Momentum().decide(empty).reason == "no_data"
 
 
+def test_a_bad_candle_among_those_a_decision_rests_on_taints_it():
+    # A negative volume 5 candles back made the 20-candle mean small, and a candle of
+    # ordinary volume read as a surge: a long on data the exchange client would drop.
+    df = trend_then((110.0, 111.0), 100.0)
+    assert Momentum().decide(df).reason == "volume_too_low"
+    df.loc[df.index[-6], "volume"] = -150.0
+    assert Momentum().decide(df).reason == "bad_candle"
+    far = trend_then((110.0, 111.0), 100.0)
+    far.loc[far.index[-1 - Momentum().warmup], "volume"] = -150.0  # out of the window
+    assert Momentum().decide(far).reason == "volume_too_low"
+
+
+@pytest.mark.parametrize(("o", "c"), [(1e-05, 1.007e-05), (5.0e-05, 5.035e-05)])
+def test_a_body_of_exactly_the_minimum_is_enough(o, c):
+    # 0.7 % exactly, which float arithmetic computes a hair under 0.7
+    assert ta.body_pct(pd.DataFrame({"open": [o], "close": [c]}))[0] < 0.7
+    df = trend_then((o, c), 500.0)
+    scale = o / 100.0  # the trend at the same price level as the last candle
+    for col in ("open", "high", "low", "close"):
+        df.loc[df.index[:-1], col] *= scale
+    assert Momentum().decide(df).reason == "long_momentum"
+
+
 def test_signal_record_is_json_and_explained():
     sig = Momentum().decide(trend_then((110.0, 110.0 * 1.0075), 180.0))
     rec = json.loads(json.dumps(sig.to_record()))
