@@ -38,9 +38,11 @@ from ledger import Fact, Ledger
 log = logging.getLogger(__name__)
 
 READ_ERRORS = (ccxt.BaseError, BadExchangeData)
-# A stop sent this recently whose outcome is unknown may still rest (lookups lag): no
-# other is placed for its position until then (as NOT_FOUND_FINAL_MS for orders).
-STOP_IN_FLIGHT_MS = 60_000
+# Stops of one position whose outcome is unknown and that are not seen resting: past
+# this many, no other is sent (reconcile settles them): each costs a slot of Binance's
+# per-symbol limit on conditional orders.
+MAX_STOPS_IN_FLIGHT = 2
+UNRESOLVED = ("intent", "submitted", "unknown")
 ZERO = Decimal(0)
 
 
@@ -294,29 +296,59 @@ class Executor:
             "AND json_extract(data, '$.purpose') = 'stop'", (position_id,))
         return rows[0]["n"]
 
-    def stop_in_flight(self, position_id: str) -> bool:
-        """A stop of this position sent less than a minute ago with its outcome not known:
-        it may rest, so another now would likely double it. An older one protects nothing
-        that can be counted on (reconcile settles it; a spare stop is cancelled at close)."""
-        now = self.clock.now_ms()
-        return any(o["position_id"] == position_id and o["purpose"] == "stop"
-                   and o["state"] in ("intent", "submitted", "unknown")
-                   and now - o["ts"] < STOP_IN_FLIGHT_MS
-                   for o in self.ledger.state().orders.values())
+    def stops_in_flight(self, position: dict) -> tuple[str | None, int]:
+        """The stops of ``position`` whose outcome is not known, settled by the list of
+        working orders: the latest one found resting is recorded as placed, and its client
+        id returned; else (None, how many are still unknown). One not seen resting may have
+        been lost or may show later; either way it does not protect the position now, so
+        another is sent (two reduce-only stops cannot open a position, and reconcile cancels
+        the spare one)."""
+        pid = position["position_id"]
+        flying = sorted((o for o in self.ledger.state().orders.values()
+                         if o["position_id"] == pid and o["purpose"] == "stop"
+                         and o["state"] in UNRESOLVED), key=lambda o: -o["intent_seq"])
+        if not flying:
+            return None, 0
+        try:
+            resting = {o.client_order_id: o for o in self.client.open_orders(position["symbol"])
+                       if o.is_trigger}
+        except READ_ERRORS as exc:
+            log.warning("%s: working orders unavailable (%s)", position["symbol"], exc)
+            return None, len(flying)
+        for order in flying:
+            report = resting.get(order["client_order_id"])
+            if report is not None:
+                req = request_of(order)
+                self.record([*self.path(req, order["state"], "accepted", position_id=pid,
+                                        exchange_order_id=report.exchange_order_id),
+                             self.stop_placed_fact(position, req, report)])
+                return order["client_order_id"], 0
+        return None, len(flying)
+
+    def stop_placed_fact(self, position: dict, req: OrderRequest, report: OrderReport,
+                         **data: Any) -> Fact:
+        """A stop whose answer was lost, found resting: it protects ``position`` now."""
+        return self.fact("stop_placed", symbol=req.symbol, side=req.side, amount=req.amount,
+                         price=report.trigger_price or req.trigger_price,
+                         client_order_id=req.client_order_id,
+                         exchange_order_id=report.exchange_order_id,
+                         position_id=position["position_id"], data=data)
 
     def protect(self, position: dict, stop_loss_pct: float) -> str | None:
-        """A stop for a position that has none resting and none on its way (placements
-        refused, or an exit refused and the stop put back too); its client id."""
-        pid = position["position_id"]
-        if position.get("stop") or self.stop_in_flight(pid) or self.unresolved(pid, "exit"):
+        """A stop for a position that has none resting (placements refused or lost, or an
+        exit refused or lost and the stop put back too); its client id."""
+        if position.get("stop"):
             return None
+        found, flying = self.stops_in_flight(position)
+        if found or flying >= MAX_STOPS_IN_FLIGHT:
+            return found
         log.warning("%s: no stop rests; placing one", position["symbol"])
         return self.place_stop(position, resting_level(position, stop_loss_pct))
 
     def unresolved(self, position_id: str, *purposes: str) -> bool:
         """Is an order of this position, for one of ``purposes``, still unresolved?"""
         return any(o["position_id"] == position_id and o["purpose"] in purposes
-                   and o["state"] in ("intent", "submitted", "unknown")
+                   and o["state"] in UNRESOLVED
                    for o in self.ledger.state().orders.values())
 
     def live_stops(self, position: dict) -> list[dict]:
@@ -435,9 +467,11 @@ class Executor:
                 # (re-placed after that attempt) stays.
                 log.info("exit %s already in the ledger: not sent again", coid)
                 return False
-            if self.unresolved(pid, "exit"):
-                # An earlier exit's outcome is not known: it may have filled. Reconcile
-                # settles it; the stop protects meanwhile.
+            if self.unresolved(pid, "exit") and not self.still_held(position):
+                # An earlier exit's outcome is not known and the exchange does not show the
+                # position as held (it may have filled, or cannot be read): reconcile
+                # settles it. One the exchange still holds gets this exit too: reduce-only,
+                # it cannot open a position whatever the first one did.
                 log.warning("%s: an earlier exit is unresolved; no exit sent", symbol)
                 return False
             for stop in self.live_stops(position):
@@ -485,6 +519,16 @@ class Executor:
                 # can then never open one, and reconcile cancels it.)
                 self._reprotect(self.ledger.state().positions.get(symbol))
             return closed
+
+    def still_held(self, position: dict) -> bool:
+        """Does the exchange hold ``position`` (its symbol, on its side) right now?"""
+        try:
+            held = self.client.positions()
+        except READ_ERRORS as exc:
+            log.warning("%s: positions unavailable (%s)", position["symbol"], exc)
+            return False
+        return any(p.symbol == position["symbol"] and p.side == position["side"]
+                   and p.amount > 0 for p in held)
 
     def close_fact(self, position: dict, exit_price: Decimal, exit_fee: Decimal,
                    reason: str) -> Fact:
@@ -611,11 +655,22 @@ class Executor:
 
     def _reprotect(self, position: dict | None) -> None:
         """After a failed or partial exit, make sure a stop rests for what remains."""
-        if position is None or position.get("stop") \
-                or self.stop_in_flight(position["position_id"]):
+        if position is None or position.get("stop"):
+            return
+        found, flying = self.stops_in_flight(position)
+        if found or flying >= MAX_STOPS_IN_FLIGHT:
             return
         level = resting_level(position, self.config.exits.stop_loss_pct)
         self.place_stop(position, level, exit_if_crossed=False)
+
+
+def request_of(order: dict) -> OrderRequest:
+    """The request an order the ledger folded (``State.orders``) was sent as."""
+    return OrderRequest(order["symbol"], order["side"], Decimal(order["amount"]),
+                        order["client_order_id"], type=order.get("type") or "market",
+                        reduce_only=bool(order.get("reduce_only")),
+                        trigger_price=Decimal(order["trigger_price"])
+                        if order.get("trigger_price") else None)
 
 
 def fill_data(f: FillReport, **more: Any) -> dict:

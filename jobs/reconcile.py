@@ -30,6 +30,7 @@ from core.execution import (
     executed,
     fill_data,
     opposite,
+    request_of,
     unsettled,
 )
 from core.exits import stop_price
@@ -135,14 +136,6 @@ def fills_checked(rt) -> int:
 
 
 # -- orders -----------------------------------------------------------------------------
-
-def request_of(order: dict) -> OrderRequest:
-    return OrderRequest(order["symbol"], order["side"], Decimal(order["amount"]),
-                        order["client_order_id"], type=order.get("type") or "market",
-                        reduce_only=bool(order.get("reduce_only")),
-                        trigger_price=Decimal(order["trigger_price"])
-                        if order.get("trigger_price") else None)
-
 
 def settle_orders(rt, ex: Executor, dry_run: bool) -> list[Difference]:
     """Every order the ledger has not seen finish: ask the exchange what became of it."""
@@ -306,12 +299,7 @@ def apply_outcome(rt, ex: Executor, order: dict, req: OrderRequest, report: Orde
                 log.warning("%s: spare stop %s not cancelled (%s)", req.symbol,
                             req.client_order_id, exc)
             return
-        facts.append(ex.fact("stop_placed", symbol=req.symbol, side=req.side, amount=req.amount,
-                             price=report.trigger_price or req.trigger_price,
-                             client_order_id=req.client_order_id,
-                             exchange_order_id=report.exchange_order_id,
-                             position_id=position["position_id"],
-                             data={"source": "reconcile"}))
+        facts.append(ex.stop_placed_fact(position, req, report, source="reconcile"))
     elif purpose == "stop" and new in ("cancelled", "expired") and position is not None \
             and (position.get("stop") or {}).get("client_order_id") == req.client_order_id:
         facts.append(ex.fact("stop_cancelled", symbol=req.symbol,
@@ -502,6 +490,12 @@ def external_gone(ex: Executor, symbol: str, flagged: dict, dry_run: bool) -> Di
 
 # -- stops ------------------------------------------------------------------------------
 
+def on_the_way_resting(on_the_way: dict[str, str], position_id: str, resting: dict) -> bool:
+    """Does a stop of this position whose outcome is not known rest? One that does not
+    protects nothing now (lost, or not shown yet): the position gets another."""
+    return any(pid == position_id and cid in resting for cid, pid in on_the_way.items())
+
+
 def compare_stops(rt, ex: Executor, dry_run: bool,
                   plan: dict | None = None) -> list[Difference]:
     """Every position has its stop resting; no stop of ours rests without a position."""
@@ -515,7 +509,6 @@ def compare_stops(rt, ex: Executor, dry_run: bool,
     # A stop on its way (its outcome not known yet) is the position's, not an orphan.
     on_the_way = {o["client_order_id"]: o["position_id"] for o in state.orders.values()
                   if o["purpose"] == "stop" and o["state"] in ("intent", "submitted", "unknown")}
-    pending = set(on_the_way.values())
     open_ids = {p["position_id"] for p in state.positions.values()}
     wanted = {cid for cid, pid in on_the_way.items() if pid in open_ids}
     for symbol, p in sorted(state.positions.items()):
@@ -537,8 +530,8 @@ def compare_stops(rt, ex: Executor, dry_run: bool,
             wanted |= {stop["client_order_id"],  # settled by the move (an exit cancels
                        (after.get("stop") or stop)["client_order_id"]}  # it if it stayed)
             continue
-        if p["position_id"] in pending:
-            continue  # a stop is on its way; the next run settles it
+        if on_the_way_resting(on_the_way, p["position_id"], resting):
+            continue  # a stop on its way rests: it protects; settled once its answer shows
         if symbol in plan["flagged"]:
             # The exchange does not hold this position as the ledger does (gone, or the
             # other side): a stop, or an exit when the price is past it, would act on

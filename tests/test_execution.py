@@ -663,12 +663,18 @@ def test_a_stop_whose_outcome_stayed_unknown_does_not_keep_a_stop_from_being_put
     assert w.position()["stop"]["client_order_id"] == stop["clientOrderId"]
 
 
-def test_no_exit_goes_out_while_an_earlier_one_is_unresolved(w):
+@pytest.mark.parametrize("fault", ["server_error_after_accept", "server_error"])
+def test_an_exit_goes_out_over_an_unresolved_one_only_while_the_exchange_holds_it(w, fault):
+    # The first exit's answer is lost and it cannot be looked up. If it filled (the
+    # exchange holds nothing), another would be pointless: reconcile settles the first.
+    # If it never arrived, the position runs on beyond its exit with no stop (the exit
+    # cancelled it): the next exit goes out, reduce-only, whatever became of the first.
     w.open()
     w.step()
+
     def ambiguous_and_unseen(cid):
         if "-X-" in cid:
-            w.sim.faults.script([("create_order", "server_error"),
+            w.sim.faults.script([("create_order", fault),
                                  *[("fetch_order", "network_error")] * 20])
 
     w.sim.hooks[("create_order", False)] = ambiguous_and_unseen
@@ -678,9 +684,37 @@ def test_no_exit_goes_out_while_an_earlier_one_is_unresolved(w):
     [first] = [c for c in w.sim.creates(trigger=False) if c.reduce_only]
     assert w.states(first.client_id)[-1] == "unknown"
     w.step()  # the next candle decides to exit again
+    second = w.ex.close_position(w.position(), "signal", w.candle())
+    exits = [c.client_id for c in w.sim.creates(trigger=False) if c.reduce_only]
+    if fault == "server_error_after_accept":  # it filled
+        assert not second and exits == [first.client_id]
+        assert w.position() is not None  # until reconcile settles the first
+    else:
+        assert second and len(exits) == 2 and w.position() is None
+        assert not w.exchange_positions()
+
+
+def test_a_position_bare_behind_an_unresolved_exit_gets_a_stop(w):
+    # The exit's answer is lost (it never arrived) and putting the stop back is refused:
+    # the position is bare. The next scan places a stop; it used to wait for reconcile to
+    # settle the exit (up to its interval, 5 min), unprotected meanwhile.
+    w.open()
+    w.step()
+
+    def ambiguous_and_unseen_then_no_stop(cid):
+        if "-X-" in cid:
+            w.sim.faults.script([("create_order", "server_error"),
+                                 *[("fetch_order", "network_error")] * 20,
+                                 ("create_order", "rate_limit")])
+
+    w.sim.hooks[("create_order", False)] = ambiguous_and_unseen_then_no_stop
     assert not w.ex.close_position(w.position(), "signal", w.candle())
-    assert [c.client_id for c in w.sim.creates(trigger=False) if c.reduce_only] \
-        == [first.client_id]  # it may have filled: reconcile settles it first
+    del w.sim.hooks[("create_order", False)]
+    w.sim.faults.clear()
+    assert w.position()["stop"] is None and not w.resting_stops()
+    coid = w.ex.protect(w.position(), 2.0)
+    [resting] = w.resting_stops()
+    assert coid == resting["clientOrderId"] == w.position()["stop"]["client_order_id"]
 
 
 def test_a_refused_exit_puts_a_stop_back(w):

@@ -726,6 +726,48 @@ def test_a_position_left_without_a_stop_gets_one_at_the_next_scan_not_the_next_c
     assert "stops_placed" not in bot.job("scan")["summary"]  # one is enough
 
 
+class LosesStopAnswers(SimExchange):
+    """The next stop order's answer is lost (``fault``: it landed, or it never arrived)
+    and the lookups by client id fail, so its outcome stays unknown."""
+
+    fault = None
+
+    def create_order(self, symbol, type, side, amount, price=None, params=None):  # noqa: A002
+        if (params or {}).get("triggerPrice") and self.fault:
+            self.faults.script([("create_order", self.fault),
+                                *[("fetch_order", "network_error")] * 40])
+            self.fault = None
+        return super().create_order(symbol, type, side, amount, price, params)
+
+
+@pytest.mark.parametrize("fault", ["timeout_after_accept", "timeout"])
+def test_a_stop_whose_answer_was_lost_is_settled_or_replaced_at_the_next_scan(bot_factory,
+                                                                               fault):
+    # Resting (it landed): recorded as the position's stop, and no second one. Not
+    # resting (it never arrived): the position is bare, so another goes out at the next
+    # scan (it used to wait a minute for the lost one to show).
+    bot = bot_factory(strat=PICK_FIRST, paths={"AAA": flat(100.0, 5)},
+                      venue_cls=LosesStopAnswers, exchange={"read_retries": 0})
+    bot.venue.fault = fault
+    bot.set_coins([AAA])
+    bot.job("scan", T0)
+    [lost] = [o for o in bot.ledger.state().orders.values() if o["purpose"] == "stop"]
+    assert lost["state"] == "unknown" and bot.position(AAA)["stop"] is None
+    bot.venue.faults.clear()  # the exchange answers again
+    bot.at(T0 + 11_000)  # the next 10 s scan
+    bot.job("scan")
+    [resting] = bot.resting_stops(AAA)
+    assert bot.position(AAA)["stop"]["client_order_id"] == resting["clientOrderId"]
+    if fault == "timeout_after_accept":
+        assert resting["clientOrderId"] == lost["client_order_id"]
+        assert bot.ledger.state().unresolved_orders() == []
+    else:
+        assert resting["clientOrderId"] != lost["client_order_id"]
+    bot.at(T0 + 21_000)
+    bot.job("scan")
+    assert len(bot.resting_stops(AAA)) == 1  # one is enough
+
+
 def test_no_new_entry_while_the_last_reconciliation_failed(bot_factory):
     # After a crash, reconcile squares the ledger with the exchange first; if it fails, an
     # entry might add to a position (or an order) the ledger does not know yet.

@@ -319,20 +319,24 @@ def test_an_exit_the_exchange_filled_before_the_bot_died_closes_the_position(bot
 
 
 def test_a_stop_that_never_left_is_declared_rejected_and_replaced(bot_factory):
+    # The bot died as it sent the position's stop. The lookup cannot tell yet whether
+    # the stop exists, but it does not rest: the position is bare, so reconcile places a
+    # stop at once (it said "in sync" and left it bare for a minute), and says so.
     bot = died_in_first_scan(bot_factory, "before", True)
     [lost] = [o for o in bot.ledger.state().orders.values() if o["purpose"] == "stop"]
     assert not bot.resting_stops()
-    bot.clock.advance(5_000)  # the lookup cannot tell yet; nothing is sent twice
+    bot.clock.advance(5_000)
     early = reconciled(bot)
-    assert [d["severity"] for d in early["differences"]] == ["info"]
-    assert not bot.resting_stops()
-    bot.clock.advance(NOT_FOUND_FINAL_MS)
-    report = reconciled(bot)
-    assert report["status"] == "corrected"
-    assert kinds(report) == ["missing_stop", "unresolved_order"]
-    assert bot.ledger.state().unresolved_orders() == []
+    assert early["status"] == "corrected"
+    assert kinds(early) == ["missing_stop", "unresolved_order"]
     [stop] = bot.resting_stops()
     assert stop["clientOrderId"] != lost["client_order_id"]
+    assert bot.position(AAA)["stop"]["client_order_id"] == stop["clientOrderId"]
+    bot.clock.advance(NOT_FOUND_FINAL_MS)  # the lost one is declared never placed
+    report = reconciled(bot)
+    assert report["status"] == "corrected" and kinds(report) == ["unresolved_order"]
+    assert bot.ledger.state().unresolved_orders() == []
+    assert [s["clientOrderId"] for s in bot.resting_stops()] == [stop["clientOrderId"]]
     assert_agrees(bot)
     assert_settled(bot)
 
