@@ -284,10 +284,12 @@ class Tail:
             self.service = data
 
     def daily(self) -> list[dict]:
+        none = {"trades": 0, "wins": 0, "realized_pnl": Decimal(0), "fees": Decimal(0)}
         return [{"day": day, "trades": t["trades"], "wins": t["wins"],
                  "realized_pnl": money(t["realized_pnl"]), "fees": money(t["fees"]),
                  "closing_equity": self.day_equity.get(day)}
-                for day, t in sorted(self.days.items())]
+                for day, t in sorted({**dict.fromkeys(self.day_equity, none),
+                                      **self.days}.items())]
 
 
 def _reconciliation(r: dict) -> dict:

@@ -207,6 +207,31 @@ JOIN facts o ON o.type = 'position_opened' AND o.position_id = c.position_id
 WHERE c.type = 'position_closed';
 """
 
+# Every UTC day the ledger closed is listed, also one without a closed trade (its loss or
+# gain was in positions still open, or in partial exits, which count on their position's
+# close day): its closing equity says what happened.
+VIEWS_3 = """
+DROP VIEW daily_pnl;
+CREATE VIEW daily_pnl AS
+WITH closes AS (
+    SELECT strftime('%Y-%m-%d', ts / 1000, 'unixepoch') AS day,
+           count(*) AS trades,
+           sum(CAST(pnl AS REAL) > 0) AS wins,
+           round(sum(CAST(pnl AS REAL)), 8) AS realized_pnl,
+           round(sum(CAST(fee AS REAL)), 8) AS fees
+    FROM facts WHERE type = 'position_closed' GROUP BY day),
+equity AS (  -- the last day_close of each day (SQLite: bare columns follow max())
+    SELECT json_extract(data, '$.day') AS day, json_extract(data, '$.equity') AS equity,
+           max(seq)
+    FROM facts WHERE type = 'day_close' GROUP BY 1),
+days AS (SELECT day FROM closes UNION SELECT day FROM equity WHERE day IS NOT NULL)
+SELECT d.day, coalesce(c.trades, 0) AS trades, coalesce(c.wins, 0) AS wins,
+       coalesce(c.realized_pnl, 0) AS realized_pnl, coalesce(c.fees, 0) AS fees,
+       e.equity AS closing_equity
+FROM days d LEFT JOIN closes c ON c.day = d.day LEFT JOIN equity e ON e.day = d.day
+ORDER BY d.day;
+"""
+
 VIEW_NAMES = ("ledger", "open_positions", "closed_trades", "orders_timeline", "daily_pnl",
               "job_runs", "risk_events", "reconciliations", "balances")
 
@@ -215,6 +240,7 @@ VIEW_NAMES = ("ledger", "open_positions", "closed_trades", "orders_timeline", "d
 MIGRATIONS: tuple[str, ...] = (
     FACTS_TABLE + ";" + TRIGGERS + INDEXES + VIEWS,
     VIEWS_2,
+    VIEWS_3,
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)

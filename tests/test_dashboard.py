@@ -198,6 +198,22 @@ def test_summary_positions_and_trades_match_the_ledger(backtest):
     assert {t["exit_reason"] for t in closed} & {"stop_loss", "trailing_stop"}
 
 
+def test_a_day_without_a_closed_trade_is_a_daily_bar_too(tmp_path):
+    # As the daily_pnl view lists it: its closing equity shows what the day did.
+    day, t0 = 86_400_000, 1_772_326_800_000  # 2026-03-01T01:00Z
+    path = tmp_path / "bot.db"
+    with Ledger(path) as ledger:
+        ledger.append([Fact("day_close", t0 + day, data={"day": "2026-03-01", "equity": "990"}),
+                       Fact("day_close", t0 + 2 * day, data={"day": "2026-03-02",
+                                                            "equity": "980"})])
+        view = ledger.select("SELECT * FROM daily_pnl ORDER BY day")
+    with serving(path, t0 + 2 * day) as (server, _):
+        _, daily = get_json(server, "/api/daily")
+    assert [(d["day"], d["trades"], d["closing_equity"]) for d in daily] == \
+        [(v["day"], v["trades"], v["closing_equity"]) for v in view] == \
+        [("2026-03-01", 0, "990"), ("2026-03-02", 0, "980")]
+
+
 def test_equity_curve_and_daily_bars(backtest):
     with serving(backtest["path"], backtest["end"]) as (server, _):
         _, equity = get_json(server, "/api/equity")

@@ -10,7 +10,7 @@ import pytest
 from click.testing import CliRunner
 
 import cli
-from core.clock import VirtualClock, day_ms
+from core.clock import VirtualClock, day_ms, utc_day
 from core.execution import Executor
 from ledger import Fact, Ledger, schema
 
@@ -113,6 +113,23 @@ def test_a_ledger_of_the_first_schema_gets_the_new_views_and_keeps_its_facts(tmp
                              position_id=PID)])
             assert view(old, "open_positions")[0]["entry_price"] == "100"  # the old view
     with Ledger(path) as ledger:  # a writer migrates it
-        assert ledger.select("PRAGMA user_version")[0]["user_version"] == 2
+        assert ledger.select("PRAGMA user_version")[0]["user_version"] == schema.SCHEMA_VERSION
         assert view(ledger, "open_positions")[0]["entry_price"] == "110"
         assert ledger.last_seq() == 3 and ledger.verify().ok
+
+
+def test_daily_pnl_lists_every_closed_day_also_one_without_a_closed_trade(tmp_path):
+    # Day 2 closed no trade (its loss was in the open position): it is listed, with its
+    # closing equity, instead of missing from the view.
+    day = 86_400_000
+    with Ledger(tmp_path / "bot.db") as ledger:
+        ledger.append([
+            Fact("position_opened", T0, symbol=SOL, side="long", amount="10", price="100",
+                 position_id=PID),
+            Fact("position_closed", T0 + 1, symbol=SOL, side="long", amount="10", price="101",
+                 fee="0.5", pnl="9.5", position_id=PID),
+            Fact("day_close", T0 + day, data={"day": utc_day(T0), "equity": "10009.5"}),
+            Fact("day_close", T0 + 2 * day, data={"day": utc_day(T0 + day), "equity": "9900"})])
+        rows = view(ledger, "daily_pnl")
+    assert [(r["day"], r["trades"], r["realized_pnl"], r["closing_equity"]) for r in rows] == [
+        (utc_day(T0), 1, 9.5, "10009.5"), (utc_day(T0 + day), 0, 0, "9900")]
