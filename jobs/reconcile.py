@@ -392,15 +392,17 @@ def resized_on_exchange(rt, ex: Executor, p: dict, theirs, dry_run: bool) -> Dif
     symbol, held, amount = p["symbol"], Decimal(p["amount"]), theirs.amount
     diff = Difference("position_size", symbol, f"ledger {p['amount']}, exchange {amount}",
                       correction=f"size set to {amount}")
-    closing = []
-    if amount < held:
-        try:
-            closing = unknown_fills(rt, p, opposite(p["side"]))
-        except READ_ERRORS as exc:
-            log.warning("%s: fills unavailable (%s); size taken without them", symbol, exc)
-        if sum((f.amount for f in closing), Decimal(0)) != held - amount:
-            closing = []
-    diff.data = {"trades": {f.trade_id for f in closing}}
+    # The fills that explain the change: closing ones (its PnL) or adding ones (their fee)
+    side = opposite(p["side"]) if amount < held else opposite(opposite(p["side"]))
+    try:
+        changed = unknown_fills(rt, p, side)
+    except READ_ERRORS as exc:
+        log.warning("%s: fills unavailable (%s); size taken without them", symbol, exc)
+        changed = []
+    if sum((f.amount for f in changed), Decimal(0)) != abs(held - amount):
+        changed = []
+    closing = changed if amount < held else []
+    diff.data = {"trades": {f.trade_id for f in changed}}
     if dry_run:
         return diff
     if closing:
@@ -411,8 +413,13 @@ def resized_on_exchange(rt, ex: Executor, p: dict, theirs, dry_run: bool) -> Dif
                    ex.reduced_fact(p, held - amount, avg, fee,
                                    "reduced on the exchange (reconcile)")])
     else:
-        ex.record([ex.fact("position_changed", symbol=symbol, side=p["side"], amount=amount,
+        fee = sum((f.fee for f in changed), Decimal(0))  # an add's trades, fees and all
+        if changed:
+            diff.correction += f" with {len(changed)} fill(s)"
+        ex.record([*(ex.fill_fact(f, p["position_id"]) for f in changed),
+                   ex.fact("position_changed", symbol=symbol, side=p["side"], amount=amount,
                            price=theirs.entry_price if amount > held else None,
+                           fee=Decimal(p.get("fees") or 0) + fee if changed else None,
                            position_id=p["position_id"],
                            reason="reconcile: size on the exchange",
                            data={"source": "reconcile", "ledger_amount": p["amount"]})])

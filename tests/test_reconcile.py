@@ -535,6 +535,12 @@ def test_a_position_grown_by_hand_takes_the_exchanges_size_and_entry(bot_factory
     assert Decimal(str(stop["amount"])) == Decimal(ours["amount"])
     assert ours["stop"]["client_order_id"] == stop["clientOrderId"]
     assert Decimal(ours["stop"]["price"]) == Decimal(position["stop"]["price"])
+    # The add's trade is recorded, its fee in the position's: the trade's fees are the
+    # venue's (the add's fee was dropped, so realized PnL missed it)
+    venue_fees = sum(Decimal(str(t["fee"]["cost"])) for t in bot.venue.fetch_my_trades(AAA))
+    recorded = sum(Decimal(f["fee"]) for f in bot.facts("fill", symbol=AAA))
+    assert recorded == venue_fees == Decimal(ours["fees"])
+    assert len(bot.facts("fill", symbol=AAA)) == len(bot.venue.fetch_my_trades(AAA))
     assert_settled(bot)
 
 
