@@ -1145,11 +1145,15 @@ _SIGNATURE = re.compile(r"signature=[^&\s\"',;]+")
 
 
 def mask_signature(exc: BaseException) -> None:
-    """Mask a signed request's signature in ``exc``'s message, in place (type kept)."""
+    """Mask a signed request's signature in ``exc``'s message, in place (type kept), and
+    drop the exceptions it was raised from: requests' and urllib3's, whose messages (shown
+    in a traceback) hold the signed URL too, and say nothing ccxt's does not."""
     text = str(exc)
     masked = _SIGNATURE.sub("signature=...", text)
     if masked != text:
         exc.args = (masked,)
+    exc.__cause__ = None
+    exc.__suppress_context__ = True
 
 
 def error_text(exc: BaseException) -> str:

@@ -310,7 +310,7 @@ def check_limits(rt, ex: Executor, balance, now: int, run_id: str, snapshot: boo
     """The account limits on this balance; the halts they call for, applied. A scan with
     new candles records the balance it decides on; one without, only a balance behind a
     new halt (why it halted stays answerable in SQL) or at a new equity peak (drawdown is
-    measured from every peak a scan saw, not only those at candle closes). A UTC day that ended is
+    measured from the peaks a scan saw, not only those at candle closes). A UTC day that ended is
     closed first: today's loss is measured from today's start, whichever job runs first."""
     if snapshot:
         rt.ledger.append([balance_fact(balance, now, run_id)])
@@ -328,10 +328,17 @@ def check_limits(rt, ex: Executor, balance, now: int, run_id: str, snapshot: boo
     return [a.kind for a in actions]
 
 
+# A peak between candle closes is recorded once it tops the recorded one by this much:
+# drawdown is then measured from at most 0.1 % below the true peak, and a climbing equity
+# adds a balance fact per 0.1 % it gains, not one every 10 s scan.
+PEAK_STEP = Decimal("0.001")
+
+
 def new_peak(state, equity) -> bool:
-    """Whether ``equity`` tops the peak the ledger holds."""
+    """Whether ``equity`` tops the peak the ledger holds by PEAK_STEP or more."""
     eq = exits.as_decimal(equity)
-    return eq is not None and (state.equity_peak is None or eq > Decimal(state.equity_peak))
+    return eq is not None and (state.equity_peak is None
+                               or eq >= Decimal(state.equity_peak) * (1 + PEAK_STEP))
 
 
 def apply_halt(rt, ex: Executor, state, action, now: int, run_id: str) -> None:

@@ -11,6 +11,7 @@ from click.testing import CliRunner
 from test_jobs_scan import AAA, BBB, DAY, T0, TF, Pick, bots, candle, flat
 
 from core.clock import utc_day
+from jobs import scan
 from ledger import Fact
 
 START = Decimal("10000")  # the simulated account's start balance
@@ -169,12 +170,23 @@ def test_drawdown_is_measured_from_a_peak_seen_between_candle_closes(bot_factory
         bot.at(t)
         assert bot.job("scan")["summary"]["new_candles"] == 0
         seen.append(Decimal(bot.client.balance().equity))
-    assert Decimal(bot.ledger.state().equity_peak) == max(seen)
+    peak = Decimal(bot.ledger.state().equity_peak)
+    assert max(seen) * (1 - scan.PEAK_STEP) <= peak <= max(seen)
     bot.after_candle(2)
     record = bot.job("scan")
     assert below(Decimal(bot.ledger.state().equity), max(seen)) >= 15
     assert record["summary"]["halts"] == ["drawdown"]
     assert bot.position(AAA) is None and not bot.exchange_positions()
+
+
+def test_a_peak_between_candle_closes_is_recorded_per_tenth_of_a_percent_gained():
+    # A climbing equity must not add a balance fact on every 10 s scan.
+    from types import SimpleNamespace
+
+    assert scan.new_peak(SimpleNamespace(equity_peak=None), "10000")
+    assert not scan.new_peak(SimpleNamespace(equity_peak="10000"), "10009.99")
+    assert scan.new_peak(SimpleNamespace(equity_peak="10000"), "10010")
+    assert not scan.new_peak(SimpleNamespace(equity_peak="10000"), None)
 
 
 def test_the_limits_are_checked_while_candles_cannot_be_read(bot_factory):

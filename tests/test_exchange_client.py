@@ -970,13 +970,24 @@ def test_a_failed_signed_read_never_carries_its_signature(tmp_path, caplog):
     from ledger import Ledger
 
     client, venue, _ = make(http=True, read_retries=0)
-    venue.then("GET", "/fapi/v3/account", requests.exceptions.ReadTimeout("Read timed out."))
+    answer = venue.request
+
+    def refused(method, url, data=None, headers=None, **kwargs):
+        if "/fapi/v3/account" not in url:
+            return answer(method, url, data, headers, **kwargs)
+        venue._reply(method, url, data)  # noted as sent; then a real refused connection,
+        parts = urlsplit(url)  # whose requests/urllib3 messages (chained) hold the URL
+        return requests.Session().request(
+            method, url.replace(f"{parts.scheme}://{parts.netloc}", "http://127.0.0.1:9"),
+            data=data, headers=headers, timeout=5)
+
+    client.raw.session.request = refused
     with Ledger(tmp_path / "bot.db") as ledger, caplog.at_level(logging.DEBUG):
         rt = SimpleNamespace(clock=client.clock, ledger=ledger)
         record = run_job(rt, "reconcile", lambda rt, scheduled, run_id: client.balance())
         [reason] = [r["reason"] for r in ledger.select("SELECT reason FROM facts")]
     signature = venue.requests_to("GET", "/fapi/v3/account")[-1]["signature"]
-    assert record["outcome"] == "error" and reason.startswith("RequestTimeout: ")
+    assert record["outcome"] == "error" and reason.startswith("NetworkError: ")
     assert "/fapi/v3/account" in reason and "signature=..." in reason
     logged = "\n".join(r.getMessage() for r in caplog.records)
     assert "signature=..." in logged
