@@ -38,10 +38,12 @@ from ledger import Fact, Ledger
 log = logging.getLogger(__name__)
 
 READ_ERRORS = (ccxt.BaseError, BadExchangeData)
-# Stops of one position whose outcome is unknown and that are not seen resting: past
-# this many, no other is sent (reconcile settles them): each costs a slot of Binance's
-# per-symbol limit on conditional orders.
-MAX_STOPS_IN_FLIGHT = 2
+# Stops of one position sent in the last minute whose outcome is unknown and that are not
+# seen resting: past this many, no other is sent until one is older (by then one that
+# does not rest was never placed, as reconcile declares it). Each may hold a slot of
+# Binance's per-symbol limit on conditional orders (10).
+MAX_STOPS_IN_FLIGHT = 3
+IN_FLIGHT_MS = 60_000
 UNRESOLVED = ("intent", "submitted", "unknown")
 ZERO = Decimal(0)
 
@@ -299,10 +301,10 @@ class Executor:
     def stops_in_flight(self, position: dict) -> tuple[str | None, int]:
         """The stops of ``position`` whose outcome is not known, settled by the list of
         working orders: the latest one found resting is recorded as placed, and its client
-        id returned; else (None, how many are still unknown). One not seen resting may have
-        been lost or may show later; either way it does not protect the position now, so
-        another is sent (two reduce-only stops cannot open a position, and reconcile cancels
-        the spare one)."""
+        id returned; else (None, how many were sent in the last minute). One not seen
+        resting may have been lost or may show later; either way it does not protect the
+        position now, so another is sent (two reduce-only stops cannot open a position,
+        and reconcile cancels the spare one)."""
         pid = position["position_id"]
         flying = sorted((o for o in self.ledger.state().orders.values()
                          if o["position_id"] == pid and o["purpose"] == "stop"
@@ -314,7 +316,7 @@ class Executor:
                        if o.is_trigger}
         except READ_ERRORS as exc:
             log.warning("%s: working orders unavailable (%s)", position["symbol"], exc)
-            return None, len(flying)
+            return None, len(flying)  # cannot tell: each counts
         for order in flying:
             report = resting.get(order["client_order_id"])
             if report is not None:
@@ -323,7 +325,8 @@ class Executor:
                                         exchange_order_id=report.exchange_order_id),
                              self.stop_placed_fact(position, req, report)])
                 return order["client_order_id"], 0
-        return None, len(flying)
+        now = self.clock.now_ms()
+        return None, sum(now - o["ts"] < IN_FLIGHT_MS for o in flying)
 
     def stop_placed_fact(self, position: dict, req: OrderRequest, report: OrderReport,
                          **data: Any) -> Fact:

@@ -768,6 +768,40 @@ def test_a_stop_whose_answer_was_lost_is_settled_or_replaced_at_the_next_scan(bo
     assert len(bot.resting_stops(AAA)) == 1  # one is enough
 
 
+class LosesEveryStopSend(SimExchange):
+    """Every stop order sent is lost on its way (a timeout before the book), and the
+    lookups fail: each stays unknown, none rests."""
+
+    def create_order(self, symbol, type, side, amount, price=None, params=None):  # noqa: A002
+        if (params or {}).get("triggerPrice"):
+            self.faults.script([("create_order", "timeout"),
+                                *[("fetch_order", "network_error")] * 40])
+        return super().create_order(symbol, type, side, amount, price, params)
+
+
+def test_stops_lost_one_after_another_are_sent_again_at_most_three_a_minute(bot_factory):
+    bot = bot_factory(strat=PICK_FIRST, paths={"AAA": flat(100.0, 8)},
+                      venue_cls=LosesEveryStopSend, exchange={"read_retries": 0})
+    bot.set_coins([AAA])
+    bot.job("scan", T0)
+
+    def sent() -> int:
+        return sum(o["purpose"] == "stop" for o in bot.ledger.state().orders.values())
+
+    first = sent()
+    assert first >= 1 and bot.position(AAA)["stop"] is None
+    counts = []
+    for k in range(1, 13):  # two minutes of 10 s scans
+        bot.at(T0 + 1_000 + k * 10_000)
+        bot.job("scan")
+        counts.append(sent())
+    # each scan tries while fewer than 3 were sent in the last minute; then one a scan
+    # once the oldest is a minute old: never stuck, never unbounded
+    assert counts[1] == 3 and counts[3] == 3  # capped within the minute
+    assert counts[-1] > 3  # the cap frees as the lost ones age
+    assert counts[-1] <= 3 + 3 * 2  # at most 3 a minute after that
+
+
 def test_no_new_entry_while_the_last_reconciliation_failed(bot_factory):
     # After a crash, reconcile squares the ledger with the exchange first; if it fails, an
     # entry might add to a position (or an order) the ledger does not know yet.
