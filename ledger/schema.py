@@ -56,6 +56,19 @@ CREATE INDEX facts_client_order ON facts(client_order_id) WHERE client_order_id 
 CREATE INDEX facts_position ON facts(position_id) WHERE position_id IS NOT NULL;
 """
 
+# daily_pnl's totals per UTC day (migrations 1 and 3)
+DAILY_TOTALS = """WITH closes AS (
+    SELECT strftime('%Y-%m-%d', ts / 1000, 'unixepoch') AS day,
+           count(*) AS trades,
+           sum(CAST(pnl AS REAL) > 0) AS wins,
+           round(sum(CAST(pnl AS REAL)), 8) AS realized_pnl,
+           round(sum(CAST(fee AS REAL)), 8) AS fees
+    FROM facts WHERE type = 'position_closed' GROUP BY day),
+equity AS (  -- the last day_close of each day (SQLite: bare columns follow max())
+    SELECT json_extract(data, '$.day') AS day, json_extract(data, '$.equity') AS equity,
+           max(seq)
+    FROM facts WHERE type = 'day_close' GROUP BY 1)"""
+
 VIEWS = f"""
 CREATE VIEW ledger AS
 SELECT seq, {iso('ts')} AS time, type, symbol, side, amount, price, fee, pnl, position_id,
@@ -107,17 +120,7 @@ WHERE type IN ('order_intent', 'order_submitted', 'order_update', 'fill')
 ORDER BY seq;
 
 CREATE VIEW daily_pnl AS
-WITH closes AS (
-    SELECT strftime('%Y-%m-%d', ts / 1000, 'unixepoch') AS day,
-           count(*) AS trades,
-           sum(CAST(pnl AS REAL) > 0) AS wins,
-           round(sum(CAST(pnl AS REAL)), 8) AS realized_pnl,
-           round(sum(CAST(fee AS REAL)), 8) AS fees
-    FROM facts WHERE type = 'position_closed' GROUP BY day),
-equity AS (  -- the last day_close of each day (SQLite: bare columns follow max())
-    SELECT json_extract(data, '$.day') AS day, json_extract(data, '$.equity') AS equity,
-           max(seq)
-    FROM facts WHERE type = 'day_close' GROUP BY 1)
+{DAILY_TOTALS}
 SELECT c.day, c.trades, c.wins, c.realized_pnl, c.fees, e.equity AS closing_equity
 FROM closes c LEFT JOIN equity e ON e.day = c.day
 ORDER BY c.day;
@@ -210,20 +213,10 @@ WHERE c.type = 'position_closed';
 # Every UTC day the ledger closed is listed, also one without a closed trade (its loss or
 # gain was in positions still open, or in partial exits, which count on their position's
 # close day): its closing equity says what happened.
-VIEWS_3 = """
+VIEWS_3 = f"""
 DROP VIEW daily_pnl;
 CREATE VIEW daily_pnl AS
-WITH closes AS (
-    SELECT strftime('%Y-%m-%d', ts / 1000, 'unixepoch') AS day,
-           count(*) AS trades,
-           sum(CAST(pnl AS REAL) > 0) AS wins,
-           round(sum(CAST(pnl AS REAL)), 8) AS realized_pnl,
-           round(sum(CAST(fee AS REAL)), 8) AS fees
-    FROM facts WHERE type = 'position_closed' GROUP BY day),
-equity AS (  -- the last day_close of each day (SQLite: bare columns follow max())
-    SELECT json_extract(data, '$.day') AS day, json_extract(data, '$.equity') AS equity,
-           max(seq)
-    FROM facts WHERE type = 'day_close' GROUP BY 1),
+{DAILY_TOTALS},
 days AS (SELECT day FROM closes UNION SELECT day FROM equity WHERE day IS NOT NULL)
 SELECT d.day, coalesce(c.trades, 0) AS trades, coalesce(c.wins, 0) AS wins,
        coalesce(c.realized_pnl, 0) AS realized_pnl, coalesce(c.fees, 0) AS fees,
