@@ -26,6 +26,7 @@ from core.exchange import NOT_FOUND_FINAL_MS
 from core.exchange_types import BadExchangeData, OrderReport, OrderRequest, SubmitResult
 from core.execution import (
     READ_ERRORS,
+    UNRESOLVED,
     Executor,
     executed,
     fill_data,
@@ -145,7 +146,7 @@ def settle_orders(rt, ex: Executor, dry_run: bool) -> list[Difference]:
         req = request_of(order)
         trigger = req.type == "stop_market"
         try:
-            if order["state"] in ("intent", "submitted", "unknown"):
+            if order["state"] in UNRESOLVED:
                 result = rt.client.resolve_unknown(req, order["ts"])
                 if result.status == "unknown" and trigger:
                     if open_ids is None:
@@ -393,7 +394,8 @@ def resized_on_exchange(rt, ex: Executor, p: dict, theirs, dry_run: bool) -> Dif
     diff = Difference("position_size", symbol, f"ledger {p['amount']}, exchange {amount}",
                       correction=f"size set to {amount}")
     # The fills that explain the change: closing ones (its PnL) or adding ones (their fee)
-    side = opposite(p["side"]) if amount < held else opposite(opposite(p["side"]))
+    adding = "buy" if p["side"] == "long" else "sell"
+    side = opposite(p["side"]) if amount < held else adding
     try:
         changed = unknown_fills(rt, p, side)
     except READ_ERRORS as exc:
@@ -515,7 +517,7 @@ def compare_stops(rt, ex: Executor, dry_run: bool,
         return [Difference("stops", None, f"open orders unavailable ({exc})", "info")]
     # A stop on its way (its outcome not known yet) is the position's, not an orphan.
     on_the_way = {o["client_order_id"]: o["position_id"] for o in state.orders.values()
-                  if o["purpose"] == "stop" and o["state"] in ("intent", "submitted", "unknown")}
+                  if o["purpose"] == "stop" and o["state"] in UNRESOLVED}
     open_ids = {p["position_id"] for p in state.positions.values()}
     wanted = {cid for cid, pid in on_the_way.items() if pid in open_ids}
     for symbol, p in sorted(state.positions.items()):

@@ -309,9 +309,10 @@ def check_limits(rt, ex: Executor, balance, now: int, run_id: str, snapshot: boo
                  ) -> list[str]:
     """The account limits on this balance; the halts they call for, applied. A scan with
     new candles records the balance it decides on; one without, only a balance behind a
-    new halt (why it halted stays answerable in SQL) or at a new equity peak (drawdown is
-    measured from the peaks a scan saw, not only those at candle closes). A UTC day that ended is
-    closed first: today's loss is measured from today's start, whichever job runs first."""
+    new halt (why it halted stays answerable in SQL) or at a new equity peak (drawdown
+    is measured from the peaks a scan saw, not only those at candle closes). A UTC day
+    that ended is closed first: today's loss is measured from today's start, whichever
+    job runs first."""
     if snapshot:
         rt.ledger.append([balance_fact(balance, now, run_id)])
     state = rt.ledger.state()
