@@ -127,7 +127,10 @@ class RiskSection:
 class RotationSection:
     top_n: int = param(8, "Number of active coins.", lo=1, hi=500)
     min_quote_volume: float = param(0.0, "Minimum 24 h quote volume to be eligible.", lo=0)
-    blacklist: tuple = param([], "Symbols never traded, e.g. ['LUNA/USDT:USDT'].")
+    # The exchange's unified perpetual symbols (BASE/QUOTE:SETTLE, as `bot status` shows
+    # them): 'LUNAUSDT' or 'luna/usdt:usdt' would silently exclude nothing.
+    blacklist: tuple = param([], "Symbols never traded, e.g. ['LUNA/USDT:USDT'].",
+                             pattern=r"[^/:\sa-z]+/[A-Z0-9]+:[A-Z0-9]+")
     rank_by: str = param("volume", "volume | volatility (volume filter first).",
                          choices=("volume", "volatility"))
 
@@ -361,7 +364,12 @@ def _check_value(f, value: Any) -> str | None:
         return f"wrong type ({type_name(value)}); allowed: {allowed}"
     if meta["choices"] and value not in meta["choices"]:
         return f"not allowed; allowed: {' | '.join(meta['choices'])}"
-    if meta["pattern"] and not re.fullmatch(meta["pattern"], value):
+    if meta["pattern"] and isinstance(value, list | tuple):
+        for item in value:
+            if not re.fullmatch(meta["pattern"], item):
+                return (f"{item!r} not allowed; allowed: items each a whole string matching "
+                        f"{meta['pattern']}")
+    elif meta["pattern"] and not re.fullmatch(meta["pattern"], value):
         return f"not allowed; allowed: a whole string matching {meta['pattern']}"
     lo, hi = meta["lo"], meta["hi"]
     if isinstance(value, int | float) and not isinstance(value, bool):

@@ -396,6 +396,9 @@ def check_entry(*, symbol: str, side: str, price: Any, market: MarketInfo, state
         return refuse("stale_candles", f"the newest candle of {symbol} closed at "
                       f"{iso(candle_ts + tf)}, over a {config.strategy.timeframe} ago")
 
+    if symbol in config.rotation.blacklist:  # added since the coins were chosen
+        return refuse("blacklisted", f"{symbol} is in [rotation] blacklist")
+
     halts = state.active_halts(now_ms)
     checks["halts"] = sorted(halts)
     if halts:

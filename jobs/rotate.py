@@ -21,11 +21,11 @@ def run(rt, scheduled_ms: int, run_id: str) -> dict:
     state = rt.ledger.state()
     if state.last_rotation and state.last_rotation.get("scheduled_ms") == scheduled_ms:
         return {"skipped": True, "reason": "already rotated for this instant"}
-    # fetch
-    tickers = rt.client.tickers()
-    # Reloaded: a market delisted (or its tick and lot sizes changed) since the service
-    # started must not be chosen (or priced) from ccxt's cache.
+    # fetch. The markets first, reloaded: one delisted (or its tick and lot sizes changed)
+    # since the service started must not be chosen (or priced) from ccxt's cache, and the
+    # tickers of one listed since must not be dropped as unknown.
     tradable = rt.client.load_markets(reload=True)
+    tickers = rt.client.tickers()
     for data in rt.data_clients[1:]:
         try:
             data.load_markets(reload=True)

@@ -97,13 +97,14 @@ def test_file_overrides_only_what_it_names(tmp_path):
         trade_fraction = 0.5
         max_open_positions = 3
         [rotation]
-        blacklist = ["LUNA/USDT:USDT"]
+        blacklist = ["LUNA/USDT:USDT", "1000PEPE/USDT:USDT", "币安人生/USDT:USDT"]
     """)
     cfg = load(path, environ={})
     assert cfg.exchange.leverage == 5
     assert cfg.risk.trade_fraction == 0.5
     assert cfg.risk.max_open_positions == 3
-    assert cfg.rotation.blacklist == ("LUNA/USDT:USDT",)
+    # Binance lists bases that start with digits, and in other scripts
+    assert cfg.rotation.blacklist == ("LUNA/USDT:USDT", "1000PEPE/USDT:USDT", "币安人生/USDT:USDT")
     assert cfg.source == str(path)
     # Everything else keeps its default.
     assert cfg.exits == Config().exits
@@ -189,6 +190,13 @@ BAD = [
      "0 < value <= 1000000000000.0"),
     ("[bot]\nmode = \"real\"", "[bot] mode", "'real'", "sim | paper | live | backtest"),
     ("[rotation]\nblacklist = \"BTC\"", "[rotation] blacklist", "'BTC'", "a list of strings"),
+    # another spelling than the exchange's unified symbol would silently exclude nothing
+    ("[rotation]\nblacklist = [\"LUNA/USDT:USDT\", \"LUNAUSDT\"]", "[rotation] blacklist",
+     "'LUNAUSDT' not allowed", "items each a whole string matching"),
+    ("[rotation]\nblacklist = [\"luna/usdt:usdt\"]", "[rotation] blacklist",
+     "'luna/usdt:usdt' not allowed", "items each"),
+    ("[rotation]\nblacklist = [\"LUNA/USDT\"]", "[rotation] blacklist", "'LUNA/USDT'",
+     "items each"),
     ("[rotation]\nblacklist = [1, 2]", "[rotation] blacklist", "[1, 2]", "a list of strings"),
     ("[strategy]\ntimeframe = \"7m\"", "[strategy] timeframe", "'7m'", "1m | 3m | 5m"),
     ("[strategy]\nsma_fast = 50\nsma_slow = 40", "[strategy] sma_fast", "50",

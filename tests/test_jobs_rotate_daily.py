@@ -122,6 +122,32 @@ def test_each_rotation_reloads_the_markets(bot_factory):
     assert bot.venue.reloads == 2
 
 
+class Lists(SimExchange):
+    """NEW is listed after the bot loaded the markets: only a reload shows it."""
+
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
+        self.all_markets = list(self.markets.values())
+        self.markets = {}
+        self._set_markets([m for m in self.all_markets if not m["symbol"].startswith("DDD")])
+
+    def load_markets(self, reload=False, params=None):
+        if reload:
+            self._set_markets(self.all_markets)
+        return super().load_markets(reload, params)
+
+
+def test_a_market_listed_since_the_start_is_ranked_by_the_rotation_that_reloads(bot_factory):
+    # The tickers were read before the markets were reloaded: the new market's were
+    # dropped as an unknown symbol, and it joined a rotation (3 h) late.
+    volumes = {**VOLUMES, "DDD": 90_000.0}
+    bot = bot_factory(venue_cls=Lists, **four(volume=volumes, rotation={"top_n": 2}))
+    bot.client.load_markets()  # the start's load: no DDD yet
+    assert DDD not in bot.client.load_markets()
+    bot.job("rotate", T0)
+    assert last_rotation(bot)["coins"] == [DDD, AAA]
+
+
 def test_a_position_in_a_coin_that_drops_out_stays_managed_until_closed(bot_factory):
     paths = four()["paths"]
     paths["AAA"] = [candle(100, 100.5, 99.5, 100.2), candle(100.2, 100.3, 96.0, 96.5)]

@@ -59,6 +59,15 @@ def test_fraction_sizing():
     assert (d.amount, d.notional) == (D("1.5"), D("3000.0"))
 
 
+def test_a_blacklisted_symbol_is_never_entered():
+    # Added to the blacklist since the coins were chosen (the bot restarted with it):
+    # refused at once, not after the next rotation.
+    cfg = CFG.with_values(rotation={"blacklist": ["ETH/USDT:USDT"]})
+    d = entry(config=cfg)
+    assert (d.approved, d.reason) == (False, "blacklisted")
+    assert entry(config=cfg, symbol="BTC/USDT:USDT").approved
+
+
 def test_risk_sizing_divides_by_the_stop_distance():
     cfg = CFG.with_values(risk={"sizing": "risk", "risk_pct": 1.0}, sim={"taker_fee_pct": 0})
     # loses 1 % of 10 000 = 100 if the 2 % stop hits: notional 5 000
