@@ -29,8 +29,8 @@ def rank_by_volume(tickers: Mapping[str, Ticker], *, quote: str, min_quote_volum
             continue
         if not symbol.endswith(f":{quote}") and f"/{quote}" not in symbol:
             continue
-        if t.quote_volume < Decimal(str(min_quote_volume)):
-            continue
+        if t.quote_volume <= 0 or t.quote_volume < Decimal(str(min_quote_volume)):
+            continue  # none traded in 24 h: not trading (halted, settling), whatever the floor
         out.append(Ranked(symbol, t.quote_volume))
     return sorted(out, key=lambda r: (-r.quote_volume, r.symbol))
 

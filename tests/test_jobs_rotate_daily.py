@@ -67,6 +67,15 @@ def test_rotate_filters_minimum_volume_and_blacklist(bot_factory):
     assert AAA not in ranked and DDD not in ranked
 
 
+def test_a_market_that_traded_nothing_in_24_h_is_never_chosen(bot_factory):
+    # With the default floor of 0, it filled a slot when fewer markets traded than top_n.
+    setup = four(volume={**VOLUMES, "DDD": 0.0}, rotation={"top_n": 4})
+    setup["paths"]["DDD"] = flat(100.0, 3, 0.0)
+    bot = bot_factory(**setup)
+    bot.job("rotate", T0)
+    assert bot.ledger.state().active_coins == [AAA, BBB, CCC]
+
+
 def test_rotate_by_volatility_ranks_the_volume_eligible_by_their_swings(bot_factory):
     swing = [candle(100, 104, 96, 103 if i % 2 else 97) for i in range(40)]
     paths = {"AAA": flat(100.0, 40), "BBB": flat(100.0, 40), "CCC": swing, "DDD": swing}
