@@ -73,6 +73,7 @@ NOT_RUN = {
 }
 COALESCED = "coalesced: due while the scheduler was late; the next run covers it"
 MAX_COALESCED_RECORDS = 100  # per late wake-up (a suspended host can miss thousands)
+ROTATE_RETRY_MS = 60_000  # a failed rotation with no coin active: retried by a scan this often
 JOBS = {"scan": scan.run, "rotate": rotate.run, "daily_reset": daily_reset.run,
         "reconcile": reconcile.run}
 
@@ -199,6 +200,16 @@ def rotation_due(rt) -> bool:
     return not state.active_coins or last is None or rt.clock.now_ms() - last >= interval_ms
 
 
+def rotation_failed_without_coins(rt) -> bool:
+    """No coin is active and the last rotation failed a minute or more ago (the exchange
+    was down when a new bot started): the scan retries it, or nothing would trade until
+    the next rotation, hours later."""
+    state = rt.ledger.state()
+    last = state.last_runs.get("rotate") or {}
+    return (not state.active_coins and last.get("outcome") == "error"
+            and rt.clock.now_ms() - int(last.get("ts") or 0) >= ROTATE_RETRY_MS)
+
+
 class Service:
     """The running bot: a runtime, a scheduler, and a clean way to stop."""
 
@@ -221,6 +232,9 @@ class Service:
             return
         self._running.add(name)
         try:
+            if name == "scan" and rotation_failed_without_coins(self.rt):
+                run_job(self.rt, "rotate", JOBS["rotate"],
+                        slot(self.rt.clock.now_ms(), self.plan["rotate"].interval_ms))
             run_job(self.rt, name, JOBS[name],
                     slot(self.rt.clock.now_ms(), self.plan[name].interval_ms))
         finally:

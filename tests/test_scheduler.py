@@ -235,6 +235,30 @@ def test_jobs_are_installed_with_coalescing_one_instance_and_a_grace(tmp_path):
         rt.close()
 
 
+def test_a_new_bot_whose_first_rotation_failed_retries_it_within_a_minute(tmp_path):
+    # The exchange was down at the first start: no coin, and the next rotation hours off.
+    clock = VirtualClock(T0)
+    rt = make_rt(tmp_path, clock, exchange={"read_retries": 0})
+    try:
+        svc = scheduler.Service(rt)
+        rt.venue.faults.script([("fetch_tickers", "server_error")])
+        svc.startup()
+        assert runs(rt.ledger)[-1]["job"] == "rotate" and not rt.ledger.state().active_coins
+        clock.advance(10_000)
+        svc.job("scan")  # too soon: the exchange is not asked again every 10 s
+        assert [r["job"] for r in runs(rt.ledger)[-1:]] == ["scan"]
+        clock.advance(60_000)
+        svc.job("scan")
+        assert [r["job"] for r in runs(rt.ledger)[-2:]] == ["rotate", "scan"]
+        assert rt.ledger.state().active_coins
+        clock.advance(60_000)
+        before = len(runs(rt.ledger))
+        svc.job("scan")  # coins known: no more rotations than the schedule's
+        assert [r["job"] for r in runs(rt.ledger)[before:]] == ["scan"]
+    finally:
+        rt.close()
+
+
 def test_startup_reconciles_first_catches_up_closed_days_and_rotates(tmp_path):
     clock = VirtualClock(T0)
     rt = make_rt(tmp_path, clock)
