@@ -16,11 +16,13 @@ log = logging.getLogger(__name__)
 VOLATILITY_CANDLES = 100
 
 
+ALREADY = {"skipped": True, "reason": "already rotated for this instant"}
+
+
 def run(rt, scheduled_ms: int, run_id: str) -> dict:
     cfg = rt.config.rotation
-    state = rt.ledger.state()
-    if state.last_rotation and state.last_rotation.get("scheduled_ms") == scheduled_ms:
-        return {"skipped": True, "reason": "already rotated for this instant"}
+    if rotated_for(rt.ledger.state(), scheduled_ms):
+        return ALREADY
     # fetch. The markets first, reloaded: one delisted (or its tick and lot sizes changed)
     # since the service started must not be chosen (or priced) from ccxt's cache, and the
     # tickers of one listed since must not be dropped as unknown.
@@ -41,8 +43,22 @@ def run(rt, scheduled_ms: int, run_id: str) -> dict:
         ranked = rotation.rank_by_volatility(candidates, {
             s: rotation.volatility(c) if c else None for s, c in vols.items()})
     coins = rotation.choose(ranked, cfg.top_n)
-    previous = state.active_coins
-    # record
+    # record: once per slot, whichever run gets here first (the scheduled one, or a scan's
+    # retry while no coin is active, may fetch at the same time)
+    with rt.lock:
+        state = rt.ledger.state()
+        if rotated_for(state, scheduled_ms):
+            return ALREADY
+        return record(rt, run_id, scheduled_ms, coins, ranked, state.active_coins)
+
+
+def rotated_for(state, scheduled_ms: int) -> bool:
+    return bool(state.last_rotation) and state.last_rotation.get("scheduled_ms") == scheduled_ms
+
+
+def record(rt, run_id: str, scheduled_ms: int, coins: list[str], ranked: list,
+           previous: list[str]) -> dict:
+    cfg = rt.config.rotation
     rt.ledger.append([Fact(
         "rotation", rt.clock.now_ms(), run_id=run_id,
         reason=f"top {cfg.top_n} by {cfg.rank_by}",

@@ -217,7 +217,7 @@ VIEWS_3 = f"""
 DROP VIEW daily_pnl;
 CREATE VIEW daily_pnl AS
 {DAILY_TOTALS},
-days AS (SELECT day FROM closes UNION SELECT day FROM equity WHERE day IS NOT NULL)
+days AS (SELECT day FROM closes UNION SELECT day FROM equity WHERE typeof(day) = 'text')
 SELECT d.day, coalesce(c.trades, 0) AS trades, coalesce(c.wins, 0) AS wins,
        coalesce(c.realized_pnl, 0) AS realized_pnl, coalesce(c.fees, 0) AS fees,
        e.equity AS closing_equity

@@ -129,7 +129,9 @@ def test_daily_pnl_lists_every_closed_day_also_one_without_a_closed_trade(tmp_pa
             Fact("position_closed", T0 + 1, symbol=SOL, side="long", amount="10", price="101",
                  fee="0.5", pnl="9.5", position_id=PID),
             Fact("day_close", T0 + day, data={"day": utc_day(T0), "equity": "10009.5"}),
-            Fact("day_close", T0 + 2 * day, data={"day": utc_day(T0 + day), "equity": "9900"})])
+            Fact("day_close", T0 + 2 * day, data={"day": utc_day(T0 + day), "equity": "9900"}),
+            # not a day the ledger knows (the fold keeps it as text; no day is listed)
+            Fact("day_close", T0 + 2 * day, data={"day": 20250303, "equity": "1"})])
         rows = view(ledger, "daily_pnl")
     assert [(r["day"], r["trades"], r["realized_pnl"], r["closing_equity"]) for r in rows] == [
         (utc_day(T0), 1, 9.5, "10009.5"), (utc_day(T0 + day), 0, 0, "9900")]

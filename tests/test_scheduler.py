@@ -259,6 +259,39 @@ def test_a_new_bot_whose_first_rotation_failed_retries_it_within_a_minute(tmp_pa
         rt.close()
 
 
+def test_a_scheduled_rotation_and_a_scans_retry_at_once_rotate_once(tmp_path):
+    # The scheduled rotation's tickers answer slowly; meanwhile a scan retries the failed
+    # rotation (no coin active) for the same slot. One rotation is recorded, not two.
+    clock = VirtualClock(T0)
+    rt = make_rt(tmp_path, clock, exchange={"read_retries": 0})
+    try:
+        svc = scheduler.Service(rt)
+        rt.venue.faults.script([("fetch_tickers", "server_error")])
+        svc.startup()
+        clock.advance(3 * 3_600_000)  # the next rotation's slot, and the retry's
+        answer, inside, go = rt.venue.fetch_tickers, threading.Event(), threading.Event()
+
+        def slow_once(*a, **kw):
+            if not inside.is_set():
+                inside.set()
+                go.wait(10)
+            return answer(*a, **kw)
+
+        rt.venue.fetch_tickers = slow_once
+        scheduled = threading.Thread(target=svc.job, args=("rotate",))
+        scheduled.start()
+        assert inside.wait(10)
+        threading.Timer(0.5, go.set).start()  # the answer comes while the scan has begun:
+        svc.job("scan")  # its retry read "not rotated yet" too, then waits for the client
+        scheduled.join(10)
+        rotations = rt.ledger.select("SELECT data FROM facts WHERE type = 'rotation'")
+        assert len(rotations) == 1
+        assert [r["outcome"] for r in runs(rt.ledger) if r["job"] == "rotate"][-2:] == \
+            ["ok", "skipped"]
+    finally:
+        rt.close()
+
+
 def test_startup_reconciles_first_catches_up_closed_days_and_rotates(tmp_path):
     clock = VirtualClock(T0)
     rt = make_rt(tmp_path, clock)
