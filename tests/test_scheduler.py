@@ -13,6 +13,7 @@ import subprocess
 import sys
 import threading
 import time
+from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -235,8 +236,9 @@ def test_jobs_are_installed_with_coalescing_one_instance_and_a_grace(tmp_path):
         rt.close()
 
 
-def test_a_new_bot_whose_first_rotation_failed_retries_it_within_a_minute(tmp_path):
-    # The exchange was down at the first start: no coin, and the next rotation hours off.
+@contextmanager
+def started_while_the_exchange_was_down(tmp_path):
+    """A new bot whose start-up rotation failed: (runtime, service, clock), no coin."""
     clock = VirtualClock(T0)
     rt = make_rt(tmp_path, clock, exchange={"read_retries": 0})
     try:
@@ -244,6 +246,14 @@ def test_a_new_bot_whose_first_rotation_failed_retries_it_within_a_minute(tmp_pa
         rt.venue.faults.script([("fetch_tickers", "server_error")])
         svc.startup()
         assert runs(rt.ledger)[-1]["job"] == "rotate" and not rt.ledger.state().active_coins
+        yield rt, svc, clock
+    finally:
+        rt.close()
+
+
+def test_a_new_bot_whose_first_rotation_failed_retries_it_within_a_minute(tmp_path):
+    # The exchange was down at the first start: no coin, and the next rotation hours off.
+    with started_while_the_exchange_was_down(tmp_path) as (rt, svc, clock):
         clock.advance(10_000)
         svc.job("scan")  # too soon: the exchange is not asked again every 10 s
         assert [r["job"] for r in runs(rt.ledger)[-1:]] == ["scan"]
@@ -255,19 +265,12 @@ def test_a_new_bot_whose_first_rotation_failed_retries_it_within_a_minute(tmp_pa
         before = len(runs(rt.ledger))
         svc.job("scan")  # coins known: no more rotations than the schedule's
         assert [r["job"] for r in runs(rt.ledger)[before:]] == ["scan"]
-    finally:
-        rt.close()
 
 
 def test_a_scheduled_rotation_and_a_scans_retry_at_once_rotate_once(tmp_path):
     # The scheduled rotation's tickers answer slowly; meanwhile a scan retries the failed
     # rotation (no coin active) for the same slot. One rotation is recorded, not two.
-    clock = VirtualClock(T0)
-    rt = make_rt(tmp_path, clock, exchange={"read_retries": 0})
-    try:
-        svc = scheduler.Service(rt)
-        rt.venue.faults.script([("fetch_tickers", "server_error")])
-        svc.startup()
+    with started_while_the_exchange_was_down(tmp_path) as (rt, svc, clock):
         clock.advance(3 * 3_600_000)  # the next rotation's slot, and the retry's
         answer, inside, go = rt.venue.fetch_tickers, threading.Event(), threading.Event()
 
@@ -288,8 +291,6 @@ def test_a_scheduled_rotation_and_a_scans_retry_at_once_rotate_once(tmp_path):
         assert len(rotations) == 1
         assert [r["outcome"] for r in runs(rt.ledger) if r["job"] == "rotate"][-2:] == \
             ["ok", "skipped"]
-    finally:
-        rt.close()
 
 
 def test_startup_reconciles_first_catches_up_closed_days_and_rotates(tmp_path):
