@@ -232,11 +232,13 @@ class Service:
             return
         self._running.add(name)
         try:
-            if name == "scan" and rotation_failed_without_coins(self.rt):
-                run_job(self.rt, "rotate", JOBS["rotate"],
-                        slot(self.rt.clock.now_ms(), self.plan["rotate"].interval_ms))
             run_job(self.rt, name, JOBS[name],
                     slot(self.rt.clock.now_ms(), self.plan[name].interval_ms))
+            # After the scan, so that a slow exchange cannot hold up managing a position
+            if name == "scan" and rotation_failed_without_coins(self.rt) \
+                    and not self.stopping.is_set():
+                run_job(self.rt, "rotate", JOBS["rotate"],
+                        slot(self.rt.clock.now_ms(), self.plan["rotate"].interval_ms))
         finally:
             self._running.discard(name)
 

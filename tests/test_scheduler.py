@@ -259,7 +259,7 @@ def test_a_new_bot_whose_first_rotation_failed_retries_it_within_a_minute(tmp_pa
         assert [r["job"] for r in runs(rt.ledger)[-1:]] == ["scan"]
         clock.advance(60_000)
         svc.job("scan")
-        assert [r["job"] for r in runs(rt.ledger)[-2:]] == ["rotate", "scan"]
+        assert [r["job"] for r in runs(rt.ledger)[-2:]] == ["scan", "rotate"]
         assert rt.ledger.state().active_coins
         clock.advance(60_000)
         before = len(runs(rt.ledger))
