@@ -60,6 +60,7 @@ ORDER_ID0, TRADE_ID0 = 4_000_000_000, 700_000_000  # ids that look like Binance'
 # from where they stopped, for up to this long; then its stops are given up on for the gap.
 MAX_UNSEEN_MS = 15 * 60_000
 MAX_ALGO_PER_SYMBOL = 10  # Binance's MAX_NUM_ALGO_ORDERS filter
+KEPT_MARKETS = "kept_markets"  # meta key: the markets a live source's orders were in
 KLINES_DEFAULT, KLINES_MAX = 500, 1000  # ccxt's binance caps a klines request at 1000
 CLIENT_ID = re.compile(r"^[.A-Z:/a-z0-9_-]{1,36}$")
 PRE_FAULTS = {"network_error", "timeout", "server_error", "rate_limit", "clock_skew",
@@ -115,6 +116,14 @@ class SimExchange:
         self._now = 0
         self.store = SimStore(state_path)
         self._init_state(start_balance)
+        # A live source's markets traded in (paper), kept with the state: one delisted
+        # since (gone from the exchange's list) must stay known after a restart, or the
+        # position or stop held in it could not be read, nor the account.
+        self._kept = {m["symbol"]: m for m in
+                      json.loads(self.store.meta().get(KEPT_MARKETS, "[]"))} if self._live else {}
+        gone = [{**m, "active": False} for s, m in self._kept.items() if s not in self.markets]
+        if gone:
+            self._set_markets([*self.markets.values(), *gone])
 
     # ----------------------------------------------------------------- construction
     @classmethod
@@ -431,6 +440,12 @@ class SimExchange:
         self.symbols = sorted(self.markets)
         self._spec = {s: Spec.of(m) for s, m in self.markets.items()}
 
+    def _keep_market(self, symbol: str) -> None:
+        if symbol not in self._kept:
+            self._kept[symbol] = self.markets[symbol]
+            self.store.set_meta(**{KEPT_MARKETS: json.dumps(list(self._kept.values()),
+                                                            default=str)})
+
     def load_markets(self, reload: bool = False, params: dict | None = None) -> dict:
         """Like ccxt: only the first call (or a reload) goes to the venue. A live source
         (paper) is read again on a reload: a symbol that stopped trading shows inactive."""
@@ -630,6 +645,8 @@ class SimExchange:
         client_id = p.get("clientOrderId") or p.get("newClientOrderId") or p.get("clientAlgoId")
         algo = trigger is not None
         with self._venue("create_order", algo) as fault:
+            if self._live:
+                self._keep_market(symbol)
             o = self._place(symbol, kind, side_u, qty, limit_px, trigger,
                             bool(p.get("reduceOnly")) or close_position, close_position,
                             client_id)

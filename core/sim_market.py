@@ -509,10 +509,15 @@ class LiveMarket:
         self.symbols = sorted(m["symbol"] for m in markets)
         return markets
 
+    def listed(self, symbol: str) -> bool:
+        """Does the exchange list ``symbol`` now? One it dropped (delisted) has no data
+        any more; asked for, ccxt raises BadSymbol, and every venue call would fail."""
+        return symbol in (self.exchange.markets or {})
+
     def candles(self, symbol: str, start_ms: int, end_ms: int) -> Candles:
         """Closed 1 m candles in [start, end), paged through the exchange."""
         rows: list[list] = []
-        since = start_ms
+        since = start_ms if self.listed(symbol) else end_ms
         while since < end_ms:
             page = self.exchange.fetch_ohlcv(symbol, "1m", since=since, limit=1000)
             page = [r for r in page if since <= r[0] and r[0] + self.timeframe_ms <= end_ms]
@@ -524,7 +529,7 @@ class LiveMarket:
         return Candles(a[:, 0].astype(np.int64), a[:, 1], a[:, 2], a[:, 3], a[:, 4], a[:, 5])
 
     def price(self, symbol: str, now_ms: int) -> float | None:
-        return self.exchange.fetch_ticker(symbol).get("last")
+        return self.exchange.fetch_ticker(symbol).get("last") if self.listed(symbol) else None
 
     def full_candle(self, symbol: str, start_ms: int) -> None:
         return None  # the future is not known live
@@ -532,7 +537,10 @@ class LiveMarket:
     def ohlcv(self, symbol: str, tf_ms: int, since: int | None, limit: int,
               now_ms: int) -> list[list]:
         tf = next((k for k, v in TIMEFRAME_MS.items() if v == tf_ms), None)
+        if not self.listed(symbol):
+            return []
         return self.exchange.fetch_ohlcv(symbol, tf, since=since, limit=limit)
 
     def tickers(self, symbols: list[str]) -> dict[str, dict]:
-        return self.exchange.fetch_tickers(symbols)
+        listed = [s for s in symbols if self.listed(s)]
+        return self.exchange.fetch_tickers(listed) if listed else {}

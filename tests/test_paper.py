@@ -22,7 +22,7 @@ from core import runtime
 from core.clock import VirtualClock
 from core.config import Config
 from core.sim_market import LiveMarket
-from jobs import rotate, scan
+from jobs import reconcile, rotate, scan
 
 FIX = Path(__file__).parent / "fixtures" / "binance"
 SERVER_NOW = 1768471350000  # time.json: 10:02:30 UTC, inside the 10:00 candle
@@ -179,16 +179,24 @@ def test_paper_stops_see_the_minutes_an_empty_answer_left_out(tmp_path, monkeypa
 
 
 class DelistingBinance(PublicBinance):
-    """The recorded answers; once ``settling`` is set, BTCUSDT stops trading."""
+    """The recorded answers; once ``settling`` is set, BTCUSDT stops trading; once
+    ``removed`` is set, it is gone from the exchange's lists altogether (delisted)."""
 
-    settling = False
+    settling = removed = False
 
     def fetch(self, url, method="GET", headers=None, body_=None):
+        path = urlsplit(url).path
+        if self.removed and path == "/fapi/v1/klines" and "BTCUSDT" in url:
+            raise AssertionError("asked for the candles of a symbol the exchange dropped")
         answer = super().fetch(url, method, headers, body_)
-        if self.settling and urlsplit(url).path == "/fapi/v1/exchangeInfo":
+        if path == "/fapi/v1/exchangeInfo" and (self.settling or self.removed):
+            answer = {**answer, "symbols": [m for m in answer["symbols"]
+                                            if not (self.removed and m["symbol"] == "BTCUSDT")]}
             for market in answer["symbols"]:
                 if market["symbol"] == "BTCUSDT":
                     market["status"] = "SETTLING"
+        if path == "/fapi/v1/ticker/24hr" and self.removed and isinstance(answer, list):
+            answer = [t for t in answer if t["symbol"] != "BTCUSDT"]
         return answer
 
 
@@ -284,3 +292,29 @@ def test_paper_measures_the_exchange_clock_once_its_answer_is_back(monkeypatch):
     clock.advance(30_000)  # within the minute: the offset stands, no new request
     assert market.server_now_ms(clock.now_ms()) == clock.now_ms() - 2_000
     assert slow.time_calls == 1
+
+
+def test_paper_survives_a_held_symbol_dropped_from_the_exchanges_lists(tmp_path, monkeypatch):
+    # Delisted for good: gone from exchangeInfo and the tickers. ccxt no longer knows the
+    # symbol, and every venue call asked it for that symbol's data: the rotation, the
+    # balance (so the account limits) and, after a restart, positions and reconcile failed.
+    binance = delisting(monkeypatch)
+    cfg = paper_config(tmp_path).with_values(rotation={"top_n": 2})
+    rt = runtime.build(cfg, tmp_path / "bot.db", clock=VirtualClock(SERVER_NOW))
+    try:
+        rotate.run(rt, SERVER_NOW, "rotate-1")
+        assert scan.run(rt, SERVER_NOW, "scan-1")["entries"] == 1
+        binance.removed = True
+        rotate.run(rt, SERVER_NOW + 60_000, "rotate-2")
+        assert rt.ledger.state().active_coins == ["ETH/USDT:USDT"]
+        assert set(rt.client.tickers()) == {"ETH/USDT:USDT"}
+        assert {p.symbol for p in rt.client.positions()} == {BTC}
+        assert rt.client.balance().total > 0
+    finally:
+        rt.close()
+    rt = runtime.build(cfg, tmp_path / "bot.db", clock=VirtualClock(SERVER_NOW + 120_000))
+    try:  # restarted: the position and its stop are still read, and squared
+        assert {p.symbol for p in rt.client.positions()} == {BTC}
+        assert reconcile.run(rt, SERVER_NOW + 120_000, "reconcile-1")["status"] == "in_sync"
+    finally:
+        rt.close()
