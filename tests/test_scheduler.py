@@ -436,7 +436,8 @@ def test_simulated_latency_overlaps_and_the_scan_fetches_concurrently(tmp_path, 
             sleeping["now"] -= 1
 
     monkeypatch.setattr(sim_exchange, "time", SimpleNamespace(sleep=sleep))
-    cfg = Config().with_values(sim={"symbols": 8, "latency_ms": 50.0}, rotation={"top_n": 8})
+    # 250 ms: long enough that a busy machine starts every fetch thread within it
+    cfg = Config().with_values(sim={"symbols": 8, "latency_ms": 250.0}, rotation={"top_n": 8})
     clock = VirtualClock(T0 + 1_000)
     venue = SimExchange.from_config(cfg, clock, origin_ms=T0 - 3 * DAY_MS)
     quiet_open_orders(venue)
