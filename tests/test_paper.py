@@ -208,40 +208,6 @@ def delisting(monkeypatch) -> DelistingBinance:
     return binance
 
 
-def test_paper_rotates_out_a_symbol_that_stopped_trading_while_it_runs(tmp_path, monkeypatch):
-    binance = delisting(monkeypatch)
-    cfg = paper_config(tmp_path).with_values(rotation={"top_n": 2})
-    rt = runtime.build(cfg, tmp_path / "bot.db", clock=VirtualClock(SERVER_NOW))
-    try:
-        rotate.run(rt, SERVER_NOW, "rotate-1")
-        assert rt.ledger.state().active_coins == [BTC, "ETH/USDT:USDT"]
-        binance.settling = True  # the next rotation reloads the markets
-        rotate.run(rt, SERVER_NOW + 60_000, "rotate-2")
-        assert rt.ledger.state().active_coins == ["ETH/USDT:USDT"]
-    finally:
-        rt.close()
-
-
-def test_paper_keeps_a_held_symbol_that_stopped_trading_readable(tmp_path, monkeypatch):
-    binance = delisting(monkeypatch)
-    cfg = paper_config(tmp_path)
-    rt = runtime.build(cfg, tmp_path / "bot.db", clock=VirtualClock(SERVER_NOW))
-    try:
-        rotate.run(rt, SERVER_NOW, "rotate-1")
-        assert scan.run(rt, SERVER_NOW, "scan-1")["entries"] == 1
-    finally:
-        rt.close()
-    binance.settling = True
-    # Restarted while BTC is settling: its position and stop are still read, not a
-    # KeyError on every call.
-    rt = runtime.build(cfg, tmp_path / "bot.db", clock=VirtualClock(SERVER_NOW + 120_000))
-    try:
-        assert {p.symbol for p in rt.client.positions()} == {BTC}
-        assert rt.client.balance().total > 0
-    finally:
-        rt.close()
-
-
 def test_paper_judges_a_closed_candle_by_the_exchanges_clock(tmp_path, public, monkeypatch):
     # Our clock runs 2.5 minutes ahead of Binance's (its /time says 10:02:30 while ours
     # says 10:05:00): the 10:00 candle is still forming there, so the scan decides 09:55.
@@ -294,20 +260,25 @@ def test_paper_measures_the_exchange_clock_once_its_answer_is_back(monkeypatch):
     assert slow.time_calls == 1
 
 
-def test_paper_survives_a_held_symbol_dropped_from_the_exchanges_lists(tmp_path, monkeypatch):
-    # Delisted for good: gone from exchangeInfo and the tickers. ccxt no longer knows the
-    # symbol, and every venue call asked it for that symbol's data: the rotation, the
-    # balance (so the account limits) and, after a restart, positions and reconcile failed.
+@pytest.mark.parametrize("gone", ["settling", "removed"])
+def test_paper_rotates_out_a_symbol_that_stops_trading_and_keeps_its_position(
+        tmp_path, monkeypatch, gone):
+    # Stopped trading (SETTLING), or delisted for good (gone from exchangeInfo and the
+    # tickers). Once ccxt no longer knew the symbol, every venue call asked it for that
+    # symbol's data: the rotation, the balance (so the account limits) and, after a
+    # restart, positions and reconcile failed; a settling one failed at the restart.
     binance = delisting(monkeypatch)
     cfg = paper_config(tmp_path).with_values(rotation={"top_n": 2})
     rt = runtime.build(cfg, tmp_path / "bot.db", clock=VirtualClock(SERVER_NOW))
     try:
         rotate.run(rt, SERVER_NOW, "rotate-1")
+        assert rt.ledger.state().active_coins == [BTC, "ETH/USDT:USDT"]
         assert scan.run(rt, SERVER_NOW, "scan-1")["entries"] == 1
-        binance.removed = True
+        setattr(binance, gone, True)  # the next rotation reloads the markets
         rotate.run(rt, SERVER_NOW + 60_000, "rotate-2")
         assert rt.ledger.state().active_coins == ["ETH/USDT:USDT"]
-        assert set(rt.client.tickers()) == {"ETH/USDT:USDT"}
+        if gone == "removed":
+            assert set(rt.client.tickers()) == {"ETH/USDT:USDT"}
         assert {p.symbol for p in rt.client.positions()} == {BTC}
         assert rt.client.balance().total > 0
     finally:
@@ -315,6 +286,7 @@ def test_paper_survives_a_held_symbol_dropped_from_the_exchanges_lists(tmp_path,
     rt = runtime.build(cfg, tmp_path / "bot.db", clock=VirtualClock(SERVER_NOW + 120_000))
     try:  # restarted: the position and its stop are still read, and squared
         assert {p.symbol for p in rt.client.positions()} == {BTC}
+        assert rt.client.balance().total > 0
         assert reconcile.run(rt, SERVER_NOW + 120_000, "reconcile-1")["status"] == "in_sync"
     finally:
         rt.close()
