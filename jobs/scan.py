@@ -94,15 +94,17 @@ def decide_and_act(rt, symbols: list[str], candles: dict[str, list[Candle]],
     try:
         balance = balance or rt.client.balance()
     except READ_ERRORS as exc:
-        if fresh:
-            raise  # no decision on a balance not known (the job records the error)
-        log.warning("account limits not checked: balance unavailable (%s)", exc)
-        return {**summary, "limits": "not checked: balance unavailable"}
+        # Without the balance there are no limits and no entries; the positions are
+        # still managed (their exits and trailing stops need no balance).
+        log.warning("account limits not checked, no entry: balance unavailable (%s)", exc)
+        summary["limits"] = "not checked: balance unavailable"
+        balance = None
     now = rt.clock.now_ms()
     ex = Executor(rt.ledger, rt.client, rt.clock, cfg, run_id, rt.lock)
     # Account limits first, on every scan: a loss inside a candle, or while candles
     # cannot be read, halts at once. A halt may close everything.
-    halts = check_limits(rt, ex, balance, now, run_id, snapshot=bool(fresh))
+    halts = check_limits(rt, ex, balance, now, run_id, snapshot=bool(fresh)) \
+        if balance is not None else []
     if halts:
         summary["halts"] = halts
     # A position left with no stop (placements refused) is protected now, not a candle
@@ -133,6 +135,8 @@ def decide_and_act(rt, symbols: list[str], candles: dict[str, list[Candle]],
         if position is not None and new:
             summary["exits"] += manage_position(rt, ex, position, series, new, signal_fact,
                                                 now, run_id)
+        elif position is None and balance is None:
+            continue  # left undecided: decided once the balance is known, if still fresh
         elif position is None and signal.side in ("long", "short") \
                 and symbol in state.active_coins:
             entries.append((symbol, signal, signal_fact, series[-1]))

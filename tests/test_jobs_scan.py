@@ -802,6 +802,36 @@ def test_stops_lost_one_after_another_are_sent_again_at_most_three_a_minute(bot_
     assert counts[-1] <= 3 + 3 * 2  # at most 3 a minute after that
 
 
+def test_while_the_balance_cannot_be_read_positions_are_managed_and_nothing_entered(
+        bot_factory):
+    # The account endpoint fails (the candles do not): the scan failed whole, so an
+    # armed trail was not moved up. Now the position is managed; no entry is made, and
+    # BBB's signal is left undecided until the balance is known.
+    path = [candle(100, 101, 99.8, 100.8), candle(100.8, 103, 100.7, 102.9), *flat(102.9, 4)]
+    bot = bot_factory(strat=Pick(long_at=[T0 - TF, T0 + TF]),
+                      paths={"AAA": path, "BBB": flat(50.0, 6)}, exchange={"read_retries": 0})
+    bot.set_coins([AAA])
+    bot.job("scan", T0)
+    stop = Decimal(bot.position(AAA)["stop"]["price"])
+    bot.set_coins([AAA, BBB])
+    bot.after_candle(0)
+    bot.job("scan")
+    bot.venue.faults.script([("fetch_balance", "server_error")] * 20)
+    bot.after_candle(1)  # +3 %: the trail arms and the stop moves up
+    record = bot.job("scan")
+    assert record["outcome"] == "ok"
+    assert record["summary"]["limits"] == "not checked: balance unavailable"
+    assert Decimal(bot.position(AAA)["stop"]["price"]) > stop
+    assert bot.position(AAA)["trailing_active"] is True
+    assert bot.position(BBB) is None and not bot.facts("risk_decision", symbol=BBB)
+    assert [json.loads(f["data"])["candle_ts"] for f in bot.facts("signal", symbol=BBB)] \
+        == [T0]  # candle 1's is not recorded: it is decided with a balance
+    bot.venue.faults.clear()
+    bot.at(bot.clock.now_ms() + 10_000)
+    bot.job("scan")  # the same candle, now with the balance: BBB is entered
+    assert bot.position(BBB) is not None
+
+
 def test_no_new_entry_while_the_last_reconciliation_failed(bot_factory):
     # After a crash, reconcile squares the ledger with the exchange first; if it fails, an
     # entry might add to a position (or an order) the ledger does not know yet.
