@@ -124,6 +124,12 @@ class SimExchange:
         gone = [{**m, "active": False} for s, m in self._kept.items() if s not in self.markets]
         if gone:
             self._set_markets([*self.markets.values(), *gone])
+        if self._live:  # a state file from before markets were kept: keep what it holds
+            with self._lock, self.store.transaction():
+                for symbol in sorted({*self.store.positions(),
+                                      *(o.symbol for o in self.store.open_orders())}):
+                    if symbol in self.markets:
+                        self._keep_market(symbol)
 
     # ----------------------------------------------------------------- construction
     @classmethod
@@ -266,7 +272,9 @@ class SimExchange:
                 first = max(start, min(o.created_ms - o.created_ms % tf for o in orders))
                 c = self.source.candles(symbol, first, end)
                 hits = [(o, self._first_hit(o, c)) for o in orders] if len(c) else []
-                if self._live and first < end:
+                # A symbol the exchange dropped has no minutes to wait for: its orders
+                # cannot fire, and must not hold back everyone else's.
+                if self._live and first < end and self.source.listed(symbol):
                     seen = min(seen, int(c.ts[-1]) + tf if len(c) else first)
             events += [(h[0], _priority(o), o.id, h[1]) for o, h in hits if h]
         for ts, _, oid, price in sorted(events):

@@ -11,6 +11,8 @@ Executor, the simulated account, the ledger.
 from __future__ import annotations
 
 import json
+import sqlite3
+from contextlib import closing
 from decimal import Decimal
 from pathlib import Path
 from urllib.parse import parse_qsl, urlsplit
@@ -290,3 +292,81 @@ def test_paper_rotates_out_a_symbol_that_stops_trading_and_keeps_its_position(
         assert reconcile.run(rt, SERVER_NOW + 120_000, "reconcile-1")["status"] == "in_sync"
     finally:
         rt.close()
+
+
+class MinuteBinance(DelistingBinance):
+    """DelistingBinance with 1 m candles at the clock: ETH wicks to 900 in the minute
+    ``wick_at``; the next ``empty`` answers for ETH's 1 m candles come back empty."""
+
+    def __init__(self, clock: VirtualClock) -> None:
+        super().__init__()
+        self.clock, self.wick_at, self.empty = clock, None, 0
+
+    def fetch(self, url, method="GET", headers=None, body_=None):
+        path, params = urlsplit(url).path, dict(parse_qsl(urlsplit(url).query))
+        if path == "/fapi/v1/time":
+            return {"serverTime": self.clock.now_ms()}
+        if path != "/fapi/v1/klines" or params.get("interval") != "1m":
+            return super().fetch(url, method, headers, body_)
+        assert not (self.removed and params["symbol"] == "BTCUSDT")
+        if params["symbol"] == "ETHUSDT" and self.empty:
+            self.empty -= 1
+            return []
+        price = "96512.3" if params["symbol"] == "BTCUSDT" else "3300"
+        rows, t = [], int(params["startTime"])
+        while t + 60_000 <= self.clock.now_ms() and len(rows) < int(params.get("limit", 500)):
+            low = "900" if params["symbol"] == "ETHUSDT" and t == self.wick_at else price
+            rows.append([t, price, price, low, price, "10", t + 59_999, "1", 1, "1", "1", "0"])
+            t += 60_000
+        return rows
+
+
+def test_paper_a_delisted_symbols_stop_holds_back_no_other_order(tmp_path, monkeypatch):
+    # BTC, held behind a resting stop, is delisted: no minute of it will ever come. The
+    # venue waited for them, asking every call for everyone's minutes, and gave up after
+    # 15 minutes, when one empty answer for ETH made its wick go unseen: ETH's limit at
+    # 1000 never filled on a wick to 900.
+    clock = VirtualClock(SERVER_NOW)
+    binance = MinuteBinance(clock)
+    monkeypatch.setattr(ccxt.binanceusdm, "fetch",
+                        lambda self, url, method="GET", headers=None, body=None:
+                        binance.fetch(url, method, headers, body))
+    rt = runtime.build(paper_config(tmp_path).with_values(rotation={"top_n": 2}),
+                       tmp_path / "bot.db", clock=clock)
+    try:
+        rotate.run(rt, SERVER_NOW, "rotate-1")
+        assert scan.run(rt, SERVER_NOW, "scan-1")["entries"] == 1  # BTC, its stop resting
+        rt.venue.create_order("ETH/USDT:USDT", "limit", "buy", 0.1, 1000.0)
+        binance.removed = True
+        rotate.run(rt, SERVER_NOW + 60_000, "rotate-2")
+        binance.wick_at = SERVER_NOW - SERVER_NOW % 60_000 + 15 * 60_000
+        for minute in range(1, 20):
+            clock.set(SERVER_NOW + 60_000 * minute + 5_000)
+            binance.empty = int(minute == 16)  # one short answer as the wick's minute closes
+            rt.client.balance()
+        assert "ETH/USDT:USDT" in {p.symbol for p in rt.client.positions()}
+    finally:
+        rt.close()
+
+
+def test_paper_keeps_the_markets_a_state_file_from_before_held(tmp_path, monkeypatch):
+    # A state file written before markets were kept holds a BTC position: the first start
+    # of this code keeps BTC's market while it is listed, so a later delisting is survived.
+    binance = delisting(monkeypatch)
+    cfg = paper_config(tmp_path)
+    rt = runtime.build(cfg, tmp_path / "bot.db", clock=VirtualClock(SERVER_NOW))
+    try:
+        rotate.run(rt, SERVER_NOW, "rotate-1")
+        assert scan.run(rt, SERVER_NOW, "scan-1")["entries"] == 1
+    finally:
+        rt.close()
+    with closing(sqlite3.connect(tmp_path / "paper_paper_exchange.db")) as db, db:
+        gone = db.execute("DELETE FROM meta WHERE key = 'kept_markets'")  # as before
+        assert gone.rowcount == 1
+    for when in (SERVER_NOW + 60_000, SERVER_NOW + 120_000):
+        rt = runtime.build(cfg, tmp_path / "bot.db", clock=VirtualClock(when))
+        try:
+            assert {p.symbol for p in rt.client.positions()} == {BTC}
+        finally:
+            rt.close()
+        binance.removed = True  # delisted between the two starts
