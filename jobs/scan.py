@@ -272,9 +272,13 @@ def enter(rt, ex: Executor, symbol: str, signal, signal_fact: Fact, last: Candle
     now = rt.clock.now_ms()
     try:
         balance = balance or rt.client.balance()
+    except READ_ERRORS as exc:  # left undecided, as when the scan's own read failed
+        log.warning("%s: entry not decided, balance unavailable (%s)", symbol, exc)
+        return 0, False
+    try:
         market = rt.client.market(symbol)
     except Exception as exc:  # noqa: BLE001 - skip this entry, keep the scan going
-        log.warning("%s: entry skipped, balance/market unavailable (%s)", symbol, exc)
+        log.warning("%s: entry skipped, market unavailable (%s)", symbol, exc)
         rt.ledger.append([signal_fact])
         return 0, False
     rules = rt.strategy.exit_rules(rt.config.exits)

@@ -832,6 +832,38 @@ def test_while_the_balance_cannot_be_read_positions_are_managed_and_nothing_ente
     assert bot.position(BBB) is not None
 
 
+class BalanceFailsAfterAnOrder(SimExchange):
+    """Once an order is sent, the account cannot be read (until ``fail`` is cleared)."""
+
+    fail = False
+
+    def create_order(self, *a, **kw):
+        self.fail = True
+        return super().create_order(*a, **kw)
+
+    def fetch_balance(self, params=None):
+        if self.fail:
+            self.faults.script([("fetch_balance", "server_error")])
+        return super().fetch_balance(params)
+
+
+def test_an_entry_whose_fresh_balance_cannot_be_read_is_decided_later(bot_factory):
+    # AAA's entry was sent, so BBB's is checked against a balance read again, which fails:
+    # BBB's signal was recorded and its entry lost. It is left undecided now, as when the
+    # scan's own read fails, and decided by the next scan.
+    bot = bot_factory(strat=Pick(long_at=[T0 - TF]), venue_cls=BalanceFailsAfterAnOrder,
+                      paths={"AAA": flat(100.0, 5), "BBB": flat(50.0, 5)},
+                      rotation={"top_n": 2}, exchange={"read_retries": 0})
+    bot.set_coins([AAA, BBB])
+    bot.job("scan", T0)
+    assert bot.position(AAA) is not None and bot.position(BBB) is None
+    assert not bot.facts("signal", symbol=BBB)
+    bot.venue.fail = False
+    bot.at(T0 + 11_000)
+    bot.job("scan")
+    assert bot.position(BBB) is not None
+
+
 def test_no_new_entry_while_the_last_reconciliation_failed(bot_factory):
     # After a crash, reconcile squares the ledger with the exchange first; if it fails, an
     # entry might add to a position (or an order) the ledger does not know yet.
