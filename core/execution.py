@@ -44,7 +44,6 @@ READ_ERRORS = (ccxt.BaseError, BadExchangeData)
 # Binance's per-symbol limit on conditional orders (10).
 MAX_STOPS_IN_FLIGHT = 3
 IN_FLIGHT_MS = 60_000
-UNRESOLVED = ("intent", "submitted", "unknown")
 ZERO = Decimal(0)
 
 
@@ -306,9 +305,9 @@ class Executor:
         position now, so another is sent (two reduce-only stops cannot open a position,
         and reconcile cancels the spare one)."""
         pid = position["position_id"]
-        flying = sorted((o for o in self.ledger.state().orders.values()
-                         if o["position_id"] == pid and o["purpose"] == "stop"
-                         and o["state"] in UNRESOLVED), key=lambda o: -o["intent_seq"])
+        flying = sorted((o for o in self.ledger.state().unresolved_orders()
+                         if o["position_id"] == pid and o["purpose"] == "stop"),
+                        key=lambda o: -o["intent_seq"])
         if not flying:
             return None, 0
         try:
@@ -351,8 +350,7 @@ class Executor:
     def unresolved(self, position_id: str, *purposes: str) -> bool:
         """Is an order of this position, for one of ``purposes``, still unresolved?"""
         return any(o["position_id"] == position_id and o["purpose"] in purposes
-                   and o["state"] in UNRESOLVED
-                   for o in self.ledger.state().orders.values())
+                   for o in self.ledger.state().unresolved_orders())
 
     def live_stops(self, position: dict) -> list[dict]:
         """Every stop of the position that may still rest or fire: its stop, then any

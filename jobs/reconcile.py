@@ -26,7 +26,6 @@ from core.exchange import NOT_FOUND_FINAL_MS
 from core.exchange_types import BadExchangeData, OrderReport, OrderRequest, SubmitResult
 from core.execution import (
     READ_ERRORS,
-    UNRESOLVED,
     Executor,
     executed,
     fill_data,
@@ -37,6 +36,7 @@ from core.execution import (
 from core.exits import stop_price
 from core.orders import TERMINAL, state_of
 from ledger import Fact
+from ledger.fold import UNRESOLVED_STATES
 
 log = logging.getLogger(__name__)
 
@@ -146,7 +146,7 @@ def settle_orders(rt, ex: Executor, dry_run: bool) -> list[Difference]:
         req = request_of(order)
         trigger = req.type == "stop_market"
         try:
-            if order["state"] in UNRESOLVED:
+            if order["state"] in UNRESOLVED_STATES:
                 result = rt.client.resolve_unknown(req, order["ts"])
                 if result.status == "unknown" and trigger:
                     if open_ids is None:
@@ -516,8 +516,8 @@ def compare_stops(rt, ex: Executor, dry_run: bool,
     except (READ_ERRORS + (BadExchangeData,)) as exc:
         return [Difference("stops", None, f"open orders unavailable ({exc})", "info")]
     # A stop on its way (its outcome not known yet) is the position's, not an orphan.
-    on_the_way = {o["client_order_id"]: o["position_id"] for o in state.orders.values()
-                  if o["purpose"] == "stop" and o["state"] in UNRESOLVED}
+    on_the_way = {o["client_order_id"]: o["position_id"] for o in state.unresolved_orders()
+                  if o["purpose"] == "stop"}
     open_ids = {p["position_id"] for p in state.positions.values()}
     wanted = {cid for cid, pid in on_the_way.items() if pid in open_ids}
     for symbol, p in sorted(state.positions.items()):
