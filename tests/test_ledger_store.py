@@ -282,6 +282,22 @@ def test_the_cached_state_folds_the_batches_it_holds_when_needed(ledger_path, mo
         assert (state.equity, state.fees_today, len(state.halts)) == ("159", "30.0", 7)
 
 
+def test_a_new_ledger_folds_its_first_rows_from_memory(ledger_path):
+    """A new ledger's state is known (empty), so its first checkpoint folds the rows it
+    committed from memory instead of reading them back from the file."""
+    with Ledger(ledger_path, checkpoint_every=30) as ledger:
+        statements: list[str] = []
+        ledger._conn().set_trace_callback(statements.append)
+        for i in range(12):
+            ledger.append([Fact("balance", TS + i, data={"equity": str(100 + i)}),
+                           note(i), note(i)])
+        assert ledger.last_seq() == 37  # 36 facts and the checkpoint after seq 30
+        read_back = [s for s in statements if s.lstrip().startswith("SELECT seq, ts")]
+        assert read_back == []
+        assert_checkpoints_hold_their_fold(ledger)
+        assert ledger.state() == ledger.replay()
+
+
 def test_the_seq_floor_comes_before_every_fact_stamped_at_or_after_its_time(ledger):
     """Job runs every 10 s of ten hours; fills recorded up to 20 min after their trade's
     time, and some stamped 2 s ahead (an exchange clock ahead of ours) just before a job
