@@ -114,29 +114,41 @@ class Fact:
                 canonical_json(self.data))
 
 
+# A quantity's first digit lies within this many places of the point. The fold keeps its
+# sums (in 60 digits) as plain text: 1e1000000 would overflow a sum and stop every fold
+# of the ledger for good, and 1e-1000000 would be a million characters long. Real amounts,
+# prices and fees are far inside.
+QUANTITY_DIGITS = 60
+
+
+def in_range(d: Decimal) -> bool:
+    """A finite quantity whose first digit lies within QUANTITY_DIGITS places of the point."""
+    return d.is_finite() and -QUANTITY_DIGITS < d.adjusted() < QUANTITY_DIGITS
+
+
 def money(value: Any) -> str | None:
     """The exact text of a quantity: Decimal/int/str as given, float by shortest repr."""
     if value is None:
         return None
     if type(value) is str:
         try:
-            if Decimal(value).is_finite() and "_" not in value and value.strip() == value:
+            if in_range(Decimal(value)) and "_" not in value and value.strip() == value:
                 return value
         except ArithmeticError:
             pass
-        raise FactError(f"not a finite decimal quantity: {value!r}")
+        raise FactError(f"not a finite decimal quantity within 1e-{QUANTITY_DIGITS} to "
+                        f"1e{QUANTITY_DIGITS}: {value[:80]!r}")
     if isinstance(value, bool):
         raise FactError(f"not a quantity: {value!r}")
-    if isinstance(value, Decimal):
-        if not value.is_finite():
-            raise FactError(f"not a finite quantity: {value!r}")
+    if isinstance(value, float) and math.isfinite(value):
+        value = Decimal(repr(value))
+    elif isinstance(value, int):
+        value = Decimal(value if abs(value) < 10 ** QUANTITY_DIGITS else "Infinity")
+    if isinstance(value, Decimal) and in_range(value):
         return format(value, "f")
-    if isinstance(value, int):
-        return str(value)
-    if isinstance(value, float):
-        if not math.isfinite(value):
-            raise FactError(f"not a finite quantity: {value!r}")
-        return format(Decimal(repr(value)), "f")
+    if isinstance(value, Decimal | float | int):
+        raise FactError(f"not a finite quantity within 1e-{QUANTITY_DIGITS} to "
+                        f"1e{QUANTITY_DIGITS}: {str(value)[:80]}")
     raise FactError(f"not a quantity: {value!r}")
 
 

@@ -36,6 +36,7 @@ from decimal import Context, Decimal, InvalidOperation
 from core.clock import utc_day
 
 from .chain import COLUMNS
+from .facts import in_range
 
 # The rules' version, kept in every checkpoint: a checkpoint folded by other rules (or
 # by another State shape) is not trusted, and the state is folded again from the start.
@@ -144,7 +145,12 @@ _SUM = Context(prec=60)
 
 
 def _add(a: str, b: str | None) -> str:
-    return a if b is None else format(_SUM.add(Decimal(a), Decimal(b)), "f")
+    """a + b; b is skipped if it is out of range (only a row older than the range check
+    could hold one: it would overflow the sum or be far too long as text)."""
+    if b is None:
+        return a
+    d = Decimal(b)
+    return format(_SUM.add(Decimal(a), d), "f") if in_range(d) else a
 
 
 def _amount(value) -> str | None:
@@ -155,7 +161,7 @@ def _amount(value) -> str | None:
         d = Decimal(value) if isinstance(value, str) else Decimal(repr(value))
     except InvalidOperation:
         return None
-    if not d.is_finite():
+    if not in_range(d):
         return None
     return value if isinstance(value, str) else format(d, "f")
 

@@ -26,7 +26,7 @@ from ledger.chain import (
     link,
     link_tail,
 )
-from ledger.facts import MAX_TS, canonical_json, money
+from ledger.facts import MAX_TS, canonical_json, in_range, money
 
 TS = 1_767_225_600_000
 
@@ -35,7 +35,8 @@ TS = 1_767_225_600_000
 any_text = st.text(st.characters(exclude_categories=()), max_size=30)  # incl. controls, surrogates
 decimal_text = st.decimals(allow_nan=False, allow_infinity=False, places=8).map(str)
 quantity = st.none() | decimal_text | st.integers(-10**30, 10**30) | st.floats(
-    allow_nan=False, allow_infinity=False) | st.decimals(allow_nan=False, allow_infinity=False)
+    -1e50, 1e50).filter(lambda f: in_range(Decimal(repr(f)))) | st.decimals(
+    -10**50, 10**50, allow_nan=False).filter(in_range)
 json_value = st.recursive(
     st.none() | st.booleans() | st.integers(-2**70, 2**70) | any_text
     | st.floats(allow_nan=False, allow_infinity=False),
@@ -141,10 +142,20 @@ def test_money_is_stored_exactly(value, stored):
 
 
 @pytest.mark.parametrize("value", ["nan", "inf", "-Infinity", "1,5", " 1", "1_000", "", "abc",
-                                   float("nan"), math.inf, Decimal("NaN"), True, [1], b"1"])
+                                   float("nan"), math.inf, Decimal("NaN"), True, [1], b"1",
+                                   # out of range: would overflow the fold's sums or be
+                                   # millions of characters as its plain text
+                                   "1e1000000", "-1E+60", "1e-1000000", "0E-1000000",
+                                   Decimal("1e999999"), 10 ** 60, 1e300, 5e-324])
 def test_money_refuses_what_is_not_a_finite_quantity(value):
     with pytest.raises(FactError):
         money(value)
+
+
+@pytest.mark.parametrize("value", ["9" * 60, "1e59", "-1e59", "1e-59", "0.5e-58", "0E-59",
+                                   Decimal(1) / Decimal(3) / 10 ** 30, 10 ** 60 - 1, 1e-59])
+def test_money_keeps_quantities_up_to_sixty_places_either_side(value):
+    assert Decimal(money(value)) == Decimal(value if not isinstance(value, float) else repr(value))
 
 
 def test_fact_normalisation():

@@ -368,6 +368,23 @@ def test_no_recordable_fact_can_stop_the_fold(facts, cut):
     assert via_checkpoint(whole) == whole
 
 
+def test_out_of_range_quantities_in_older_rows_cannot_stop_the_fold():
+    """Rows recorded before quantities were range-checked: a fee of 1e1000000 overflowed
+    the day's sum and stopped every fold for good. Such a value is left out of the sums."""
+    ok = [Fact("fill", T0, symbol=BTC, side="buy", amount="1", price="2", fee="0.5",
+               client_order_id="c1").row(1),
+          Fact("position_closed", T0 + 1, symbol=BTC, position_id="p1", pnl="-1").row(2)]
+    odd = [(3, T0 + 2, "fill", None, BTC, "buy", "1", "2", "1e1000000", None, None, None,
+            None, None, "{}"),
+           (4, T0 + 3, "position_closed", None, BTC, None, None, None, None, "1e-1000000",
+            "p2", None, None, None, "{}"),
+           (5, T0 + 4, "balance", None, None, None, None, None, None, None, None, None, None,
+            None, '{"equity":"1E+1000000"}')]
+    s = fold(ok + odd)
+    assert (s.fees_today, s.realized_today, s.equity, s.seq) == ("0.5", "-1", None, 5)
+    assert via_checkpoint(s) == s
+
+
 @pytest.mark.parametrize("data", [{"kind": 1}, {"kind": ["a"]}, {"kind": None}])
 def test_halt_kinds_are_json_keys(data):
     s = run(Fact("halt", T0, reason="x", data=data))
