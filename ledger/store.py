@@ -14,6 +14,7 @@ import logging
 import os
 import sqlite3
 import threading
+import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -208,12 +209,20 @@ def _connect_ro(path: Path, mode: str) -> sqlite3.Connection:
 
 def _identify(conn: sqlite3.Connection, path: Path) -> int:
     """The schema version of our ledger; 0 for an empty new file. Refuses foreign files."""
+    # One read transaction: another process creating the ledger commits its schema and
+    # its application_id together, and three separate reads could fall either side.
+    own = not conn.in_transaction
     try:
+        if own:
+            conn.execute("BEGIN")
         app_id = conn.execute("PRAGMA application_id").fetchone()[0]
         version = conn.execute("PRAGMA user_version").fetchone()[0]
         tables = conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]
     except sqlite3.DatabaseError as exc:
         raise _unreadable(path, exc) from None
+    finally:
+        if own and conn.in_transaction:
+            conn.execute("COMMIT")
     if app_id == schema.APPLICATION_ID:
         if version > schema.SCHEMA_VERSION:
             raise LedgerError(f"{path}: ledger schema version {version} is newer than this "
@@ -232,7 +241,7 @@ def _migrate(conn: sqlite3.Connection, path: Path, current: int) -> None:
     try:
         if current == 0:  # an empty file: the page size can still be chosen
             conn.execute(f"PRAGMA page_size = {PAGE_SIZE}")
-        conn.execute("PRAGMA journal_mode = WAL")
+        _enter_wal(conn)
         conn.execute("BEGIN IMMEDIATE")
         # Re-read inside the lock: another process may have migrated meanwhile.
         current = _identify(conn, path)
@@ -246,6 +255,23 @@ def _migrate(conn: sqlite3.Connection, path: Path, current: int) -> None:
         if conn.in_transaction:
             conn.execute("ROLLBACK")
         raise LedgerError(f"{path}: cannot create or migrate the ledger ({exc})") from None
+
+
+def _enter_wal(conn: sqlite3.Connection) -> None:
+    """Switch the file to WAL, waiting (up to the busy timeout) for another process that
+    holds the lock: SQLite answers "database is locked" at once here, without waiting."""
+    deadline = time.monotonic() + BUSY_TIMEOUT_S
+    while True:
+        try:
+            mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+            break
+        except sqlite3.OperationalError as exc:
+            if exc.sqlite_errorcode not in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED) \
+                    or time.monotonic() > deadline:
+                raise
+            time.sleep(0.005)
+    if mode.lower() != "wal":
+        raise sqlite3.OperationalError(f"the file cannot be put in WAL mode (it stays {mode})")
 
 
 def migration_statements(script: str) -> Iterator[str]:
