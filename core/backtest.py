@@ -74,7 +74,7 @@ from core.backtest_watch import MARGIN, next_due, watch_for
 from core.clock import DAY_MS, VirtualClock, day_start_ms
 from core.config import Config, to_mapping
 from core.exchange import ExchangeClient
-from core.execution import Executor
+from core.execution import Executor, executed
 from core.runtime import Runtime
 from core.sim_account import D, account
 from core.sim_binance import Q8
@@ -231,7 +231,7 @@ class Engine:
             rotate.run(self.rt, slot, f"rotate-{now}")
             self.last_slot = slot
         if k == self.k1 - 1:
-            pass  # the window's end: an order now would fill after it (the next open)
+            self.record_fired_stops(now)  # the window's end: nothing is decided now
         elif self.reference:
             scan.run(self.rt, now, f"scan-{now}")  # the live job itself
         else:
@@ -271,6 +271,21 @@ class Engine:
                                  self.signal_fact(d, i, now, run_id, signal), d.candle(i),
                                  self.frames(symbol, now), run_id, current)
             current = None if sent else current
+
+    def record_fired_stops(self, now: int) -> None:
+        """The window's end: no decision (an order now would fill after the window), but a
+        stop that fired inside the last candle did fire: its fill and close are recorded,
+        as the next scan would, or the account's wallet (which paid its loss) and the
+        ledger's positions (still holding it) would disagree."""
+        rt, run_id = self.rt, f"scan-{now}"
+        ex = self.executor(rt.ledger, rt.client, rt.clock, self.cfg, run_id, rt.lock)
+        for symbol, position in sorted(rt.ledger.state().positions.items()):
+            for stop in ex.live_stops(position):
+                report = rt.client.order_by_client_id(symbol, stop["client_order_id"],
+                                                      trigger=True)
+                if executed(report):
+                    ex.record_stop_fill(position, stop, report)
+                    break
 
     def since_last_decision(self, d, i: int, position: dict, now: int) -> tuple[list, list]:
         """(series, new) as the scan passes them to manage_position: the candles closed

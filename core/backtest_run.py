@@ -88,18 +88,37 @@ def with_strategy(config: Config, name: str | None) -> Config:
 
 
 def prepare_db(path: str | Path) -> Path:
-    """A backtest writes a new ledger; an earlier backtest's file is replaced, anything
-    else is refused (a live ledger must never be touched)."""
+    """Where a backtest's new ledger goes. An earlier backtest's file there is replaced
+    once the run succeeds (``replace_db``); anything else is refused (a live ledger must
+    never be touched)."""
     from core.backtest import is_backtest_ledger
 
     p = Path(path)
-    if p.exists():
-        if not is_backtest_ledger(p):  # LedgerError for a file that is not a ledger at all
-            raise ValueError(f"--db {p}: a ledger that is not a backtest's; refusing to "
-                             "replace it (choose another path)")
-        for suffix in ("", "-wal", "-shm"):
-            Path(f"{p}{suffix}").unlink(missing_ok=True)
+    if p.exists() and not is_backtest_ledger(p):  # LedgerError for a file not a ledger
+        raise ValueError(f"--db {p}: a ledger that is not a backtest's; refusing to "
+                         "replace it (choose another path)")
     return p
+
+
+def _remove(db: Path) -> None:
+    for suffix in ("", "-wal", "-shm"):
+        Path(f"{db}{suffix}").unlink(missing_ok=True)
+
+
+def partial_db(final: Path) -> Path:
+    """The file a run writes before it replaces ``final``: a failed run (bad data, no
+    candles in the period, a crash) leaves the earlier backtest's ledger as it was."""
+    partial = final.with_name(final.name + ".partial")
+    _remove(partial)
+    return partial
+
+
+def replace_db(partial: Path, final: Path) -> None:
+    # The old file's WAL and index go first: a WAL left beside the new file could be
+    # read as the new file's.
+    for suffix in ("-wal", "-shm"):
+        Path(f"{final}{suffix}").unlink(missing_ok=True)
+    partial.replace(final)
 
 
 def _window(start: str | None, end: str | None) -> tuple[int | None, int | None]:
@@ -128,13 +147,24 @@ def backtest_command(config: Config, data_dir: str, *, strategy: str | None,
     quiet_logging()
     source = open_source(config, data_dir)
     load_s = time.perf_counter() - t0
-    result = run_backtest(config, source, db, start_ms=start_ms, end_ms=end_ms,
-                          progress=ProgressBar("backtest"))
+    partial = partial_db(db)
+    try:
+        result = run_backtest(config, source, partial, start_ms=start_ms, end_ms=end_ms,
+                              progress=ProgressBar("backtest"))
+    except BaseException:
+        _remove(partial)
+        raise
+    replace_db(partial, db)
+    result.db_path = str(db)
     result.timings["load_s"] = load_s
     result.elapsed_s += load_s
     m = metrics(result)
     if plot:
-        m["chart"] = str(write_chart(plot, result, m, config.exchange.quote))
+        try:
+            m["chart"] = str(write_chart(plot, result, m, config.exchange.quote))
+        except OSError as exc:
+            raise ValueError(f"--plot {plot}: cannot write the chart ({exc.strerror or exc}); "
+                             f"the backtest's ledger is {db}") from None
     if as_json:
         return json.dumps(m, indent=2, default=str)
     text = summary_text(m, config.exchange.quote)

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import html
 import math
+import os
 from collections import Counter, defaultdict
 from datetime import UTC, datetime
 from pathlib import Path
@@ -284,6 +285,13 @@ def check_chart_path(path: str | Path) -> Path:
     if p.suffix.lower() not in CHART_SUFFIXES:
         raise ValueError(f"--plot {p}: write the chart as .png, .html or .svg "
                          f"(not {p.suffix or 'no suffix'!r})")
+    folder = p.parent
+    if p.is_dir():
+        raise ValueError(f"--plot {p}: is a folder")
+    if not folder.is_dir():
+        raise ValueError(f"--plot {p}: folder {folder} does not exist")
+    if not os.access(folder, os.W_OK):
+        raise ValueError(f"--plot {p}: folder {folder} is not writable")
     return p
 
 

@@ -25,7 +25,7 @@ from hypothesis import strategies as st
 
 import cli
 from core import exits
-from core.backtest import is_backtest_ledger, run_backtest
+from core.backtest import BACKTEST_KIND, is_backtest_ledger, run_backtest
 from core.backtest_data import MarketData, parse_when, signal_of
 from core.backtest_ledger import BufferedLedger
 from core.backtest_run import ProgressBar
@@ -451,12 +451,26 @@ def test_cli_backtest_end_to_end(tmp_path):
 
 
 def test_cli_refuses_bad_input(tmp_path):
+    """One line and exit 2, and nothing recorded is lost: neither a live ledger nor an
+    earlier backtest's at --db (replaced only by a run that succeeds)."""
     empty = tmp_path / "empty"
     empty.mkdir()
     live = tmp_path / "bot.db"
     with Ledger(live) as ledger:
         ledger.append([Fact("note", 1, reason="a live ledger")])
     data = DATA if DATA.is_dir() else empty
+    earlier = tmp_path / "earlier.db"
+    if data is DATA:
+        ok = CliRunner().invoke(cli.main, ["backtest", "--data", str(data), "--db",
+                                           str(earlier), "--from", "2018-01-20", "--to",
+                                           "2018-01-20T06:00Z"])
+        assert ok.exit_code == 0, ok.output
+    else:
+        with Ledger(earlier) as ledger:  # stands in for an earlier backtest's ledger
+            ledger.append([Fact("note", 1, reason="backtest start",
+                                data={"kind": BACKTEST_KIND})])
+    with Ledger(earlier, readonly=True) as ledger:
+        earlier_rows = ledger.last_seq()
     cases = [
         (["--data", tmp_path / "missing"], "no such folder"),
         (["--data", empty], "cannot use these candles"),
@@ -466,7 +480,12 @@ def test_cli_refuses_bad_input(tmp_path):
         (["--data", data, "--db", live], "not a backtest"),
         (["--data", data, "--db", tmp_path / "new.db", "--plot", tmp_path / "c.jpg"],
          "write the chart as .png, .html or .svg"),
+        (["--data", data, "--db", tmp_path / "new.db", "--plot", tmp_path / "no" / "c.png"],
+         "does not exist"),
+        (["--data", tmp_path / "missing", "--db", earlier], "no such folder"),
     ]
+    if data is DATA:
+        cases.append((["--data", data, "--from", "2019-01-01", "--db", earlier], "no candles"))
     twice = tmp_path / "twice"
     twice.mkdir()
     (twice / "X_USDT-5m.csv").write_text("timestamp,open,high,low,close,volume\n"
@@ -478,7 +497,10 @@ def test_cli_refuses_bad_input(tmp_path):
         assert message in r.output, (args, r.output)
     with Ledger(live, readonly=True) as ledger:
         assert ledger.last_seq() == 1  # untouched
+    with Ledger(earlier, readonly=True) as ledger:
+        assert ledger.last_seq() == earlier_rows and ledger.verify().ok
     assert not (tmp_path / "new.db").exists() and not (tmp_path / "c.jpg").exists()
+    assert not list(tmp_path.glob("*.partial*"))  # failed runs leave nothing behind
 
 
 def test_candles_left_out_of_a_csv_file_are_said_on_stderr(tmp_path):
@@ -518,6 +540,25 @@ def test_fees_of_positions_still_open_are_told_apart_from_the_closed_trades(tmp_
 
 
 @needs_data
+@pytest.mark.parametrize("reference", [False, True])
+def test_a_stop_fired_in_the_windows_last_candle_is_recorded(tmp_path, reference):
+    """Nothing is decided at the window's end, but the venue's stop fired inside its last
+    candle: the close is recorded, and the end equity counts the loss once (the wallet
+    paid it; the position was also valued at the last close on top of it)."""
+    closes = DOWN_UP + [99.2, 99.3, 99.0]
+    lows = list(np.minimum(closes, [100, *closes[:-1]]) - 0.05)
+    lows[-1] = 95.0  # through the 2 % stop, in the last candle
+    market = ArrayMarket({"AAA/USDT:USDT": candles(closes, lows=lows)})
+    cfg = Config().with_values(strategy=SMA, sim={"slippage_bps": 0.0, "taker_fee_pct": 0.1})
+    result = run_backtest(cfg, market, tmp_path / "bt.db", reference=reference)
+    assert [t["exit_reason"] for t in result.trades] == ["stop_loss"]
+    assert result.still_open == []
+    pnl = Decimal(result.trades[0]["realized_pnl"])
+    assert pnl < 0
+    assert result.equity[-1] == pytest.approx(result.start_equity + float(pnl), abs=1e-9)
+    assert metrics(result)["open_at_end"] == 0
+
+
 def test_nothing_is_decided_at_the_windows_last_close(tmp_path):
     """An order decided at the close of a window's last candle would fill at the next
     open, after the window: it is not sent. (Decided one candle earlier, it is.)"""
