@@ -73,6 +73,10 @@ class Grid:
         return math.prod(len(v) for params in self.lists.values() for v in params.values())
 
 
+# Parameters that choose which candle files are read: the same for every combination.
+DATA_KEYS = frozenset({("strategy", "timeframe"), ("exchange", "quote")})
+
+
 def load_grid(path: str | Path, config: Config) -> Grid:
     """Read and validate a grid file (see the module docstring). ValueError if bad."""
     p = Path(path)
@@ -92,6 +96,10 @@ def load_grid(path: str | Path, config: Config) -> Grid:
         if not isinstance(params, dict) or not params:
             raise ValueError(f"{p}: [{section}] must be a table of parameter lists")
         for key, values in params.items():
+            if (section, key) in DATA_KEYS:
+                raise ValueError(f"{p}: [{section}] {key} chooses the candles read from "
+                                 "--data (once for every combination); set it in the "
+                                 "config instead")
             if not isinstance(values, list) or not values:
                 raise ValueError(f"{p}: [{section}] {key} must be a non-empty list of values, "
                                  f"e.g. {key} = [1, 2]")

@@ -69,6 +69,9 @@ def test_grid_file(tmp_path):
     ("[exits]\nstop_loss_pct = [2.0, -1.0]\n", "out of range"),
     ("[strategy]\nsma_fast = [150]\nsma_slow = [100]\n", "not a valid config"),
     ("", "names no parameters"),
+    # read once from --data for every combination: "1h" ran on the 5 m candles
+    ('[strategy]\ntimeframe = ["5m", "1h"]\n', "chooses the candles"),
+    ('[exchange]\nquote = ["USDT", "BTC"]\n', "chooses the candles"),
 ])
 def test_bad_grid_files(tmp_path, text, message):
     with pytest.raises(ValueError, match=message):
