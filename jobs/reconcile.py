@@ -99,8 +99,9 @@ def planned(diffs: list[Difference]) -> dict[str, set]:
     they close ("closes"), open ("opens") or resize ("resizes": symbol and amount left),
     the trades they record ("trades"). A real run has recorded them already; a dry run
     must not report them twice. "flagged": the symbols left for a human, where nothing
-    more is sent."""
+    more is sent. "unsettled": the client ids of orders whose outcome stays unknown."""
     out: dict[str, set] = {"closes": set(), "opens": set(), "resizes": set(), "trades": set(),
+                           "unsettled": set(),
                            "flagged": {d.symbol for d in diffs if d.severity == "human"}}
     for d in diffs:
         for key, values in d.data.items():
@@ -155,7 +156,8 @@ def settle_orders(rt, ex: Executor, dry_run: bool) -> list[Difference]:
                 if result.status == "unknown":
                     diffs.append(Difference("unresolved_order", req.symbol,
                                             f"{req.client_order_id} ({order['purpose']}) is "
-                                            f"still ambiguous: {result.reason}", "info"))
+                                            f"still ambiguous: {result.reason}", "info",
+                                            data={"unsettled": {req.client_order_id}}))
                     continue
                 report = result.order
                 if result.status == "rejected":
@@ -174,7 +176,8 @@ def settle_orders(rt, ex: Executor, dry_run: bool) -> list[Difference]:
                                                       trigger=trigger)
         except READ_ERRORS as exc:
             diffs.append(Difference("unresolved_order", req.symbol,
-                                    f"{req.client_order_id}: lookup failed ({exc})", "info"))
+                                    f"{req.client_order_id}: lookup failed ({exc})", "info",
+                                    data={"unsettled": {req.client_order_id}}))
             continue
         if report is None:
             diffs.append(Difference("missing_order", req.symbol,
@@ -325,6 +328,16 @@ def compare_positions(rt, ex: Executor, dry_run: bool,
         if symbol in resized:  # a settled order leaves this much of it (dry run)
             p = {**p, "amount": resized[symbol]}
         if theirs is None:
+            pending = {s["client_order_id"] for s in ex.live_stops(p)} & plan["unsettled"]
+            if pending:
+                # Its stop closed it, most likely: that stop's settlement records the close
+                # with its fills and reason (stop_loss, trailing_stop) once it is visible.
+                diffs.append(Difference("position_gone", symbol, f"ledger {p['side']} "
+                                        f"{p['amount']} is not on the exchange; its stop "
+                                        f"{', '.join(sorted(pending))} could not be settled: "
+                                        "the close is recorded with its outcome",
+                                        "human"))
+                continue
             diffs.append(closed_on_exchange(rt, ex, p, dry_run))
         elif theirs.side != p["side"]:
             diffs.append(Difference("position_side", symbol, f"ledger {p['side']} "

@@ -363,6 +363,30 @@ def test_a_stop_that_hit_while_the_bot_was_down_closes_the_position(bot_factory)
     assert_settled(bot)
 
 
+def test_a_stop_whose_lookup_fails_once_still_closes_its_position_as_a_stop(bot_factory):
+    """The stop fired while the bot was down, and the restart's lookup of it failed once.
+    The position, gone from the exchange, used to be closed at once from the trade list
+    as `closed_on_exchange`, the fill tied to no order, for good. It waits for the stop."""
+    bot = bot_factory(strat=PICK_FIRST, paths={"AAA": FALL}, exchange={"read_retries": 0})
+    position = open_long(bot)
+    bot.after_candle(1)  # down; the stop fires on the exchange
+    bot.venue.faults.script([("fetch_order", "network_error")])
+    first = reconciled(bot)
+    assert first["status"] == "needs_human"
+    assert {"unresolved_order", "position_gone"} <= set(kinds(first))
+    assert bot.facts("position_closed") == []
+    assert len(bot.facts("order_intent")) == 2  # no stop placed for a position not held
+    bot.clock.advance(300_000)
+    second = reconciled(bot)
+    assert kinds(second) == ["order_state"]
+    [closed] = bot.facts("position_closed", position_id=position["position_id"])
+    assert closed["reason"] == "stop_loss"
+    [fill] = bot.facts("fill", client_order_id=position["stop"]["client_order_id"])
+    assert Decimal(fill["amount"]) == Decimal(position["amount"])
+    assert_agrees(bot)
+    assert_settled(bot)
+
+
 def test_a_stop_fill_recorded_before_its_trade_was_listed_is_not_counted_again(bot_factory):
     # The trade list lags: the stop's fill is recorded from the order it became (fee
     # unknown), under that order's id, which its trade carries once listed.
