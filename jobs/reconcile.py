@@ -67,6 +67,7 @@ def run(rt, scheduled_ms: int, run_id: str, dry_run: bool = False) -> dict:
         if rt.stopping.is_set():  # asked to stop while waiting: the next start reconciles
             return {"skipped": True, "reason": "the service is stopping"}
         diffs += settle_orders(rt, ex, dry_run)
+        diffs += late_fees(rt, ex, dry_run, checked - FILL_LAG_MS)
         diffs += compare_positions(rt, ex, dry_run, planned(diffs))
         diffs += compare_stops(rt, ex, dry_run, planned(diffs))
         diffs += sweep_fills(rt, ex, dry_run, checked - FILL_LAG_MS, planned(diffs))
@@ -310,6 +311,77 @@ def apply_outcome(rt, ex: Executor, order: dict, req: OrderRequest, report: Orde
                              client_order_id=req.client_order_id,
                              position_id=position["position_id"], reason=f"stop {new}"))
     ex.record(facts)
+
+
+# -- fees of fills recorded before their trades were listed ----------------------------
+
+STAND_IN = "order:%:rest"  # the trade id of a fill taken from its order (Executor.fills_of)
+
+
+def late_fees(rt, ex: Executor, dry_run: bool, since: int) -> list[Difference]:
+    """The fees of fills recorded from their order, before its trades could be read
+    (fee unknown then, recorded as 0): once the trades are listed, each one's fee is
+    recorded as a fill of amount 0 under its trade id (so it counts once), and an open
+    position's fees grow by it, so its close counts it in the realized PnL."""
+    stand_ins = rt.ledger.select(
+        "SELECT symbol, position_id, exchange_order_id AS oid, client_order_id, "
+        "group_concat(amount, ' ') AS amounts, min(json_extract(data, '$.exchange_ts')) "
+        "AS traded FROM facts WHERE seq > ? AND type = 'fill' "
+        "AND ts >= ? AND json_extract(data, '$.trade_id') LIKE ? "
+        "AND exchange_order_id IS NOT NULL GROUP BY symbol, exchange_order_id",
+        (rt.seq_floor(since), since, STAND_IN))
+    if not stand_ins:
+        return []
+    # From when they traded: a stop that filled while the bot was down is recorded later.
+    first: dict[str, int] = {}
+    for s in stand_ins:
+        traded = min(since, s["traded"] or since) - 60_000
+        first[s["symbol"]] = min(first.get(s["symbol"], traded), traded)
+    known = recorded_trade_ids(rt, min(first.values()))
+    trades: dict[str, list] = {}
+    diffs, facts, fees = [], [], {}
+    for s in stand_ins:
+        symbol = s["symbol"]
+        try:
+            if symbol not in trades:
+                trades[symbol] = rt.client.fills(symbol, first[symbol])
+        except READ_ERRORS as exc:
+            diffs.append(Difference("fills", symbol, f"fills unavailable ({exc})", "info"))
+            trades[symbol] = []
+            continue
+        late = [t for t in trades[symbol]
+                if t.exchange_order_id == s["oid"] and t.trade_id not in known]
+        # All of what the stand-in stood for must be listed, or its fee is not whole yet.
+        stood_for = sum((Decimal(a) for a in s["amounts"].split()), Decimal(0))
+        if not late or sum((t.amount for t in late), Decimal(0)) < stood_for:
+            continue
+        fee = sum((t.fee for t in late), Decimal(0))
+        diffs.append(Difference(
+            "late_fee", symbol, f"order {s['client_order_id'] or s['oid']}: fee {fee} of "
+            "fills recorded before their trades were listed", correction="fee recorded",
+            data={"trades": {t.trade_id for t in late}}))
+        facts += [ex.fact("fill", symbol=symbol, side=t.side, amount=0, price=t.price,
+                          fee=t.fee, position_id=s["position_id"],
+                          client_order_id=s["client_order_id"],
+                          exchange_order_id=t.exchange_order_id,
+                          reason="fee of a fill recorded before its trade was listed",
+                          data=fill_data(t, source="reconcile")) for t in late]
+        fees[s["position_id"]] = fees.get(s["position_id"], Decimal(0)) + fee
+    for p in rt.ledger.state().positions.values():
+        if p["position_id"] in fees:
+            facts.append(ex.fact("position_changed", symbol=p["symbol"], side=p["side"],
+                                 amount=p["amount"], price=p["entry_price"],
+                                 position_id=p["position_id"],
+                                 fee=Decimal(p.get("fees") or 0) + fees.pop(p["position_id"]),
+                                 reason="reconcile: fee of an earlier fill"))
+    for pid, fee in fees.items():  # closed before its fee was known
+        if pid:
+            diffs.append(Difference("late_fee", None, f"position {pid} closed before the "
+                                    f"fee {fee} of one of its fills was known: its realized "
+                                    "PnL in closed_trades leaves it out", "info"))
+    if facts and not dry_run:
+        ex.record(facts)
+    return diffs
 
 
 # -- positions --------------------------------------------------------------------------

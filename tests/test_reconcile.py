@@ -387,6 +387,34 @@ def test_a_stop_whose_lookup_fails_once_still_closes_its_position_as_a_stop(bot_
     assert_settled(bot)
 
 
+def test_the_fee_of_a_fill_recorded_before_its_trade_was_listed_is_recorded_once(bot_factory):
+    """The entry's trades could not be read once: its fill was taken from the order, fee
+    unknown (0). Once the trades are listed, reconcile records the fee (once), and the
+    position's close counts it: the ledger's fees and PnL equal the wallet's change."""
+    bot = bot_factory(strat=PICK_FIRST, paths={"AAA": flat(100, 40)},
+                      exchange={"read_retries": 0})
+    bot.venue.faults.script([("fetch_my_trades", "network_error")])
+    position = open_long(bot)
+    assert position["fees"] == "0"
+    entry_fee = 10_000 - Decimal(str(bot.venue.fetch_balance()["USDT"]["total"]))
+    assert entry_fee > 0
+    report = reconciled(bot)
+    assert kinds(report) == ["late_fee"]
+    assert Decimal(bot.position(AAA)["fees"]) == entry_fee
+    assert reconciled(bot)["status"] == "in_sync"  # recorded once
+    ex = Executor(bot.ledger, bot.client, bot.clock, bot.rt.config, "exit", bot.rt.lock)
+    assert ex.close_position(bot.position(AAA), "test exit", T0 + 3 * TF)
+    [closed] = bot.facts("position_closed")
+    wallet = Decimal(str(bot.venue.fetch_balance()["USDT"]["total"])) - 10_000
+    assert Decimal(closed["pnl"]) == wallet
+    fees = sum(Decimal(f["fee"]) for f in bot.facts("fill", symbol=AAA))
+    assert fees == Decimal(closed["fee"]) and sum(
+        Decimal(f["amount"]) for f in bot.facts("fill", client_order_id=position["position_id"])
+    ) == Decimal(position["amount"])
+    assert reconciled(bot)["status"] == "in_sync"
+    assert_agrees(bot)
+
+
 def test_a_stop_fill_recorded_before_its_trade_was_listed_is_not_counted_again(bot_factory):
     # The trade list lags: the stop's fill is recorded from the order it became (fee
     # unknown), under that order's id, which its trade carries once listed.
@@ -404,7 +432,14 @@ def test_a_stop_fill_recorded_before_its_trade_was_listed_is_not_counted_again(b
     bot.clock.advance(60_000)
     report = reconciled(bot)
     assert "unrecorded_fill" not in kinds(report), report
-    assert len(bot.facts("fill", symbol=AAA)) == 2  # the entry and the stop, once each
+    fills = bot.facts("fill", symbol=AAA)
+    # the entry and the stop, once each, and then the stop's fee (of amount 0)
+    assert [Decimal(f["amount"]) for f in fills] == [Decimal(position["amount"])] * 2 + [0]
+    assert Decimal(fills[1]["fee"]) == 0
+    assert Decimal(fills[2]["fee"]) == Decimal(trade["info"]["commission"])
+    assert json.loads(fills[2]["data"])["trade_id"] == trade["id"]
+    assert "late_fee" in kinds(report)
+    assert reconciled(bot)["status"] == "in_sync"
     assert_agrees(bot)
 
 
