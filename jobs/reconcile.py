@@ -66,8 +66,10 @@ def run(rt, scheduled_ms: int, run_id: str, dry_run: bool = False) -> dict:
     with rt.lock:
         if rt.stopping.is_set():  # asked to stop while waiting: the next start reconciles
             return {"skipped": True, "reason": "the service is stopping"}
-        diffs += settle_orders(rt, ex, dry_run)
+        # Late fees first: an order settled below then finds its trades recorded, and a
+        # position it closes has its fees.
         diffs += late_fees(rt, ex, dry_run, checked - FILL_LAG_MS)
+        diffs += settle_orders(rt, ex, dry_run)
         diffs += compare_positions(rt, ex, dry_run, planned(diffs))
         diffs += compare_stops(rt, ex, dry_run, planned(diffs))
         diffs += sweep_fills(rt, ex, dry_run, checked - FILL_LAG_MS, planned(diffs))
@@ -262,9 +264,10 @@ def apply_outcome(rt, ex: Executor, order: dict, req: OrderRequest, report: Orde
         ex.record_stop_fill(position, stop, report)
         return
     facts = []
-    fills = ex.fills_of(report, order["ts"] - 60_000) if report.filled > 0 else []
-    known = recorded_trade_ids(rt, order["ts"] - 60_000) if fills else set()
-    fresh = [f for f in fills if f.trade_id not in known]
+    since = order["ts"] - 60_000
+    fills = ex.fills_of(report, since) if report.filled > 0 else []
+    fresh = uncovered(fills, recorded_trade_ids(rt, since),
+                      recorded_per_order(rt, since)) if fills else []
     facts += [ex.fill_fact(f, order["position_id"]) for f in fresh]
     if new not in TERMINAL or new != order["state"]:
         facts += ex_path(ex, req, order, new, exchange_order_id=report.exchange_order_id)
@@ -454,6 +457,26 @@ def unrecorded(trades: list, known: set[str], per_order: dict[str, Decimal]) -> 
     return [t for t in trades if t.trade_id not in known and not (
         t.exchange_order_id is not None
         and per_order.get(t.exchange_order_id, Decimal(0)) >= by_order[t.exchange_order_id])]
+
+
+def uncovered(fills: list, known: set[str], per_order: dict[str, Decimal]) -> list:
+    """One order's fills the ledger has not recorded: not by their trade id (``known``),
+    nor as part of a fill taken from the order before its trades were listed: the
+    earliest trades, up to that amount (``per_order``: the amounts recorded per order)."""
+    left = dict(per_order)  # what the recorded fills cover beyond the trades known by id
+    for f in fills:
+        if f.trade_id in known and f.exchange_order_id in left:
+            left[f.exchange_order_id] -= f.amount
+    out = []
+    for f in sorted(fills, key=lambda f: f.ts):
+        if f.trade_id in known:
+            continue
+        cover = left.get(f.exchange_order_id, Decimal(0))
+        if not f.trade_id.startswith("order:") and cover >= f.amount:
+            left[f.exchange_order_id] = cover - f.amount
+            continue
+        out.append(f)
+    return out
 
 
 def ever_opened(rt, position_id: str) -> bool:

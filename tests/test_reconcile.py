@@ -415,6 +415,27 @@ def test_the_fee_of_a_fill_recorded_before_its_trade_was_listed_is_recorded_once
     assert_agrees(bot)
 
 
+def test_an_entry_left_open_whose_fill_was_taken_from_the_order_is_not_counted_twice(
+        bot_factory):
+    """The entry's answer said open (6 of 10 filled), its lookups and its trades failed:
+    the fill was taken from the order (fee unknown). Settling the order later recorded its
+    trade again, 12 in the ledger for 6 held, and the fee never reached the position."""
+    bot = bot_factory(strat=PICK_FIRST, paths={"AAA": flat(100, 40)}, venue_cls=StuckEntrySim,
+                      exchange={"read_retries": 0})
+    bot.venue.faults.script([("fetch_my_trades", "network_error")])
+    position = open_long(bot)
+    assert bot.ledger.state().orders[position["position_id"]]["state"] == "partially_filled"
+    bot.venue.stuck = False
+    assert kinds(reconciled(bot)) == ["late_fee", "order_state"]
+    assert reconciled(bot)["status"] == "in_sync"
+    fills = bot.facts("fill", symbol=AAA)
+    held = Decimal(str(bot.exchange_positions()[AAA]["contracts"]))
+    assert sum(Decimal(f["amount"]) for f in fills) == held == Decimal(bot.position(AAA)["amount"])
+    paid = 10_000 - Decimal(str(bot.venue.fetch_balance()["USDT"]["total"]))
+    assert Decimal(bot.position(AAA)["fees"]) == paid > 0
+    assert_agrees(bot)
+
+
 def test_a_stop_fill_recorded_before_its_trade_was_listed_is_not_counted_again(bot_factory):
     # The trade list lags: the stop's fill is recorded from the order it became (fee
     # unknown), under that order's id, which its trade carries once listed.
