@@ -458,6 +458,23 @@ print("done")
 """
 
 
+def test_creating_a_ledger_waits_for_another_writer_to_let_go(ledger_path):
+    """Switching a new file to WAL needs it to itself: while another connection holds a
+    write lock, SQLite answers "database is locked" at once, without the busy timeout.
+    The ledger waits for it (the bot's first start racing a first `bot halt`)."""
+    other = sqlite3.connect(ledger_path, isolation_level=None, check_same_thread=False)
+    other.execute("BEGIN IMMEDIATE")
+    timer = threading.Timer(0.3, lambda: other.execute("ROLLBACK"))
+    timer.start()
+    try:
+        with Ledger(ledger_path) as ledger:
+            ledger.append([note(1)])
+            assert ledger.verify().ok and ledger.last_seq() == 1
+    finally:
+        timer.join()
+        other.close()
+
+
 CREATOR = """
 import os, sys, time
 from ledger import Fact, Ledger
