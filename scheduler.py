@@ -364,36 +364,65 @@ class Service:
         return 0
 
 
+# A hang-up (an SSH session running it in the foreground dropped) stops it cleanly too:
+# its default would end the process wherever it is.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
+
 def serve(config: Config, db_path: str | Path) -> int:
     """``cli.py run``: lock the ledger, build the runtime, run until a signal."""
     check_can_trade(config, serving=True)  # nothing made or started if it cannot trade
-    lock = LedgerLock(db_path)
-    lock.acquire()
+    # A stop asked for while starting is kept and honoured once the service exists (the
+    # default handlers would end the process half-way, or print a traceback).
+    asked: list[int] = []
+    previous = {sig: signal.signal(sig, lambda signum, frame: asked.append(signum))
+                for sig in STOP_SIGNALS}
+    try:
+        lock = LedgerLock(db_path)
+        lock.acquire()
+        try:
+            rt = start_runtime(config, db_path)
+            service = Service(rt)
+            for sig in STOP_SIGNALS:
+                signal.signal(sig, service.request_stop)
+            if asked:
+                service.request_stop(asked[0])
+            try:
+                return service.run()
+            finally:
+                rt.close()
+        finally:
+            lock.release()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def start_runtime(config: Config, db_path: str | Path) -> runtime.Runtime:
+    """The logs and the runtime, or StartRefused / StartFailed saying why not."""
     try:
         logs.setup(config.bot.log_dir)
+    except OSError as exc:
+        raise StartRefused(f"not started: [bot] log_dir = {config.bot.log_dir!r}: cannot "
+                           f"write logs there ({exc.strerror or exc})") from None
+    try:
         rt = runtime.build(config, db_path)
-        if config.bot.mode == "live":
-            try:
-                problem = rt.client.account_mode_problem()
-            except (ccxt.AuthenticationError, ccxt.PermissionDenied) as exc:
-                rt.close()  # keys refused: a person must look, a restart would not help
-                raise StartRefused(f"not started: the exchange refused the API keys "
-                                   f"({error_text(exc)})") from None
-            except (ccxt.BaseError, BadExchangeData) as exc:
-                rt.close()
-                raise StartFailed(f"not started: the account's mode could not be read from "
-                                  f"the exchange ({error_text(exc)})") from None
-            if problem:
-                rt.close()
-                raise StartRefused(f"not started: {problem}")
-        service = Service(rt)
-        # A hang-up (an SSH session running it in the foreground dropped) stops it cleanly
-        # too: its default would end the process wherever it is.
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-            signal.signal(sig, service.request_stop)
-        try:
-            return service.run()
-        finally:
-            rt.close()
-    finally:
-        lock.release()
+    except ccxt.NetworkError as exc:
+        raise StartFailed(f"not started: the exchange could not be reached "
+                          f"({error_text(exc)})") from None
+    if config.bot.mode != "live":
+        return rt
+    try:
+        problem = rt.client.account_mode_problem()
+    except (ccxt.AuthenticationError, ccxt.PermissionDenied) as exc:
+        rt.close()  # keys refused: a person must look, a restart would not help
+        raise StartRefused(f"not started: the exchange refused the API keys "
+                           f"({error_text(exc)})") from None
+    except (ccxt.BaseError, BadExchangeData) as exc:
+        rt.close()
+        raise StartFailed(f"not started: the account's mode could not be read from "
+                          f"the exchange ({error_text(exc)})") from None
+    if problem:
+        rt.close()
+        raise StartRefused(f"not started: {problem}")
+    return rt

@@ -156,8 +156,9 @@ class SimSection:
     symbols: int = param(12, "Number of synthetic symbols.", lo=1, hi=1000)
     seed: int = param(42, "Seed of the synthetic market and fault injection.", lo=0,
                       hi=2**32 - 1)
-    speed: float = param(60.0, "Clock acceleration of the simulated service.", lo=0, hi=100_000,
-                         lo_open=True)
+    # Down to 0.001 (a 10 s scan every ~3 h): slower would overflow the schedule's timers.
+    speed: float = param(60.0, "Clock acceleration of the simulated service.", lo=0.001,
+                         hi=100_000)
     state_path: str = param("sim_exchange.db", "SQLite file of the simulated exchange's state.",
                             pattern=r".*\S.*")
     start_balance: float = param(10_000.0, "Starting USDT balance.", lo=0, lo_open=True,
@@ -373,6 +374,8 @@ def _check_value(f, value: Any) -> str | None:
         return f"not allowed; allowed: a whole string matching {meta['pattern']}"
     lo, hi = meta["lo"], meta["hi"]
     if isinstance(value, int | float) and not isinstance(value, bool):
+        if expected is float and isinstance(value, int) and abs(value) >= 2 ** 1024:
+            value = math.inf  # no float holds it
         if isinstance(value, float) and not math.isfinite(value):  # TOML allows nan, inf
             return "not a finite number; allowed: " + _range_text(lo, hi, meta["lo_open"])
         too_low = lo is not None and (value <= lo if meta["lo_open"] else value < lo)
@@ -417,10 +420,42 @@ def check_can_trade(config: Config, *, serving: bool = False) -> None:
         problem = _unwritable(Path(value), is_file)
         if problem:
             raise ConfigError(f"{source}: invalid config\n  {where} = {value!r}: {problem}")
+    problem = _market_problem(config)
+    if problem:
+        raise ConfigError(f"{source}: invalid config\n  {problem}")
+    from core.strategies import load_strategy  # here: it pulls in pandas, read commands not
+
+    try:
+        load_strategy(config.strategy)
+    except ValueError as exc:
+        raise ConfigError(f"{source}: invalid config\n  [strategy] name = "
+                          f"{config.strategy.name!r}: {exc}") from None
+
+
+def _market_problem(config: Config) -> str | None:
+    """What keeps sim mode's market from being built, or None."""
+    sim = config.sim
+    if config.bot.mode != "sim":
+        return None
+    if sim.source == "live":
+        return ("[sim] source = 'live': live data run on the wall clock, which [bot] mode = "
+                "'paper' does (sim mode's clock is accelerated)")
+    if sim.source == "csv" and not sim.data_dir:
+        return "[sim] source = 'csv' needs [sim] data_dir"
+    if sim.source == "csv" and not Path(sim.data_dir).is_dir():
+        return f"[sim] data_dir = {sim.data_dir!r}: no such folder of CSV candles"
+    return None
 
 
 def _unwritable(path: Path, is_file: bool) -> str | None:
     """Why the bot could not write ``path`` (a file, or a folder it creates), or None."""
+    try:
+        return _unwritable_because(path, is_file)
+    except OSError as exc:  # a name too long, a folder it may not look into
+        return f"cannot be used ({exc.strerror or exc})"
+
+
+def _unwritable_because(path: Path, is_file: bool) -> str | None:
     if is_file:
         if path.is_dir():
             return "is a folder, not a file"
@@ -428,6 +463,8 @@ def _unwritable(path: Path, is_file: bool) -> str | None:
     else:
         folder = path
         while not folder.exists() and folder != folder.parent:
+            if folder.is_symlink():
+                return f"{folder} is a symbolic link to nothing"
             folder = folder.parent
     if not folder.is_dir() or not os.access(folder, os.W_OK):
         return f"folder {folder.absolute()} does not exist or is not writable"

@@ -21,11 +21,11 @@ class DailyFileHandler(logging.Handler):
 
     def __init__(self, folder: str | Path) -> None:
         super().__init__()
-        self.folder = Path(folder)
-        self.folder.mkdir(parents=True, exist_ok=True)
         self._day = ""
         self._stream = None
         self._io_lock = threading.Lock()
+        self.folder = Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
 
     def path_for(self, day: str) -> Path:
         return self.folder / f"bot_{day}.log"

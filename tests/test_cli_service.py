@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 
 import pytest
@@ -233,11 +234,42 @@ def test_job_and_reconcile_refuse_while_another_process_holds_the_ledger(world, 
     assert world.cli(*args).exit_code == 0  # free again
 
 
-@pytest.mark.parametrize(("error", "code", "said"), [
-    ("NetworkError", 1, "could not be read from the exchange"),
-    ("AuthenticationError", 2, "refused the API keys")])
-def test_a_live_start_the_exchange_cannot_answer_is_one_clear_line(tmp_path, monkeypatch,
-                                                                  error, code, said):
+@pytest.mark.parametrize(("log_dir", "said"), [
+    ("x" * 300, "cannot be used (File name too long)"),  # the config's check crashed
+    # the check passes (root may write /proc, says access()), then making it fails
+    pytest.param("/proc/no/logs", "cannot write logs there", marks=pytest.mark.skipif(
+        os.geteuid() != 0, reason="only root passes the check for /proc")),
+])
+def test_a_log_folder_that_cannot_be_made_refuses_the_start_in_one_line(tmp_path,
+                                                                       monkeypatch,
+                                                                       log_dir, said):
+    """A traceback and exit 1 (a restart policy retrying for ever), and an error at exit."""
+    from click.testing import CliRunner
+
+    import cli
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "bot.toml").write_text(f'[bot]\nlog_dir = "{log_dir}"\n')
+    loggers = [logging.getLogger(n) for n in ("", "ccxt", "apscheduler")]
+    saved = [(lg, lg.level, list(lg.handlers)) for lg in loggers]
+    try:
+        result = CliRunner().invoke(cli.main, ["--db", str(tmp_path / "bot.db"), "run"])
+    finally:
+        for lg, level, handlers in saved:
+            lg.setLevel(level)
+            lg.handlers[:] = handlers
+    assert result.exit_code == 2, result.output
+    assert "[bot] log_dir" in result.output and said in result.output
+    assert "Traceback" not in result.output
+
+
+@pytest.mark.parametrize(("mode", "error", "code", "said"), [
+    ("live", "NetworkError", 1, "could not be read from the exchange"),
+    ("live", "AuthenticationError", 2, "refused the API keys"),
+    # paper's market data come from the exchange: a traceback when it was unreachable
+    ("paper", "NetworkError", 1, "the exchange could not be reached")])
+def test_a_start_the_exchange_cannot_answer_is_one_clear_line(tmp_path, monkeypatch, mode,
+                                                             error, code, said):
     # Only the transport is faked: the exchange unreachable (exit 1: a restart policy
     # tries again) or refusing the keys (exit 2: a person must look).
     import ccxt
@@ -250,8 +282,9 @@ def test_a_live_start_the_exchange_cannot_answer_is_one_clear_line(tmp_path, mon
 
     monkeypatch.setattr(ccxt.binanceusdm, "fetch", fetch)
     monkeypatch.chdir(tmp_path)
-    (tmp_path / "bot.toml").write_text('[bot]\nmode = "live"\nlog_dir = ""\n'
-                                       '[exchange]\nread_retries = 0\n')
+    (tmp_path / "bot.toml").write_text(f'[bot]\nmode = "{mode}"\nlog_dir = ""\n'
+                                       '[exchange]\nread_retries = 0\n'
+                                       f'[sim]\nstate_path = "{tmp_path}/paper.db"\n')
     # `run` sets the process's logging up (levels, handlers): restored for later tests.
     loggers = [logging.getLogger(n) for n in ("", "ccxt", "apscheduler")]
     saved = [(lg, lg.level, list(lg.handlers)) for lg in loggers]

@@ -286,6 +286,33 @@ def test_a_file_the_service_would_write_where_it_cannot_is_refused_by_key(tmp_pa
     check_can_trade(load(write_toml(tmp_path / "ok.toml", fine), environ={}))
 
 
+@pytest.mark.parametrize(("text", "message"), [
+    # a float key given an integer no float holds: a traceback (OverflowError) before
+    ("[risk]\nmax_position_notional = 1" + "0" * 400, "not a finite number"),
+    # slower than this overflowed the scheduler's timers after files were made
+    ("[sim]\nspeed = 1e-13", "0.001 <= value <= 100000"),
+])
+def test_numbers_nothing_could_run_on_are_refused(text, message):
+    assert message in refusal(text)
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ('[strategy]\nname = "nope"', "[strategy] name = 'nope': unknown strategy"),
+    ('[sim]\nsource = "csv"', "[sim] source = 'csv' needs [sim] data_dir"),
+    ('[sim]\nsource = "csv"\ndata_dir = "{tmp}/none"', "no such folder of CSV candles"),
+    ('[sim]\nsource = "live"', "[bot] mode = 'paper'"),
+    ('[bot]\nlog_dir = "{tmp}/dangling"', "symbolic link to nothing"),
+])
+def test_what_run_would_fail_on_is_refused_before_anything_is_made(tmp_path, text,
+                                                                   message):
+    """These were refused (or crashed) only after the ledger, the lock, the logs and the
+    simulated exchange's file had been made."""
+    (tmp_path / "dangling").symlink_to(tmp_path / "not_yet" / "logs")
+    cfg = load(write_toml(tmp_path / "bot.toml", text.format(tmp=tmp_path)), environ={})
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        check_can_trade(cfg, serving=True)
+
+
 def test_an_array_of_tables_is_not_echoed_in_a_refusal():
     message = refusal("[rotation]\nblacklist = [{api_key = \"AKIASENTINEL\"}]")
     assert "[rotation] blacklist = [...]" in message and "AKIASENTINEL" not in message

@@ -124,6 +124,26 @@ def test_a_stop_during_start_up_finishes_that_job_and_never_starts_the_scheduler
     assert "service running" not in bot.console()
 
 
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_stop_while_the_service_is_being_built_is_a_clean_stop(tmp_path, sig):
+    """Sent as soon as the ledger's lock is taken, while the ledger and the exchange are
+    being opened: it used to end the process there (-15, or "Aborted!" and exit 1)."""
+    bot = Bot(tmp_path)
+    bot.start()
+    try:
+        bot.wait_for("the lock", lambda: (tmp_path / "bot.db.lock").exists(), timeout=60,
+                     poll=0.002)
+        bot.send(sig)
+        code = bot.proc.wait(30)
+    finally:
+        bot.kill()
+    assert code == 0, bot.console()
+    assert "Traceback" not in bot.console() and "Aborted" not in bot.console()
+    assert [e["event"] for e in service_events(bot)][-1:] == ["stopped"]
+    assert "service running" not in bot.console()
+    assert bot.cli("verify").returncode == 0
+
+
 def test_run_with_no_config_trades_on_the_synthetic_market(tmp_path):
     """The defaults, except a faster clock so a trade closes within the test's patience
     (the default speed of 60 makes its first entry within minutes; see the README)."""
