@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from decimal import Decimal
 
 from core.exchange import NOT_FOUND_FINAL_MS
@@ -31,6 +31,7 @@ from core.execution import (
     fill_data,
     opposite,
     request_of,
+    stop_reason,
     unsettled,
 )
 from core.exits import stop_price
@@ -102,9 +103,10 @@ def planned(diffs: list[Difference]) -> dict[str, set]:
     they close ("closes"), open ("opens") or resize ("resizes": symbol and amount left),
     the trades they record ("trades"). A real run has recorded them already; a dry run
     must not report them twice. "flagged": the symbols left for a human, where nothing
-    more is sent. "unsettled": the client ids of orders whose outcome stays unknown."""
+    more is sent. "unsettled": the client ids of orders whose outcome stays unknown;
+    "fired": (client id, id of the order it became) of stops that fired, not settled."""
     out: dict[str, set] = {"closes": set(), "opens": set(), "resizes": set(), "trades": set(),
-                           "unsettled": set(),
+                           "unsettled": set(), "fired": set(),
                            "flagged": {d.symbol for d in diffs if d.severity == "human"}}
     for d in diffs:
         for key, values in d.data.items():
@@ -188,6 +190,12 @@ def settle_orders(rt, ex: Executor, dry_run: bool) -> list[Difference]:
                                     "the exchange", "human"))
             continue
         if unsettled(report):  # it fired; what came of it is settled once visible
+            if report.triggered_order_id:  # its trades carry this id (position check)
+                diffs.append(Difference(
+                    "unresolved_order", req.symbol, f"{req.client_order_id} "
+                    f"({order['purpose']}) fired; the order it became "
+                    f"({report.triggered_order_id}) is not visible yet", "info",
+                    data={"fired": {(req.client_order_id, report.triggered_order_id)}}))
             continue
         new = state_of(report.status, report.amount, report.filled)
         if new == order["state"]:
@@ -413,7 +421,7 @@ def compare_positions(rt, ex: Executor, dry_run: bool,
                                         "the close is recorded with its outcome",
                                         "human"))
                 continue
-            diffs.append(closed_on_exchange(rt, ex, p, dry_run))
+            diffs.append(closed_on_exchange(rt, ex, p, dry_run, plan["fired"]))
         elif theirs.side != p["side"]:
             diffs.append(Difference("position_side", symbol, f"ledger {p['side']} "
                                     f"{p['amount']}, exchange {theirs.side} {theirs.amount}",
@@ -536,8 +544,12 @@ def resized_on_exchange(rt, ex: Executor, p: dict, theirs, dry_run: bool) -> Dif
     return diff
 
 
-def closed_on_exchange(rt, ex: Executor, p: dict, dry_run: bool) -> Difference:
-    """The ledger holds a position the exchange no longer has: find and record its close."""
+def closed_on_exchange(rt, ex: Executor, p: dict, dry_run: bool,
+                       fired: set[tuple[str, str]] = frozenset()) -> Difference:
+    """The ledger holds a position the exchange no longer has: find and record its close.
+
+    Closing trades all made by the order one of its stops became (``fired``: that stop
+    fired, its outcome not visible yet) are that stop's: the close takes its reason."""
     symbol = p["symbol"]
     try:
         closing = unknown_fills(rt, p, opposite(p["side"]))
@@ -550,12 +562,21 @@ def closed_on_exchange(rt, ex: Executor, p: dict, dry_run: bool) -> Difference:
                           f"the exchange and only {amount} of closing fills were found", "human")
     avg = sum((f.price * f.amount for f in closing), Decimal(0)) / amount
     fee = sum((f.fee for f in closing), Decimal(0))
+    reason = "closed_on_exchange"
+    stops = {s["client_order_id"]: s for s in ex.live_stops(p)}
+    became = {oid: stops[coid] for coid, oid in fired if coid in stops}
+    made_by = {became.get(f.exchange_order_id, {}).get("client_order_id") for f in closing}
+    if len(made_by) == 1 and None not in made_by:
+        stop = stops[made_by.pop()]
+        reason = stop_reason(p, stop)
+        closing = [replace(f, client_order_id=stop["client_order_id"]) for f in closing]
     diff = Difference("position_gone", symbol, f"ledger {p['side']} {p['amount']} closed on the "
-                      f"exchange at {avg}", correction="recorded the closing fills and the close",
+                      f"exchange at {avg} ({reason})",
+                      correction="recorded the closing fills and the close",
                       data={"closes": {symbol}, "trades": {f.trade_id for f in closing}})
     if not dry_run:
         facts = [ex.fill_fact(f, p["position_id"]) for f in closing]
-        facts.append(ex.close_fact(p, avg, fee, "closed_on_exchange"))
+        facts.append(ex.close_fact(p, avg, fee, reason))
         ex.record(facts)
     return diff
 

@@ -466,8 +466,10 @@ def test_a_stop_fill_recorded_before_its_trade_was_listed_is_not_counted_again(b
 
 def test_a_stop_that_fired_is_settled_once_the_order_it_became_shows(bot_factory):
     # The position is gone and its closing trade listed, but the order the stop became
-    # is not visible yet: the close is recorded from the trade; the stop stays working
-    # until its outcome shows, and its fill is then not recorded again.
+    # is not visible yet: the close is recorded from the trade, which that order made, so
+    # as the stop's (it was recorded closed_on_exchange, its fill tied to no order, for
+    # good); the stop stays working until its outcome shows, and its fill is then not
+    # recorded again.
     bot = bot_factory(strat=PICK_FIRST, paths={"AAA": FALL})
     position = open_long(bot)
     bot.after_candle(1)  # down; the stop fires on the exchange
@@ -480,6 +482,8 @@ def test_a_stop_that_fired_is_settled_once_the_order_it_became_shows(bot_factory
     [closed] = bot.facts("position_closed", position_id=position["position_id"])
     [trade] = [t for t in bot.venue.fetch_my_trades(AAA, T0) if t["side"] == "sell"]
     assert Decimal(closed["price"]) == Decimal(str(trade["price"]))
+    assert closed["reason"] == "stop_loss"
+    assert [f["client_order_id"] for f in bot.facts("fill", side="sell")] == [stop_id]
 
     del bot.venue.fetch_order
     bot.clock.advance(60_000)
