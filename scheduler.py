@@ -150,6 +150,10 @@ class StartFailed(Exception):
     started, and starting again later may work (exit 1: a restart policy retries)."""
 
 
+class StartInterrupted(Exception):
+    """A second stop signal while starting: the start ends where it is (nothing runs)."""
+
+
 class LedgerLock:
     """An exclusive flock next to the ledger; the holder's pid is written inside."""
 
@@ -373,24 +377,43 @@ def serve(config: Config, db_path: str | Path) -> int:
     """``cli.py run``: lock the ledger, build the runtime, run until a signal."""
     check_can_trade(config, serving=True)  # nothing made or started if it cannot trade
     # A stop asked for while starting is kept and honoured once the service exists (the
-    # default handlers would end the process half-way, or print a traceback).
+    # default handlers would end the process half-way, or print a traceback). Starting
+    # can wait on the exchange for minutes: a second signal stops it there and then.
     asked: list[int] = []
-    previous = {sig: signal.signal(sig, lambda signum, frame: asked.append(signum))
-                for sig in STOP_SIGNALS}
+
+    def while_starting(signum, frame) -> None:
+        asked.append(signum)
+        if len(asked) > 1:
+            raise StartInterrupted(f"signal {signum} again while starting")
+
+    previous = {sig: signal.signal(sig, while_starting) for sig in STOP_SIGNALS}
     try:
         lock = LedgerLock(db_path)
         lock.acquire()
         try:
-            rt = start_runtime(config, db_path)
-            service = Service(rt)
-            for sig in STOP_SIGNALS:
-                signal.signal(sig, service.request_stop)
+            try:
+                rt = start_runtime(config, db_path)
+            except StartFailed as exc:
+                if not asked:
+                    raise
+                log.warning("stopped while starting: %s", exc)  # as asked: not a failure
+                return 0
+            try:
+                service = Service(rt)
+                for sig in STOP_SIGNALS:
+                    signal.signal(sig, service.request_stop)
+            except BaseException:
+                rt.close()
+                raise
             if asked:
                 service.request_stop(asked[0])
             try:
                 return service.run()
             finally:
                 rt.close()
+        except StartInterrupted as exc:
+            log.warning("stopped while starting (%s): not started", exc)
+            return 0
         finally:
             lock.release()
     finally:

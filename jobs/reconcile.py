@@ -360,11 +360,17 @@ def late_fees(rt, ex: Executor, dry_run: bool, since: int) -> list[Difference]:
             diffs.append(Difference("fills", symbol, f"fills unavailable ({exc})", "info"))
             trades[symbol] = []
             continue
-        late = [t for t in trades[symbol]
-                if t.exchange_order_id == s["oid"] and t.trade_id not in known]
-        # All of what the stand-in stood for must be listed, or its fee is not whole yet.
+        # The stand-in stood for the order's earliest trades not listed then, exactly its
+        # amount of them: later ones are new fills, which the order's settlement records.
+        # Until all of them are listed (on a trade's edge), its fee is not whole yet.
         stood_for = sum((Decimal(a) for a in s["amounts"].split()), Decimal(0))
-        if not late or sum((t.amount for t in late), Decimal(0)) < stood_for:
+        late, total = [], Decimal(0)
+        for t in sorted(trades[symbol], key=lambda t: (t.ts, t.trade_id)):
+            if total < stood_for and t.exchange_order_id == s["oid"] \
+                    and t.trade_id not in known:
+                late.append(t)
+                total += t.amount
+        if total != stood_for:
             continue
         fee = sum((t.fee for t in late), Decimal(0))
         diffs.append(Difference(
@@ -480,9 +486,13 @@ def uncovered(fills: list, known: set[str], per_order: dict[str, Decimal]) -> li
         if f.trade_id in known:
             continue
         cover = left.get(f.exchange_order_id, Decimal(0))
-        if not f.trade_id.startswith("order:") and cover >= f.amount:
-            left[f.exchange_order_id] = cover - f.amount
-            continue
+        if cover > 0 and not f.trade_id.startswith("order:"):
+            left[f.exchange_order_id] = max(cover - f.amount, Decimal(0))
+            if cover >= f.amount:
+                continue
+            # Partly covered (the order's report and its trades disagree on where the
+            # recorded part ends): only the rest is new, with its share of the fee.
+            f = replace(f, amount=f.amount - cover, fee=f.fee * (f.amount - cover) / f.amount)
         out.append(f)
     return out
 

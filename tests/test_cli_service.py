@@ -300,3 +300,56 @@ def test_a_start_the_exchange_cannot_answer_is_one_clear_line(tmp_path, monkeypa
     assert last.startswith("error: not started:") and said in last
     assert "Traceback" not in result.output and "s3cr3t" not in result.output
     assert "signature=..." in result.stderr or "signature" not in result.stderr
+
+
+HANGING_START = """
+import sys
+import ccxt
+port, folder = sys.argv[1], sys.argv[2]
+real_init = ccxt.binanceusdm.__init__
+def through_proxy(self, config={}):  # every request goes to a proxy that never answers
+    real_init(self, {**config, "httpsProxy": f"http://127.0.0.1:{port}"})
+ccxt.binanceusdm.__init__ = through_proxy
+import cli
+sys.argv = ["cli.py", "--config", f"{folder}/bot.toml", "--db", f"{folder}/bot.db", "run"]
+cli.main()
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signals", [1, 2])
+def test_a_stop_while_the_exchange_hangs_the_start(tmp_path, spawn_python, signals):
+    """Paper's start waits on the exchange (here for ever: each request times out after
+    its 3 s). One stop signal: it ends when that wait does, as a stop (exit 0), not as a
+    start that failed (exit 1). A second signal ends it there and then."""
+    import signal
+    import socket
+    import threading
+    import time
+
+    hole = socket.create_server(("127.0.0.1", 0))
+    held: list[socket.socket] = []
+    threading.Thread(target=lambda: held.extend(iter(lambda: hole.accept()[0], None)),
+                     daemon=True).start()
+    (tmp_path / "bot.toml").write_text(
+        f'[bot]\nmode = "paper"\nlog_dir = ""\n[exchange]\ntimeout_ms = 3000\n'
+        f'read_retries = 0\n[sim]\nstate_path = "{tmp_path}/paper.db"\n')
+    proc = spawn_python(HANGING_START, hole.getsockname()[1], tmp_path)
+    try:
+        deadline = time.monotonic() + 60
+        while not (tmp_path / "bot.db.lock").exists() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.5)  # asking the exchange now
+        for _ in range(signals):
+            proc.send_signal(signal.SIGINT)
+            time.sleep(0.2)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        hole.close()
+        for conn in held:
+            conn.close()
+    assert proc.returncode == 0, err
+    assert "stopped while starting" in err and "Traceback" not in err
+    # the second signal ends the start where it is, not when the exchange times out
+    assert ("again while starting" in err) == (signals == 2)
+    assert ("could not be reached" in err) == (signals == 1)

@@ -436,6 +436,73 @@ def test_an_entry_left_open_whose_fill_was_taken_from_the_order_is_not_counted_t
     assert_agrees(bot)
 
 
+class GrowingEntrySim(SimExchange):
+    """The next entry's answer says 60 % filled and open, while the exchange filled it
+    all; its lookups and cancels fail. ``split``: its trades are listed in two parts, the
+    first the 60 % the answer saw (as Binance lists an order matched in parts)."""
+
+    stuck: bool | None = None
+    split = False
+
+    def create_order(self, symbol, type, side, amount, price=None, params=None):  # noqa: A002
+        order = super().create_order(symbol, type, side, amount, price, params)
+        if (params or {}).get("triggerPrice") or (params or {}).get("reduceOnly") \
+                or self.stuck is not None:
+            return order
+        self.stuck = True
+        part = float(self.amount_to_precision(symbol, order["filled"] * 0.6))
+        info = {**order["info"], "status": "PARTIALLY_FILLED", "executedQty": str(part),
+                "cumQuote": str(part * order["average"])}
+        return {**order, "status": "open", "filled": part, "remaining": order["amount"] - part,
+                "cost": part * order["average"], "trades": [], "info": info}
+
+    def fetch_my_trades(self, symbol=None, since=None, limit=None, params=None):
+        out = []
+        for t in super().fetch_my_trades(symbol, since, limit, params):
+            if not (self.split and t["side"] == "buy"):
+                out.append(t)
+                continue
+            first = float(self.amount_to_precision(t["symbol"], t["amount"] * 0.6))
+            for n, (amount, ts) in enumerate(((first, 0), (t["amount"] - first, 1))):
+                share = amount / t["amount"]
+                out.append({**t, "id": f"{t['id']}{n}", "amount": amount,
+                            "timestamp": t["timestamp"] + ts,
+                            "fee": {**t["fee"], "cost": t["fee"]["cost"] * share},
+                            "info": {**t["info"], "id": f"{t['id']}{n}", "qty": str(amount),
+                                     "commission": str(float(t["info"]["commission"]) * share)}})
+        return out
+
+    def fetch_order(self, *args, **kwargs):
+        if self.stuck:
+            raise ccxt.NetworkError("binanceusdm GET fapi/v1/order: connection reset")
+        return super().fetch_order(*args, **kwargs)
+
+    def cancel_order(self, *args, **kwargs):
+        if self.stuck:
+            raise ccxt.NetworkError("binanceusdm DELETE fapi/v1/order: connection reset")
+        return super().cancel_order(*args, **kwargs)
+
+
+@pytest.mark.parametrize("split", [True, False])
+def test_fills_beyond_what_was_taken_from_the_order_are_recorded_once(bot_factory, split):
+    """The answer saw 18 of 30 filled, recorded from the order (its trades unreadable).
+    The rest is a new fill: it used to be recorded as a fee of the first part (split:
+    the ledger 12 short for good) or on top of it (one trade of 30: 48 for 30 held)."""
+    bot = bot_factory(strat=PICK_FIRST, paths={"AAA": flat(100, 40)},
+                      venue_cls=GrowingEntrySim, exchange={"read_retries": 0})
+    bot.venue.split = split
+    bot.venue.faults.script([("fetch_my_trades", "network_error")])
+    position = open_long(bot)
+    bot.venue.stuck = False
+    reconciled(bot)
+    assert reconciled(bot)["status"] == "in_sync"
+    held = Decimal(str(bot.exchange_positions()[AAA]["contracts"]))
+    assert held > Decimal(position["amount"])
+    fills = bot.facts("fill", client_order_id=position["position_id"])
+    assert sum(Decimal(f["amount"]) for f in fills) == held == Decimal(bot.position(AAA)["amount"])
+    assert_agrees(bot)
+
+
 def test_a_stop_fill_recorded_before_its_trade_was_listed_is_not_counted_again(bot_factory):
     # The trade list lags: the stop's fill is recorded from the order it became (fee
     # unknown), under that order's id, which its trade carries once listed.
