@@ -100,8 +100,8 @@ def prepare_db(path: str | Path) -> Path:
     return p
 
 
-def _remove(db: Path) -> None:
-    for suffix in ("", "-wal", "-shm"):
+def _remove(db: Path, suffixes: tuple[str, ...] = ("", "-wal", "-shm")) -> None:
+    for suffix in suffixes:
         Path(f"{db}{suffix}").unlink(missing_ok=True)
 
 
@@ -116,8 +116,7 @@ def partial_db(final: Path) -> Path:
 def replace_db(partial: Path, final: Path) -> None:
     # The old file's WAL and index go first: a WAL left beside the new file could be
     # read as the new file's.
-    for suffix in ("-wal", "-shm"):
-        Path(f"{final}{suffix}").unlink(missing_ok=True)
+    _remove(final, ("-wal", "-shm"))
     partial.replace(final)
 
 

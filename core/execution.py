@@ -226,7 +226,7 @@ class Executor:
             log.warning("order %s: %s filled without a listed trade; fee unknown",
                         report.client_order_id, missing)
             traded_as = report.triggered_order_id or report.exchange_order_id
-            mine.append(FillReport(report.symbol, f"order:{traded_as}:rest", traded_as,
+            mine.append(FillReport(report.symbol, stand_in_id(traded_as), traded_as,
                                    report.client_order_id, report.side, missing,
                                    report.average_price, ZERO, "", report.ts or 0))
         return mine
@@ -672,6 +672,12 @@ def request_of(order: dict) -> OrderRequest:
                         reduce_only=bool(order.get("reduce_only")),
                         trigger_price=Decimal(order["trigger_price"])
                         if order.get("trigger_price") else None)
+
+
+def stand_in_id(order_id: str) -> str:
+    """The trade id of a fill taken from its order, its trades not listed yet (fee
+    unknown): reconcile records the fee once they are (jobs/reconcile.late_fees)."""
+    return f"order:{order_id}:rest"
 
 
 def fill_data(f: FillReport, **more: Any) -> dict:

@@ -31,6 +31,7 @@ from core.execution import (
     fill_data,
     opposite,
     request_of,
+    stand_in_id,
     stop_reason,
     unsettled,
 )
@@ -326,7 +327,7 @@ def apply_outcome(rt, ex: Executor, order: dict, req: OrderRequest, report: Orde
 
 # -- fees of fills recorded before their trades were listed ----------------------------
 
-STAND_IN = "order:%:rest"  # the trade id of a fill taken from its order (Executor.fills_of)
+STAND_IN = stand_in_id("%")  # LIKE pattern of the trade ids of fills taken from orders
 
 
 def late_fees(rt, ex: Executor, dry_run: bool, since: int) -> list[Difference]:
@@ -486,7 +487,7 @@ def uncovered(fills: list, known: set[str], per_order: dict[str, Decimal]) -> li
         if f.trade_id in known:
             continue
         cover = left.get(f.exchange_order_id, Decimal(0))
-        if cover > 0 and not f.trade_id.startswith("order:"):
+        if cover > 0 and f.trade_id != stand_in_id(f.exchange_order_id):
             left[f.exchange_order_id] = max(cover - f.amount, Decimal(0))
             if cover >= f.amount:
                 continue
