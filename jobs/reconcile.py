@@ -214,13 +214,17 @@ def settle_orders(rt, ex: Executor, dry_run: bool) -> list[Difference]:
 
 
 def planned_effect(rt, order: dict, report: OrderReport) -> dict[str, set]:
-    """What apply_outcome would do to the position (for a dry run): opens, closes or
-    resizes it."""
+    """What apply_outcome would do to the position (for a dry run): opens, grows, closes
+    or resizes it."""
     symbol = order["symbol"]
     position = rt.ledger.state().positions.get(symbol)
     if order["purpose"] == "entry":
-        opens = position is None and not ever_opened(rt, order["position_id"])
-        return {"opens": {symbol}} if opens else {}
+        if position is None:
+            return {} if ever_opened(rt, order["position_id"]) else {"opens": {symbol}}
+        more = report.filled - Decimal(order.get("filled") or 0)
+        if position["position_id"] != order["position_id"] or more <= 0:
+            return {}
+        return {"resizes": {(symbol, str(Decimal(position["amount"]) + more))}}
     if position is None or position["position_id"] != order["position_id"]:
         return {}
     done = report.filled if order["purpose"] == "stop" else \
@@ -290,6 +294,20 @@ def apply_outcome(rt, ex: Executor, order: dict, req: OrderRequest, report: Orde
                              amount=report.filled, price=avg, fee=fee,
                              position_id=order["position_id"],
                              client_order_id=req.client_order_id,
+                             data={"source": "reconcile"}))
+    elif purpose == "entry" and fresh and position is not None \
+            and position["position_id"] == order["position_id"]:
+        # Filled beyond what the position holds (its answer had seen a part): it grows,
+        # at the average entry of both parts, with the fees of the new part.
+        held, entry = Decimal(position["amount"]), Decimal(position["entry_price"])
+        grown = sum((f.amount for f in fresh), Decimal(0))
+        cost = held * entry + sum((f.amount * f.price for f in fresh), Decimal(0))
+        facts.append(ex.fact("position_changed", symbol=req.symbol, side=position["side"],
+                             amount=held + grown, price=cost / (held + grown),
+                             fee=Decimal(position.get("fees") or 0)
+                             + sum((f.fee for f in fresh), Decimal(0)),
+                             position_id=position["position_id"],
+                             reason="entry filled further (settled by reconcile)",
                              data={"source": "reconcile"}))
     elif purpose == "exit" and position is not None and more > 0 and avg \
             and position["position_id"] == order["position_id"]:
@@ -477,24 +495,38 @@ def unrecorded(trades: list, known: set[str], per_order: dict[str, Decimal]) -> 
 def uncovered(fills: list, known: set[str], per_order: dict[str, Decimal]) -> list:
     """One order's fills the ledger has not recorded: not by their trade id (``known``),
     nor as part of a fill taken from the order before its trades were listed: the
-    earliest trades, up to that amount (``per_order``: the amounts recorded per order)."""
+    earliest trades, up to that amount (``per_order``: the amounts recorded per order).
+    A fill taken from the order again (its trades still unlisted) is new only beyond
+    what is recorded of the order: the same stand-in id, a larger amount."""
     left = dict(per_order)  # what the recorded fills cover beyond the trades known by id
     for f in fills:
-        if f.trade_id in known and f.exchange_order_id in left:
+        if f.trade_id in known and f.exchange_order_id in left \
+                and f.trade_id != stand_in_id(f.exchange_order_id):
             left[f.exchange_order_id] -= f.amount
-    out = []
+    out, stand_ins = [], []
     for f in sorted(fills, key=lambda f: f.ts):
+        if f.trade_id == stand_in_id(f.exchange_order_id):
+            stand_ins.append(f)
+            continue
         if f.trade_id in known:
             continue
         cover = left.get(f.exchange_order_id, Decimal(0))
-        if cover > 0 and f.trade_id != stand_in_id(f.exchange_order_id):
+        if cover > 0:
             left[f.exchange_order_id] = max(cover - f.amount, Decimal(0))
             if cover >= f.amount:
                 continue
             # Partly covered (the order's report and its trades disagree on where the
-            # recorded part ends): only the rest is new, with its share of the fee.
-            f = replace(f, amount=f.amount - cover, fee=f.fee * (f.amount - cover) / f.amount)
+            # recorded part ends): only the rest is new. It carries the trade's whole fee:
+            # the covered part was recorded from the order, fee unknown (0).
+            f = replace(f, amount=f.amount - cover)
         out.append(f)
+    for f in stand_ins:
+        oid = f.exchange_order_id
+        mine = [g for g in fills if g.exchange_order_id == oid]
+        new = sum((g.amount for g in mine), Decimal(0)) - per_order.get(oid, Decimal(0)) \
+            - sum((g.amount for g in out if g.exchange_order_id == oid), Decimal(0))
+        if new > 0:
+            out.append(replace(f, amount=new))
     return out
 
 

@@ -483,23 +483,35 @@ class GrowingEntrySim(SimExchange):
         return super().cancel_order(*args, **kwargs)
 
 
-@pytest.mark.parametrize("split", [True, False])
-def test_fills_beyond_what_was_taken_from_the_order_are_recorded_once(bot_factory, split):
+@pytest.mark.parametrize(("split", "unreadable"), [(True, 1), (False, 1), (False, 3)])
+def test_fills_beyond_what_was_taken_from_the_order_are_recorded_once(bot_factory, split,
+                                                                       unreadable):
     """The answer saw 18 of 30 filled, recorded from the order (its trades unreadable).
     The rest is a new fill: it used to be recorded as a fee of the first part (split:
-    the ledger 12 short for good) or on top of it (one trade of 30: 48 for 30 held)."""
+    the ledger 12 short for good) or on top of it (one trade of 30: 48 for 30 held), or
+    (its trades unreadable again when reconcile settles the order: taken from the order
+    again, under the same stand-in id) not at all."""
     bot = bot_factory(strat=PICK_FIRST, paths={"AAA": flat(100, 40)},
                       venue_cls=GrowingEntrySim, exchange={"read_retries": 0})
     bot.venue.split = split
-    bot.venue.faults.script([("fetch_my_trades", "network_error")])
+    bot.venue.faults.script([("fetch_my_trades", "network_error")] * unreadable)
     position = open_long(bot)
     bot.venue.stuck = False
-    reconciled(bot)
+    if unreadable == 1:  # (a dry run reads the trades too)
+        dry = reconcile.run(bot.rt, bot.clock.now_ms(), "dry", dry_run=True)
+        assert "position_size" not in kinds(dry)  # the order's settlement grows it
+    first = reconciled(bot)
+    if unreadable == 1:
+        assert set(kinds(dry)) <= set(kinds(first))  # (its stop replaced after: real run)
+    reconciled(bot)  # the trades are listed now: the fee of what was taken from the order
     assert reconciled(bot)["status"] == "in_sync"
     held = Decimal(str(bot.exchange_positions()[AAA]["contracts"]))
     assert held > Decimal(position["amount"])
     fills = bot.facts("fill", client_order_id=position["position_id"])
     assert sum(Decimal(f["amount"]) for f in fills) == held == Decimal(bot.position(AAA)["amount"])
+    paid = 10_000 - Decimal(str(bot.venue.fetch_balance()["USDT"]["total"]))
+    assert sum(Decimal(f["fee"]) for f in fills) == paid > 0
+    assert Decimal(bot.position(AAA)["fees"]) == paid  # so its close's PnL counts them
     assert_agrees(bot)
 
 
