@@ -436,16 +436,15 @@ def test_an_entry_left_open_whose_fill_was_taken_from_the_order_is_not_counted_t
     assert_agrees(bot)
 
 
-class GrowingEntrySim(SimExchange):
+class GrowingEntrySim(StuckSim):
     """The next entry's answer says 60 % filled and open, while the exchange filled it
     all; its lookups and cancels fail. ``split``: its trades are listed in two parts, the
     first the 60 % the answer saw (as Binance lists an order matched in parts)."""
 
-    stuck: bool | None = None
     split = False
 
     def create_order(self, symbol, type, side, amount, price=None, params=None):  # noqa: A002
-        order = super().create_order(symbol, type, side, amount, price, params)
+        order = SimExchange.create_order(self, symbol, type, side, amount, price, params)
         if (params or {}).get("triggerPrice") or (params or {}).get("reduceOnly") \
                 or self.stuck is not None:
             return order
@@ -471,16 +470,6 @@ class GrowingEntrySim(SimExchange):
                             "info": {**t["info"], "id": f"{t['id']}{n}", "qty": str(amount),
                                      "commission": str(float(t["info"]["commission"]) * share)}})
         return out
-
-    def fetch_order(self, *args, **kwargs):
-        if self.stuck:
-            raise ccxt.NetworkError("binanceusdm GET fapi/v1/order: connection reset")
-        return super().fetch_order(*args, **kwargs)
-
-    def cancel_order(self, *args, **kwargs):
-        if self.stuck:
-            raise ccxt.NetworkError("binanceusdm DELETE fapi/v1/order: connection reset")
-        return super().cancel_order(*args, **kwargs)
 
 
 @pytest.mark.parametrize(("split", "unreadable"), [(True, 1), (False, 1), (False, 3)])
