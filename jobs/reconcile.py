@@ -221,10 +221,11 @@ def planned_effect(rt, order: dict, report: OrderReport) -> dict[str, set]:
     if order["purpose"] == "entry":
         if position is None:
             return {} if ever_opened(rt, order["position_id"]) else {"opens": {symbol}}
-        more = report.filled - Decimal(order.get("filled") or 0)
+        held = Decimal(position["amount"])
+        more = min(report.filled - Decimal(order.get("filled") or 0), report.filled - held)
         if position["position_id"] != order["position_id"] or more <= 0:
             return {}
-        return {"resizes": {(symbol, str(Decimal(position["amount"]) + more))}}
+        return {"resizes": {(symbol, str(held + more))}}
     if position is None or position["position_id"] != order["position_id"]:
         return {}
     done = report.filled if order["purpose"] == "stop" else \
@@ -297,13 +298,16 @@ def apply_outcome(rt, ex: Executor, order: dict, req: OrderRequest, report: Orde
                              data={"source": "reconcile"}))
     elif purpose == "entry" and fresh and position is not None \
             and position["position_id"] == order["position_id"]:
-        # Filled beyond what the position holds (its answer had seen a part): it grows,
-        # at the average entry of both parts, with the fees of the new part.
+        # Filled beyond what its answer had seen: the position grows by that, at the
+        # average entry, unless it holds the order's whole fill already (an earlier
+        # reconcile took the exchange's size); the new part's fees count either way.
         held, entry = Decimal(position["amount"]), Decimal(position["entry_price"])
-        grown = sum((f.amount for f in fresh), Decimal(0))
-        cost = held * entry + sum((f.amount * f.price for f in fresh), Decimal(0))
+        new_amount = sum((f.amount for f in fresh), Decimal(0))
+        grown = max(Decimal(0), min(new_amount, report.filled - held))
+        price = sum((f.amount * f.price for f in fresh), Decimal(0)) / new_amount
         facts.append(ex.fact("position_changed", symbol=req.symbol, side=position["side"],
-                             amount=held + grown, price=cost / (held + grown),
+                             amount=held + grown,
+                             price=(held * entry + grown * price) / (held + grown),
                              fee=Decimal(position.get("fees") or 0)
                              + sum((f.fee for f in fresh), Decimal(0)),
                              position_id=position["position_id"],

@@ -504,6 +504,29 @@ def test_fills_beyond_what_was_taken_from_the_order_are_recorded_once(bot_factor
     assert_agrees(bot)
 
 
+def test_an_entry_settled_after_its_position_took_the_exchanges_size_is_not_added_again(
+        bot_factory):
+    """18 of 30 recorded from the answer; the next reconcile could not look the order up
+    and took the exchange's size (30). Settling the order later grew it by 12 again (42:
+    corrected back only if the positions could be read in that run)."""
+    bot = bot_factory(strat=PICK_FIRST, paths={"AAA": flat(100, 40)},
+                      venue_cls=GrowingEntrySim, exchange={"read_retries": 0})
+    bot.venue.faults.script([("fetch_my_trades", "network_error")])
+    open_long(bot)
+    first = reconciled(bot)  # the order's lookups still fail
+    assert "position_size" in kinds(first)
+    held = Decimal(str(bot.exchange_positions()[AAA]["contracts"]))
+    assert Decimal(bot.position(AAA)["amount"]) == held
+    bot.venue.stuck = False
+    second = reconciled(bot)
+    assert "position_size" not in kinds(second)
+    assert all(Decimal(p["amount"]) == held for p in bot.facts("position_changed"))
+    paid = 10_000 - Decimal(str(bot.venue.fetch_balance()["USDT"]["total"]))
+    assert Decimal(bot.position(AAA)["fees"]) == paid > 0
+    assert reconciled(bot)["status"] == "in_sync"
+    assert_agrees(bot)
+
+
 def test_a_stop_fill_recorded_before_its_trade_was_listed_is_not_counted_again(bot_factory):
     # The trade list lags: the stop's fill is recorded from the order it became (fee
     # unknown), under that order's id, which its trade carries once listed.
