@@ -234,6 +234,19 @@ def test_job_and_reconcile_refuse_while_another_process_holds_the_ledger(world, 
     assert world.cli(*args).exit_code == 0  # free again
 
 
+def invoke_run(tmp_path: Path, env: dict | None = None):
+    """`run` on the ledger in ``tmp_path``, in this process (for a start refused or
+    failed). It sets the process's logging up (levels, handlers): restored after."""
+    loggers = [logging.getLogger(n) for n in ("", "ccxt", "apscheduler")]
+    saved = [(lg, lg.level, list(lg.handlers)) for lg in loggers]
+    try:
+        return CliRunner().invoke(cli.main, ["--db", str(tmp_path / "bot.db"), "run"], env=env)
+    finally:
+        for lg, level, handlers in saved:
+            lg.setLevel(level)
+            lg.handlers[:] = handlers
+
+
 @pytest.mark.parametrize(("log_dir", "said"), [
     ("x" * 300, "cannot be used (File name too long)"),  # the config's check crashed
     # the check passes (root may write /proc, says access()), then making it fails
@@ -244,20 +257,9 @@ def test_a_log_folder_that_cannot_be_made_refuses_the_start_in_one_line(tmp_path
                                                                        monkeypatch,
                                                                        log_dir, said):
     """A traceback and exit 1 (a restart policy retrying for ever), and an error at exit."""
-    from click.testing import CliRunner
-
-    import cli
-
     monkeypatch.chdir(tmp_path)
     (tmp_path / "bot.toml").write_text(f'[bot]\nlog_dir = "{log_dir}"\n')
-    loggers = [logging.getLogger(n) for n in ("", "ccxt", "apscheduler")]
-    saved = [(lg, lg.level, list(lg.handlers)) for lg in loggers]
-    try:
-        result = CliRunner().invoke(cli.main, ["--db", str(tmp_path / "bot.db"), "run"])
-    finally:
-        for lg, level, handlers in saved:
-            lg.setLevel(level)
-            lg.handlers[:] = handlers
+    result = invoke_run(tmp_path)
     assert result.exit_code == 2, result.output
     assert "[bot] log_dir" in result.output and said in result.output
     assert "Traceback" not in result.output
@@ -273,9 +275,6 @@ def test_a_start_the_exchange_cannot_answer_is_one_clear_line(tmp_path, monkeypa
     # Only the transport is faked: the exchange unreachable (exit 1: a restart policy
     # tries again) or refusing the keys (exit 2: a person must look).
     import ccxt
-    from click.testing import CliRunner
-
-    import cli
 
     def fetch(self, url, method="GET", headers=None, body=None):
         raise getattr(ccxt, error)(f"binanceusdm GET {url}")
@@ -285,16 +284,7 @@ def test_a_start_the_exchange_cannot_answer_is_one_clear_line(tmp_path, monkeypa
     (tmp_path / "bot.toml").write_text(f'[bot]\nmode = "{mode}"\nlog_dir = ""\n'
                                        '[exchange]\nread_retries = 0\n'
                                        f'[sim]\nstate_path = "{tmp_path}/paper.db"\n')
-    # `run` sets the process's logging up (levels, handlers): restored for later tests.
-    loggers = [logging.getLogger(n) for n in ("", "ccxt", "apscheduler")]
-    saved = [(lg, lg.level, list(lg.handlers)) for lg in loggers]
-    try:
-        result = CliRunner().invoke(cli.main, ["--db", str(tmp_path / "bot.db"), "run"],
-                                    env={"BOT_API_KEY": "k3y", "BOT_API_SECRET": "s3cr3t"})
-    finally:
-        for lg, level, handlers in saved:
-            lg.setLevel(level)
-            lg.handlers[:] = handlers
+    result = invoke_run(tmp_path, env={"BOT_API_KEY": "k3y", "BOT_API_SECRET": "s3cr3t"})
     assert result.exit_code == code, result.output
     last = result.stderr.strip().splitlines()[-1]  # after the client's own log line
     assert last.startswith("error: not started:") and said in last
