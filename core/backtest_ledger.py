@@ -26,7 +26,7 @@ from collections import defaultdict
 from collections.abc import Iterable, Sequence
 
 from ledger import Fact, Ledger
-from ledger.fold import CLIENT_ID, DATA, PNL, POSITION_ID, State, fold_into
+from ledger.fold import CLIENT_ID, DATA, PNL, POSITION_ID, TS, State, fold_into
 
 BATCH = 2000
 
@@ -46,6 +46,7 @@ class BufferedLedger:
         if self._state.seq != 0:
             raise ValueError(f"{ledger.path}: a backtest writes to a new, empty ledger")
         self._seq = 0
+        self._first_ts: int | None = None
         self._pending: list[tuple] = []  # Fact.values() of each fact not yet written
         self._by_order: dict[str, list[tuple]] = defaultdict(list)
         self._stop_intents: dict[str, int] = defaultdict(int)
@@ -59,6 +60,8 @@ class BufferedLedger:
             return []
         rows = [f.row(self._seq + n) for n, f in enumerate(facts, start=1)]  # validates all
         fold_into(self._state, rows)
+        if self._first_ts is None:
+            self._first_ts = rows[0][TS]
         for f, row in zip(facts, rows, strict=True):
             if row[CLIENT_ID]:
                 self._by_order[row[CLIENT_ID]].append(row)
@@ -88,6 +91,11 @@ class BufferedLedger:
     def state(self) -> State:
         """A copy of the folded state (the caller may keep it while facts are appended)."""
         return copy_state(self._state)
+
+    def first_ts(self) -> int | None:
+        """The first fact's time, without flushing (the daily reset asks at every scan
+        until a day is closed)."""
+        return self._first_ts
 
     def facts_for_order(self, client_order_id: str) -> list[tuple]:
         return list(self._by_order.get(client_order_id, ()))

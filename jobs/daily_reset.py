@@ -43,8 +43,7 @@ def run(rt, scheduled_ms: int, run_id: str) -> dict:
 def close_days(rt, run_id: str, balance=None) -> dict:
     now = rt.clock.now_ms()
     state = rt.ledger.state()
-    first = rt.ledger.select("SELECT ts FROM facts ORDER BY seq LIMIT 1")
-    days = days_to_close(state.last_day_closed, first[0]["ts"] if first else None, now)
+    days = days_to_close(state.last_day_closed, rt.ledger.first_ts(), now)
     if not days:
         return {"skipped": True, "reason": "no ended day left to close"}
     # fetch: the balance now is the equity at the close of the day that just ended

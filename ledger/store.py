@@ -514,6 +514,11 @@ class Ledger:
     def last_seq(self) -> int:
         return self._conn().execute("SELECT ifnull(max(seq), 0) FROM facts").fetchone()[0]
 
+    def first_ts(self) -> int | None:
+        """The time of the first fact (None while the ledger is empty)."""
+        row = self._conn().execute("SELECT ts FROM facts ORDER BY seq LIMIT 1").fetchone()
+        return row[0] if row else None
+
     def seq_floor(self, ts_ms: int, slack_ms: int = RECORDING_SLACK_MS) -> int:
         """A seq that every fact stamped at ``ts_ms`` or later comes after (0 if none).
 

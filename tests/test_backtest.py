@@ -25,7 +25,7 @@ from hypothesis import strategies as st
 
 import cli
 from core import exits
-from core.backtest import BACKTEST_KIND, is_backtest_ledger, run_backtest
+from core.backtest import BACKTEST_KIND, Engine, is_backtest_ledger, run_backtest
 from core.backtest_data import MarketData, parse_when, signal_of
 from core.backtest_ledger import BufferedLedger
 from core.backtest_run import ProgressBar
@@ -354,16 +354,36 @@ def ledger_facts():
 def test_buffered_ledger_writes_what_the_ledger_writes(tmp_path):
     plain = Ledger(tmp_path / "plain.db")
     buffered = BufferedLedger(Ledger(tmp_path / "buf.db"), batch=7)
+    assert buffered.first_ts() is None and plain.first_ts() is None
     for f in ledger_facts():
         plain.append([f])
         buffered.append([f])
     assert buffered.facts_for_order("c1") == plain.facts_for_order("c1")
     assert buffered.stop_intents("p1") == 1 and buffered.partial_exit_pnls("p1") == ["0.5"]
     assert buffered.state().to_dict() == plain.state().to_dict()
+    assert buffered.first_ts() == plain.first_ts() == 1000
     buffered.close()
     rows = "SELECT * FROM facts ORDER BY seq"
     with sqlite3.connect(tmp_path / "plain.db") as a, sqlite3.connect(tmp_path / "buf.db") as b:
         assert a.execute(rows).fetchall() == b.execute(rows).fetchall()  # hashes too
+
+
+@needs_data
+def test_the_first_days_scans_leave_the_write_behind_ledger_unflushed(real_market, tmp_path):
+    # Until a day is closed every scan asks the daily reset whether one ended, which
+    # needs the first fact's time: answered from memory, not by flushing to SQL.
+    s, e = parse_when("2018-01-15T02:00:00Z", "--from"), parse_when("2018-01-15T14:00:00Z",
+                                                                     "--to")
+    cfg = config()
+    strategy = load_strategy(cfg.strategy)
+    engine = Engine(cfg, strategy, MarketData(real_market, strategy), tmp_path / "bt.db", s, e)
+    try:
+        engine.run()
+        assert engine.ledger.last_seq() > 200
+        assert engine.ledger.written == 0
+        assert engine.ledger.first_ts() == engine.data.at(engine.k0)
+    finally:
+        engine.close()
 
 
 def test_buffered_ledger_keeps_in_step_with_checkpoints(tmp_path):
