@@ -12,6 +12,7 @@ import csv
 import functools
 import io
 import json
+import logging
 import math
 import os
 import signal
@@ -85,7 +86,7 @@ def json_option(fn):
 @click.pass_context
 def main(ctx: click.Context, db: str, config_path: str | None) -> None:
     """A crypto trading bot whose append-only ledger is the source of truth."""
-    ctx.obj = {"db": db, "config_path": config_path}
+    ctx.obj = {**(ctx.obj or {}), "db": db, "config_path": config_path}
 
 
 def bot_now(ledger: Ledger) -> int:
@@ -546,6 +547,23 @@ def backtest(ctx, data_dir, strategy, start, end, db_path, plot, as_json) -> Non
     click.echo(backtest_command(load_config(ctx), data_dir, strategy=strategy, start=start,
                                 end=end, db_path=_backtest_db(ctx, db_path), plot=plot,
                                 as_json=as_json))
+    if ctx.obj.get("exit_when_done"):
+        exit_now()
+
+
+def exit_now() -> None:
+    """End the process at once, its output flushed: a backtest has closed everything it
+    opened, and Python's teardown of ccxt's and pandas' modules takes ~0.2 s, a tenth of
+    the run. Only when no other thread runs, else the normal exit follows."""
+    if threading.active_count() > 1:
+        return
+    logging.shutdown()
+    try:
+        sys.stdout.flush()
+        sys.stderr.flush()
+    except OSError:
+        return  # a closed pipe: the normal exit reports it
+    os._exit(0)
 
 
 @main.command()
@@ -608,4 +626,4 @@ def config_show(ctx, as_json) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    main(obj={"exit_when_done": True})  # in process (tests), a command returns instead

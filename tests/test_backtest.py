@@ -437,6 +437,42 @@ def invoke(*args):
     return CliRunner().invoke(cli.main, [str(a) for a in args], catch_exceptions=False)
 
 
+AT_EXIT = ("import atexit, runpy, sys, threading; "
+           "atexit.register(lambda: print('teardown', file=sys.stderr)); "
+           "threading.Timer(float(sys.argv.pop(1)), lambda: None).start(); "
+           "sys.argv[0] = 'cli.py'; runpy.run_path('cli.py', run_name='__main__')")
+
+
+def script(*args, other_thread_s=0.0):
+    """cli.py run as the script, an atexit hook telling whether Python's teardown ran
+    (and a timer thread running for ``other_thread_s``)."""
+    return subprocess.run([sys.executable, "-c", AT_EXIT, str(other_thread_s),
+                           *map(str, args)], capture_output=True, text=True, cwd=ROOT,
+                          timeout=120)
+
+
+@needs_data
+def test_the_backtest_script_ends_without_pythons_teardown(tmp_path):
+    db = tmp_path / "bt.db"
+    args = ("--db", db, "backtest", "--data", DATA, "--from", "2018-01-20", "--to",
+            "2018-01-21", "--json")
+    r = script(*args)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["total_trades"] > 0  # all of it, flushed
+    assert "teardown" not in r.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bt.db"]  # closed, nothing left
+    assert invoke("--db", db, "verify").exit_code == 0
+    # another thread still running: the normal exit, which waits for it
+    r = script(*args, other_thread_s=4.0)  # outlasts the run
+    assert r.returncode == 0 and json.loads(r.stdout)["total_trades"] > 0
+    assert "teardown" in r.stderr
+    # other commands, and a refused backtest, exit as always
+    r = script("--db", db, "verify")
+    assert r.returncode == 0 and "teardown" in r.stderr
+    r = script("--db", db, "backtest", "--data", tmp_path / "none")
+    assert r.returncode == 2 and "teardown" in r.stderr and "no such folder" in r.stderr
+
+
 @needs_data
 def test_cli_backtest_end_to_end(tmp_path):
     db, chart = tmp_path / "bt.db", tmp_path / "chart.html"
