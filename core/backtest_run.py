@@ -176,10 +176,13 @@ def walkforward_command(config: Config, data_dir: str, *, grid_path: str, train:
                         test: str, strategy: str | None, start: str | None, end: str | None,
                         objective: str, workers: int | None, as_json: bool) -> str:
     """Run a walk-forward; the text (or JSON) to print."""
+    from core.clock import timeframe_ms
     from core.walkforward import load_grid, parse_span, walk_forward
 
     config = with_strategy(config, strategy)
-    train_ms, test_ms = parse_span(train, "--train"), parse_span(test, "--test")
+    candle_ms = timeframe_ms(config.strategy.timeframe)
+    train_ms = parse_span(train, "--train", candle_ms)
+    test_ms = parse_span(test, "--test", candle_ms)
     start_ms, end_ms = _window(start, end)
     grid = load_grid(grid_path, config)
     quiet_logging()

@@ -53,10 +53,12 @@ def drawdowns(equity: np.ndarray, start: float) -> np.ndarray:
 
 
 def daily_returns(times: np.ndarray, equity: np.ndarray, start: float) -> np.ndarray:
-    """Returns of the equity at each UTC day's last step, the first from ``start``."""
+    """Returns of the equity at each UTC day's last step, the first from ``start``.
+    ``times`` are candle closes: the one at midnight closes the day before (its equity is
+    that day's close, as the ledger's day_close facts have it)."""
     if not len(times):
         return np.array([])
-    day = times // DAY_MS
+    day = (times - 1) // DAY_MS
     last = np.flatnonzero(np.r_[day[1:] != day[:-1], True])
     closes = np.r_[start, equity[last]]
     return closes[1:] / closes[:-1] - 1

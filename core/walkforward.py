@@ -41,16 +41,26 @@ from core.config import SECTIONS, Config, ConfigError, from_mapping, to_mapping
 
 OBJECTIVES = ("total_return", "sharpe", "sortino", "profit_factor")
 MAX_COMBOS = 5000
+MAX_FOLDS = 1000
+MAX_SPAN_MS = 100 * 365 * 86_400_000
 SPAN = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([mhdw])\s*$")
 SPAN_MS = {"m": 60_000, "h": 3_600_000, "d": 86_400_000, "w": 7 * 86_400_000}
 
 
-def parse_span(text: str, flag: str) -> int:
-    """``7d``, ``36h``, ``90m``, ``2w`` -> milliseconds."""
+def parse_span(text: str, flag: str, candle_ms: int = 1) -> int:
+    """``7d``, ``36h``, ``90m``, ``2w`` -> milliseconds; at least two candles of
+    ``candle_ms``: a window decides at its candle closes but its last, so a shorter one
+    could never trade."""
     m = SPAN.match(str(text))
     if not m or float(m.group(1)) <= 0:
         raise ValueError(f"{flag} {text!r}: give a length like 7d, 36h, 90m or 2w")
-    return int(float(m.group(1)) * SPAN_MS[m.group(2)])
+    ms = float(m.group(1)) * SPAN_MS[m.group(2)]
+    if ms < 2 * candle_ms:
+        raise ValueError(f"{flag} {text!r}: shorter than two {candle_ms // 60_000} m candles, "
+                         "so nothing could be decided in it")
+    if ms > MAX_SPAN_MS:
+        raise ValueError(f"{flag} {text!r}: longer than 100 years")
+    return int(ms)
 
 
 @dataclass(frozen=True)
@@ -240,6 +250,11 @@ def walk_forward(config: Config, data_dir: str, grid: Grid, train_ms: int, test_
     """Run the walk-forward (see the module docstring); the report as a dict."""
     if objective not in OBJECTIVES:
         raise ValueError(f"objective {objective!r}; choose one of {', '.join(OBJECTIVES)}")
+    if end_ms <= first_ms:
+        raise ValueError("no candles in the chosen period")
+    if (end_ms - first_ms - train_ms) // test_ms > MAX_FOLDS:
+        raise ValueError(f"the test window makes more than {MAX_FOLDS} folds of this data; "
+                         "choose a longer --test (or a shorter period)")
     folds = make_folds(first_ms, end_ms, train_ms, test_ms)
     if not folds:
         raise ValueError(f"the data ({(end_ms - first_ms) / 86_400_000:.1f} days) is shorter "

@@ -417,6 +417,17 @@ def test_drawdown_sharpe_sortino():
     assert sharpe_sortino(np.array([0.1])) == (None, None)
 
 
+def test_the_step_at_midnight_closes_the_day_before():
+    day = 86_400_000
+    closes = np.arange(1, 289) * TF  # one UTC day's 5 m candles, the last closing at 24:00
+    eq = np.linspace(101.0, 99.0, 288)
+    assert daily_returns(closes, eq, 100.0).tolist() == pytest.approx([-0.01])
+    assert sharpe_sortino(daily_returns(closes, eq, 100.0)) == (None, None)
+    two = np.r_[closes, closes + day]
+    r = daily_returns(two, np.r_[eq, eq * 1.1], 100.0)
+    assert r.tolist() == pytest.approx([-0.01, 0.1])
+
+
 def test_progress_bar_only_after_two_seconds():
     out = io.StringIO()
     bar = ProgressBar("backtest", out)

@@ -132,10 +132,16 @@ def test_cli_walkforward_refuses_bad_input(tmp_path):
         (["--grid", str(tmp_path / "none.toml")], "grid file not found"),
         (["--grid", str(write(tmp_path, "[bogus]\nx = [1]\n", "bad.toml"))], "cannot be searched"),
         (["--grid", str(grid), "--train", "seven"], "give a length"),
+        (["--grid", str(grid), "--test", "0.00001m"], "shorter than two 5 m candles"),
+        (["--grid", str(grid), "--test", "5m"], "shorter than two 5 m candles"),
+        (["--grid", str(grid), "--train", "99999999999999999999d"], "longer than 100 years"),
+        # these need the data: refused before any backtest runs
         (["--grid", str(grid), "--train", "30d"], "shorter than one training"),
+        (["--grid", str(grid), "--test", "10m"], "more than 1000 folds"),
+        (["--grid", str(grid), "--from", "2018-02-01"], "no candles in the chosen period"),
     ]
-    for extra, message in cases:
-        if message == "shorter than one training" and not DATA.is_dir():
+    for n, (extra, message) in enumerate(cases):
+        if n >= 6 and not DATA.is_dir():
             continue
         r = CliRunner().invoke(cli.main, ["walkforward", "--data", data, *extra])
         assert r.exit_code == 2, (extra, r.output)
