@@ -412,10 +412,15 @@ def check_can_trade(config: Config, *, serving: bool = False) -> None:
         raise ConfigError(f"{source}: invalid config\n  [bot] mode = 'live' needs API keys in "
                           f"the environment variables {SECRET_ENV['api_key']} and "
                           f"{SECRET_ENV['api_secret']}")
+    if config.bot.mode == "backtest":
+        raise ConfigError(f"{source}: invalid config\n  [bot] mode = 'backtest' is not served "
+                          "by `run`, `job` or `reconcile`; use `cli.py backtest`")
     writes = [("[bot] log_dir", config.bot.log_dir, False)] if serving and config.bot.log_dir \
         else []
-    if config.bot.mode in ("sim", "paper"):
-        writes.append(("[sim] state_path", config.sim.state_path, True))
+    state = sim_state_path(config)
+    if state is not None:
+        writes.append(("[sim] state_path" if config.bot.mode == "sim" else
+                       "paper mode's state file (beside [sim] state_path)", str(state), True))
     for where, value, is_file in writes:
         problem = _unwritable(Path(value), is_file)
         if problem:
@@ -430,6 +435,16 @@ def check_can_trade(config: Config, *, serving: bool = False) -> None:
     except ValueError as exc:
         raise ConfigError(f"{source}: invalid config\n  [strategy] name = "
                           f"{config.strategy.name!r}: {exc}") from None
+
+
+def sim_state_path(config: Config) -> Path | None:
+    """The simulated account's state file in ``config.bot.mode`` (None: no simulated
+    account). Paper mode keeps its own beside ``[sim] state_path``: a sim-mode file holds
+    a synthetic market, not the live one."""
+    state = Path(config.sim.state_path)
+    if config.bot.mode == "paper":
+        return state.with_name(f"paper_{state.name}")
+    return state if config.bot.mode == "sim" else None
 
 
 def _market_problem(config: Config) -> str | None:
@@ -497,4 +512,4 @@ def describe() -> list[tuple[str, str, Any, str]]:
 
 
 __all__ = ["Config", "ConfigError", "Secrets", "load", "from_mapping", "to_mapping", "describe",
-           "load_secrets", "check_can_trade", "SECRET_ENV", "replace"]
+           "load_secrets", "check_can_trade", "sim_state_path", "SECRET_ENV", "replace"]

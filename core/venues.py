@@ -10,10 +10,8 @@ Backtests build their own in-memory venue on a virtual clock (`cli.py backtest`)
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from core.clock import AcceleratedClock, WallClock
-from core.config import Config, ConfigError, Secrets
+from core.config import Config, ConfigError, Secrets, sim_state_path
 
 SIM_DATA_CLIENTS_MAX = 16  # candle lanes at most (live: keyless ccxt instances)
 
@@ -29,7 +27,7 @@ def for_mode(config: Config, clock=None, not_before_ms: int | None = None):
 
     mode = config.bot.mode
     if mode == "sim":
-        state = Path(config.sim.state_path)
+        state = sim_state_path(config)
         if clock is None:
             start = SimExchange.stored_now_ms(state) if state.exists() else None
             if start is not None and not_before_ms is not None:
@@ -41,10 +39,8 @@ def for_mode(config: Config, clock=None, not_before_ms: int | None = None):
     if mode == "paper":
         clock = clock or WallClock()
         public = build_ccxt(config, Secrets())
-        # Its own file: a sim-mode state file holds a synthetic market, not the live one.
-        state = Path(config.sim.state_path)
         venue = SimExchange.from_config(config.with_values(sim={"source": "live"}), clock,
-                                        state_path=state.with_name(f"paper_{state.name}"),
+                                        state_path=sim_state_path(config),
                                         live_exchange=public)
         quiet_open_orders(venue)
         return clock, venue, []

@@ -302,12 +302,16 @@ def test_numbers_nothing_could_run_on_are_refused(text, message):
     ('[sim]\nsource = "csv"\ndata_dir = "{tmp}/none"', "no such folder of CSV candles"),
     ('[sim]\nsource = "live"', "[bot] mode = 'paper'"),
     ('[bot]\nlog_dir = "{tmp}/dangling"', "symbolic link to nothing"),
+    ('[bot]\nmode = "backtest"', "[bot] mode = 'backtest' is not served by `run`"),
+    # paper mode's own state file, beside [sim] state_path, is a folder
+    ('[bot]\nmode = "paper"\n[sim]\nstate_path = "{tmp}/x.db"', "paper mode's state file"),
 ])
 def test_what_run_would_fail_on_is_refused_before_anything_is_made(tmp_path, text,
                                                                    message):
     """These were refused (or crashed) only after the ledger, the lock, the logs and the
     simulated exchange's file had been made."""
     (tmp_path / "dangling").symlink_to(tmp_path / "not_yet" / "logs")
+    (tmp_path / "paper_x.db").mkdir()
     cfg = load(write_toml(tmp_path / "bot.toml", text.format(tmp=tmp_path)), environ={})
     with pytest.raises(ConfigError, match=re.escape(message)):
         check_can_trade(cfg, serving=True)
