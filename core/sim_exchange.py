@@ -57,7 +57,8 @@ HISTORY_DAYS = 3  # synthetic candles before the clock's start, for indicators
 DEFAULT_LEVERAGE = 20  # Binance's default until set_leverage
 ORDER_ID0, TRADE_ID0 = 4_000_000_000, 700_000_000  # ids that look like Binance's
 # A live source (paper) whose candles stop short of now (an empty answer) is asked again
-# from where they stopped, for up to this long; then its stops are given up on for the gap.
+# from where they stopped, for up to this long (by the clock, from the first answer that
+# stopped there); then its stops are given up on for the gap.
 MAX_UNSEEN_MS = 15 * 60_000
 MAX_ALGO_PER_SYMBOL = 10  # Binance's MAX_NUM_ALGO_ORDERS filter
 KEPT_MARKETS = "kept_markets"  # meta key: the markets a live source's orders were in
@@ -112,6 +113,7 @@ class SimExchange:
                           else source.unified_markets())
         self._tf = source.timeframe_ms
         self._marks: dict[str, Decimal] = {}
+        self._unseen: tuple[int, int] | None = None  # (candles seen until, first asked at)
         self._markets_loaded = False
         self._now = 0
         self.store = SimStore(state_path)
@@ -246,12 +248,22 @@ class SimExchange:
         boundary = closes - closes % self._tf
         if boundary > self._processed:
             seen = self._match(self._processed, boundary) if self._open else boundary
-            if seen < boundary and boundary - seen > MAX_UNSEEN_MS:
+            if seen < boundary and self._unseen_too_long(seen, now):
                 log.warning("no candles from %s on for a resting order's symbol: its stops "
                             "were not checked until %s", iso(seen), iso(boundary))
                 seen = boundary
+            if seen == boundary:
+                self._unseen = None
             self._processed = max(self._processed, seen)
             self.store.set_meta(processed_until=self._processed, now_ms=now)
+
+    def _unseen_too_long(self, seen: int, now: int) -> bool:
+        """Have the candles from ``seen`` on been asked for and left out for longer than
+        MAX_UNSEEN_MS? Timed from the first answer that stopped there, not from ``seen``:
+        after a restart the minutes missed while down are all older than that."""
+        if self._unseen is None or self._unseen[0] != seen:
+            self._unseen = (seen, now)
+        return now - self._unseen[1] > MAX_UNSEEN_MS
 
     def _match(self, start: int, end: int) -> int:
         """Trigger stops and fill limits on the candles closed in [start, end), in time order.

@@ -478,18 +478,22 @@ class LiveMarket:
 
     def server_now_ms(self, now_ms: int) -> int:
         """The exchange's time at our ``now_ms``: a candle is closed by its clock, not
-        ours. The offset is measured at most once a minute (on a failed read, the last),
-        against our clock once the answer is back: late by the answer's way back, never
-        early by the request's way out (a forming candle must never count as closed)."""
+        ours. The offset is measured at most once a minute (on a failed read, the last;
+        the read's error if there is none yet: an offset of 0 could make a forming candle
+        count as closed), against our clock once the answer is back: late by the answer's
+        way back, never early by the request's way out."""
         if self._offset_at is None or abs(now_ms - self._offset_at) >= 60_000:
-            self._offset_at = now_ms
             try:
                 server_ms = int(self.exchange.fetch_time())
-                answered_ms = self.clock.now_ms() if self.clock is not None else now_ms
-                self._offset_ms = server_ms - max(answered_ms, now_ms)
-            except Exception as exc:  # noqa: BLE001 - the last offset stands meanwhile
+            except Exception as exc:
+                if self._offset_at is None:
+                    raise  # never measured: no offset to keep, and ours may be ahead
                 log.warning("exchange time not read (%s); offset %d ms kept", exc,
                             self._offset_ms)
+            else:
+                answered_ms = self.clock.now_ms() if self.clock is not None else now_ms
+                self._offset_ms = server_ms - max(answered_ms, now_ms)
+            self._offset_at = now_ms
         return now_ms + self._offset_ms
 
     def describe(self) -> dict:

@@ -25,6 +25,7 @@ from core.clock import VirtualClock
 from core.config import Config
 from core.sim_market import LiveMarket
 from jobs import reconcile, rotate, scan
+from ledger import Fact
 
 FIX = Path(__file__).parent / "fixtures" / "binance"
 SERVER_NOW = 1768471350000  # time.json: 10:02:30 UTC, inside the 10:00 candle
@@ -180,6 +181,50 @@ def test_paper_stops_see_the_minutes_an_empty_answer_left_out(tmp_path, monkeypa
         rt.close()
 
 
+def test_paper_a_stop_fires_on_a_wick_while_down_though_the_first_answer_is_empty(
+        tmp_path, monkeypatch, caplog):
+    # Down for an hour, the wick 30 minutes in: the minutes missed while down are older
+    # than the 15 minutes an empty answer is retried for, yet they are asked for again.
+    wicking = WickingBinance()
+    monkeypatch.setattr(ccxt.binanceusdm, "fetch",
+                        lambda self, url, method="GET", headers=None, body=None:
+                        wicking.fetch(url, method, headers, body))
+    clock = VirtualClock(SERVER_NOW)
+    wicking.now = clock.now_ms
+    cfg = paper_config(tmp_path)
+    rt = runtime.build(cfg, tmp_path / "bot.db", clock=clock)
+    try:
+        rotate.run(rt, SERVER_NOW, "rotate-1")
+        assert scan.run(rt, SERVER_NOW, "scan-1")["entries"] == 1
+        stop = Decimal(rt.ledger.state().positions[BTC]["stop"]["price"])
+    finally:
+        rt.close()
+    minute = SERVER_NOW - SERVER_NOW % 60_000 + 30 * 60_000
+    wicking.wick_at, wicking.wick_low = minute, str(stop * Decimal("0.99"))
+    clock.advance(60 * 60_000)
+    rt = runtime.build(cfg, tmp_path / "bot.db", clock=clock)
+    try:
+        wicking.empty = 1
+        assert {p.symbol for p in rt.client.positions()} == {BTC}  # not seen yet
+        clock.advance(60_000)
+        assert rt.client.positions() == []
+        [stop_fill] = [t for t in rt.venue.store.trades(BTC, 0, 10**14) if t.side == "SELL"]
+        assert minute <= stop_fill.ts < minute + 60_000
+        assert "were not checked" not in caplog.text
+        # answers that stay empty are given up on after 15 minutes of asking
+        rt.venue.create_order(BTC, "STOP_MARKET", "buy", 0.01, None, {"stopPrice": 200_000})
+        wicking.empty = 10**6
+        for _ in range(16):  # asked every minute: the first ask, then 15 minutes more
+            clock.advance(60_000)
+            rt.client.positions()
+        assert "were not checked" not in caplog.text
+        clock.advance(60_000)
+        rt.client.positions()
+        assert "were not checked" in caplog.text
+    finally:
+        rt.close()
+
+
 class DelistingBinance(PublicBinance):
     """The recorded answers; once ``settling`` is set, BTCUSDT stops trading; once
     ``removed`` is set, it is gone from the exchange's lists altogether (delisted)."""
@@ -260,6 +305,47 @@ def test_paper_measures_the_exchange_clock_once_its_answer_is_back(monkeypatch):
     clock.advance(30_000)  # within the minute: the offset stands, no new request
     assert market.server_now_ms(clock.now_ms()) == clock.now_ms() - 2_000
     assert slow.time_calls == 1
+
+
+class FailingTimeBinance(PublicBinance):
+    """The recorded answers; /time times out while ``failing`` is set."""
+
+    failing = False
+
+    def fetch(self, url, method="GET", headers=None, body_=None):
+        if self.failing and urlsplit(url).path == "/fapi/v1/time":
+            raise ccxt.RequestTimeout("binanceusdm GET https://fapi.binance.com/fapi/v1/time")
+        return super().fetch(url, method, headers, body_)
+
+
+def test_paper_decides_nothing_before_the_exchange_clock_is_known(tmp_path, monkeypatch):
+    # Our clock is 2.5 minutes ahead and /time does not answer: with an offset of 0
+    # assumed, the 10:00 candle (still forming at the exchange) was decided on.
+    binance = FailingTimeBinance()
+    monkeypatch.setattr(ccxt.binanceusdm, "fetch",
+                        lambda self, url, method="GET", headers=None, body=None:
+                        binance.fetch(url, method, headers, body))
+    ahead = SERVER_NOW + 150_000
+    clock = VirtualClock(ahead)
+    cfg = paper_config(tmp_path).with_values(exchange={"read_retries": 0})
+    rt = runtime.build(cfg, tmp_path / "bot.db", clock=clock)
+    try:
+        binance.failing = True
+        with pytest.raises(ccxt.RequestTimeout):  # every venue call waits for the clock
+            rotate.run(rt, ahead, "rotate-1")
+        rt.ledger.append([Fact("rotation", ahead, data={"coins": [BTC]})])
+        assert scan.run(rt, ahead, "scan-1").get("entries", 0) == 0
+        assert rt.ledger.select("SELECT data FROM facts WHERE type = 'signal'") == []
+        binance.failing = False  # answers again: measured, and only closed candles count
+        rotate.run(rt, ahead, "rotate-2")
+        scan.run(rt, ahead, "scan-2")
+        [signal] = rt.ledger.select("SELECT data FROM facts WHERE type = 'signal'")
+        assert json.loads(signal["data"])["candle_ts"] == 1768470900000  # 09:55, closed
+        binance.failing = True  # measured once: a failed read keeps the last offset
+        clock.advance(120_000)
+        assert rt.venue.source.server_now_ms(clock.now_ms()) == clock.now_ms() - 150_000
+    finally:
+        rt.close()
 
 
 @pytest.mark.parametrize("gone", ["settling", "removed"])
