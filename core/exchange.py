@@ -317,6 +317,11 @@ class ExchangeClient:
                 self._offset_measured_at = now
             return now + self._offset_ms
 
+    def known_offset_ms(self) -> int:
+        """The exchange's clock minus ours as last measured (0 before any measurement)."""
+        keeper = self._time_source or self
+        return keeper._offset_ms if keeper._offset_measured_at is not None else 0
+
     def closed_candles(self, symbol: str, timeframe: str, limit: int) -> list[Candle]:
         """The last ``limit`` (or fewer) closed candles, oldest first, validated.
 
@@ -444,9 +449,11 @@ class ExchangeClient:
         return None
 
     def fills(self, symbol: str, since_ms: int) -> list[FillReport]:
-        """Account trades in ``symbol`` from ``since_ms`` on, oldest first, de-duplicated."""
+        """Account trades in ``symbol`` from ``since_ms`` on, oldest first, de-duplicated.
+        ``since_ms`` is by our clock; the exchange stamps its trades by its own, so when
+        its clock is known to be behind ours, the search starts that much earlier."""
         found: dict[str, FillReport] = {}
-        since = since_ms
+        since = since_ms + min(0, self.known_offset_ms())
         server_now = None
         for _ in range(FILLS_MAX_PAGES):
             batch = self._retrying(f"fetch_my_trades {symbol}", self.raw.fetch_my_trades,

@@ -163,7 +163,7 @@ class SimExchange:
         with self._lock, self.store.transaction():
             meta = self.store.meta()
             if not meta:
-                now = self.clock.now_ms()
+                now = self.now_ms()
                 self.store.set_meta(schema=1, market=described, wallet=D(start_balance),
                                     wallet_ms=now, processed_until=now - now % self._tf,
                                     now_ms=now, created_ms=now)
@@ -230,8 +230,11 @@ class SimExchange:
             return getattr(self, "_positions", None) == {} and not self._open
 
     def now_ms(self) -> int:
-        """The venue's time: the clock, never running backwards."""
-        return max(self.clock.now_ms(), self._now)
+        """The venue's time, never running backwards: the clock's, or for a live source
+        (paper) the exchange's at the clock's now. Its candles close by its clock, so its
+        orders are placed (and matched against them) on that clock too."""
+        now = self.clock.now_ms()
+        return max(self.source.server_now_ms(now) if self._live else now, self._now)
 
     def step_to(self, ms: int) -> None:
         """Advance the venue to ``ms`` (backtests): match every candle closed by then."""
@@ -243,9 +246,7 @@ class SimExchange:
         if now != self._now:
             self._now = now
             self._marks.clear()
-        # A live source's minutes close by the exchange's clock (paper): ours may run ahead.
-        closes = self.source.server_now_ms(now) if self._live else now
-        boundary = closes - closes % self._tf
+        boundary = now - now % self._tf
         if boundary > self._processed:
             seen = self._match(self._processed, boundary) if self._open else boundary
             if seen < boundary and self._unseen_too_long(seen, now):
@@ -503,9 +504,7 @@ class SimExchange:
     # ----------------------------------------------------------------- market data
     def fetch_time(self, params: dict | None = None) -> int:
         with self._venue("fetch_time"):
-            if self._live:
-                return self.source.server_now_ms(self._now)  # paper: the exchange's time
-            return self._now
+            return self._now  # paper: the exchange's time
 
     def load_time_difference(self, params: dict | None = None) -> int:
         """ccxt's clock re-sync (after -1021): the venue and its clock agree, by design."""

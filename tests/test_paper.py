@@ -134,6 +134,7 @@ class WickingBinance(PublicBinance):
     def __init__(self) -> None:
         super().__init__()
         self.wick_at, self.wick_low, self.empty, self.now = None, None, 0, None
+        self.wicks: set[int] = set()  # more minutes that wick down to wick_low
 
     def fetch(self, url, method="GET", headers=None, body_=None):
         params = dict(parse_qsl(urlsplit(url).query))
@@ -147,7 +148,7 @@ class WickingBinance(PublicBinance):
             return []
         rows, t = [], int(params["startTime"])
         while t + 60_000 <= self.now() and len(rows) < int(params.get("limit", 500)):
-            low = self.wick_low if t == self.wick_at else 96_500.0
+            low = self.wick_low if t == self.wick_at or t in self.wicks else 96_500.0
             rows.append([t, "96512.3", "96520.0", str(low), "96512.3", "10", t + 59_999,
                          "965123", 10, "5", "482561", "0"])
             t += 60_000
@@ -221,6 +222,39 @@ def test_paper_a_stop_fires_on_a_wick_while_down_though_the_first_answer_is_empt
         clock.advance(60_000)
         rt.client.positions()
         assert "were not checked" in caplog.text
+    finally:
+        rt.close()
+
+
+@pytest.mark.parametrize("ours_ahead_ms", [5_000, 150_000, -150_000])
+def test_paper_places_and_matches_orders_on_the_exchanges_clock(tmp_path, monkeypatch,
+                                                                 ours_ahead_ms):
+    # The stop rests from 10:02:57 by the exchange's clock. A wick in its 10:02 minute
+    # (before it was placed) must not fire it; one in the 10:03 minute must. Stamped by
+    # our clock instead, a skew either way missed the one or fired on the other.
+    wicking = WickingBinance()
+    monkeypatch.setattr(ccxt.binanceusdm, "fetch",
+                        lambda self, url, method="GET", headers=None, body=None:
+                        wicking.fetch(url, method, headers, body))
+    placed = SERVER_NOW + 27_000
+    clock = VirtualClock(placed + ours_ahead_ms)
+    wicking.now = lambda: clock.now_ms() - ours_ahead_ms
+    rt = runtime.build(paper_config(tmp_path), tmp_path / "bot.db", clock=clock)
+    try:
+        rotate.run(rt, clock.now_ms(), "rotate-1")
+        assert scan.run(rt, clock.now_ms(), "scan-1")["entries"] == 1
+        [fill] = rt.ledger.select("SELECT fee, data FROM facts WHERE type = 'fill'")
+        assert Decimal(fill["fee"]) > 0  # the entry's trade found, not stood in for
+        assert not json.loads(fill["data"])["trade_id"].startswith("order:")
+        stop = Decimal(rt.ledger.state().positions[BTC]["stop"]["price"])
+        minute = placed - placed % 60_000
+        wicking.wicks, wicking.wick_low = {minute, minute + 60_000}, str(stop * Decimal("0.99"))
+        clock.advance(10_000)  # the exchange's 10:02 minute has closed, not its 10:03
+        assert {p.symbol for p in rt.client.positions()} == {BTC}
+        clock.advance(60_000)
+        assert rt.client.positions() == []
+        [stop_fill] = [t for t in rt.venue.store.trades(BTC, 0, 10**14) if t.side == "SELL"]
+        assert minute + 60_000 <= stop_fill.ts < minute + 120_000
     finally:
         rt.close()
 
@@ -308,19 +342,23 @@ def test_paper_measures_the_exchange_clock_once_its_answer_is_back(monkeypatch):
 
 
 class FailingTimeBinance(PublicBinance):
-    """The recorded answers; /time times out while ``failing`` is set."""
+    """The recorded answers; once ``answers`` more /time requests were answered (None:
+    all are), /time times out."""
 
-    failing = False
+    answers: int | None = None
 
     def fetch(self, url, method="GET", headers=None, body_=None):
-        if self.failing and urlsplit(url).path == "/fapi/v1/time":
-            raise ccxt.RequestTimeout("binanceusdm GET https://fapi.binance.com/fapi/v1/time")
+        if urlsplit(url).path == "/fapi/v1/time" and self.answers is not None:
+            if self.answers == 0:
+                raise ccxt.RequestTimeout("binanceusdm GET https://fapi.binance.com/fapi/v1/time")
+            self.answers -= 1
         return super().fetch(url, method, headers, body_)
 
 
 def test_paper_decides_nothing_before_the_exchange_clock_is_known(tmp_path, monkeypatch):
-    # Our clock is 2.5 minutes ahead and /time does not answer: with an offset of 0
-    # assumed, the 10:00 candle (still forming at the exchange) was decided on.
+    # Our clock is 2.5 minutes ahead. On a restart, /time answers ccxt's load_markets,
+    # then not ours: with an offset of 0 assumed, the 10:00 candle (still forming at the
+    # exchange) was decided on.
     binance = FailingTimeBinance()
     monkeypatch.setattr(ccxt.binanceusdm, "fetch",
                         lambda self, url, method="GET", headers=None, body=None:
@@ -328,20 +366,22 @@ def test_paper_decides_nothing_before_the_exchange_clock_is_known(tmp_path, monk
     ahead = SERVER_NOW + 150_000
     clock = VirtualClock(ahead)
     cfg = paper_config(tmp_path).with_values(exchange={"read_retries": 0})
+    runtime.build(cfg, tmp_path / "bot.db", clock=clock).close()  # the state file exists
+    binance.answers = 1
     rt = runtime.build(cfg, tmp_path / "bot.db", clock=clock)
     try:
-        binance.failing = True
+        assert binance.answers == 0
         with pytest.raises(ccxt.RequestTimeout):  # every venue call waits for the clock
             rotate.run(rt, ahead, "rotate-1")
         rt.ledger.append([Fact("rotation", ahead, data={"coins": [BTC]})])
         assert scan.run(rt, ahead, "scan-1").get("entries", 0) == 0
         assert rt.ledger.select("SELECT data FROM facts WHERE type = 'signal'") == []
-        binance.failing = False  # answers again: measured, and only closed candles count
+        binance.answers = None  # answers again: measured, and only closed candles count
         rotate.run(rt, ahead, "rotate-2")
         scan.run(rt, ahead, "scan-2")
         [signal] = rt.ledger.select("SELECT data FROM facts WHERE type = 'signal'")
         assert json.loads(signal["data"])["candle_ts"] == 1768470900000  # 09:55, closed
-        binance.failing = True  # measured once: a failed read keeps the last offset
+        binance.answers = 0  # measured once: a failed read keeps the last offset
         clock.advance(120_000)
         assert rt.venue.source.server_now_ms(clock.now_ms()) == clock.now_ms() - 150_000
     finally:
