@@ -216,8 +216,9 @@ def _ticker(symbol: str) -> dict:
             "count": 2}
 
 
-def recorded_binanceusdm() -> tuple[ccxt.binanceusdm, list[str]]:
-    """A real ccxt object whose HTTP layer answers from recorded public responses."""
+def recorded_binanceusdm(clock=None) -> tuple[ccxt.binanceusdm, list[str]]:
+    """A real ccxt object whose HTTP layer answers from recorded public responses (and
+    /time from ``clock``, if given)."""
     ex = ccxt.binanceusdm({"enableRateLimit": False})  # no throttle sleeps offline
     calls: list[str] = []
 
@@ -227,6 +228,8 @@ def recorded_binanceusdm() -> tuple[ccxt.binanceusdm, list[str]]:
         calls.append(u.path)
         if u.path == "/fapi/v1/exchangeInfo":
             return EXCHANGE_INFO
+        if u.path == "/fapi/v1/time" and clock is not None:
+            return {"serverTime": clock.now_ms()}
         if u.path == "/fapi/v1/klines":
             start, limit = int(q.get("startTime", 0)), int(q.get("limit", 500))
             return [r for r in _klines(q["symbol"]) if r[0] >= start][:limit]
@@ -241,8 +244,8 @@ def recorded_binanceusdm() -> tuple[ccxt.binanceusdm, list[str]]:
 
 
 def test_paper_trading_on_live_public_data():
-    live, calls = recorded_binanceusdm()
     clock = VirtualClock(LIVE_T0 + 10 * MINUTE + 5_000)
+    live, calls = recorded_binanceusdm(clock)
     config = cfg.load().with_values(sim={"source": "live", "slippage_bps": 0.0})
     ex = SimExchange.from_config(config, clock, live_exchange=live)
     assert ex.symbols == ["BTC/USDT:USDT", "ETH/USDT:USDT"]  # linear USDT perpetuals only
