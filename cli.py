@@ -559,10 +559,11 @@ def exit_now() -> None:
         return
     logging.shutdown()
     try:
-        sys.stdout.flush()
-        sys.stderr.flush()
-    except OSError:
-        return  # a closed pipe: the normal exit reports it
+        for stream in (sys.stdout, sys.stderr):
+            if stream is not None:  # None: started with it closed
+                stream.flush()
+    except (OSError, ValueError):
+        return  # a closed pipe or file: the normal exit reports it
     os._exit(0)
 
 

@@ -442,8 +442,8 @@ def sim_state_path(config: Config) -> Path | None:
     account). Paper mode keeps its own beside ``[sim] state_path``: a sim-mode file holds
     a synthetic market, not the live one."""
     state = Path(config.sim.state_path)
-    if config.bot.mode == "paper":
-        return state.with_name(f"paper_{state.name}")
+    if config.bot.mode == "paper":  # no name ("."): left as it is, refused as a folder
+        return state.with_name(f"paper_{state.name}") if state.name else state
     return state if config.bot.mode == "sim" else None
 
 

@@ -317,11 +317,6 @@ class ExchangeClient:
                 self._offset_measured_at = now
             return now + self._offset_ms
 
-    def known_offset_ms(self) -> int:
-        """The exchange's clock minus ours as last measured (0 before any measurement)."""
-        keeper = self._time_source or self
-        return keeper._offset_ms if keeper._offset_measured_at is not None else 0
-
     def closed_candles(self, symbol: str, timeframe: str, limit: int) -> list[Candle]:
         """The last ``limit`` (or fewer) closed candles, oldest first, validated.
 
@@ -451,10 +446,10 @@ class ExchangeClient:
     def fills(self, symbol: str, since_ms: int) -> list[FillReport]:
         """Account trades in ``symbol`` from ``since_ms`` on, oldest first, de-duplicated.
         ``since_ms`` is by our clock; the exchange stamps its trades by its own, so when
-        its clock is known to be behind ours, the search starts that much earlier."""
+        its clock is behind ours, the search starts that much earlier."""
         found: dict[str, FillReport] = {}
-        since = since_ms + min(0, self.known_offset_ms())
-        server_now = None
+        server_now = self.server_now_ms()  # needed below anyway: free to read first
+        since = since_ms + min(0, server_now - self.clock.now_ms())
         for _ in range(FILLS_MAX_PAGES):
             batch = self._retrying(f"fetch_my_trades {symbol}", self.raw.fetch_my_trades,
                                    symbol, since, FILLS_PAGE)
@@ -473,7 +468,6 @@ class ExchangeClient:
                 since = last  # trades at `last` come again and are de-duplicated
                 continue
             # A short page: done, unless Binance's 7-day window cut the answer off.
-            server_now = self.server_now_ms() if server_now is None else server_now
             if since + BINANCE_TRADES_WINDOW_MS >= server_now:
                 break
             since += BINANCE_TRADES_WINDOW_MS

@@ -230,11 +230,13 @@ class SimExchange:
             return getattr(self, "_positions", None) == {} and not self._open
 
     def now_ms(self) -> int:
-        """The venue's time, never running backwards: the clock's, or for a live source
+        """The venue's time: the clock's, never running backwards; for a live source
         (paper) the exchange's at the clock's now. Its candles close by its clock, so its
         orders are placed (and matched against them) on that clock too."""
         now = self.clock.now_ms()
-        return max(self.source.server_now_ms(now) if self._live else now, self._now)
+        if self._live:  # as measured now: a bad reading (or a state file's) is not kept
+            return self.source.server_now_ms(now)
+        return max(now, self._now)
 
     def step_to(self, ms: int) -> None:
         """Advance the venue to ``ms`` (backtests): match every candle closed by then."""

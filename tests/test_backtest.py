@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import sqlite3
 import struct
 import subprocess
@@ -454,12 +455,13 @@ AT_EXIT = ("import atexit, runpy, sys, threading; "
            "sys.argv[0] = 'cli.py'; runpy.run_path('cli.py', run_name='__main__')")
 
 
-def script(*args, other_thread_s=0.0):
+def script(*args, other_thread_s=0.0, close_stdout=False):
     """cli.py run as the script, an atexit hook telling whether Python's teardown ran
     (and a timer thread running for ``other_thread_s``)."""
     return subprocess.run([sys.executable, "-c", AT_EXIT, str(other_thread_s),
                            *map(str, args)], capture_output=True, text=True, cwd=ROOT,
-                          timeout=120)
+                          timeout=120, preexec_fn=(lambda: os.close(1)) if close_stdout
+                          else None)
 
 
 @needs_data
@@ -477,6 +479,9 @@ def test_the_backtest_script_ends_without_pythons_teardown(tmp_path):
     r = script(*args, other_thread_s=4.0)  # outlasts the run
     assert r.returncode == 0 and json.loads(r.stdout)["total_trades"] > 0
     assert "teardown" in r.stderr
+    # started with no stdout (sys.stdout is None): nothing to flush there
+    r = script(*args, close_stdout=True)
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
     # other commands, and a refused backtest, exit as always
     r = script("--db", db, "verify")
     assert r.returncode == 0 and "teardown" in r.stderr

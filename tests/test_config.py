@@ -305,6 +305,7 @@ def test_numbers_nothing_could_run_on_are_refused(text, message):
     ('[bot]\nmode = "backtest"', "[bot] mode = 'backtest' is not served by `run`"),
     # paper mode's own state file, beside [sim] state_path, is a folder
     ('[bot]\nmode = "paper"\n[sim]\nstate_path = "{tmp}/x.db"', "paper mode's state file"),
+    ('[bot]\nmode = "paper"\n[sim]\nstate_path = "."', "is a folder, not a file"),
 ])
 def test_what_run_would_fail_on_is_refused_before_anything_is_made(tmp_path, text,
                                                                    message):

@@ -259,6 +259,78 @@ def test_paper_places_and_matches_orders_on_the_exchanges_clock(tmp_path, monkey
         rt.close()
 
 
+def test_paper_reconcile_in_a_new_process_finds_the_trade_of_an_entry_left_unknown(
+        tmp_path, monkeypatch):
+    # Our clock is 150 s ahead: the exchange stamps the trade 150 s before our time.
+    # Reconcile, first thing in a new process, looked from 60 s before the order by ours.
+    wicking = WickingBinance()
+    monkeypatch.setattr(ccxt.binanceusdm, "fetch",
+                        lambda self, url, method="GET", headers=None, body=None:
+                        wicking.fetch(url, method, headers, body))
+    clock = VirtualClock(SERVER_NOW + 27_000 + 150_000)
+    wicking.now = lambda: clock.now_ms() - 150_000
+    cfg = paper_config(tmp_path).with_values(exchange={"read_retries": 0})
+    rt = runtime.build(cfg, tmp_path / "bot.db", clock=clock)
+    try:
+        rotate.run(rt, clock.now_ms(), "rotate-1")
+        rt.venue.faults.script([("create_order", "timeout_after_accept")]
+                               + [("fetch_order", "network_error")] * 20)
+        scan.run(rt, clock.now_ms(), "scan-1")
+        assert [o["state"] for o in rt.ledger.state().orders.values()] == ["unknown"]
+    finally:
+        rt.close()
+    clock.advance(30_000)
+    rt = runtime.build(cfg, tmp_path / "bot.db", clock=clock)
+    try:
+        reconcile.run(rt, clock.now_ms(), "reconcile-1")
+        [fill] = rt.ledger.select("SELECT fee, data FROM facts WHERE type = 'fill'")
+        assert Decimal(fill["fee"]) > 0
+        assert not json.loads(fill["data"])["trade_id"].startswith("order:")
+    finally:
+        rt.close()
+
+
+class JumpingTimeBinance(WickingBinance):
+    """/time answers ``jump`` ms ahead once, then right again."""
+
+    jump = 0
+
+    def fetch(self, url, method="GET", headers=None, body_=None):
+        if urlsplit(url).path == "/fapi/v1/time":
+            answer, self.jump = {"serverTime": self.now() + self.jump}, 0
+            return answer
+        return super().fetch(url, method, headers, body_)
+
+
+def test_paper_the_simulated_accounts_clock_keeps_no_bad_reading(tmp_path, monkeypatch):
+    binance = JumpingTimeBinance()
+    monkeypatch.setattr(ccxt.binanceusdm, "fetch",
+                        lambda self, url, method="GET", headers=None, body=None:
+                        binance.fetch(url, method, headers, body))
+    ahead = SERVER_NOW + 150_000  # ours
+    clock = VirtualClock(ahead)
+    binance.now = lambda: clock.now_ms() - 150_000
+    cfg = paper_config(tmp_path)
+    runtime.build(cfg, tmp_path / "bot.db", clock=clock).close()
+    # a state file from before the account kept the exchange's clock holds our time
+    with closing(sqlite3.connect(tmp_path / "paper_paper_exchange.db")) as db, db:
+        db.execute("UPDATE meta SET value = ? WHERE key = 'now_ms'", (str(ahead),))
+    rt = runtime.build(cfg, tmp_path / "bot.db", clock=clock)
+    try:
+        assert rt.venue.fetch_time() == binance.now()
+        rotate.run(rt, ahead, "rotate-1")
+        scan.run(rt, ahead, "scan-1")
+        [signal] = rt.ledger.select("SELECT data FROM facts WHERE type = 'signal'")
+        assert json.loads(signal["data"])["candle_ts"] == 1768470900000  # 09:55, closed
+        clock.advance(61_000)
+        binance.jump = 600_000  # one answer 10 minutes ahead: kept for its minute only
+        assert rt.venue.fetch_time() == binance.now() + 600_000
+        clock.advance(61_000)
+        assert rt.venue.fetch_time() == binance.now()
+    finally:
+        rt.close()
+
+
 class DelistingBinance(PublicBinance):
     """The recorded answers; once ``settling`` is set, BTCUSDT stops trading; once
     ``removed`` is set, it is gone from the exchange's lists altogether (delisted)."""
