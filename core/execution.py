@@ -44,6 +44,9 @@ READ_ERRORS = (ccxt.BaseError, BadExchangeData)
 # Binance's per-symbol limit on conditional orders (10).
 MAX_STOPS_IN_FLIGHT = 3
 IN_FLIGHT_MS = 60_000
+# An order's trades are searched for from this long before it by our clock: the exchange
+# stamps them by its own, and two measurements of its offset can differ.
+TRADE_SEARCH_MARGIN_MS = 60_000
 ZERO = Decimal(0)
 
 
@@ -248,7 +251,7 @@ class Executor:
         """
         coid = client_order_id(self.config.bot.id, symbol, "entry", decision_ms)
         req = OrderRequest(symbol, "buy" if side == "long" else "sell", amount, coid)
-        since = self.clock.now_ms() - 60_000
+        since = self.clock.now_ms() - TRADE_SEARCH_MARGIN_MS
         with self.lock:
             try:
                 self.client.ensure_symbol_settings(symbol)  # leverage, margin mode: once
@@ -499,7 +502,7 @@ class Executor:
                     return True
             amount = Decimal(position["amount"])
             req = OrderRequest(symbol, opposite(side), amount, coid, reduce_only=True)
-            since = self.clock.now_ms() - 60_000
+            since = self.clock.now_ms() - TRADE_SEARCH_MARGIN_MS
             result = self.send(req, "exit", position_id=pid, before=before)
             if result is None:
                 return False
@@ -576,7 +579,8 @@ class Executor:
         current = self.order_state(stop["client_order_id"]) or "accepted"
         if current in TERMINAL:
             return None
-        fills = self.fills_of(report, stop.get("ts") or position["opened_ts"])
+        fills = self.fills_of(report, (stop.get("ts") or position["opened_ts"])
+                              - TRADE_SEARCH_MARGIN_MS)
         fee = sum((f.fee for f in fills), ZERO)
         average = _average(report, fills)
         if average is None:

@@ -249,7 +249,10 @@ class SimExchange:
             self._now = now
             self._marks.clear()
         boundary = now - now % self._tf
-        if boundary > self._processed:
+        # With nothing resting, a live source's (paper) candles are not even read: then
+        # the boundary is only a reading of the exchange's clock, and one that read ahead
+        # must not carry past the minutes of the next order (they start at its own).
+        if boundary > self._processed and (self._open or not self._live):
             seen = self._match(self._processed, boundary) if self._open else boundary
             if seen < boundary and self._unseen_too_long(seen, now):
                 log.warning("no candles from %s on for a resting order's symbol: its stops "

@@ -26,6 +26,7 @@ from core.exchange import NOT_FOUND_FINAL_MS
 from core.exchange_types import BadExchangeData, OrderReport, OrderRequest, SubmitResult
 from core.execution import (
     READ_ERRORS,
+    TRADE_SEARCH_MARGIN_MS,
     Executor,
     executed,
     fill_data,
@@ -208,7 +209,8 @@ def settle_orders(rt, ex: Executor, dry_run: bool) -> list[Difference]:
         if not dry_run:
             apply_outcome(rt, ex, order, req, report, new)
         elif report.filled > 0:
-            diff.data = {"trades": {f.trade_id for f in ex.fills_of(report, order["ts"] - 60_000)}}
+            since = order["ts"] - TRADE_SEARCH_MARGIN_MS
+            diff.data = {"trades": {f.trade_id for f in ex.fills_of(report, since)}}
             diff.data.update(planned_effect(rt, order, report))
     return diffs
 
@@ -278,7 +280,7 @@ def apply_outcome(rt, ex: Executor, order: dict, req: OrderRequest, report: Orde
         ex.record_stop_fill(position, stop, report)
         return
     facts = []
-    since = order["ts"] - 60_000
+    since = order["ts"] - TRADE_SEARCH_MARGIN_MS
     fills = ex.fills_of(report, since) if report.filled > 0 else []
     fresh = uncovered(fills, recorded_trade_ids(rt, since),
                       recorded_per_order(rt, since)) if fills else []
@@ -369,7 +371,7 @@ def late_fees(rt, ex: Executor, dry_run: bool, since: int) -> list[Difference]:
     # From when they traded: a stop that filled while the bot was down is recorded later.
     first: dict[str, int] = {}
     for s in stand_ins:
-        traded = min(since, s["traded"] or since) - 60_000
+        traded = min(since, s["traded"] or since) - TRADE_SEARCH_MARGIN_MS
         first[s["symbol"]] = min(first.get(s["symbol"], traded), traded)
     known = recorded_trade_ids(rt, min(first.values()))
     trades: dict[str, list] = {}
@@ -468,11 +470,10 @@ def compare_positions(rt, ex: Executor, dry_run: bool,
 
 def unknown_fills(rt, p: dict, side: str):
     """Fills in ``side`` since the position opened that the ledger has not recorded."""
-    since = p["opened_ts"] - 60_000
-    trades = rt.client.fills(p["symbol"], since)
+    since = p["opened_ts"] - TRADE_SEARCH_MARGIN_MS
+    trades = rt.client.fills(p["symbol"], since)  # from ``since`` by the exchange's clock
     return [f for f in unrecorded(trades, recorded_trade_ids(rt, since),
-                                  recorded_per_order(rt, since))
-            if f.side == side and f.ts >= since]
+                                  recorded_per_order(rt, since)) if f.side == side]
 
 
 def recorded_per_order(rt, since_ms: int) -> dict[str, Decimal]:

@@ -331,6 +331,104 @@ def test_paper_the_simulated_accounts_clock_keeps_no_bad_reading(tmp_path, monke
         rt.close()
 
 
+def test_paper_a_bad_clock_reading_while_flat_skips_no_minute_of_a_later_stop(
+        tmp_path, monkeypatch):
+    binance = JumpingTimeBinance()
+    monkeypatch.setattr(ccxt.binanceusdm, "fetch",
+                        lambda self, url, method="GET", headers=None, body=None:
+                        binance.fetch(url, method, headers, body))
+    clock = VirtualClock(SERVER_NOW)
+    binance.now = clock.now_ms
+    rt = runtime.build(paper_config(tmp_path), tmp_path / "bot.db", clock=clock)
+    try:
+        rotate.run(rt, clock.now_ms(), "rotate-1")
+        clock.advance(61_000)
+        binance.jump = 600_000  # one answer 10 minutes ahead, nothing resting
+        rt.client.positions()
+        clock.advance(61_000)
+        assert scan.run(rt, clock.now_ms(), "scan-1")["entries"] == 1
+        stop = Decimal(rt.ledger.state().positions[BTC]["stop"]["price"])
+        minute = clock.now_ms() - clock.now_ms() % 60_000 + 60_000
+        binance.wick_at, binance.wick_low = minute, str(stop * Decimal("0.99"))
+        clock.advance(3 * 60_000)
+        assert rt.client.positions() == []  # its minutes were not taken as seen
+    finally:
+        rt.close()
+
+
+@pytest.mark.parametrize("jitter_ms", [0, 1_000])
+def test_paper_a_stop_fill_is_found_whatever_two_clock_readings_say(tmp_path, monkeypatch,
+                                                                     jitter_ms):
+    # Our clock is 150 s ahead. The stop, placed at the exchange's 10:03:59.5, fills on
+    # the next minute's gap open, 0.5 s later. The reading it was stamped by came back
+    # 1 s late; the fill was searched for from its time by ours plus the offset read
+    # now, past the trade: stood in for, fee lost.
+    class Gapping(WickingBinance):
+        delta = 0
+
+        def fetch(self, url, method="GET", headers=None, body_=None):
+            if urlsplit(url).path == "/fapi/v1/time":
+                return {"serverTime": self.now() + self.delta}
+            rows = super().fetch(url, method, headers, body_)
+            if urlsplit(url).path == "/fapi/v1/klines" and "interval=1m" in url:
+                rows = [[r[0], r[3], r[2], r[3], r[3], *r[5:]] if r[0] == self.wick_at else r
+                        for r in rows]  # opens at its low: a gap through the stop
+            return rows
+
+    binance = Gapping()
+    monkeypatch.setattr(ccxt.binanceusdm, "fetch",
+                        lambda self, url, method="GET", headers=None, body=None:
+                        binance.fetch(url, method, headers, body))
+    clock = VirtualClock(SERVER_NOW + 150_000)
+    binance.now = lambda: clock.now_ms() - 150_000
+    rt = runtime.build(paper_config(tmp_path), tmp_path / "bot.db", clock=clock)
+    try:
+        rotate.run(rt, clock.now_ms(), "rotate-1")
+        clock.advance(28_500 + jitter_ms)
+        rt.client.server_now_ms()
+        rt.venue.fetch_time()
+        clock.advance(61_000)  # the exchange's 10:03:59.5
+        binance.delta = -jitter_ms
+        assert scan.run(rt, clock.now_ms(), "scan-1")["entries"] == 1
+        p = rt.ledger.state().positions[BTC]
+        [stop] = [o for o in rt.venue.store.open_orders() if o.algo]
+        binance.wick_at = stop.created_ms - stop.created_ms % 60_000 + 60_000
+        binance.wick_low = str(Decimal(p["stop"]["price"]) * Decimal("0.99"))
+        binance.delta = 0
+        clock.advance(61_000)
+        reconcile.run(rt, clock.now_ms(), "reconcile-1")
+        assert rt.ledger.state().positions == {}
+        fills = rt.ledger.select("SELECT fee, data FROM facts WHERE type = 'fill'")
+        assert len(fills) == 2 and all(Decimal(f["fee"]) > 0 for f in fills)
+    finally:
+        rt.close()
+
+
+def test_paper_reconcile_finds_a_close_by_hand_soon_after_the_entry(tmp_path, monkeypatch):
+    # Our clock 150 s ahead: the closing trade, 30 s after the entry by the exchange's
+    # clock, lies before the entry's time by ours; it was left out as older than it.
+    wicking = WickingBinance()
+    monkeypatch.setattr(ccxt.binanceusdm, "fetch",
+                        lambda self, url, method="GET", headers=None, body=None:
+                        wicking.fetch(url, method, headers, body))
+    clock = VirtualClock(SERVER_NOW + 27_000 + 150_000)
+    wicking.now = lambda: clock.now_ms() - 150_000
+    rt = runtime.build(paper_config(tmp_path), tmp_path / "bot.db", clock=clock)
+    try:
+        rotate.run(rt, clock.now_ms(), "rotate-1")
+        assert scan.run(rt, clock.now_ms(), "scan-1")["entries"] == 1
+        amount = float(rt.ledger.state().positions[BTC]["amount"])
+        clock.advance(30_000)
+        rt.venue.create_order(BTC, "market", "sell", amount, None, {"reduceOnly": True})
+        clock.advance(30_000)
+        reconcile.run(rt, clock.now_ms(), "reconcile-1")
+        assert rt.ledger.state().positions == {}
+        [closed] = rt.ledger.select("SELECT reason FROM facts WHERE type = 'position_closed'")
+        assert closed["reason"] == "closed_on_exchange"
+    finally:
+        rt.close()
+
+
 class DelistingBinance(PublicBinance):
     """The recorded answers; once ``settling`` is set, BTCUSDT stops trading; once
     ``removed`` is set, it is gone from the exchange's lists altogether (delisted)."""
