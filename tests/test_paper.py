@@ -36,6 +36,35 @@ def body(name: str):
     return json.loads((FIX / f"{name}.json").read_text(encoding="utf-8"))
 
 
+def route(monkeypatch, fake):
+    """Answer the real ccxt object's HTTP requests from ``fake``."""
+    monkeypatch.setattr(ccxt.binanceusdm, "fetch",
+                        lambda self, url, method="GET", headers=None, body=None:
+                        fake.fetch(url, method, headers, body))
+    return fake
+
+
+def skewed_clock(fake, exchange_ms: int, ours_ahead_ms: int) -> VirtualClock:
+    """Our clock at ``exchange_ms`` by the exchange's, ours ``ours_ahead_ms`` ahead."""
+    clock = VirtualClock(exchange_ms + ours_ahead_ms)
+    fake.now = lambda: clock.now_ms() - ours_ahead_ms
+    return clock
+
+
+def start_paper(monkeypatch, tmp_path, fake, *, at: int = SERVER_NOW, ours_ahead_ms: int = 0,
+                cfg: Config | None = None):
+    """A paper runtime on ``fake``'s answers, rotated once: (runtime, our clock)."""
+    route(monkeypatch, fake)
+    clock = skewed_clock(fake, at, ours_ahead_ms)
+    rt = runtime.build(cfg or paper_config(tmp_path), tmp_path / "bot.db", clock=clock)
+    try:
+        rotate.run(rt, clock.now_ms(), "rotate-1")
+    except BaseException:
+        rt.close()
+        raise
+    return rt, clock
+
+
 class PublicBinance:
     """Recorded public answers, by endpoint; every request is kept for the checks."""
 
@@ -66,9 +95,7 @@ class PublicBinance:
 @pytest.fixture
 def public(monkeypatch):
     recorded = PublicBinance()
-    monkeypatch.setattr(ccxt.binanceusdm, "fetch",
-                        lambda self, url, method="GET", headers=None, body=None:
-                        recorded.fetch(url, method, headers, body))
+    route(monkeypatch, recorded)
     return recorded
 
 
@@ -159,11 +186,8 @@ def test_paper_stops_see_the_minutes_an_empty_answer_left_out(tmp_path, monkeypa
     # A wick through the stop in a closed minute; the first answer for it comes back
     # empty. The minute is asked for again and the stop fires, instead of being skipped.
     wicking = WickingBinance()
-    monkeypatch.setattr(ccxt.binanceusdm, "fetch",
-                        lambda self, url, method="GET", headers=None, body=None:
-                        wicking.fetch(url, method, headers, body))
-    clock = VirtualClock(SERVER_NOW)
-    wicking.now = clock.now_ms
+    route(monkeypatch, wicking)
+    clock = skewed_clock(wicking, SERVER_NOW, 0)
     rt = runtime.build(paper_config(tmp_path), tmp_path / "bot.db", clock=clock)
     try:
         rotate.run(rt, SERVER_NOW, "rotate-1")
@@ -187,11 +211,8 @@ def test_paper_a_stop_fires_on_a_wick_while_down_though_the_first_answer_is_empt
     # Down for an hour, the wick 30 minutes in: the minutes missed while down are older
     # than the 15 minutes an empty answer is retried for, yet they are asked for again.
     wicking = WickingBinance()
-    monkeypatch.setattr(ccxt.binanceusdm, "fetch",
-                        lambda self, url, method="GET", headers=None, body=None:
-                        wicking.fetch(url, method, headers, body))
-    clock = VirtualClock(SERVER_NOW)
-    wicking.now = clock.now_ms
+    route(monkeypatch, wicking)
+    clock = skewed_clock(wicking, SERVER_NOW, 0)
     cfg = paper_config(tmp_path)
     rt = runtime.build(cfg, tmp_path / "bot.db", clock=clock)
     try:
@@ -233,12 +254,9 @@ def test_paper_places_and_matches_orders_on_the_exchanges_clock(tmp_path, monkey
     # (before it was placed) must not fire it; one in the 10:03 minute must. Stamped by
     # our clock instead, a skew either way missed the one or fired on the other.
     wicking = WickingBinance()
-    monkeypatch.setattr(ccxt.binanceusdm, "fetch",
-                        lambda self, url, method="GET", headers=None, body=None:
-                        wicking.fetch(url, method, headers, body))
+    route(monkeypatch, wicking)
     placed = SERVER_NOW + 27_000
-    clock = VirtualClock(placed + ours_ahead_ms)
-    wicking.now = lambda: clock.now_ms() - ours_ahead_ms
+    clock = skewed_clock(wicking, placed, ours_ahead_ms)
     rt = runtime.build(paper_config(tmp_path), tmp_path / "bot.db", clock=clock)
     try:
         rotate.run(rt, clock.now_ms(), "rotate-1")
@@ -264,11 +282,8 @@ def test_paper_reconcile_in_a_new_process_finds_the_trade_of_an_entry_left_unkno
     # Our clock is 150 s ahead: the exchange stamps the trade 150 s before our time.
     # Reconcile, first thing in a new process, looked from 60 s before the order by ours.
     wicking = WickingBinance()
-    monkeypatch.setattr(ccxt.binanceusdm, "fetch",
-                        lambda self, url, method="GET", headers=None, body=None:
-                        wicking.fetch(url, method, headers, body))
-    clock = VirtualClock(SERVER_NOW + 27_000 + 150_000)
-    wicking.now = lambda: clock.now_ms() - 150_000
+    route(monkeypatch, wicking)
+    clock = skewed_clock(wicking, SERVER_NOW + 27_000, 150_000)
     cfg = paper_config(tmp_path).with_values(exchange={"read_retries": 0})
     rt = runtime.build(cfg, tmp_path / "bot.db", clock=clock)
     try:
@@ -304,12 +319,9 @@ class JumpingTimeBinance(WickingBinance):
 
 def test_paper_the_simulated_accounts_clock_keeps_no_bad_reading(tmp_path, monkeypatch):
     binance = JumpingTimeBinance()
-    monkeypatch.setattr(ccxt.binanceusdm, "fetch",
-                        lambda self, url, method="GET", headers=None, body=None:
-                        binance.fetch(url, method, headers, body))
-    ahead = SERVER_NOW + 150_000  # ours
-    clock = VirtualClock(ahead)
-    binance.now = lambda: clock.now_ms() - 150_000
+    route(monkeypatch, binance)
+    clock = skewed_clock(binance, SERVER_NOW, 150_000)
+    ahead = clock.now_ms()  # ours
     cfg = paper_config(tmp_path)
     runtime.build(cfg, tmp_path / "bot.db", clock=clock).close()
     # a state file from before the account kept the exchange's clock holds our time
@@ -334,14 +346,8 @@ def test_paper_the_simulated_accounts_clock_keeps_no_bad_reading(tmp_path, monke
 def test_paper_a_bad_clock_reading_while_flat_skips_no_minute_of_a_later_stop(
         tmp_path, monkeypatch):
     binance = JumpingTimeBinance()
-    monkeypatch.setattr(ccxt.binanceusdm, "fetch",
-                        lambda self, url, method="GET", headers=None, body=None:
-                        binance.fetch(url, method, headers, body))
-    clock = VirtualClock(SERVER_NOW)
-    binance.now = clock.now_ms
-    rt = runtime.build(paper_config(tmp_path), tmp_path / "bot.db", clock=clock)
+    rt, clock = start_paper(monkeypatch, tmp_path, binance)
     try:
-        rotate.run(rt, clock.now_ms(), "rotate-1")
         clock.advance(61_000)
         binance.jump = 600_000  # one answer 10 minutes ahead, nothing resting
         rt.client.positions()
@@ -376,14 +382,8 @@ def test_paper_a_stop_fill_is_found_whatever_two_clock_readings_say(tmp_path, mo
             return rows
 
     binance = Gapping()
-    monkeypatch.setattr(ccxt.binanceusdm, "fetch",
-                        lambda self, url, method="GET", headers=None, body=None:
-                        binance.fetch(url, method, headers, body))
-    clock = VirtualClock(SERVER_NOW + 150_000)
-    binance.now = lambda: clock.now_ms() - 150_000
-    rt = runtime.build(paper_config(tmp_path), tmp_path / "bot.db", clock=clock)
+    rt, clock = start_paper(monkeypatch, tmp_path, binance, ours_ahead_ms=150_000)
     try:
-        rotate.run(rt, clock.now_ms(), "rotate-1")
         clock.advance(28_500 + jitter_ms)
         rt.client.server_now_ms()
         rt.venue.fetch_time()
@@ -408,14 +408,8 @@ def test_paper_reconcile_finds_a_close_by_hand_soon_after_the_entry(tmp_path, mo
     # Our clock 150 s ahead: the closing trade, 30 s after the entry by the exchange's
     # clock, lies before the entry's time by ours; it was left out as older than it.
     wicking = WickingBinance()
-    monkeypatch.setattr(ccxt.binanceusdm, "fetch",
-                        lambda self, url, method="GET", headers=None, body=None:
-                        wicking.fetch(url, method, headers, body))
-    clock = VirtualClock(SERVER_NOW + 27_000 + 150_000)
-    wicking.now = lambda: clock.now_ms() - 150_000
-    rt = runtime.build(paper_config(tmp_path), tmp_path / "bot.db", clock=clock)
+    rt, clock = start_paper(monkeypatch, tmp_path, wicking, at=SERVER_NOW + 27_000, ours_ahead_ms=150_000)
     try:
-        rotate.run(rt, clock.now_ms(), "rotate-1")
         assert scan.run(rt, clock.now_ms(), "scan-1")["entries"] == 1
         amount = float(rt.ledger.state().positions[BTC]["amount"])
         clock.advance(30_000)
@@ -453,9 +447,7 @@ class DelistingBinance(PublicBinance):
 
 def delisting(monkeypatch) -> DelistingBinance:
     binance = DelistingBinance()
-    monkeypatch.setattr(ccxt.binanceusdm, "fetch",
-                        lambda self, url, method="GET", headers=None, body=None:
-                        binance.fetch(url, method, headers, body))
+    route(monkeypatch, binance)
     return binance
 
 
@@ -499,9 +491,7 @@ def test_paper_measures_the_exchange_clock_once_its_answer_is_back(monkeypatch):
     # the safe direction.
     clock = VirtualClock(SERVER_NOW)
     slow = SlowTimeBinance(clock, server_ahead_ms=0)
-    monkeypatch.setattr(ccxt.binanceusdm, "fetch",
-                        lambda self, url, method="GET", headers=None, body=None:
-                        slow.fetch(url, method, headers, body))
+    route(monkeypatch, slow)
     market = LiveMarket(ccxt.binanceusdm(), clock=clock)
     asked_at = clock.now_ms()
     server_now = market.server_now_ms(asked_at)
@@ -530,9 +520,7 @@ def test_paper_decides_nothing_before_the_exchange_clock_is_known(tmp_path, monk
     # then not ours: with an offset of 0 assumed, the 10:00 candle (still forming at the
     # exchange) was decided on.
     binance = FailingTimeBinance()
-    monkeypatch.setattr(ccxt.binanceusdm, "fetch",
-                        lambda self, url, method="GET", headers=None, body=None:
-                        binance.fetch(url, method, headers, body))
+    route(monkeypatch, binance)
     ahead = SERVER_NOW + 150_000
     clock = VirtualClock(ahead)
     cfg = paper_config(tmp_path).with_values(exchange={"read_retries": 0})
@@ -624,9 +612,7 @@ def test_paper_a_delisted_symbols_stop_holds_back_no_other_order(tmp_path, monke
     # 1000 never filled on a wick to 900.
     clock = VirtualClock(SERVER_NOW)
     binance = MinuteBinance(clock)
-    monkeypatch.setattr(ccxt.binanceusdm, "fetch",
-                        lambda self, url, method="GET", headers=None, body=None:
-                        binance.fetch(url, method, headers, body))
+    route(monkeypatch, binance)
     rt = runtime.build(paper_config(tmp_path).with_values(rotation={"top_n": 2}),
                        tmp_path / "bot.db", clock=clock)
     try:
