@@ -472,8 +472,11 @@ def unknown_fills(rt, p: dict, side: str):
     """Fills in ``side`` since the position opened that the ledger has not recorded."""
     since = p["opened_ts"] - TRADE_SEARCH_MARGIN_MS
     trades = rt.client.fills(p["symbol"], since)  # from ``since`` by the exchange's clock
-    return [f for f in unrecorded(trades, recorded_trade_ids(rt, since),
-                                  recorded_per_order(rt, since)) if f.side == side]
+    # which may have been read a little behind: a trade recorded just before ``since``
+    # can come back, and must be known as recorded
+    known_since = since - TRADE_SEARCH_MARGIN_MS
+    return [f for f in unrecorded(trades, recorded_trade_ids(rt, known_since),
+                                  recorded_per_order(rt, known_since)) if f.side == side]
 
 
 def recorded_per_order(rt, since_ms: int) -> dict[str, Decimal]:

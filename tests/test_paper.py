@@ -23,6 +23,7 @@ import pytest
 from core import runtime
 from core.clock import VirtualClock
 from core.config import Config
+from core.execution import Executor
 from core.sim_market import LiveMarket
 from jobs import reconcile, rotate, scan
 from ledger import Fact
@@ -419,6 +420,51 @@ def test_paper_reconcile_finds_a_close_by_hand_soon_after_the_entry(tmp_path, mo
         assert rt.ledger.state().positions == {}
         [closed] = rt.ledger.select("SELECT reason FROM facts WHERE type = 'position_closed'")
         assert closed["reason"] == "closed_on_exchange"
+    finally:
+        rt.close()
+
+
+class LaggingTimeBinance(WickingBinance):
+    """The next /time answer comes back ``lag`` ms late (once): the offset read from it
+    is that much too small."""
+
+    lag = 0
+
+    def fetch(self, url, method="GET", headers=None, body_=None):
+        if urlsplit(url).path == "/fapi/v1/time":
+            answer = {"serverTime": self.now()}
+            if self.lag:
+                self.clock.advance(self.lag)
+                self.lag = 0
+            return answer
+        return super().fetch(url, method, headers, body_)
+
+
+def test_paper_reconcile_takes_no_trade_of_the_position_before(tmp_path, monkeypatch):
+    # A closes; B opens 61 s later and is closed by hand; reconcile reads the exchange's
+    # clock 5 s behind. A's recorded exit came back from the wider search, was not known
+    # as recorded (looked up by our clock), and was taken into B's close a second time.
+    binance = LaggingTimeBinance()
+    rt, clock = start_paper(monkeypatch, tmp_path, binance)
+    binance.clock = clock
+    try:
+        assert scan.run(rt, clock.now_ms(), "scan-1")["entries"] == 1
+        ex = Executor(rt.ledger, rt.client, rt.clock, rt.config, "manual", rt.lock)
+        a = rt.ledger.state().positions[BTC]
+        clock.advance(10_000)
+        assert ex.close_position(a, "exit A", clock.now_ms())
+        clock.advance(61_000)
+        b = ex.open_position(BTC, "long", Decimal(a["amount"]), clock.now_ms(), stop_pct=2.0)
+        clock.advance(20_000)
+        rt.venue.create_order(BTC, "market", "sell", float(b["amount"]), None,
+                              {"reduceOnly": True})
+        clock.advance(61_000)
+        binance.lag = 5_000
+        reconcile.run(rt, clock.now_ms(), "reconcile-1")
+        ids = [json.loads(r["data"])["trade_id"] for r in rt.ledger.select(
+            "SELECT data FROM facts WHERE type = 'fill'")]
+        assert len(ids) == len(set(ids)) == 4  # A in and out, B in and out
+        assert rt.ledger.state().positions == {}
     finally:
         rt.close()
 
