@@ -28,11 +28,14 @@ import itertools
 import math
 import os
 import re
+import signal
 import tempfile
+import threading
 import time
 import tomllib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -181,7 +184,7 @@ def run_chunk(base: dict, data_dir: str, jobs: list[Job]) -> list[tuple[tuple, d
     source = open_source(config, data_dir)
     prepared: dict[str, MarketData] = {}
     out = []
-    with tempfile.TemporaryDirectory(prefix="walkforward-") as tmp:
+    with ending_on_sigterm(), tempfile.TemporaryDirectory(prefix="walkforward-") as tmp:
         for n, job in enumerate(jobs):
             cfg = config.with_values(**job.combo)
             skey = _strategy_key(job.combo)
@@ -217,13 +220,36 @@ def run_jobs(config: Config, data_dir: str, jobs: list[Job], workers: int,
             if progress:
                 progress(len(results), len(jobs))
         return results
-    with ProcessPoolExecutor(max_workers=workers) as pool:
-        futures = [pool.submit(run_chunk, base, data_dir, chunk) for chunk in chunks]
-        for f in as_completed(futures):
-            results.update(f.result())
-            if progress:
-                progress(len(results), len(jobs))
+    with ending_on_sigterm(), ProcessPoolExecutor(max_workers=workers) as pool:
+        try:
+            futures = [pool.submit(run_chunk, base, data_dir, chunk) for chunk in chunks]
+            for f in as_completed(futures):
+                results.update(f.result())
+                if progress:
+                    progress(len(results), len(jobs))
+        except BaseException:
+            pool.shutdown(cancel_futures=True)  # the chunks not started, not run at all
+            raise
     return results
+
+
+@contextmanager
+def ending_on_sigterm() -> Iterator[None]:
+    """SIGTERM (a service manager's stop, ``timeout``) ends a walk-forward as Ctrl-C does:
+    the with-blocks unwind, and the temporary ledgers are removed. (Python's default
+    ends the process where it stands.) Only the main thread may set a handler."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _exit_on_signal)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _exit_on_signal(signum, frame) -> None:
+    raise SystemExit(128 + signum)
 
 
 def score(m: dict, objective: str) -> tuple[float, float]:

@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -123,6 +128,35 @@ def test_cli_walkforward(tmp_path):
     assert {"out_of_sample_return", "in_sample_flattery_per_day"} <= set(report["aggregate"])
     text = CliRunner().invoke(cli.main, [*args, "--workers", "1"]).output
     assert "out of sample" in text and "flattered" in text
+
+
+@needs_data
+@pytest.mark.slow
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_walkforward_stopped_by_sigterm_leaves_no_temporary_ledgers(tmp_path, workers):
+    # as a service manager or `timeout` stops it: SIGTERM to the whole process group
+    grid = write(tmp_path, "[exits]\ntrailing_stop_pct = [0.3, 0.4, 0.5, 0.6]\n")
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    proc = subprocess.Popen(
+        [sys.executable, "cli.py", "walkforward", "--data", str(DATA), "--grid", str(grid),
+         "--train", "3d", "--test", "1d", "--workers", str(workers)],
+        cwd=Path(cli.__file__).parent, env={**os.environ, "TMPDIR": str(tmp)},
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not any(tmp.glob("walkforward-*/run*.db")) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert any(tmp.glob("walkforward-*/run*.db")), "no backtest started"
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 128 + signal.SIGTERM, proc.stderr.read().decode()
+    time.sleep(0.5)  # the workers, in the same group, end too
+    assert list(tmp.iterdir()) == []
 
 
 def test_cli_walkforward_refuses_bad_input(tmp_path):
