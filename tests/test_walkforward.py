@@ -126,8 +126,10 @@ def test_cli_walkforward(tmp_path):
     report = json.loads(r.output)
     assert len(report["folds"]) == 2
     assert {"out_of_sample_return", "in_sample_flattery_per_day"} <= set(report["aggregate"])
+    before = signal.getsignal(signal.SIGTERM)
     text = CliRunner().invoke(cli.main, [*args, "--workers", "1"]).output
     assert "out of sample" in text and "flattered" in text
+    assert signal.getsignal(signal.SIGTERM) is before  # its handler lasts the run only
 
 
 @needs_data
