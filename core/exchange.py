@@ -445,11 +445,12 @@ class ExchangeClient:
 
     def fills(self, symbol: str, since_ms: int) -> list[FillReport]:
         """Account trades in ``symbol`` from ``since_ms`` on, oldest first, de-duplicated.
-        ``since_ms`` is by our clock; the exchange stamps its trades by its own, so when
-        its clock is behind ours, the search starts that much earlier."""
+        ``since_ms`` is by our clock; the exchange stamps its trades by its own, so the
+        search starts at ``since_ms`` by the exchange's clock (its measured offset added:
+        a trade from before ``since_ms`` must not come back as a newer one)."""
         found: dict[str, FillReport] = {}
         server_now = self.server_now_ms()  # needed below anyway: free to read first
-        since = since_ms + min(0, server_now - self.clock.now_ms())
+        since = since_ms + (server_now - self.clock.now_ms())
         for _ in range(FILLS_MAX_PAGES):
             batch = self._retrying(f"fetch_my_trades {symbol}", self.raw.fetch_my_trades,
                                    symbol, since, FILLS_PAGE)

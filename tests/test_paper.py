@@ -440,12 +440,16 @@ class LaggingTimeBinance(WickingBinance):
         return super().fetch(url, method, headers, body_)
 
 
-def test_paper_reconcile_takes_no_trade_of_the_position_before(tmp_path, monkeypatch):
-    # A closes; B opens 61 s later and is closed by hand; reconcile reads the exchange's
-    # clock 5 s behind. A's recorded exit came back from the wider search, was not known
-    # as recorded (looked up by our clock), and was taken into B's close a second time.
+@pytest.mark.parametrize(("ours_ahead_ms", "lag_ms", "gap_ms"), [
+    (0, 5_000, 61_000), (-150_000, 0, 130_000), (150_000, 0, 61_000)])
+def test_paper_reconcile_takes_no_trade_of_the_position_before(tmp_path, monkeypatch,
+                                                               ours_ahead_ms, lag_ms, gap_ms):
+    # A closes; B opens ``gap_ms`` later and is closed by hand. A's recorded exit came
+    # back from a search started by the wrong clock (a /time answer 5 s late, or the
+    # exchange's clock ahead of ours), was not known as recorded (looked up by our
+    # clock), and was taken into B's close a second time.
     binance = LaggingTimeBinance()
-    rt, clock = start_paper(monkeypatch, tmp_path, binance)
+    rt, clock = start_paper(monkeypatch, tmp_path, binance, ours_ahead_ms=ours_ahead_ms)
     binance.clock = clock
     try:
         assert scan.run(rt, clock.now_ms(), "scan-1")["entries"] == 1
@@ -453,13 +457,13 @@ def test_paper_reconcile_takes_no_trade_of_the_position_before(tmp_path, monkeyp
         a = rt.ledger.state().positions[BTC]
         clock.advance(10_000)
         assert ex.close_position(a, "exit A", clock.now_ms())
-        clock.advance(61_000)
+        clock.advance(gap_ms)
         b = ex.open_position(BTC, "long", Decimal(a["amount"]), clock.now_ms(), stop_pct=2.0)
         clock.advance(20_000)
         rt.venue.create_order(BTC, "market", "sell", float(b["amount"]), None,
                               {"reduceOnly": True})
         clock.advance(61_000)
-        binance.lag = 5_000
+        binance.lag = lag_ms
         reconcile.run(rt, clock.now_ms(), "reconcile-1")
         ids = [json.loads(r["data"])["trade_id"] for r in rt.ledger.select(
             "SELECT data FROM facts WHERE type = 'fill'")]
