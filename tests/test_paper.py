@@ -306,20 +306,25 @@ def test_paper_reconcile_in_a_new_process_finds_the_trade_of_an_entry_left_unkno
         rt.close()
 
 
-class JumpingTimeBinance(WickingBinance):
-    """/time answers ``jump`` ms ahead once, then right again."""
+class MistimedBinance(WickingBinance):
+    """The next /time answer only (then right again): ``jump`` ms off, or ``lag`` ms late
+    coming back on ``clock`` (the offset read from it that much too small)."""
 
-    jump = 0
+    jump = lag = 0
+    clock: VirtualClock | None = None
 
     def fetch(self, url, method="GET", headers=None, body_=None):
-        if urlsplit(url).path == "/fapi/v1/time":
-            answer, self.jump = {"serverTime": self.now() + self.jump}, 0
-            return answer
-        return super().fetch(url, method, headers, body_)
+        if urlsplit(url).path != "/fapi/v1/time":
+            return super().fetch(url, method, headers, body_)
+        answer = {"serverTime": self.now() + self.jump}
+        if self.lag:
+            self.clock.advance(self.lag)
+        self.jump = self.lag = 0
+        return answer
 
 
 def test_paper_the_simulated_accounts_clock_keeps_no_bad_reading(tmp_path, monkeypatch):
-    binance = JumpingTimeBinance()
+    binance = MistimedBinance()
     route(monkeypatch, binance)
     clock = skewed_clock(binance, SERVER_NOW, 150_000)
     ahead = clock.now_ms()  # ours
@@ -346,7 +351,7 @@ def test_paper_the_simulated_accounts_clock_keeps_no_bad_reading(tmp_path, monke
 
 def test_paper_a_bad_clock_reading_while_flat_skips_no_minute_of_a_later_stop(
         tmp_path, monkeypatch):
-    binance = JumpingTimeBinance()
+    binance = MistimedBinance()
     rt, clock = start_paper(monkeypatch, tmp_path, binance)
     try:
         clock.advance(61_000)
@@ -424,22 +429,6 @@ def test_paper_reconcile_finds_a_close_by_hand_soon_after_the_entry(tmp_path, mo
         rt.close()
 
 
-class LaggingTimeBinance(WickingBinance):
-    """The next /time answer comes back ``lag`` ms late (once): the offset read from it
-    is that much too small."""
-
-    lag = 0
-
-    def fetch(self, url, method="GET", headers=None, body_=None):
-        if urlsplit(url).path == "/fapi/v1/time":
-            answer = {"serverTime": self.now()}
-            if self.lag:
-                self.clock.advance(self.lag)
-                self.lag = 0
-            return answer
-        return super().fetch(url, method, headers, body_)
-
-
 @pytest.mark.parametrize(("ours_ahead_ms", "lag_ms", "gap_ms"), [
     (0, 5_000, 61_000), (-150_000, 0, 130_000), (150_000, 0, 61_000)])
 def test_paper_reconcile_takes_no_trade_of_the_position_before(tmp_path, monkeypatch,
@@ -448,7 +437,7 @@ def test_paper_reconcile_takes_no_trade_of_the_position_before(tmp_path, monkeyp
     # back from a search started by the wrong clock (a /time answer 5 s late, or the
     # exchange's clock ahead of ours), was not known as recorded (looked up by our
     # clock), and was taken into B's close a second time.
-    binance = LaggingTimeBinance()
+    binance = MistimedBinance()
     rt, clock = start_paper(monkeypatch, tmp_path, binance, ours_ahead_ms=ours_ahead_ms)
     binance.clock = clock
     try:
