@@ -448,8 +448,14 @@ def sim_state_path(config: Config) -> Path | None:
 
 
 def _market_problem(config: Config) -> str | None:
-    """What keeps sim mode's market from being built, or None."""
+    """What keeps sim mode's market from being built (or paper mode's from being the one
+    the config names), or None."""
     sim = config.sim
+    if config.bot.mode == "paper" and sim.source == "csv":
+        # It would be ignored: a paper account trading the live market while its owner
+        # believes it replays their candles.
+        return ("[sim] source = 'csv' replays recorded candles in [bot] mode = 'sim'; paper "
+                "mode trades on the exchange's live market (remove it, or use mode = 'sim')")
     if config.bot.mode != "sim":
         return None
     if sim.source == "live":

@@ -301,6 +301,9 @@ def test_numbers_nothing_could_run_on_are_refused(text, message):
     ('[sim]\nsource = "csv"', "[sim] source = 'csv' needs [sim] data_dir"),
     ('[sim]\nsource = "csv"\ndata_dir = "{tmp}/none"', "no such folder of CSV candles"),
     ('[sim]\nsource = "live"', "[bot] mode = 'paper'"),
+    # paper mode would ignore it and trade on the live market
+    ('[bot]\nmode = "paper"\n[sim]\nsource = "csv"\ndata_dir = "{tmp}"',
+     "paper mode trades on the exchange's live market"),
     ('[bot]\nlog_dir = "{tmp}/dangling"', "symbolic link to nothing"),
     ('[bot]\nmode = "backtest"', "[bot] mode = 'backtest' is not served by `run`"),
     # paper mode's own state file, beside [sim] state_path, is a folder
