@@ -109,6 +109,7 @@ class BacktestResult:
     facts: int
     elapsed_s: float
     timings: dict[str, float] = field(default_factory=dict)
+    day_closes: dict[str, float] = field(default_factory=dict)  # the ledger's, by UTC day
 
 
 def is_backtest_ledger(path: str | Path) -> bool:
@@ -452,13 +453,17 @@ class Engine:
         still_open = self.ledger.select("SELECT * FROM open_positions ORDER BY opened_seq")
         fees = self.ledger.select(
             "SELECT total(CAST(fee AS REAL)) AS fees FROM facts WHERE type = 'fill'")[0]["fees"]
+        day_closes = self.ledger.select(
+            "SELECT json_extract(data, '$.day') AS day, json_extract(data, '$.equity') AS equity "
+            "FROM facts WHERE type = 'day_close' ORDER BY seq")
         return BacktestResult(
             db_path=str(self.ledger.path), config=self.cfg, strategy=self.strategy.name,
             params=dict(self.strategy.params), symbols=list(self.data.symbols),
             times=self.data.grid[self.k0:self.k1] + self.data.tf_ms, equity=self.equity,
             open_positions=self.npos, start_equity=self.start_equity, trades=trades,
             still_open=still_open, fees=float(fees or 0.0), facts=self.ledger.last_seq(),
-            elapsed_s=0.0)
+            elapsed_s=0.0, day_closes={r["day"]: float(r["equity"]) for r in day_closes
+                                       if r["equity"] is not None})
 
     def close(self) -> None:
         self.ledger.close()

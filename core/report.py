@@ -9,7 +9,8 @@ Definitions:
 * total return - final equity / starting equity - 1 (open positions marked to market);
 * max drawdown - the largest fall from a running equity peak, as a fraction of it;
 * daily Sharpe / Sortino - from the returns of the equity at the end of each UTC day
-  (the first day measured from the starting equity), annualised with sqrt(365) (crypto
+  (the ledger's ``day_close``: before the midnight step's orders; the first day measured
+  from the starting equity), annualised with sqrt(365) (crypto
   trades every day); Sortino divides by the downside deviation (root mean square of the
   negative daily returns). None with fewer than two days;
 * profit factor - gross profit / gross loss of the closed trades (None without losses);
@@ -32,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from core.clock import DAY_MS
+from core.clock import DAY_MS, utc_day
 
 CHART_POINTS = 1500  # per series: buckets keep each bucket's minimum and maximum
 
@@ -52,15 +53,21 @@ def drawdowns(equity: np.ndarray, start: float) -> np.ndarray:
         return np.where(peak > 0, (peak - equity) / peak, 0.0)
 
 
-def daily_returns(times: np.ndarray, equity: np.ndarray, start: float) -> np.ndarray:
-    """Returns of the equity at each UTC day's last step, the first from ``start``.
-    ``times`` are candle closes: the one at midnight closes the day before (its equity is
-    that day's close, as the ledger's day_close facts have it)."""
+def daily_returns(times: np.ndarray, equity: np.ndarray, start: float,
+                  day_closes: dict[str, float] | None = None) -> np.ndarray:
+    """Returns of each UTC day's closing equity, the first from ``start``.
+
+    ``times`` are candle closes: the one at midnight closes the day before. A day's close
+    is the ledger's ``day_close`` equity where it has one (``day_closes``, by day): that
+    is the balance before the midnight step's orders, whose fees belong to the new day.
+    A day without one (the window's last, unfinished) closes at its last step's equity."""
     if not len(times):
         return np.array([])
     day = (times - 1) // DAY_MS
     last = np.flatnonzero(np.r_[day[1:] != day[:-1], True])
-    closes = np.r_[start, equity[last]]
+    recorded = day_closes or {}
+    closes = [recorded.get(utc_day(int(day[i]) * DAY_MS), float(equity[i])) for i in last]
+    closes = np.r_[start, closes]
     return closes[1:] / closes[:-1] - 1
 
 
@@ -80,7 +87,7 @@ def metrics(result) -> dict[str, Any]:
     eq, start = result.equity, result.start_equity
     end = float(eq[-1]) if len(eq) else start
     dd = drawdowns(eq, start)
-    sharpe, sortino = sharpe_sortino(daily_returns(result.times, eq, start))
+    sharpe, sortino = sharpe_sortino(daily_returns(result.times, eq, start, result.day_closes))
     pnls = [_f(t["realized_pnl"]) for t in result.trades]
     wins = [p for p in pnls if p > 0]
     losses = [p for p in pnls if p < 0]

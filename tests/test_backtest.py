@@ -429,6 +429,28 @@ def test_the_step_at_midnight_closes_the_day_before():
     assert r.tolist() == pytest.approx([-0.01, 0.1])
 
 
+@needs_data
+def test_sharpe_takes_each_days_close_from_the_ledger(real_market, tmp_path):
+    """The ledger closes a day with the balance before the midnight step's orders; the
+    report took the equity after them, moving those fees into the day before."""
+    s, e = parse_when("2018-01-24", "--from"), parse_when("2018-01-27", "--to")
+    result = run_backtest(config(), real_market, tmp_path / "bt.db", start_ms=s, end_ms=e)
+    with sqlite3.connect(tmp_path / "bt.db") as conn:
+        closes = conn.execute("SELECT ts, CAST(json_extract(data, '$.equity') AS REAL) FROM "
+                              "facts WHERE type = 'day_close' ORDER BY seq").fetchall()
+        at_midnight = conn.execute("SELECT count(*) FROM facts WHERE type = 'fill' "
+                                   "AND ts % 86400000 = 0").fetchone()[0]
+    assert len(closes) == 3 and at_midnight > 0
+    after_orders = [float(result.equity[np.flatnonzero(result.times == ts)[0]])
+                    for ts, _ in closes]
+    assert after_orders != pytest.approx([eq for _, eq in closes], rel=1e-12, abs=0)
+    returns = np.diff(np.r_[result.start_equity, [eq for _, eq in closes]])
+    returns /= np.r_[result.start_equity, [eq for _, eq in closes]][:-1]
+    sharpe, sortino = sharpe_sortino(returns)
+    assert metrics(result)["sharpe"] == pytest.approx(sharpe, rel=1e-12)
+    assert metrics(result)["sortino"] == pytest.approx(sortino, rel=1e-12)
+
+
 def test_progress_bar_only_after_two_seconds():
     out = io.StringIO()
     bar = ProgressBar("backtest", out)
