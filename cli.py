@@ -27,6 +27,7 @@ from tabulate import tabulate
 from core import config as config_mod
 from core.clock import WallClock, iso
 from ledger import Ledger, LedgerError, audit
+from ledger.lock import AlreadyRunning, LedgerLock
 from ledger.store import connect
 
 DEFAULT_DB = "bot.db"
@@ -386,7 +387,7 @@ def run(ctx) -> None:
     cfg = load_config(ctx)
     try:
         code = scheduler.serve(cfg, ctx.obj["db"])
-    except (scheduler.AlreadyRunning, scheduler.StartRefused) as exc:
+    except (AlreadyRunning, scheduler.StartRefused) as exc:
         raise Refused(str(exc)) from None
     except scheduler.StartFailed as exc:
         click.echo(f"error: {exc}", err=True)
@@ -396,15 +397,14 @@ def run(ctx) -> None:
 
 def _locked_runtime(ctx: click.Context):
     """The runtime for a one-off command, holding the ledger's lock (no service running)."""
-    import scheduler
     from core import runtime
 
     cfg = load_config(ctx)
     config_mod.check_can_trade(cfg)
-    lock = scheduler.LedgerLock(ctx.obj["db"])
+    lock = LedgerLock(ctx.obj["db"])
     try:
         lock.acquire()
-    except scheduler.AlreadyRunning as exc:
+    except AlreadyRunning as exc:
         raise Refused(f"{exc}; the service runs this itself - stop it first") from None
     return lock, runtime.build(cfg, ctx.obj["db"])
 

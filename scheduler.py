@@ -23,7 +23,6 @@ trigger and records each as skipped.
 
 from __future__ import annotations
 
-import fcntl
 import logging
 import math
 import os
@@ -52,7 +51,7 @@ from core.exchange import BadExchangeData, error_text
 from jobs import daily_reset, reconcile, rotate, scan
 from jobs.runner import record_not_run, run_job
 from ledger import Fact
-from ledger.store import LedgerError, check_path
+from ledger.lock import LedgerLock
 
 log = logging.getLogger(__name__)
 
@@ -76,10 +75,6 @@ MAX_COALESCED_RECORDS = 100  # per late wake-up (a suspended host can miss thous
 ROTATE_RETRY_MS = 60_000  # a failed rotation with no coin active: retried by a scan this often
 JOBS = {"scan": scan.run, "rotate": rotate.run, "daily_reset": daily_reset.run,
         "reconcile": reconcile.run}
-
-
-class AlreadyRunning(RuntimeError):
-    """Another process holds the ledger."""
 
 
 @dataclass(frozen=True)
@@ -152,46 +147,6 @@ class StartFailed(Exception):
 
 class StartInterrupted(Exception):
     """A second stop signal while starting: the start ends where it is (nothing runs)."""
-
-
-class LedgerLock:
-    """An exclusive flock next to the ledger; the holder's pid is written inside."""
-
-    def __init__(self, db_path: str | Path) -> None:
-        self.db_path = Path(db_path)
-        # The resolved path: a symlink to the ledger must meet the same lock.
-        self.path = Path(f"{self.db_path.resolve()}.lock")
-        self._fh = None
-
-    def acquire(self) -> None:
-        """Take the lock, or refuse (AlreadyRunning); a ledger path that cannot be ours
-        (a folder, not SQLite, read-only, no such folder) is refused before any file is
-        made beside it (LedgerError)."""
-        check_path(self.db_path, for_writing=True)
-        try:
-            fh = open(self.path, "a+")  # noqa: SIM115 - held for the life of the process
-        except OSError as exc:
-            raise LedgerError(f"{self.path}: cannot make the lock file beside the ledger "
-                              f"({exc.strerror or exc})") from None
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            fh.seek(0)
-            holder = fh.read().strip() or "unknown"
-            fh.close()
-            raise AlreadyRunning(f"{self.path.with_suffix('')} is in use by process {holder}; "
-                                 "one bot per ledger") from None
-        fh.seek(0)
-        fh.truncate()
-        fh.write(f"{os.getpid()}\n")
-        fh.flush()
-        self._fh = fh
-
-    def release(self) -> None:
-        if self._fh is not None:
-            fcntl.flock(self._fh, fcntl.LOCK_UN)
-            self._fh.close()
-            self._fh = None
 
 
 def rotation_due(rt) -> bool:

@@ -57,6 +57,7 @@ the execution path itself is the live one.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -114,6 +115,8 @@ class BacktestResult:
 
 def is_backtest_ledger(path: str | Path) -> bool:
     """True if ``path`` is empty or a ledger a backtest wrote (its first fact says so)."""
+    if os.path.getsize(path) == 0 and not os.path.exists(f"{path}-wal"):
+        return True  # an empty file holds nothing to lose
     with Ledger(path, readonly=True) as ledger:
         return ledger.last_seq() == 0 or written_by_backtest(ledger)
 

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from core.config import Config
+from core.interrupts import ending_on_sigterm
 
 PROGRESS_AFTER_S = 2.0
 
@@ -91,13 +92,31 @@ def prepare_db(path: str | Path) -> Path:
     """Where a backtest's new ledger goes. An earlier backtest's file there is replaced
     once the run succeeds (``replace_db``); anything else is refused (a live ledger must
     never be touched)."""
+    p = Path(path)
+    _refuse_unless_backtest(p, f"--db {p}: a ledger that is not a backtest's; refusing to "
+                            "replace it (choose another path)")
+    return p
+
+
+def _refuse_unless_backtest(p: Path, refusal: str) -> None:
     from core.backtest import is_backtest_ledger
 
-    p = Path(path)
     if p.exists() and not is_backtest_ledger(p):  # LedgerError for a file not a ledger
-        raise ValueError(f"--db {p}: a ledger that is not a backtest's; refusing to "
-                         "replace it (choose another path)")
-    return p
+        raise ValueError(refusal)
+
+
+def hold_db(db: Path):
+    """The ledger's lock, held while a run writes the file that replaces ``db``: a second
+    backtest on the same ``--db`` (or the bot on it) is refused instead of sharing the
+    partial file."""
+    from ledger.lock import AlreadyRunning, LedgerLock
+
+    lock = LedgerLock(db)
+    try:
+        lock.acquire()
+    except AlreadyRunning as exc:
+        raise ValueError(f"--db {db}: {exc}") from None
+    return lock
 
 
 def _remove(db: Path, suffixes: tuple[str, ...] = ("", "-wal", "-shm")) -> None:
@@ -107,8 +126,12 @@ def _remove(db: Path, suffixes: tuple[str, ...] = ("", "-wal", "-shm")) -> None:
 
 def partial_db(final: Path) -> Path:
     """The file a run writes before it replaces ``final``: a failed run (bad data, no
-    candles in the period, a crash) leaves the earlier backtest's ledger as it was."""
+    candles in the period, a crash) leaves the earlier backtest's ledger as it was. One
+    left by a run that was killed is removed (under ``final``'s lock no run writes it);
+    any other file of that name is refused."""
     partial = final.with_name(final.name + ".partial")
+    _refuse_unless_backtest(partial, f"--db {final}: {partial} is in the way and is not a "
+                            "backtest's ledger; refusing to remove it")
     _remove(partial)
     return partial
 
@@ -140,20 +163,28 @@ def backtest_command(config: Config, data_dir: str, *, strategy: str | None,
     t0 = time.perf_counter()
     config = with_strategy(config, strategy)
     start_ms, end_ms = _window(start, end)
+    db = prepare_db(db_path)
     if plot:
         check_chart_path(plot)
-    db = prepare_db(db_path)
-    quiet_logging()
-    source = open_source(config, data_dir)
-    load_s = time.perf_counter() - t0
-    partial = partial_db(db)
+        if Path(plot).resolve() == db.resolve():
+            raise ValueError(f"--plot {plot}: is the --db file; the chart would overwrite "
+                             "the ledger")
+    lock = hold_db(db)
     try:
-        result = run_backtest(config, source, partial, start_ms=start_ms, end_ms=end_ms,
-                              progress=ProgressBar("backtest"))
-    except BaseException:
-        _remove(partial)
-        raise
-    replace_db(partial, db)
+        quiet_logging()
+        source = open_source(config, data_dir)
+        load_s = time.perf_counter() - t0
+        partial = partial_db(db)
+        try:
+            with ending_on_sigterm():
+                result = run_backtest(config, source, partial, start_ms=start_ms,
+                                      end_ms=end_ms, progress=ProgressBar("backtest"))
+        except BaseException:
+            _remove(partial)
+            raise
+        replace_db(partial, db)
+    finally:
+        lock.release(remove=True)
     result.db_path = str(db)
     result.timings["load_s"] = load_s
     result.elapsed_s += load_s

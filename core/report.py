@@ -297,11 +297,24 @@ def check_chart_path(path: str | Path) -> Path:
     folder = p.parent
     if p.is_dir():
         raise ValueError(f"--plot {p}: is a folder")
+    if p.is_file() and _is_sqlite(p):
+        raise ValueError(f"--plot {p}: is an SQLite database (a ledger?); refusing to "
+                         "overwrite it with a chart")
     if not folder.is_dir():
         raise ValueError(f"--plot {p}: folder {folder} does not exist")
     if not os.access(folder, os.W_OK):
         raise ValueError(f"--plot {p}: folder {folder} is not writable")
     return p
+
+
+def _is_sqlite(p: Path) -> bool:
+    from ledger.store import SQLITE_HEADER
+
+    try:
+        with p.open("rb") as f:
+            return f.read(16) == SQLITE_HEADER
+    except OSError:
+        return False
 
 
 def write_chart(path: str | Path, result, m: dict[str, Any], quote: str = "USDT") -> Path:

@@ -313,6 +313,9 @@ class Ledger:
             conn = self._conn()
             version = _identify(conn, self.path)
             if readonly:
+                if version == 0:
+                    raise LedgerError(f"{self.path}: an empty file, no ledger yet (the bot "
+                                      "creates it on its first run)")
                 if version != schema.SCHEMA_VERSION:
                     raise LedgerError(f"{self.path}: ledger schema version {version}, this "
                                       f"code reads {schema.SCHEMA_VERSION}; run the bot once "

@@ -8,13 +8,16 @@ it is run at every candle close on the same virtual clock and simulated exchange
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
+import signal
 import sqlite3
 import struct
 import subprocess
 import sys
+import time
 from decimal import Decimal
 from pathlib import Path
 
@@ -40,6 +43,7 @@ from core.sim_market import ArraySource, Candles, CsvMarket, binance_market
 from core.strategies import load_strategy
 from jobs.scan import frame as scan_frame
 from ledger import Fact, Ledger
+from ledger.lock import LedgerLock
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "ohlcv"
@@ -595,6 +599,107 @@ def test_cli_refuses_bad_input(tmp_path):
         assert ledger.last_seq() == earlier_rows and ledger.verify().ok
     assert not (tmp_path / "new.db").exists() and not (tmp_path / "c.jpg").exists()
     assert not list(tmp_path.glob("*.partial*"))  # failed runs leave nothing behind
+
+
+def sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def earlier_backtest(db: Path) -> str:
+    r = invoke("backtest", "--data", DATA, "--db", db, "--from", "2018-01-20", "--to",
+               "2018-01-20T06:00Z")
+    assert r.exit_code == 0, r.output
+    return sha(db)
+
+
+@needs_data
+def test_the_chart_never_overwrites_a_ledger(tmp_path):
+    """--plot naming the --db file, or an existing ledger (a symlink to the live one),
+    wrote the chart over it, exit 0."""
+    db, live, link = tmp_path / "run.svg", tmp_path / "bot.db", tmp_path / "chart.html"
+    before = earlier_backtest(db)
+    with Ledger(live) as ledger:
+        ledger.append([Fact("note", 1, reason="a live ledger")])
+    live_before = sha(live)
+    link.symlink_to(live)
+    new = tmp_path / "new.svg"
+    for args, message in [(["--db", new, "--plot", new], "is the --db file"),
+                          (["--db", new, "--plot", db], "is an SQLite database"),
+                          (["--db", new, "--plot", link], "is an SQLite database")]:
+        r = invoke("backtest", "--data", DATA, "--to", "2018-01-12", *args)
+        assert r.exit_code == 2 and message in r.output, r.output
+    assert sha(db) == before and sha(live) == live_before
+    assert not new.exists()
+
+
+@needs_data
+def test_a_second_backtest_on_the_same_db_is_refused(tmp_path):
+    """Two runs on one --db shared its partial file: one printed success for a ledger the
+    other then replaced with a half-written one (and died with a traceback)."""
+    db = tmp_path / "bt.db"
+    before = earlier_backtest(db)
+    running = LedgerLock(db)
+    running.acquire()  # as a backtest (or the bot) writing it does
+    try:
+        r = invoke("backtest", "--data", DATA, "--db", db, "--to", "2018-01-12")
+        assert r.exit_code == 2 and f"in use by process {os.getpid()}" in r.output, r.output
+        assert sha(db) == before
+    finally:
+        running.release()
+    assert invoke("backtest", "--data", DATA, "--db", db, "--to", "2018-01-12").exit_code == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bt.db"]  # no lock file left
+
+
+@needs_data
+def test_only_a_backtests_file_in_the_partial_files_place_is_removed(tmp_path):
+    db = tmp_path / "x.db"
+    partial = tmp_path / "x.db.partial"
+    with Ledger(partial) as ledger:
+        ledger.append([Fact("note", 1, reason="someone's ledger")])
+    kept = sha(partial)
+    r = invoke("backtest", "--data", DATA, "--db", db, "--to", "2018-01-12")
+    assert r.exit_code == 2 and "is not a backtest's ledger" in r.output, r.output
+    assert sha(partial) == kept and not db.exists()
+    partial.unlink()
+    earlier_backtest(partial)  # what a killed run leaves there
+    assert invoke("backtest", "--data", DATA, "--db", db, "--to", "2018-01-12").exit_code == 0
+    assert not partial.exists() and is_backtest_ledger(db)
+
+
+def test_an_empty_file_is_no_ledger_yet(tmp_path):
+    empty = tmp_path / "empty.db"
+    empty.touch()
+    assert is_backtest_ledger(empty)  # nothing to lose: a backtest may write there
+    r = CliRunner().invoke(cli.main, ["--db", str(empty), "status"])
+    assert r.exit_code != 0 and "an empty file, no ledger yet" in r.output, r.output
+
+
+@needs_data
+@pytest.mark.slow
+def test_a_stopped_or_killed_backtest_leaves_the_earlier_ledger(tmp_path):
+    db = tmp_path / "bt.db"
+    before = earlier_backtest(db)
+    partial = tmp_path / "bt.db.partial"
+    for sig, code in [(signal.SIGTERM, 128 + signal.SIGTERM), (signal.SIGKILL, -signal.SIGKILL)]:
+        run = subprocess.Popen([sys.executable, "cli.py", "--db", str(db), "backtest", "--data",
+                                str(DATA)], cwd=ROOT, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 60
+        while not partial.exists() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.3)  # under way
+        run.send_signal(sig)
+        assert run.wait(timeout=60) == code
+        assert sha(db) == before
+        if sig == signal.SIGTERM:  # ends as Ctrl-C does: nothing half-written is left
+            assert not leftovers(tmp_path)
+    assert partial.exists()  # SIGKILL leaves it; the next run removes it
+    assert invoke("backtest", "--data", DATA, "--db", db, "--to", "2018-01-12").exit_code == 0
+    assert not leftovers(tmp_path)
+
+
+def leftovers(folder: Path) -> list[str]:
+    return [p.name for p in folder.iterdir() if ".partial" in p.name or ".lock" in p.name]
 
 
 def test_candles_left_out_of_a_csv_file_are_said_on_stderr(tmp_path):

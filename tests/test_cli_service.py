@@ -212,8 +212,8 @@ def test_job_runs_one_job_once_and_records_it(world):
 
 HOLD_LOCK = """
 import sys, time
-import scheduler
-lock = scheduler.LedgerLock(sys.argv[1])
+from ledger.lock import LedgerLock
+lock = LedgerLock(sys.argv[1])
 lock.acquire()
 print("locked", flush=True)
 time.sleep(60)

@@ -42,6 +42,7 @@ from core.config import Config
 from core.sim_exchange import SimExchange
 from core.venues import quiet_open_orders
 from ledger import Fact, Ledger
+from ledger.lock import AlreadyRunning, LedgerLock
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 T0 = 1_767_268_800_000  # 2026-01-01T12:00:00Z
@@ -460,16 +461,37 @@ def test_simulated_latency_overlaps_and_the_scan_fetches_concurrently(tmp_path, 
 
 def test_one_process_per_ledger(tmp_path):
     db = tmp_path / "bot.db"
-    first = scheduler.LedgerLock(db)
+    first = LedgerLock(db)
     first.acquire()
     try:
-        with pytest.raises(scheduler.AlreadyRunning, match=f"process {os.getpid()}"):
-            scheduler.LedgerLock(db).acquire()
+        with pytest.raises(AlreadyRunning, match=f"process {os.getpid()}"):
+            LedgerLock(db).acquire()
     finally:
         first.release()
-    again = scheduler.LedgerLock(db)
+    again = LedgerLock(db)
     again.acquire()  # released: free again
     again.release()
+
+
+def test_a_lock_file_removed_by_its_holder_is_not_held_by_two(tmp_path, monkeypatch):
+    """A one-off run removes its lock file as it lets go. One that had opened the old file
+    just before would lock that unlinked file while a third locks the new one."""
+    db = tmp_path / "bt.db"
+    first = LedgerLock(db)
+    first.acquire()
+    opened_before = open(first.path, "a+")  # noqa: SIM115
+    first.release(remove=True)
+    assert not first.path.exists()
+    second = LedgerLock(db)
+    real_open = second._open
+    handed = iter([opened_before])
+    monkeypatch.setattr(second, "_open", lambda: next(handed, None) or real_open())
+    second.acquire()
+    try:
+        with pytest.raises(AlreadyRunning):
+            LedgerLock(db).acquire()
+    finally:
+        second.release()
 
 
 FORCED = """
@@ -533,4 +555,4 @@ def test_a_symlink_to_the_ledger_meets_the_same_one_bot_lock(tmp_path):
     real.touch()
     link = tmp_path / "alias.db"
     link.symlink_to(real)
-    assert scheduler.LedgerLock(link).path == scheduler.LedgerLock(real).path
+    assert LedgerLock(link).path == LedgerLock(real).path
