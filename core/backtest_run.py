@@ -234,6 +234,7 @@ def walkforward_text(r: dict[str, Any]) -> str:
     from tabulate import tabulate
 
     from core.report import when_utc
+    from core.walkforward import skipped_text
 
     def pct(x):
         return "-" if x is None else f"{x * 100:.2f} %"
@@ -263,6 +264,8 @@ def walkforward_text(r: dict[str, Any]) -> str:
         f"{pct(a['in_sample_flattery_per_day'])} a day",
         f"params changed between folds {a['params_changed']} time(s)",
     ]
+    if r.get("skipped_folds"):
+        lines += ["", skipped_text(r)]
     return "\n".join(lines)
 
 

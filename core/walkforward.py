@@ -8,6 +8,11 @@ starts flat with ``[sim] start_balance`` and is warmed up by the candles before 
 window. The report gives each fold's choice, in- and out-of-sample results, and how far
 the in-sample results flattered (return per day in sample minus out of sample).
 
+A fold whose training or test window holds no candle of any symbol (a hole in the data
+longer than the window) is skipped, and the report says so: a backtest refuses an empty
+window, and a fold without either has nothing to choose on or to judge. The aggregate is
+over the folds that ran.
+
 The grid is a TOML file of parameter lists, one table per config section; every
 combination is tried (values are validated like the config file):
 
@@ -28,19 +33,19 @@ import itertools
 import math
 import os
 import re
-import signal
 import tempfile
-import threading
 import time
 import tomllib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from core.config import SECTIONS, Config, ConfigError, from_mapping, to_mapping
+from core.interrupts import ending_on_sigterm
 
 OBJECTIVES = ("total_return", "sharpe", "sortino", "profit_factor")
 MAX_COMBOS = 5000
@@ -154,6 +159,39 @@ def make_folds(first_ms: int, end_ms: int, train_ms: int, test_ms: int) -> list[
     return folds
 
 
+def candle_times(config: Config, data_dir: str) -> np.ndarray:
+    """Every candle open time of any symbol in ``data_dir``, ascending: the steps the
+    backtests of ``run_chunk`` walk (``MarketData.grid``, built from the same source)."""
+    from core.backtest_data import union_of
+    from core.backtest_run import open_source
+
+    source = open_source(config, data_dir)
+    end = source.end_ms  # MarketData reads the candles opening before the source's end
+    times = union_of(source.series(s, end - 1).ts for s in source.symbols)
+    return times[times < end]
+
+
+def why_skipped(times: np.ndarray, fold: Fold) -> str | None:
+    """Why ``fold`` cannot run (None if it can): a window in which no candle opens.
+    ``run_backtest`` refuses exactly those (``MarketData.steps`` finds no step in it);
+    a window with candles runs, even if a hole leaves the strategy nothing to decide."""
+    empty = [name for name, a, b in (("training", fold.train_start, fold.train_end),
+                                     ("test", fold.train_end, fold.test_end))
+             if times.searchsorted(a) >= times.searchsorted(b)]
+    if not empty:
+        return None
+    if len(empty) == 2:
+        return "no candles in its training and test windows"
+    return f"no candles in its {empty[0]} window"
+
+
+def fold_label(fold_number: int, test_start_ms: int, test_end_ms: int) -> str:
+    """``fold 3 (2018-01-18 00:00 .. 2018-01-20 00:00)``: a fold by its test window."""
+    from core.report import when_utc
+
+    return f"fold {fold_number} ({when_utc(test_start_ms)} .. {when_utc(test_end_ms)})"
+
+
 # -- running the backtests -----------------------------------------------------------------
 
 
@@ -233,25 +271,6 @@ def run_jobs(config: Config, data_dir: str, jobs: list[Job], workers: int,
     return results
 
 
-@contextmanager
-def ending_on_sigterm() -> Iterator[None]:
-    """SIGTERM (a service manager's stop, ``timeout``) ends a walk-forward as Ctrl-C does:
-    the with-blocks unwind, and the temporary ledgers are removed. (Python's default
-    ends the process where it stands.) Only the main thread may set a handler."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = signal.signal(signal.SIGTERM, _exit_on_signal)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
-def _exit_on_signal(signum, frame) -> None:
-    raise SystemExit(128 + signum)
-
-
 def score(m: dict, objective: str) -> tuple[float, float]:
     """How a training result ranks (higher is better): the objective, then the return.
 
@@ -285,6 +304,21 @@ def walk_forward(config: Config, data_dir: str, grid: Grid, train_ms: int, test_
     if not folds:
         raise ValueError(f"the data ({(end_ms - first_ms) / 86_400_000:.1f} days) is shorter "
                          "than one training plus one test window")
+    # found from the candle times before any backtest runs: an empty window would fail
+    # its backtest (and the whole walk-forward) only once the workers reach it
+    times = candle_times(config, data_dir)
+    reasons = {f.index: why for f in folds if (why := why_skipped(times, f)) is not None}
+    skipped = [{"fold": f.index + 1, "train_start_ms": f.train_start,
+                "test_start_ms": f.train_end, "test_end_ms": f.test_end,
+                "reason": reasons[f.index]} for f in folds if f.index in reasons]
+    folds = [f for f in folds if f.index not in reasons]
+    if not folds:
+        first = skipped[0]
+        raise ValueError(
+            f"no fold can run: all {len(skipped)} have a training or test window without "
+            "candles (holes in the data longer than the windows), e.g. "
+            f"{fold_label(first['fold'], first['test_start_ms'], first['test_end_ms'])}: "
+            f"{first['reason']}; choose longer windows or another period (--from/--to)")
     workers = workers or os.cpu_count() or 1
     combos = grid.combos()
     t0 = time.monotonic()
@@ -311,8 +345,16 @@ def walk_forward(config: Config, data_dir: str, grid: Grid, train_ms: int, test_
             "out_of_sample_return_per_day": per_day(oos, f.test_end - f.train_end),
         })
     return {"objective": objective, "combinations": len(combos), "folds": rows,
-            "aggregate": aggregate(rows), "workers": workers, "backtests":
-            len(train_jobs) + len(test_jobs), "elapsed_s": round(time.monotonic() - t0, 3)}
+            "skipped_folds": skipped, "aggregate": aggregate(rows), "workers": workers,
+            "backtests": len(train_jobs) + len(test_jobs),
+            "elapsed_s": round(time.monotonic() - t0, 3)}
+
+
+def skipped_text(report: dict[str, Any]) -> str:
+    """The report's lines on its skipped folds, one each ("" if none)."""
+    lines = [f"skipped {fold_label(s['fold'], s['test_start_ms'], s['test_end_ms'])}: "
+             f"{s['reason']}" for s in report.get("skipped_folds", ())]
+    return "\n".join(lines)
 
 
 def _brief(m: dict) -> dict:
@@ -341,4 +383,5 @@ def aggregate(rows: list[dict]) -> dict[str, Any]:
 
 
 __all__ = ["Grid", "Fold", "Job", "load_grid", "make_folds", "parse_span", "walk_forward",
-           "aggregate", "run_chunk", "OBJECTIVES"]
+           "aggregate", "run_chunk", "OBJECTIVES", "candle_times", "why_skipped",
+           "skipped_text"]

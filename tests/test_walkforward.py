@@ -16,10 +16,22 @@ from click.testing import CliRunner
 import cli
 from core.backtest import run_backtest
 from core.backtest_data import parse_when
+from core.backtest_run import walkforward_text
 from core.config import Config
 from core.report import metrics
 from core.sim_market import CsvMarket
-from core.walkforward import Grid, load_grid, make_folds, parse_span, score, walk_forward
+from core.walkforward import (
+    Fold,
+    Grid,
+    candle_times,
+    load_grid,
+    make_folds,
+    parse_span,
+    score,
+    skipped_text,
+    walk_forward,
+    why_skipped,
+)
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "ohlcv"
 needs_data = pytest.mark.skipif(not (DATA / "ETH_BTC-5m.csv").is_file(),
@@ -126,6 +138,7 @@ def test_cli_walkforward(tmp_path):
     report = json.loads(r.output)
     assert len(report["folds"]) == 2
     assert {"out_of_sample_return", "in_sample_flattery_per_day"} <= set(report["aggregate"])
+    assert report["skipped_folds"] == []
     before = signal.getsignal(signal.SIGTERM)
     text = CliRunner().invoke(cli.main, [*args, "--workers", "1"]).output
     assert "out of sample" in text and "flattered" in text
@@ -197,3 +210,84 @@ def test_profit_factor_ranks_winners_only_first_and_no_trades_last():
     fewer = {**winners_only, "total_return": 0.004}  # two winners-only: the larger return
     assert score(winners_only, "profit_factor") > score(fewer, "profit_factor")
     assert score(idle, "sharpe") < score(poor, "total_return")
+
+
+HOLE = (parse_when("2018-01-18", "--from"), parse_when("2018-01-23", "--from"))
+
+
+def holed_data(tmp_path) -> Path:
+    """ETH and LTC with no candle from 2018-01-18 to 2018-01-23: a 5-day hole."""
+    out = tmp_path / "holed"
+    out.mkdir()
+    for name in ("ETH_BTC-5m.csv", "LTC_BTC-5m.csv"):
+        header, *rows = (DATA / name).read_text().splitlines()
+        kept = [r for r in rows if not HOLE[0] <= int(r.split(",", 1)[0]) < HOLE[1]]
+        (out / name).write_text("\n".join([header, *kept]) + "\n")
+    return out
+
+
+@needs_data
+def test_a_fold_with_an_empty_window_is_skipped_and_the_rest_aggregated(tmp_path):
+    # the data (2018-01-10 .. 01-30, in 3 d + 2 d folds) has a hole longer than a window:
+    # fold 4's test window and fold 5's training window fall in it
+    data = str(holed_data(tmp_path))
+    grid = Grid({"exits": {"trailing_stop_pct": [0.3, 0.5]}})
+    market = CsvMarket(data)
+    report = walk_forward(CFG, data, grid, 3 * DAY, 2 * DAY, first_ms=market.start_ms,
+                          end_ms=market.end_ms, workers=1)
+    assert [f["fold"] for f in report["folds"]] == [1, 2, 3, 6, 7, 8]
+    assert [(s["fold"], s["reason"]) for s in report["skipped_folds"]] == [
+        (4, "no candles in its test window"), (5, "no candles in its training window")]
+    assert report["backtests"] == 6 * 2 + 6  # none for the skipped folds
+    agg = report["aggregate"]
+    assert agg["folds"] == 6
+    chained = 1.0
+    for f in report["folds"]:
+        chained *= 1 + f["out_of_sample"]["total_return"]
+    assert agg["out_of_sample_return"] == pytest.approx(chained - 1)
+    text = skipped_text(report)
+    assert "skipped fold 4 (2018-01-19 04:55 .. 2018-01-21 04:55): no candles in its test " \
+           "window" in text
+    assert "skipped fold 5 " in text and "no candles in its training window" in text
+
+
+@needs_data
+def test_a_window_is_skipped_exactly_when_a_backtest_refuses_it(tmp_path):
+    """The up-front check agrees with run_backtest: a window without any candle opening in
+    it is refused; one candle (nothing decided on it, its warmup in the hole) runs."""
+    data = holed_data(tmp_path)
+    market = CsvMarket(data)
+    times = candle_times(CFG, str(data))
+    m5 = 5 * 60_000
+    windows = [(HOLE[0], HOLE[1]), (HOLE[0] - m5 + 1, HOLE[1]), (HOLE[0], HOLE[1] + 1),
+               (HOLE[0] - m5, HOLE[1]), (HOLE[0] + DAY, HOLE[1] + m5),
+               (market.end_ms, market.end_ms + DAY), (market.start_ms - DAY, market.start_ms)]
+    for n, (a, b) in enumerate(windows):
+        as_test = "test" in (why_skipped(times, Fold(0, a - DAY, a, b)) or "")
+        as_training = "training" in (why_skipped(times, Fold(0, a, b, b + DAY)) or "")
+        try:
+            run_backtest(CFG, market, tmp_path / f"w{n}.db", start_ms=a, end_ms=b)
+            refused = False
+        except ValueError as exc:
+            assert "no candles to backtest" in str(exc)
+            refused = True
+        assert as_test == as_training == refused, (n, a, b)
+        assert refused == (n in (0, 1, 5, 6)), (n, a, b)
+
+
+@needs_data
+def test_cli_walkforward_over_holes_only_fails_clearly(tmp_path):
+    data = holed_data(tmp_path)
+    grid = write(tmp_path, "[exits]\ntrailing_stop_pct = [0.3, 0.5]\n")
+    base = ["walkforward", "--data", str(data), "--grid", str(grid), "--workers", "1"]
+    r = CliRunner().invoke(cli.main, [*base, "--train", "3d", "--test", "2d", "--json"])
+    assert r.exit_code == 0, r.output
+    report = json.loads(r.output)
+    assert [s["fold"] for s in report["skipped_folds"]] == [4, 5]
+    text = walkforward_text(report)  # the report without --json says so too
+    assert "skipped fold 4 (" in text and ": no candles in its test window" in text
+    r = CliRunner().invoke(cli.main, [*base, "--train", "1d", "--test", "1d",
+                                      "--from", "2018-01-18", "--to", "2018-01-23"])
+    assert r.exit_code == 2, r.output
+    assert "no fold can run: all 4 have a training or test window without candles" in r.output
+    assert "fold 1 (2018-01-19 00:00 .. 2018-01-20 00:00)" in r.output
