@@ -82,7 +82,7 @@ def with_strategy(config: Config, name: str | None) -> Config:
     """``config`` with ``--strategy`` applied; refuses an unknown name before any work."""
     from core.strategies import load_strategy
 
-    if name:
+    if name is not None:  # "" too: an unknown name, not the config's strategy
         config = config.with_values(strategy={"name": name})
     load_strategy(config.strategy)  # StrategyError (a ValueError) names the choices
     return config

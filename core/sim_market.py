@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from core.clock import DAY_MS, TIMEFRAME_MS, timeframe_ms
+from core.clock import DAY_MS, TIMEFRAME_MS, WallClock, timeframe_ms
 from core.indicators import bad_candles
 
 log = logging.getLogger(__name__)
@@ -45,6 +45,8 @@ ORDER_TYPES = ["LIMIT", "MARKET", "STOP", "STOP_MARKET", "TAKE_PROFIT", "TAKE_PR
                "TRAILING_STOP_MARKET"]
 MIN_NOTIONAL = "5"
 CSV_NAME = re.compile(r"^([A-Za-z0-9]+)_([A-Za-z0-9]+)-(\w+)\.csv$")
+NO_VALID_CANDLES = ("no valid candles (every row is malformed: a price missing, not positive, "
+                    "or outside its candle's high and low, or a volume missing or negative)")
 
 
 @dataclass(frozen=True)
@@ -382,29 +384,38 @@ class CsvMarket(ArraySource):
         if not self.data_dir.is_dir():
             raise FileNotFoundError(f"{self.data_dir}: no such folder of CSV candles")
         found = sorted(self.data_dir.glob("*.csv"))
+        latest = WallClock().now_ms() + DAY_MS  # no candle is recorded from the future
+        invalid: list[str] = []
         for path in found:
             m = CSV_NAME.match(path.name)
-            if not m or m.group(3) != timeframe:
+            if not m:
+                log.warning("%s: not named BASE_QUOTE-TF.csv; left out", path.name)
                 continue
+            if m.group(3) != timeframe:
+                continue  # another timeframe's candles, beside these on purpose
             base, quote = m.group(1).upper(), m.group(2).upper()
             symbol = f"{base}/{settle}:{settle}"
             if symbol in self._series:
                 raise ValueError(f"{path.name}: {symbol} already comes from "
                                  f"{self._info[symbol]['file']}")
-            self._load(symbol, base, quote, path)
+            if not self._load(symbol, base, quote, path, latest):
+                invalid.append(path.name)
+        if not self._series and invalid:
+            raise ValueError(f"{', '.join(invalid)}: {NO_VALID_CANDLES}")
         if not self._series:
-            raise ValueError(f"{self.data_dir}: no BASE_QUOTE-{timeframe}.csv files "
-                             f"(found {', '.join(p.name for p in found[:5]) or 'none'})")
+            raise ValueError(f"{self.data_dir}: no BASE_QUOTE-{timeframe}.csv files with valid "
+                             f"candles (found {', '.join(p.name for p in found[:5]) or 'none'})")
         self.symbols = sorted(self._series)
 
     def describe(self) -> dict:
         return {"source": "csv", "data_dir": str(self.data_dir), "timeframe": self.timeframe,
                 "settle": self.settle}
 
-    def _load(self, symbol: str, base: str, quote: str, path: Path) -> None:
-        df = pd.read_csv(path, dtype={"timestamp": "int64"})
+    def _load(self, symbol: str, base: str, quote: str, path: Path, latest_ms: int) -> bool:
+        """Read one file's candles; False if not one is valid (the file is left out)."""
         cols = ["open", "high", "low", "close", "volume"]
-        decimals = price_decimals(df[cols[:4]].to_numpy(float)[:5000])
+        df = read_candles(path, cols)
+        check_times(path.name, df["timestamp"].to_numpy(), self.timeframe, latest_ms)
         # A stable sort keeps a file's order among equal stamps; a stamp given twice is
         # dropped only when both rows agree: which of two different candles is right
         # cannot be told, and silently picking one would change the backtest.
@@ -420,10 +431,11 @@ class CsvMarket(ArraySource):
             log.warning("%s: %d malformed candles left out", path.name, int((~ok).sum()))
         df = df[ok]
         if df.empty:
-            raise ValueError(f"{path.name}: no valid candles (every row is malformed: a price "
-                             "missing, not positive, or outside its candle's high and low, "
-                             "or a volume missing or negative)")
-        tick = 10.0 ** -min(decimals, 12)
+            log.warning("%s: %s; left out", path.name, NO_VALID_CANDLES)
+            return False
+        # the finest tick any price was written with (a coin falling from 12.345 to
+        # 0.012345 over the file needs the tick of its end)
+        tick = 10.0 ** -min(price_decimals(np.unique(df[cols[:4]].to_numpy(float))), 12)
         step = amount_step_for(float(df["close"].median()))
         self.ticks[symbol] = tick
         self._series[symbol] = Candles(df["timestamp"].to_numpy(np.int64),
@@ -431,6 +443,7 @@ class CsvMarket(ArraySource):
         first = int(df["timestamp"].iloc[0])
         self._info[symbol] = binance_market(base, self.settle, tick, step, first,
                                             {"sourceQuote": quote, "file": path.name})
+        return True
 
     @property
     def start_ms(self) -> int:
@@ -446,6 +459,52 @@ class CsvMarket(ArraySource):
 
     def series(self, symbol: str, upto_ms: int) -> Candles:
         return self._series[symbol]
+
+
+EARLIEST_MS = 1_230_940_800_000  # 2009-01-03, Bitcoin's first block: no market before
+
+
+def read_candles(path: Path, cols: list[str]) -> pd.DataFrame:
+    """The file's rows: headers matched in any case, a price that is no number a NaN
+    (left out as malformed), the timestamp whole milliseconds."""
+    df = pd.read_csv(path)
+    df.columns = [str(c).strip().lower() for c in df.columns]
+    missing = [c for c in ["timestamp", *cols] if c not in df.columns]
+    if missing:
+        raise ValueError(f"{path.name}: no column {', '.join(missing)} (a header row of "
+                         f"timestamp,{','.join(cols)} is needed; found "
+                         f"{','.join(map(str, df.columns)) or 'nothing'})")
+    for c in cols:
+        df[c] = pd.to_numeric(df[c], errors="coerce")
+    ts = pd.to_numeric(df["timestamp"], errors="coerce")
+    whole = ts.notna() & (ts == ts.round())
+    if not whole.all():
+        row = int(np.flatnonzero(~whole.to_numpy())[0])
+        raise ValueError(f"{path.name}: line {row + 2}: timestamp {df['timestamp'].iloc[row]!r} "
+                         "is not a whole number of milliseconds")
+    df["timestamp"] = ts.astype("int64")
+    return df
+
+
+def check_times(name: str, ts: np.ndarray, timeframe: str, latest_ms: int) -> None:
+    """Refuse candle times a recorded market cannot have: before 2009 or in the future
+    (seconds or microseconds read as milliseconds), or off the timeframe's grid (another
+    timeframe's candles, or shifted ones): each would be replayed as if it were real."""
+    if not len(ts):
+        return
+    for bad, what in ((ts < EARLIEST_MS, "before 2009"), (ts > latest_ms, "in the future")):
+        if bad.any():
+            t = int(ts[np.flatnonzero(bad)[0]])
+            unit = (" (seconds? they must be milliseconds)" if 0 < t < 100_000_000_000 else
+                    " (microseconds? they must be milliseconds)" if t > 10**14 else "")
+            raise ValueError(f"{name}: the candle at {t} is {what}{unit}: timestamps are the "
+                             "UTC milliseconds of each candle's open")
+    tf = TIMEFRAME_MS[timeframe]
+    if DAY_MS % tf == 0 and (off := ts % tf != 0).any():
+        t = int(ts[np.flatnonzero(off)[0]])
+        raise ValueError(f"{name}: {int(off.sum()):,} candles do not open on the {timeframe} "
+                         f"grid, the first at {t} ({t % tf // 1000} s past it): another "
+                         "timeframe's candles, or shifted ones")
 
 
 def price_decimals(prices: np.ndarray, most: int = 12) -> int:

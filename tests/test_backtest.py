@@ -575,6 +575,7 @@ def test_cli_refuses_bad_input(tmp_path):
         (["--data", data, "--from", "2018-13-45"], "not a date"),
         (["--data", data, "--from", "2018-01-20", "--to", "2018-01-19"], "not after"),
         (["--data", data, "--strategy", "nope"], "unknown strategy"),
+        (["--data", data, "--strategy", ""], "unknown strategy"),
         (["--data", data, "--db", live], "not a backtest"),
         (["--data", data, "--db", tmp_path / "new.db", "--plot", tmp_path / "c.jpg"],
          "write the chart as .png, .html or .svg"),
@@ -589,6 +590,11 @@ def test_cli_refuses_bad_input(tmp_path):
     (twice / "X_USDT-5m.csv").write_text("timestamp,open,high,low,close,volume\n"
                                          "1515542400000,1,1,1,1,1\n1515542400000,2,2,2,2,1\n")
     cases.append((["--data", twice], "given twice with different values"))
+    seconds = tmp_path / "seconds"
+    seconds.mkdir()
+    (seconds / "X_USDT-5m.csv").write_text("timestamp,open,high,low,close,volume\n"
+                                           "1515542400,1,1,1,1,1\n1515542700,1,1,1,1,1\n")
+    cases.append((["--data", seconds, "--db", earlier], "seconds? they must be milliseconds"))
     for args, message in cases:
         r = CliRunner().invoke(cli.main, ["backtest", *map(str, args)])
         assert r.exit_code == 2, (args, r.output)

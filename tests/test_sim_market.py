@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from urllib.parse import parse_qs, urlparse
 
 import ccxt
@@ -125,6 +126,64 @@ def test_csv_market_leaves_out_malformed_rows(tmp_path):
     (tmp_path / "X_USDT-5m.csv").write_text("\n".join(lines))
     c = CsvMarket(tmp_path).candles("X/USDT:USDT", 0, T0 + DAY)
     assert c.ts.tolist() == [T0, T0 + 2 * TF, T0 + 6 * TF]
+
+
+HEADER = "timestamp,open,high,low,close,volume"
+
+
+def candle_rows(times, price=1.0) -> list[str]:
+    return [f"{t},{price},{price * 1.01},{price * 0.99},{price},5" for t in times]
+
+
+@pytest.mark.parametrize(("times", "message"), [
+    # one stray row decades ahead: every day up to it was walked (a year 9999 row ran
+    # out of memory), and the header said "decisions ... 2100-01-01"
+    ([T0, T0 + TF, 4_102_444_800_000], "the candle at 4102444800000 is in the future"),
+    ([0, T0, T0 + TF], "the candle at 0 is before 2009"),
+    # seconds or microseconds: silently squeezed into minutes, or spread over millennia
+    ([(T0 + i * TF) // 1000 for i in range(3)],
+     f"the candle at {T0 // 1000} is before 2009 (seconds? they must be milliseconds)"),
+    ([(T0 + i * TF) * 1000 for i in range(3)],
+     f"the candle at {T0 * 1000} is in the future (microseconds?"),
+    # shifted by a minute, or 1 m candles in a 5 m file: replayed as extra steps
+    ([T0 + 60_000 + i * TF for i in range(3)], "3 candles do not open on the 5m grid"),
+    ([T0 + i * 60_000 for i in range(10)], "8 candles do not open on the 5m grid"),
+])
+def test_candle_times_a_recorded_market_cannot_have_are_refused(tmp_path, times, message):
+    (tmp_path / "X_USDT-5m.csv").write_text("\n".join([HEADER, *candle_rows(times)]))
+    with pytest.raises(ValueError, match=re.escape(f"X_USDT-5m.csv: {message}")):
+        CsvMarket(tmp_path)
+
+
+def test_csv_headers_and_prices_are_read_leniently_and_refused_clearly(tmp_path, caplog):
+    times = [T0 + i * TF for i in range(4)]
+    rows = candle_rows(times)
+    rows[1] = f"{times[1]},abc,1.1,0.9,1.0,5"  # no number: left out like any malformed row
+    (tmp_path / "X_USDT-5m.csv").write_text("\n".join([" Timestamp,Open,HIGH,low,close,Volume ",
+                                                       *rows]))
+    (tmp_path / "Y_USDT-5m.csv").write_text(HEADER + "\n")  # no candles: left out, said
+    (tmp_path / "z-usdt_5m.csv").write_text("\n".join([HEADER, *rows]))  # misnamed: said
+    m = CsvMarket(tmp_path)
+    assert m.symbols == ["X/USDT:USDT"]
+    assert m.candles("X/USDT:USDT", 0, T0 + DAY).ts.tolist() == [times[0], *times[2:]]
+    said = caplog.text
+    assert "1 malformed candles left out" in said and "Y_USDT-5m.csv: no valid candles" in said
+    assert "z-usdt_5m.csv: not named BASE_QUOTE-TF.csv" in said
+    (tmp_path / "X_USDT-5m.csv").write_text("timestamp,open,high,low,close\n1,1,1,1,1\n")
+    with pytest.raises(ValueError, match="X_USDT-5m.csv: no column volume"):
+        CsvMarket(tmp_path)
+    (tmp_path / "X_USDT-5m.csv").write_text("\n".join([HEADER, *rows, "soon,1,1,1,1,1"]))
+    with pytest.raises(ValueError, match="line 6: timestamp 'soon' is not a whole number"):
+        CsvMarket(tmp_path)
+
+
+def test_the_tick_is_the_finest_any_price_of_the_file_was_written_with(tmp_path):
+    """It was read from the file's first 5,000 rows: a coin whose price fell to fewer
+    whole units later got a tick of 1 % of its price."""
+    times = [T0 + i * TF for i in range(6000)]
+    rows = [*candle_rows(times[:5500], 12.5), *candle_rows(times[5500:], 0.012345)]
+    (tmp_path / "X_USDT-5m.csv").write_text("\n".join([HEADER, *rows]))
+    assert CsvMarket(tmp_path).ticks["X/USDT:USDT"] == pytest.approx(1e-8)
 
 
 def test_a_candle_given_twice_is_kept_once_if_the_rows_agree_and_refused_if_not(tmp_path):
