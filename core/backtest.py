@@ -57,7 +57,6 @@ the execution path itself is the live one.
 from __future__ import annotations
 
 import logging
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -84,6 +83,7 @@ from core.strategies import Strategy, load_strategy
 from jobs import daily_reset, rotate, scan
 from ledger import Fact, Ledger
 from ledger.audit import BACKTEST_KIND, written_by_backtest
+from ledger.store import NoLedgerYet
 
 log = logging.getLogger(__name__)
 
@@ -114,11 +114,13 @@ class BacktestResult:
 
 
 def is_backtest_ledger(path: str | Path) -> bool:
-    """True if ``path`` is empty or a ledger a backtest wrote (its first fact says so)."""
-    if os.path.getsize(path) == 0 and not os.path.exists(f"{path}-wal"):
-        return True  # an empty file holds nothing to lose
-    with Ledger(path, readonly=True) as ledger:
-        return ledger.last_seq() == 0 or written_by_backtest(ledger)
+    """True if ``path`` is empty (an SQLite file with no schema yet, as a run killed while
+    creating it leaves) or a ledger a backtest wrote (its first fact says so)."""
+    try:
+        with Ledger(path, readonly=True) as ledger:
+            return ledger.last_seq() == 0 or written_by_backtest(ledger)
+    except NoLedgerYet:
+        return True  # nothing in it to lose
 
 
 def run_backtest(config: Config, source, db_path: str | Path, *, start_ms: int | None = None,

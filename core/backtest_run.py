@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sqlite3
 import sys
 import time
 from pathlib import Path
@@ -101,7 +102,11 @@ def prepare_db(path: str | Path) -> Path:
 def _refuse_unless_backtest(p: Path, refusal: str) -> None:
     from core.backtest import is_backtest_ledger
 
-    if p.exists() and not is_backtest_ledger(p):  # LedgerError for a file not a ledger
+    try:
+        ours = not p.exists() or is_backtest_ledger(p)  # LedgerError: not a ledger at all
+    except sqlite3.DatabaseError as exc:  # a damaged SQLite file
+        raise ValueError(f"{refusal} ({exc})") from None
+    if not ours:
         raise ValueError(refusal)
 
 
@@ -169,22 +174,23 @@ def backtest_command(config: Config, data_dir: str, *, strategy: str | None,
         if Path(plot).resolve() == db.resolve():
             raise ValueError(f"--plot {plot}: is the --db file; the chart would overwrite "
                              "the ledger")
-    lock = hold_db(db)
-    try:
-        quiet_logging()
-        source = open_source(config, data_dir)
-        load_s = time.perf_counter() - t0
-        partial = partial_db(db)
+    with ending_on_sigterm():
+        lock = hold_db(db)
         try:
-            with ending_on_sigterm():
+            prepare_db(db)  # again, under the lock: nothing else writes it now
+            quiet_logging()
+            source = open_source(config, data_dir)
+            load_s = time.perf_counter() - t0
+            partial = partial_db(db)
+            try:
                 result = run_backtest(config, source, partial, start_ms=start_ms,
                                       end_ms=end_ms, progress=ProgressBar("backtest"))
-        except BaseException:
-            _remove(partial)
-            raise
-        replace_db(partial, db)
-    finally:
-        lock.release(remove=True)
+            except BaseException:
+                _remove(partial)
+                raise
+            replace_db(partial, db)
+        finally:
+            lock.release(remove=True)
     result.db_path = str(db)
     result.timings["load_s"] = load_s
     result.elapsed_s += load_s

@@ -45,8 +45,6 @@ ORDER_TYPES = ["LIMIT", "MARKET", "STOP", "STOP_MARKET", "TAKE_PROFIT", "TAKE_PR
                "TRAILING_STOP_MARKET"]
 MIN_NOTIONAL = "5"
 CSV_NAME = re.compile(r"^([A-Za-z0-9]+)_([A-Za-z0-9]+)-(\w+)\.csv$")
-NO_VALID_CANDLES = ("no valid candles (every row is malformed: a price missing, not positive, "
-                    "or outside its candle's high and low, or a volume missing or negative)")
 
 
 @dataclass(frozen=True)
@@ -385,7 +383,6 @@ class CsvMarket(ArraySource):
             raise FileNotFoundError(f"{self.data_dir}: no such folder of CSV candles")
         found = sorted(self.data_dir.glob("*.csv"))
         latest = WallClock().now_ms() + DAY_MS  # no candle is recorded from the future
-        invalid: list[str] = []
         for path in found:
             m = CSV_NAME.match(path.name)
             if not m:
@@ -398,23 +395,22 @@ class CsvMarket(ArraySource):
             if symbol in self._series:
                 raise ValueError(f"{path.name}: {symbol} already comes from "
                                  f"{self._info[symbol]['file']}")
-            if not self._load(symbol, base, quote, path, latest):
-                invalid.append(path.name)
-        if not self._series and invalid:
-            raise ValueError(f"{', '.join(invalid)}: {NO_VALID_CANDLES}")
+            self._load(symbol, base, quote, path, latest)
         if not self._series:
-            raise ValueError(f"{self.data_dir}: no BASE_QUOTE-{timeframe}.csv files with valid "
-                             f"candles (found {', '.join(p.name for p in found[:5]) or 'none'})")
+            raise ValueError(f"{self.data_dir}: no BASE_QUOTE-{timeframe}.csv files "
+                             f"(found {', '.join(p.name for p in found[:5]) or 'none'})")
         self.symbols = sorted(self._series)
 
     def describe(self) -> dict:
         return {"source": "csv", "data_dir": str(self.data_dir), "timeframe": self.timeframe,
                 "settle": self.settle}
 
-    def _load(self, symbol: str, base: str, quote: str, path: Path, latest_ms: int) -> bool:
-        """Read one file's candles; False if not one is valid (the file is left out)."""
+    def _load(self, symbol: str, base: str, quote: str, path: Path, latest_ms: int) -> None:
         cols = ["open", "high", "low", "close", "volume"]
         df = read_candles(path, cols)
+        if df.empty:
+            # Refused, not left out: a simulated account may hold a position in it.
+            raise ValueError(f"{path.name}: no candles (a header and no rows)")
         check_times(path.name, df["timestamp"].to_numpy(), self.timeframe, latest_ms)
         # A stable sort keeps a file's order among equal stamps; a stamp given twice is
         # dropped only when both rows agree: which of two different candles is right
@@ -431,8 +427,9 @@ class CsvMarket(ArraySource):
             log.warning("%s: %d malformed candles left out", path.name, int((~ok).sum()))
         df = df[ok]
         if df.empty:
-            log.warning("%s: %s; left out", path.name, NO_VALID_CANDLES)
-            return False
+            raise ValueError(f"{path.name}: no valid candles (every row is malformed: a price "
+                             "missing, not positive, or outside its candle's high and low, "
+                             "or a volume missing or negative)")
         # the finest tick any price was written with (a coin falling from 12.345 to
         # 0.012345 over the file needs the tick of its end)
         tick = 10.0 ** -min(price_decimals(np.unique(df[cols[:4]].to_numpy(float))), 12)
@@ -443,7 +440,6 @@ class CsvMarket(ArraySource):
         first = int(df["timestamp"].iloc[0])
         self._info[symbol] = binance_market(base, self.settle, tick, step, first,
                                             {"sourceQuote": quote, "file": path.name})
-        return True
 
     @property
     def start_ms(self) -> int:

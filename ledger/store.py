@@ -98,6 +98,10 @@ class LedgerError(Exception):
     """The ledger cannot be opened or used as asked (the CLI exits 2)."""
 
 
+class NoLedgerYet(LedgerError):
+    """An empty file (or an SQLite file with nothing in it), read as a ledger."""
+
+
 class LedgerWriteError(LedgerError):
     """A batch could not be committed; nothing of it was written."""
 
@@ -314,7 +318,7 @@ class Ledger:
             version = _identify(conn, self.path)
             if readonly:
                 if version == 0:
-                    raise LedgerError(f"{self.path}: an empty file, no ledger yet (the bot "
+                    raise NoLedgerYet(f"{self.path}: an empty file, no ledger yet (the bot "
                                       "creates it on its first run)")
                 if version != schema.SCHEMA_VERSION:
                     raise LedgerError(f"{self.path}: ledger schema version {version}, this "

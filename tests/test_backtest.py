@@ -666,8 +666,17 @@ def test_only_a_backtests_file_in_the_partial_files_place_is_removed(tmp_path):
     r = invoke("backtest", "--data", DATA, "--db", db, "--to", "2018-01-12")
     assert r.exit_code == 2 and "is not a backtest's ledger" in r.output, r.output
     assert sha(partial) == kept and not db.exists()
+    partial.write_bytes(partial.read_bytes()[:1000])  # a damaged SQLite file: said, kept
+    r = invoke("backtest", "--data", DATA, "--db", db, "--to", "2018-01-12")
+    assert r.exit_code == 2 and "is not a backtest's ledger" in r.output, r.output
+    assert partial.exists() and not db.exists()
     partial.unlink()
-    earlier_backtest(partial)  # what a killed run leaves there
+    # what a run killed while it made its ledger leaves there: WAL mode, no schema yet
+    with sqlite3.connect(partial) as conn:
+        conn.execute("PRAGMA journal_mode = WAL")
+    assert invoke("backtest", "--data", DATA, "--db", db, "--to", "2018-01-12").exit_code == 0
+    assert not partial.exists() and is_backtest_ledger(db)
+    earlier_backtest(partial)  # what a run killed later leaves there
     assert invoke("backtest", "--data", DATA, "--db", db, "--to", "2018-01-12").exit_code == 0
     assert not partial.exists() and is_backtest_ledger(db)
 
@@ -686,14 +695,18 @@ def test_a_stopped_or_killed_backtest_leaves_the_earlier_ledger(tmp_path):
     db = tmp_path / "bt.db"
     before = earlier_backtest(db)
     partial = tmp_path / "bt.db.partial"
-    for sig, code in [(signal.SIGTERM, 128 + signal.SIGTERM), (signal.SIGKILL, -signal.SIGKILL)]:
+    lock = tmp_path / "bt.db.lock"
+    for sig, when, code in [(signal.SIGTERM, lock, 128 + signal.SIGTERM),  # loading candles
+                            (signal.SIGTERM, partial, 128 + signal.SIGTERM),  # running
+                            (signal.SIGKILL, partial, -signal.SIGKILL)]:
         run = subprocess.Popen([sys.executable, "cli.py", "--db", str(db), "backtest", "--data",
                                 str(DATA)], cwd=ROOT, stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 60
-        while not partial.exists() and time.monotonic() < deadline:
-            time.sleep(0.01)
-        time.sleep(0.3)  # under way
+        while not when.exists() and time.monotonic() < deadline:
+            time.sleep(0.002)
+        if when == partial:
+            time.sleep(0.3)  # under way
         run.send_signal(sig)
         assert run.wait(timeout=60) == code
         assert sha(db) == before

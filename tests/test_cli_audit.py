@@ -714,7 +714,7 @@ BAD_FILES = {
     "foreign-sqlite": (lambda p: _foreign(p / "other.db") or p / "other.db",
                        "not a ledger of this bot"),
     "empty-file": (lambda p: (p / "empty.db").touch() or p / "empty.db",
-                   "ledger schema version 0"),
+                   "an empty file, no ledger yet"),
 }
 
 

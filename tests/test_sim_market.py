@@ -161,14 +161,18 @@ def test_csv_headers_and_prices_are_read_leniently_and_refused_clearly(tmp_path,
     rows[1] = f"{times[1]},abc,1.1,0.9,1.0,5"  # no number: left out like any malformed row
     (tmp_path / "X_USDT-5m.csv").write_text("\n".join([" Timestamp,Open,HIGH,low,close,Volume ",
                                                        *rows]))
-    (tmp_path / "Y_USDT-5m.csv").write_text(HEADER + "\n")  # no candles: left out, said
     (tmp_path / "z-usdt_5m.csv").write_text("\n".join([HEADER, *rows]))  # misnamed: said
     m = CsvMarket(tmp_path)
     assert m.symbols == ["X/USDT:USDT"]
     assert m.candles("X/USDT:USDT", 0, T0 + DAY).ts.tolist() == [times[0], *times[2:]]
     said = caplog.text
-    assert "1 malformed candles left out" in said and "Y_USDT-5m.csv: no valid candles" in said
+    assert "1 malformed candles left out" in said
     assert "z-usdt_5m.csv: not named BASE_QUOTE-TF.csv" in said
+    # a symbol without candles is refused, not left out: a simulated account may hold it
+    (tmp_path / "Y_USDT-5m.csv").write_text(HEADER + "\n")
+    with pytest.raises(ValueError, match=r"Y_USDT-5m.csv: no candles \(a header and no rows"):
+        CsvMarket(tmp_path)
+    (tmp_path / "Y_USDT-5m.csv").unlink()
     (tmp_path / "X_USDT-5m.csv").write_text("timestamp,open,high,low,close\n1,1,1,1,1\n")
     with pytest.raises(ValueError, match="X_USDT-5m.csv: no column volume"):
         CsvMarket(tmp_path)
