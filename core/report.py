@@ -60,14 +60,16 @@ def daily_returns(times: np.ndarray, equity: np.ndarray, start: float,
     ``times`` are candle closes: the one at midnight closes the day before. A day's close
     is the ledger's ``day_close`` equity where it has one (``day_closes``, by day): that
     is the balance before the midnight step's orders, whose fees belong to the new day.
-    A day without one (the window's last, unfinished) closes at its last step's equity."""
+    The window's last day closes at the final equity, as the total return does (open
+    positions at the window's last closes: the venue's balance at that instant values
+    them at the next candle's open, after the window)."""
     if not len(times):
         return np.array([])
     day = (times - 1) // DAY_MS
     last = np.flatnonzero(np.r_[day[1:] != day[:-1], True])
     recorded = day_closes or {}
-    closes = [recorded.get(utc_day(int(day[i]) * DAY_MS), float(equity[i])) for i in last]
-    closes = np.r_[start, closes]
+    closes = [recorded.get(utc_day(int(day[i]) * DAY_MS), float(equity[i])) for i in last[:-1]]
+    closes = np.r_[start, closes, float(equity[-1])]
     return closes[1:] / closes[:-1] - 1
 
 

@@ -431,6 +431,11 @@ def test_the_step_at_midnight_closes_the_day_before():
     two = np.r_[closes, closes + day]
     r = daily_returns(two, np.r_[eq, eq * 1.1], 100.0)
     assert r.tolist() == pytest.approx([-0.01, 0.1])
+    # the ledger's day close where it has one; the window's last day at the final equity
+    # (the venue's balance at its last instant values open positions after the window)
+    recorded = {"1970-01-01": 98.0, "1970-01-02": 50.0}
+    r = daily_returns(two, np.r_[eq, eq * 1.1], 100.0, recorded)
+    assert r.tolist() == pytest.approx([-0.02, 99.0 * 1.1 / 98.0 - 1])
 
 
 @needs_data
@@ -448,8 +453,9 @@ def test_sharpe_takes_each_days_close_from_the_ledger(real_market, tmp_path):
     after_orders = [float(result.equity[np.flatnonzero(result.times == ts)[0]])
                     for ts, _ in closes]
     assert after_orders != pytest.approx([eq for _, eq in closes], rel=1e-12, abs=0)
-    returns = np.diff(np.r_[result.start_equity, [eq for _, eq in closes]])
-    returns /= np.r_[result.start_equity, [eq for _, eq in closes]][:-1]
+    # the last day closes at the report's final equity (open positions at the last closes)
+    days = np.r_[result.start_equity, [eq for _, eq in closes[:-1]], result.equity[-1]]
+    returns = np.diff(days) / days[:-1]
     sharpe, sortino = sharpe_sortino(returns)
     assert metrics(result)["sharpe"] == pytest.approx(sharpe, rel=1e-12)
     assert metrics(result)["sortino"] == pytest.approx(sortino, rel=1e-12)
@@ -534,8 +540,15 @@ def test_cli_backtest_end_to_end(tmp_path):
         sum(r["pnl"] for r in m["per_symbol"]))
     assert invoke("--db", db, "pnl", "--by", "symbol").exit_code == 0
     svg = tmp_path / "chart.svg"
-    text = invoke("backtest", "--data", DATA, "--from", "2018-01-20", "--to", "2018-01-21",
-                  "--db", db, "--plot", svg).output  # an earlier backtest's ledger is replaced
+    text = invoke("backtest", "--data", DATA, "--from", "2018-01-20", "--to",
+                  "2018-01-21T12:00Z", "--db", db, "--plot", svg).output  # replaces the earlier
+    # status: a backtest's, judged at its end (it said "sim", and "today" by the wall clock)
+    status = json.loads(invoke("--db", db, "status", "--json").output)
+    with sqlite3.connect(db) as conn:
+        realized = conn.execute("SELECT pnl FROM facts WHERE type = 'position_closed' AND "
+                                "ts >= ?", (parse_when("2018-01-21", "--from"),)).fetchall()
+    assert status["mode"] == "backtest" and realized
+    assert Decimal(status["realized_today"]) == sum(Decimal(r[0]) for r in realized)
     assert "total return" in text and "max drawdown" in text and "symbol" in text
     assert svg.read_text().startswith("<svg")
     assert is_backtest_ledger(db)
