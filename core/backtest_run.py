@@ -230,7 +230,8 @@ def walkforward_command(config: Config, data_dir: str, *, grid_path: str, train:
     report = walk_forward(config, str(data_dir), grid, train_ms, test_ms,
                           first_ms=max(first, start_ms or first),
                           end_ms=min(last, end_ms or last), objective=objective,
-                          workers=workers, progress=ProgressBar("walkforward"))
+                          workers=workers, progress=ProgressBar("walkforward"),
+                          source=source)
     if as_json:
         return json.dumps(report, indent=2, default=str)
     return walkforward_text(report)

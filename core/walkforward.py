@@ -159,13 +159,12 @@ def make_folds(first_ms: int, end_ms: int, train_ms: int, test_ms: int) -> list[
     return folds
 
 
-def candle_times(config: Config, data_dir: str) -> np.ndarray:
-    """Every candle open time of any symbol in ``data_dir``, ascending: the steps the
-    backtests of ``run_chunk`` walk (``MarketData.grid``, built from the same source)."""
+def candle_times(source) -> np.ndarray:
+    """Every candle open time of any symbol of ``source`` (the CSV folder's), ascending:
+    the steps the backtests of ``run_chunk`` walk (``MarketData.grid``, built from the
+    same files)."""
     from core.backtest_data import union_of
-    from core.backtest_run import open_source
 
-    source = open_source(config, data_dir)
     end = source.end_ms  # MarketData reads the candles opening before the source's end
     times = union_of(source.series(s, end - 1).ts for s in source.symbols)
     return times[times < end]
@@ -291,7 +290,8 @@ def per_day(m: dict, span_ms: int) -> float:
 def walk_forward(config: Config, data_dir: str, grid: Grid, train_ms: int, test_ms: int, *,
                  first_ms: int, end_ms: int, objective: str = "total_return",
                  workers: int | None = None,
-                 progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
+                 progress: Callable[[int, int], None] | None = None,
+                 source=None) -> dict[str, Any]:
     """Run the walk-forward (see the module docstring); the report as a dict."""
     if objective not in OBJECTIVES:
         raise ValueError(f"objective {objective!r}; choose one of {', '.join(OBJECTIVES)}")
@@ -306,7 +306,11 @@ def walk_forward(config: Config, data_dir: str, grid: Grid, train_ms: int, test_
                          "than one training plus one test window")
     # found from the candle times before any backtest runs: an empty window would fail
     # its backtest (and the whole walk-forward) only once the workers reach it
-    times = candle_times(config, data_dir)
+    if source is None:  # the caller's, already read, or the folder's
+        from core.backtest_run import open_source
+
+        source = open_source(config, data_dir)
+    times = candle_times(source)
     reasons = {f.index: why for f in folds if (why := why_skipped(times, f)) is not None}
     skipped = [{"fold": f.index + 1, "train_start_ms": f.train_start,
                 "test_start_ms": f.train_end, "test_end_ms": f.test_end,

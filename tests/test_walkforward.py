@@ -257,7 +257,7 @@ def test_a_window_is_skipped_exactly_when_a_backtest_refuses_it(tmp_path):
     it is refused; one candle (nothing decided on it, its warmup in the hole) runs."""
     data = holed_data(tmp_path)
     market = CsvMarket(data)
-    times = candle_times(CFG, str(data))
+    times = candle_times(market)
     m5 = 5 * 60_000
     windows = [(HOLE[0], HOLE[1]), (HOLE[0] - m5 + 1, HOLE[1]), (HOLE[0], HOLE[1] + 1),
                (HOLE[0] - m5, HOLE[1]), (HOLE[0] + DAY, HOLE[1] + m5),
