@@ -405,6 +405,7 @@ def _locked_runtime(ctx: click.Context):
 
     cfg = load_config(ctx)
     config_mod.check_can_trade(cfg)
+    runtime.check_ledger_mode(ctx.obj["db"], cfg.bot.mode)
     lock = LedgerLock(ctx.obj["db"])
     try:
         lock.acquire()

@@ -331,6 +331,7 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 def serve(config: Config, db_path: str | Path) -> int:
     """``cli.py run``: lock the ledger, build the runtime, run until a signal."""
     check_can_trade(config, serving=True)  # nothing made or started if it cannot trade
+    runtime.check_ledger_mode(db_path, config.bot.mode)
     # A stop asked for while starting is kept and honoured once the service exists (the
     # default handlers would end the process half-way, or print a traceback). Starting
     # can wait on the exchange for minutes: a second signal stops it there and then.

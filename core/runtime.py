@@ -14,7 +14,8 @@ from pathlib import Path
 from core.config import Config
 from core.exchange import ExchangeClient
 from core.strategies import Strategy, load_strategy
-from ledger import Ledger
+from ledger import Ledger, LedgerError
+from ledger.audit import BACKTEST_KIND, recorded_mode
 from ledger.store import RECORDING_SLACK_MS
 
 log = logging.getLogger(__name__)
@@ -53,6 +54,27 @@ class Runtime:
         closer = getattr(self.venue, "close", None)
         if callable(closer):
             closer()
+
+
+def check_ledger_mode(db_path: str | Path, mode: str) -> None:
+    """Refuse to trade on a backtest's ledger, or on one another mode wrote: its positions
+    and orders are another account's (a sim ledger's long, managed on a live account,
+    would sell a real position). A ledger that cannot be read is left to the ledger."""
+    path = Path(db_path)
+    if not path.is_file():
+        return
+    try:
+        with Ledger(path, readonly=True) as ledger:
+            recorded = recorded_mode(ledger)
+    except LedgerError:  # empty, older schema (migrated by the run), damaged: said there
+        return
+    if recorded == BACKTEST_KIND:
+        raise LedgerError(f"{path}: a backtest's ledger; the bot does not trade on it "
+                          "(give --db another file)")
+    if recorded and recorded != mode:
+        raise LedgerError(f"{path}: written by the bot in [bot] mode = {recorded!r}, and the "
+                          f"config says {mode!r}: a ledger holds one account's positions and "
+                          f"orders (give --db another file, or set mode = {recorded!r})")
 
 
 def build(config: Config, db_path: str | Path, *, clock=None, venue=None,

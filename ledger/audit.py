@@ -18,6 +18,16 @@ def written_by_backtest(ledger: Ledger) -> bool:
     return bool(rows) and rows[0]["type"] == "note" and rows[0]["kind"] == BACKTEST_KIND
 
 
+def recorded_mode(ledger: Ledger) -> str | None:
+    """The mode the ledger was written in: ``backtest``, or its service's last start
+    (sim, paper, live); None if no service has run on it."""
+    if written_by_backtest(ledger):
+        return BACKTEST_KIND
+    rows = ledger.select("SELECT json_extract(data, '$.mode') AS mode FROM facts "
+                         "WHERE type = 'service' ORDER BY seq DESC LIMIT 1")
+    return rows[0]["mode"] if rows and rows[0]["mode"] else None
+
+
 def _since_ms(since: str) -> int:
     """YYYY-MM-DD (UTC midnight) or a full ISO timestamp ending in Z."""
     if len(since) == 10:

@@ -247,6 +247,36 @@ def invoke_run(tmp_path: Path, env: dict | None = None):
             lg.handlers[:] = handlers
 
 
+@pytest.mark.parametrize(("written", "mode", "said"), [
+    # a sim ledger's long, managed on another account: a live bot would sell a real one
+    ({"type": "service", "data": {"event": "started", "mode": "sim"}}, "paper",
+     "written by the bot in [bot] mode = 'sim', and the config says 'paper'"),
+    ({"type": "service", "data": {"event": "started", "mode": "paper"}}, "sim",
+     "written by the bot in [bot] mode = 'paper', and the config says 'sim'"),
+    # a backtest's positions traded by the service, its history mixed with a run's
+    ({"type": "note", "data": {"kind": "backtest"}, "reason": "backtest start"}, "sim",
+     "a backtest's ledger; the bot does not trade on it"),
+])
+def test_a_ledger_of_another_mode_is_refused_before_anything_runs(tmp_path, monkeypatch,
+                                                                 written, mode, said):
+    from ledger import Fact
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "bot.toml").write_text(f'[bot]\nmode = "{mode}"\n')
+    db = tmp_path / "bot.db"
+    with Ledger(db) as ledger:
+        ledger.append([Fact(written["type"], T0, reason=written.get("reason"),
+                            data=written["data"])])
+    for command in (["job", "scan"], ["reconcile"], ["run"]):  # run last: it would serve
+        result = CliRunner().invoke(cli.main, ["--db", str(db), *command])
+        assert result.exit_code == 2, (command, result.output)
+        assert said in result.output and "Traceback" not in result.output, result.output
+    with Ledger(db, readonly=True) as ledger:
+        assert ledger.last_seq() == 1  # nothing recorded
+    assert not (tmp_path / "paper_sim_exchange.db").exists()
+    assert not (tmp_path / "sim_exchange.db").exists()
+
+
 @pytest.mark.parametrize(("log_dir", "said"), [
     ("x" * 300, "cannot be used (File name too long)"),  # the config's check crashed
     # the check passes (root may write /proc, says access()), then making it fails
