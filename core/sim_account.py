@@ -41,6 +41,13 @@ def fmt(d: Decimal | None, decimals: int) -> str:
     return f"{(d or ZERO):.{decimals}f}"
 
 
+def held(d: Decimal | None, decimals: int) -> str:
+    """An amount or price the account holds, in Binance's style, never rounded: the
+    market's step or tick can change under an open position or a resting order, and
+    what it holds stays what it is (0.248 under a new step of 0.1 is still 0.248)."""
+    return fmt(d, max(decimals, places(d or ZERO)))
+
+
 @dataclass(frozen=True)
 class Spec:
     """The trading rules of one market, as Decimals."""

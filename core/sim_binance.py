@@ -16,7 +16,7 @@ from typing import NoReturn
 
 import ccxt
 
-from core.sim_account import ZERO, Account, Spec, fmt, places
+from core.sim_account import ZERO, Account, Spec, fmt, held, places
 from core.sim_store import SimOrder, SimPosition, SimTrade
 
 FAPI = "https://fapi.binance.com/fapi/"
@@ -95,8 +95,8 @@ def raw_order(o: SimOrder, market_id: str, spec: Spec) -> dict:
         return {"algoId": o.id, "clientAlgoId": o.client_id, "algoType": "CONDITIONAL",
                 "orderType": o.type, "symbol": market_id, "side": o.side, "positionSide": "BOTH",
                 "timeInForce": "GTE_GTC" if o.close_position else "GTC",
-                "quantity": fmt(o.amount, qp), "algoStatus": o.status,
-                "triggerPrice": fmt(o.trigger_price, pp), "price": fmt(ZERO, pp),
+                "quantity": held(o.amount, qp), "algoStatus": o.status,
+                "triggerPrice": held(o.trigger_price, pp), "price": fmt(ZERO, pp),
                 "icebergQuantity": None, "selfTradePreventionMode": "EXPIRE_MAKER",
                 "workingType": "CONTRACT_PRICE", "priceMatch": "NONE",
                 "closePosition": o.close_position, "priceProtect": False,
@@ -107,9 +107,9 @@ def raw_order(o: SimOrder, market_id: str, spec: Spec) -> dict:
                 "actualOrderId": "" if o.actual_order_id is None else str(o.actual_order_id),
                 "actualPrice": fmt(avg, pp + 2)}
     return {"orderId": o.id, "symbol": market_id, "status": o.status,
-            "clientOrderId": o.client_id, "price": fmt(o.price, pp), "avgPrice": fmt(avg, pp + 2),
-            "origQty": fmt(o.amount, qp), "executedQty": fmt(o.filled, qp),
-            "cumQty": fmt(o.filled, qp), "cumQuote": fmt(o.cum_quote, pp + qp),
+            "clientOrderId": o.client_id, "price": held(o.price, pp), "avgPrice": fmt(avg, pp + 2),
+            "origQty": held(o.amount, qp), "executedQty": held(o.filled, qp),
+            "cumQty": held(o.filled, qp), "cumQuote": fmt(o.cum_quote, pp + qp),
             "timeInForce": "GTC", "type": o.type, "reduceOnly": o.reduce_only,
             "closePosition": o.close_position, "side": o.side, "positionSide": "BOTH",
             "stopPrice": "0", "workingType": "CONTRACT_PRICE", "priceProtect": False,
@@ -123,7 +123,7 @@ def raw_trade(t: SimTrade, market_id: str, spec: Spec, settle: str) -> dict:
     qp, pp = places(spec.step), places(spec.tick)
     return {"buyer": t.side == "BUY", "commission": fmt(t.commission, 8),
             "commissionAsset": settle, "id": t.id, "maker": t.maker, "orderId": t.order_id,
-            "price": fmt(t.price, pp), "qty": fmt(t.qty, qp), "quoteQty": fmt(t.quote_qty, pp + qp),
+            "price": held(t.price, pp), "qty": held(t.qty, qp), "quoteQty": fmt(t.quote_qty, pp + qp),
             "realizedPnl": fmt(t.realized_pnl, 8), "side": t.side, "positionSide": "BOTH",
             "symbol": market_id, "time": t.ts}
 
@@ -134,7 +134,7 @@ def raw_position(market_id: str, p: SimPosition, mark: Decimal, leverage: int, s
     notional = (p.amount * mark).quantize(Q8)
     im = (abs(notional) / leverage).quantize(Q8)
     return {"symbol": market_id, "positionSide": "BOTH",
-            "positionAmt": fmt(p.amount, places(spec.step)), "entryPrice": str(p.entry_price),
+            "positionAmt": held(p.amount, places(spec.step)), "entryPrice": str(p.entry_price),
             "breakEvenPrice": str(p.entry_price), "markPrice": str(mark),
             "unRealizedProfit": str((p.amount * (mark - p.entry_price)).quantize(Q8)),
             "liquidationPrice": "0", "isolatedMargin": "0", "notional": str(notional),

@@ -691,3 +691,49 @@ def test_paper_keeps_the_markets_a_state_file_from_before_held(tmp_path, monkeyp
         finally:
             rt.close()
         binance.removed = True  # delisted between the two starts
+
+
+class RetickedBinance(WickingBinance):
+    """The recorded answers; once ``step`` is set, BTC's lot step (and tick) changed."""
+
+    step = tick = None
+
+    def fetch(self, url, method="GET", headers=None, body_=None):
+        answer = super().fetch(url, method, headers, body_)
+        if urlsplit(url).path == "/fapi/v1/exchangeInfo" and self.step:
+            answer = json.loads(json.dumps(answer))
+            for m in answer["symbols"]:
+                if m["symbol"] == "BTCUSDT":
+                    for f in m["filters"]:
+                        if f["filterType"] == "PRICE_FILTER":
+                            f["tickSize"] = self.tick
+                        if f["filterType"] in ("LOT_SIZE", "MARKET_LOT_SIZE"):
+                            f["stepSize"] = self.step
+        return answer
+
+
+@pytest.mark.parametrize("step", ["0.01", "0.1"])
+def test_paper_reports_a_position_as_held_after_the_lot_step_changes(tmp_path, monkeypatch,
+                                                                       step):
+    """The account rounded what it held to the new step: reconcile then 'corrected' the
+    ledger to 0.25 (held: 0.248), or to 0.2, and after a close sold 0.2 the 0.048 left was
+    reported as 0.0: a position nothing would ever show."""
+    fake = RetickedBinance()
+    rt, clock = start_paper(monkeypatch, tmp_path, fake)
+    try:
+        assert scan.run(rt, clock.now_ms(), "scan-1")["entries"] == 1
+        held = Decimal(rt.ledger.state().positions[BTC]["amount"])
+    finally:
+        rt.close()
+    assert held.as_tuple().exponent < Decimal(step).as_tuple().exponent  # finer than the step
+    fake.step, fake.tick = step, "1"
+    clock.advance(120_000)
+    rt = runtime.build(paper_config(tmp_path), tmp_path / "bot.db", clock=clock)
+    try:
+        assert rt.venue.market(BTC)["precision"]["amount"] == float(step)  # the new rules
+        assert [(p.symbol, p.amount) for p in rt.client.positions()] == [(BTC, held)]
+        report = reconcile.run(rt, clock.now_ms(), "reconcile-1")
+        assert not [d for d in report["differences"] if d["kind"] == "position_size"], report
+        assert Decimal(rt.ledger.state().positions[BTC]["amount"]) == held
+    finally:
+        rt.close()
