@@ -29,7 +29,13 @@ from hypothesis import strategies as st
 
 import cli
 from core import exits
-from core.backtest import BACKTEST_KIND, Engine, is_backtest_ledger, run_backtest
+from core.backtest import (
+    BACKTEST_KIND,
+    BacktestResult,
+    Engine,
+    is_backtest_ledger,
+    run_backtest,
+)
 from core.backtest_data import MarketData, parse_when, signal_of
 from core.backtest_ledger import BufferedLedger
 from core.backtest_run import ProgressBar
@@ -320,7 +326,12 @@ def test_signals_equal_decide_on_the_scan_frame(real_market):
     strategy = load_strategy(Config().strategy)
     data = MarketData(real_market, strategy)
     d = data.data["ADA/USDT:USDT"]
-    for i in [30, 500, 1511, 1520, 3000, len(d.ts) - 1]:
+    # every candle with an entry signal and the one before it (a one-candle look-ahead
+    # moves a signal there), and some without
+    signals = [int(i) for i in np.flatnonzero(d.signal)]
+    assert len(signals) > 10
+    for i in sorted({30, 500, 1511, 1520, 3000, len(d.ts) - 1, *signals,
+                     *(i - 1 for i in signals)}):
         now = int(d.ts[i]) + TF
         if not d.intact(now):
             continue
@@ -373,6 +384,35 @@ def test_buffered_ledger_writes_what_the_ledger_writes(tmp_path):
         assert a.execute(rows).fetchall() == b.execute(rows).fetchall()  # hashes too
 
 
+def test_buffered_ledger_writes_a_batch_larger_than_its_own_whole(tmp_path):
+    """One append of more facts than a batch holds: flushed in several commits, none lost."""
+    plain = Ledger(tmp_path / "plain.db")
+    buffered = BufferedLedger(Ledger(tmp_path / "buf.db"), batch=3)
+    plain.append(ledger_facts())
+    buffered.append(ledger_facts())
+    buffered.close()
+    plain.close()
+    rows = "SELECT * FROM facts ORDER BY seq"
+    with sqlite3.connect(tmp_path / "plain.db") as a, sqlite3.connect(tmp_path / "buf.db") as b:
+        assert len(b.execute(rows).fetchall()) == len(ledger_facts())
+        assert a.execute(rows).fetchall() == b.execute(rows).fetchall()
+
+
+def test_a_state_the_buffered_ledger_gave_does_not_change_under_its_holder(tmp_path):
+    buffered = BufferedLedger(Ledger(tmp_path / "buf.db"))
+    sym = "X/USDT:USDT"
+    buffered.append([Fact("position_opened", 1000, symbol=sym, side="long", amount="1",
+                          price="100", position_id="p1")])
+    held = buffered.state()
+    before = held.to_dict()
+    buffered.append([Fact("best_price", 2000, symbol=sym, price="105", position_id="p1"),
+                     Fact("position_closed", 3000, symbol=sym, side="long", amount="1",
+                          price="104", pnl="4", position_id="p1")])
+    assert held.to_dict() == before  # the caller's copy, as it was
+    assert buffered.state().positions == {}
+    buffered.close()
+
+
 @needs_data
 def test_the_first_days_scans_leave_the_write_behind_ledger_unflushed(real_market, tmp_path):
     # Until a day is closed every scan asks the daily reset whether one ended, which
@@ -420,6 +460,27 @@ def test_drawdown_sharpe_sortino():
     assert sortino == pytest.approx(r.mean() / np.sqrt(np.mean(np.minimum(r, 0) ** 2))
                                     * 365 ** 0.5)
     assert sharpe_sortino(np.array([0.1])) == (None, None)
+
+
+def test_metrics_of_a_hand_made_result():
+    """Each figure, on numbers small enough to check by eye."""
+    trades = [{"symbol": s, "realized_pnl": p, "fees": "0.1", "duration_s": 600,
+               "exit_reason": "stop_loss"} for s, p in [("A", "2"), ("A", "-1"), ("B", "0")]]
+    result = BacktestResult(
+        db_path="x.db", config=Config(), strategy="momentum", params={}, symbols=["A", "B"],
+        times=np.arange(1, 5) * TF, equity=np.array([90.0, 105.0, 102.9, 101.0]),
+        open_positions=np.array([0, 1, 2, 0]), start_equity=100.0, trades=trades,
+        still_open=[], fees=0.4, facts=10, elapsed_s=0.5)
+    m = metrics(result)
+    assert m["total_return"] == pytest.approx(0.01)
+    assert m["max_drawdown"] == pytest.approx(0.1)  # from the start: 100 -> 90
+    assert (m["wins"], m["win_rate"]) == (1, pytest.approx(1 / 3))  # a breakeven is no win
+    assert m["profit_factor"] == pytest.approx(2.0)  # 2 won / 1 lost
+    assert m["exposure"] == pytest.approx(0.5)  # 2 of 4 steps with a position open
+    assert m["avg_open_positions"] == pytest.approx(0.75)
+    assert (m["fees"], m["fees_closed_trades"]) == (0.4, pytest.approx(0.3))
+    assert [(r["symbol"], r["trades"], r["pnl"]) for r in m["per_symbol"]] == [
+        ("A", 2, 1.0), ("B", 1, 0.0)]
 
 
 def test_the_step_at_midnight_closes_the_day_before():

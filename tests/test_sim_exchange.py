@@ -87,6 +87,14 @@ def test_market_buy_fills_with_slippage_fee_and_opens_position(venue):
     assert bal["total"] == pytest.approx(10_000 - 0.1001 + 2 * (100.0 - 100.1))
 
 
+def test_market_sell_slips_down(venue):
+    ex, _ = venue(slippage_bps=10)
+    o = ex.create_order(SYM, "market", "sell", 2)
+    assert o["average"] == 99.9  # 100 - 10 bps, on the 0.1 tick: a seller gets less
+    (pos,) = ex.fetch_positions()
+    assert (pos["side"], pos["entryPrice"]) == ("short", 99.9)
+
+
 def test_unrealized_pnl_follows_the_price(venue):
     ex, clock = venue((100.0, 101.0, 99.9, 101.0), (101.0, 103.0, 100.9, 102.0))
     ex.create_order(SYM, "market", "buy", 3)
@@ -197,6 +205,8 @@ def test_stop_triggers_on_candle_low_and_fills_at_the_trigger(venue):
     last = ex.fetch_my_trades(SYM)[-1]
     assert (last["price"], last["timestamp"]) == (99.0, T0 + 2 * TF - 1)
     assert last["info"]["realizedPnl"] == "-2.00000000"
+    # a fired stop takes liquidity: the taker fee (0.05 %), not the maker's (0.02 %)
+    assert (last["takerOrMaker"], last["fee"]["cost"]) == ("taker", 0.099)  # 198 * 0.05 %
 
 
 def test_is_flat_until_a_position_or_order_rests_and_again_after_the_stop_hits(venue):
