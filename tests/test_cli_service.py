@@ -8,6 +8,7 @@ second process where a test needs one.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -349,8 +350,13 @@ def test_a_stop_while_the_exchange_hangs_the_start(tmp_path, spawn_python, signa
 
     hole = socket.create_server(("127.0.0.1", 0))
     held: list[socket.socket] = []
-    threading.Thread(target=lambda: held.extend(iter(lambda: hole.accept()[0], None)),
-                     daemon=True).start()
+
+    def hold_connections() -> None:  # until the test closes the socket
+        with contextlib.suppress(OSError):
+            while True:
+                held.append(hole.accept()[0])
+
+    threading.Thread(target=hold_connections, daemon=True).start()
     (tmp_path / "bot.toml").write_text(
         f'[bot]\nmode = "paper"\nlog_dir = ""\n[exchange]\ntimeout_ms = 3000\n'
         f'read_retries = 0\n[sim]\nstate_path = "{tmp_path}/paper.db"\n')
