@@ -447,6 +447,12 @@ def reconcile(ctx, dry_run, as_json) -> None:
     sys.exit(RECONCILE_EXIT[report["status"]])
 
 
+def not_a_backtests(db) -> None:
+    """A backtest's ledger is a record of a run, not a bot: nothing to halt or resume."""
+    if audit.recorded_mode(Path(db)) == audit.BACKTEST_KIND:
+        raise Refused(f"{db}: a backtest's ledger; no bot runs on it to halt or resume")
+
+
 @main.command()
 @click.option("--reason", default="manual halt", show_default=True)
 @click.pass_context
@@ -455,6 +461,7 @@ def halt(ctx, reason) -> None:
     """Stop new entries until `resume` (open positions stay managed)."""
     from ledger import Fact
 
+    not_a_backtests(ctx.obj["db"])
     with Ledger(ctx.obj["db"]) as ledger:
         ledger.append([Fact("halt", bot_now(ledger), reason=reason,
                             data={"kind": "manual", "detail": reason})])
@@ -470,6 +477,7 @@ def resume(ctx, kind) -> None:
     """Lift halts (all, or one kind). After a drawdown halt, the peak restarts from here."""
     from ledger import Fact
 
+    not_a_backtests(ctx.obj["db"])
     with Ledger(ctx.obj["db"]) as ledger:
         halts = ledger.state().halts
         if not halts or (kind != "all" and kind not in halts):

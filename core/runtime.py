@@ -63,11 +63,7 @@ def check_ledger_mode(db_path: str | Path, mode: str) -> None:
     path = Path(db_path)
     if not path.is_file():
         return
-    try:
-        with Ledger(path, readonly=True) as ledger:
-            recorded = recorded_mode(ledger)
-    except LedgerError:  # empty, older schema (migrated by the run), damaged: said there
-        return
+    recorded = recorded_mode(path)
     if recorded == BACKTEST_KIND:
         raise LedgerError(f"{path}: a backtest's ledger; the bot does not trade on it "
                           "(give --db another file)")

@@ -32,7 +32,8 @@ def run_job(rt, name: str, job, scheduled_ms: int | None = None) -> dict:
     duration_ms = round((time.monotonic() - t0) * 1000, 3)
     record = {"job": name, "scheduled_ms": scheduled, "started_ms": started,
               "finished_ms": rt.clock.now_ms(), "duration_ms": duration_ms,
-              "outcome": outcome, "summary": summary}
+              "outcome": outcome, "summary": summary,
+              "mode": rt.config.bot.mode}  # the account it ran on (runtime.check_ledger_mode)
     try:
         rt.ledger.append([Fact("job_run", rt.clock.now_ms(), run_id=run_id,
                                reason=error or summary.get("reason"), data=record)])

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import sqlite3
+from pathlib import Path
+
 from core.clock import day_ms
 
+from . import schema
 from .schema import VIEW_NAMES
-from .store import Ledger
+from .store import Ledger, LedgerError, open_untouched
 
 # data.kind of the note a backtest opens its ledger with (core/backtest.py)
 BACKTEST_KIND = "backtest"
@@ -18,14 +22,31 @@ def written_by_backtest(ledger: Ledger) -> bool:
     return bool(rows) and rows[0]["type"] == "note" and rows[0]["kind"] == BACKTEST_KIND
 
 
-def recorded_mode(ledger: Ledger) -> str | None:
-    """The mode the ledger was written in: ``backtest``, or its service's last start
-    (sim, paper, live); None if no service has run on it."""
-    if written_by_backtest(ledger):
-        return BACKTEST_KIND
-    rows = ledger.select("SELECT json_extract(data, '$.mode') AS mode FROM facts "
-                         "WHERE type = 'service' ORDER BY seq DESC LIMIT 1")
-    return rows[0]["mode"] if rows and rows[0]["mode"] else None
+def recorded_mode(path: Path) -> str | None:
+    """The mode the ledger at ``path`` was written in: ``backtest``, or the mode its last
+    service start or job run recorded (sim, paper, live); None if none did, or if it is
+    not a ledger of ours. Read whatever its schema version (a run about to migrate it
+    asks too), and without making -wal/-shm files beside it."""
+    try:
+        conn = open_untouched(path)
+    except LedgerError:
+        return None
+    try:
+        if conn.execute("PRAGMA application_id").fetchone()[0] != schema.APPLICATION_ID:
+            return None
+        first = conn.execute("SELECT type, json_extract(data, '$.kind') FROM facts "
+                             "ORDER BY seq LIMIT 1").fetchone()
+        if first == ("note", BACKTEST_KIND):
+            return BACKTEST_KIND
+        last = conn.execute(
+            "SELECT json_extract(data, '$.mode') FROM facts WHERE type IN ('service', "
+            "'job_run') AND json_extract(data, '$.mode') IS NOT NULL ORDER BY seq DESC "
+            "LIMIT 1").fetchone()
+        return last[0] if last else None
+    except sqlite3.DatabaseError:
+        return None
+    finally:
+        conn.close()
 
 
 def _since_ms(since: str) -> int:

@@ -184,8 +184,8 @@ def _unreadable(path: Path, exc: Exception) -> LedgerError:
     return LedgerError(f"{path}: not a readable SQLite database ({exc}); refusing to touch it")
 
 
-def _probe(path: Path) -> None:
-    """Refuse a file that is not our ledger (or is newer) without changing any file.
+def open_untouched(path: Path) -> sqlite3.Connection:
+    """A read-only connection that changes no file.
 
     Any connection to a WAL-mode file creates -wal/-shm files beside it, and a writer's
     close checkpoints the WAL into the file. With no -wal file the main file is complete
@@ -193,11 +193,16 @@ def _probe(path: Path) -> None:
     """
     mode = "mode=ro" if os.path.exists(f"{path}-wal") else "immutable=1"
     try:
-        conn = _connect_ro(path, mode)
+        return _connect_ro(path, mode)
     except sqlite3.OperationalError as exc:
         raise LedgerError(f"{path}: cannot open ({exc})") from None
     except sqlite3.DatabaseError as exc:
         raise _unreadable(path, exc) from None
+
+
+def _probe(path: Path) -> None:
+    """Refuse a file that is not our ledger (or is newer) without changing any file."""
+    conn = open_untouched(path)
     try:
         _identify(conn, path)
     finally:

@@ -254,12 +254,21 @@ def invoke_run(tmp_path: Path, env: dict | None = None):
      "written by the bot in [bot] mode = 'sim', and the config says 'paper'"),
     ({"type": "service", "data": {"event": "started", "mode": "paper"}}, "sim",
      "written by the bot in [bot] mode = 'paper', and the config says 'sim'"),
+    # one-off jobs only (no service ever ran on it)
+    ({"type": "job_run", "data": {"job": "scan", "outcome": "ok", "mode": "sim"}}, "live",
+     "written by the bot in [bot] mode = 'sim', and the config says 'live'"),
     # a backtest's positions traded by the service, its history mixed with a run's
     ({"type": "note", "data": {"kind": "backtest"}, "reason": "backtest start"}, "sim",
      "a backtest's ledger; the bot does not trade on it"),
 ])
+@pytest.mark.parametrize("older_schema", [False, True])
 def test_a_ledger_of_another_mode_is_refused_before_anything_runs(tmp_path, monkeypatch,
-                                                                 written, mode, said):
+                                                                 written, mode, said,
+                                                                 older_schema):
+    import sqlite3
+    import subprocess
+    import sys
+
     from ledger import Fact
 
     monkeypatch.chdir(tmp_path)
@@ -268,14 +277,36 @@ def test_a_ledger_of_another_mode_is_refused_before_anything_runs(tmp_path, monk
     with Ledger(db) as ledger:
         ledger.append([Fact(written["type"], T0, reason=written.get("reason"),
                             data=written["data"])])
-    for command in (["job", "scan"], ["reconcile"], ["run"]):  # run last: it would serve
-        result = CliRunner().invoke(cli.main, ["--db", str(db), *command])
+    if older_schema:  # one that `run` would migrate: asked all the same
+        with sqlite3.connect(db) as conn:
+            conn.execute("PRAGMA user_version = 2")
+    before = sorted(p.name for p in tmp_path.iterdir())
+    env = {"BOT_API_KEY": "k", "BOT_API_SECRET": "s"}  # live's start needs them
+    for command in (["job", "scan"], ["reconcile"]):
+        result = CliRunner().invoke(cli.main, ["--db", str(db), *command], env=env)
         assert result.exit_code == 2, (command, result.output)
         assert said in result.output and "Traceback" not in result.output, result.output
+    # `run` in a process of its own: if it were not refused it would serve (here: time out)
+    run = subprocess.run([sys.executable, str(Path(cli.__file__)), "--db", str(db), "run"],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=60,
+                         env={**os.environ, **env})
+    assert run.returncode == 2 and said in run.stderr, run.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # no file made: no lock,
+    with sqlite3.connect(db) as conn:  # logs, state file, -wal; nothing recorded
+        assert conn.execute("SELECT count(*) FROM facts").fetchone()[0] == 1
+
+
+def test_halt_and_resume_refuse_a_backtests_ledger(tmp_path):
+    from ledger import Fact
+
+    db = tmp_path / "bt.db"
+    with Ledger(db) as ledger:
+        ledger.append([Fact("note", T0, reason="backtest start", data={"kind": "backtest"})])
+    for command in (["halt"], ["resume"]):
+        result = CliRunner().invoke(cli.main, ["--db", str(db), *command])
+        assert result.exit_code == 2 and "a backtest's ledger" in result.output, result.output
     with Ledger(db, readonly=True) as ledger:
-        assert ledger.last_seq() == 1  # nothing recorded
-    assert not (tmp_path / "paper_sim_exchange.db").exists()
-    assert not (tmp_path / "sim_exchange.db").exists()
+        assert ledger.last_seq() == 1
 
 
 @pytest.mark.parametrize(("log_dir", "said"), [
