@@ -983,7 +983,7 @@ def test_a_failed_signed_read_never_carries_its_signature(tmp_path, caplog):
 
     client.raw.session.request = refused
     with Ledger(tmp_path / "bot.db") as ledger, caplog.at_level(logging.DEBUG):
-        rt = SimpleNamespace(clock=client.clock, ledger=ledger)
+        rt = SimpleNamespace(clock=client.clock, ledger=ledger, config=client.config)
         record = run_job(rt, "reconcile", lambda rt, scheduled, run_id: client.balance())
         [reason] = [r["reason"] for r in ledger.select("SELECT reason FROM facts")]
     signature = venue.requests_to("GET", "/fapi/v3/account")[-1]["signature"]
