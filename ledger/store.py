@@ -191,9 +191,11 @@ def open_untouched(path: Path) -> sqlite3.Connection:
     close checkpoints the WAL into the file. With no -wal file the main file is complete
     and can be read as immutable (no side files at all); with one, read-only.
     """
-    mode = "mode=ro" if os.path.exists(f"{path}-wal") else "immutable=1"
+    real = Path(path).resolve()  # a symlink's -wal lies beside the file it points to
+    # mode=ro with immutable too: a path with no file gets none (it would be created)
+    mode = "mode=ro" if os.path.exists(f"{real}-wal") else "mode=ro&immutable=1"
     try:
-        return _connect_ro(path, mode)
+        return _connect_ro(real, mode)
     except sqlite3.OperationalError as exc:
         raise LedgerError(f"{path}: cannot open ({exc})") from None
     except sqlite3.DatabaseError as exc:

@@ -296,6 +296,29 @@ def test_a_ledger_of_another_mode_is_refused_before_anything_runs(tmp_path, monk
         assert conn.execute("SELECT count(*) FROM facts").fetchone()[0] == 1
 
 
+KILLED_AFTER_A_SERVICE_START = """
+import os, sys
+from ledger import Fact, Ledger
+ledger = Ledger(sys.argv[1])
+ledger.append([Fact("service", 1, data={"event": "started", "mode": "paper"})])
+os.kill(os.getpid(), 9)  # the fact stays in the -wal file, beside the real file
+"""
+
+
+def test_the_mode_is_read_through_a_symlink_after_a_crash(tmp_path, run_python):
+    """Through a symlink the -wal file was looked for beside the link: the ledger was
+    read without it, its mode unknown, and `run` served a paper ledger in sim mode."""
+    from ledger.audit import recorded_mode
+
+    real, link = tmp_path / "real.db", tmp_path / "link.db"
+    assert run_python(KILLED_AFTER_A_SERVICE_START, real).returncode == -9
+    link.symlink_to(real)
+    assert (tmp_path / "real.db-wal").exists()
+    assert recorded_mode(link) == recorded_mode(real) == "paper"
+    assert recorded_mode(tmp_path / "none.db") is None
+    assert not (tmp_path / "none.db").exists()  # asking made no file
+
+
 def test_halt_and_resume_refuse_a_backtests_ledger(tmp_path):
     from ledger import Fact
 
