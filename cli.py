@@ -121,12 +121,9 @@ def status(ctx: click.Context, as_json: bool) -> None:
         # a backtest's "now" is its end, not today: the day its figures are of
         now = ledger.select("SELECT ts FROM facts ORDER BY seq DESC LIMIT 1")[0]["ts"] \
             if backtest else bot_now(ledger)
-        mode = [{"mode": "backtest"}] if backtest else ledger.select(
-            "SELECT json_extract(data, '$.mode') AS mode FROM facts "
-            "WHERE type = 'service' ORDER BY seq DESC LIMIT 1")
     report = {
         "ledger": ctx.obj["db"],
-        "mode": (mode[0]["mode"] if mode and mode[0]["mode"] else cfg.bot.mode),
+        "mode": audit.recorded_mode(Path(ctx.obj["db"])) or cfg.bot.mode,
         "exchange": cfg.exchange.id,
         "equity": state.equity,
         "equity_peak": state.equity_peak,
