@@ -118,8 +118,9 @@ def status(ctx: click.Context, as_json: bool) -> None:
     with reader(ctx) as ledger:
         state = ledger.state()
         backtest = audit.written_by_backtest(ledger)
-        # a backtest's "now" is its end, not today: the day its figures are of
-        now = ledger.select("SELECT ts FROM facts ORDER BY seq DESC LIMIT 1")[0]["ts"] \
+        # a backtest's "now" is just before its end, not today: its last candle's day
+        # (a window ending at midnight ends the day before)
+        now = ledger.select("SELECT ts FROM facts ORDER BY seq DESC LIMIT 1")[0]["ts"] - 1 \
             if backtest else bot_now(ledger)
     report = {
         "ledger": ctx.obj["db"],
@@ -444,7 +445,7 @@ def reconcile(ctx, dry_run, as_json) -> None:
     sys.exit(RECONCILE_EXIT[report["status"]])
 
 
-def not_a_backtests(db) -> None:
+def refuse_backtest_ledger(db) -> None:
     """A backtest's ledger is a record of a run, not a bot: nothing to halt or resume."""
     if audit.recorded_mode(Path(db)) == audit.BACKTEST_KIND:
         raise Refused(f"{db}: a backtest's ledger; no bot runs on it to halt or resume")
@@ -458,7 +459,7 @@ def halt(ctx, reason) -> None:
     """Stop new entries until `resume` (open positions stay managed)."""
     from ledger import Fact
 
-    not_a_backtests(ctx.obj["db"])
+    refuse_backtest_ledger(ctx.obj["db"])
     with Ledger(ctx.obj["db"]) as ledger:
         ledger.append([Fact("halt", bot_now(ledger), reason=reason,
                             data={"kind": "manual", "detail": reason})])
@@ -474,7 +475,7 @@ def resume(ctx, kind) -> None:
     """Lift halts (all, or one kind). After a drawdown halt, the peak restarts from here."""
     from ledger import Fact
 
-    not_a_backtests(ctx.obj["db"])
+    refuse_backtest_ledger(ctx.obj["db"])
     with Ledger(ctx.obj["db"]) as ledger:
         halts = ledger.state().halts
         if not halts or (kind != "all" and kind not in halts):

@@ -234,6 +234,7 @@ class Tail:
         self.days: dict[str, dict] = {}
         self.day_equity: dict[str, str] = {}
         self.service: dict = {}
+        self.mode: str | None = None  # as the last service start or job run recorded it
         self.trades: deque = deque(maxlen=MAX_LIST_LIMIT)
         self.risk: deque = deque(maxlen=MAX_LIST_LIMIT)
         self.reconciliations: deque = deque(maxlen=MAX_LIST_LIMIT)
@@ -248,6 +249,14 @@ class Tail:
                 "AND type IN ('balance', 'position_closed', 'day_close', 'service') "
                 "ORDER BY seq", span):
             self._fact(r)
+        # the mode as audit.recorded_mode reads it: the newest service start or job run
+        # that says (read from the end of the new rows: job runs are many)
+        moded = ledger.select(
+            "SELECT json_extract(data, '$.mode') AS mode FROM facts WHERE seq > ? AND seq <= ? "
+            "AND type IN ('service', 'job_run') AND json_extract(data, '$.mode') IS NOT NULL "
+            "ORDER BY seq DESC LIMIT 1", span)
+        if moded:
+            self.mode = str(moded[0]["mode"])
         self.trades.extend(ledger.select(
             "SELECT * FROM closed_trades WHERE closed_seq > ? AND closed_seq <= ? "
             "ORDER BY closed_seq", span))
@@ -348,8 +357,8 @@ class Dashboard:
         with self._tail.lock:
             self._tail.catch_up(self.ledger, last_seq)
             service = dict(self._tail.service)
-        mode = service.get("mode") or ("backtest" if self._backtest() else
-                                       self.config.bot.mode)
+            recorded = self._tail.mode
+        mode = "backtest" if self._backtest() else (recorded or self.config.bot.mode)
         state = self.ledger.state()
         now = last_ts if mode == "backtest" and last_ts else max(self.clock.now_ms(), last_ts)
         return {"state": state, "mode": str(mode), "now": now, "last_ts": last_ts,

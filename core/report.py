@@ -9,8 +9,9 @@ Definitions:
 * total return - final equity / starting equity - 1 (open positions marked to market);
 * max drawdown - the largest fall from a running equity peak, as a fraction of it;
 * daily Sharpe / Sortino - from the returns of the equity at the end of each UTC day
-  (the ledger's ``day_close``: before the midnight step's orders; the first day measured
-  from the starting equity), annualised with sqrt(365) (crypto
+  (the ledger's ``day_close``: before the midnight step's orders; the window's last day
+  at the final equity; the first day measured from the starting equity), annualised
+  with sqrt(365) (crypto
   trades every day); Sortino divides by the downside deviation (root mean square of the
   negative daily returns). None with fewer than two days;
 * profit factor - gross profit / gross loss of the closed trades (None without losses);

@@ -381,7 +381,7 @@ class CsvMarket(ArraySource):
         self.ticks: dict[str, float] = {}
         if not self.data_dir.is_dir():
             raise FileNotFoundError(f"{self.data_dir}: no such folder of CSV candles")
-        found = sorted(self.data_dir.glob("*.csv"))
+        found = sorted(p for p in self.data_dir.iterdir() if p.suffix.lower() == ".csv")
         latest = WallClock().now_ms() + DAY_MS  # no candle is recorded from the future
         for path in found:
             m = CSV_NAME.match(path.name)

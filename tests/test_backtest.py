@@ -600,6 +600,15 @@ def test_cli_backtest_end_to_end(tmp_path):
     assert sum(float(t["realized_pnl"]) for t in trades) == pytest.approx(
         sum(r["pnl"] for r in m["per_symbol"]))
     assert invoke("--db", db, "pnl", "--by", "symbol").exit_code == 0
+    # a window ending at midnight: "today" is its last day, not the day after it
+    status = json.loads(invoke("--db", db, "status", "--json").output)
+    with sqlite3.connect(db) as conn:
+        last_day = conn.execute("SELECT pnl FROM facts WHERE type = 'position_closed' AND "
+                                "ts >= ? AND ts < ?", (parse_when("2018-01-21", "--from"),
+                                                       parse_when("2018-01-22", "--to"))
+                                ).fetchall()
+    assert last_day and Decimal(status["realized_today"]) == sum(Decimal(r[0])
+                                                                 for r in last_day)
     svg = tmp_path / "chart.svg"
     text = invoke("backtest", "--data", DATA, "--from", "2018-01-20", "--to",
                   "2018-01-21T12:00Z", "--db", db, "--plot", svg).output  # replaces the earlier

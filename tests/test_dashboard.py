@@ -656,3 +656,20 @@ def test_a_real_backtests_ledger_is_judged_at_its_own_end(tmp_path):
     with serving(path, last + 400 * DAY_MS) as (server, _):
         _, summary = get_json(server, "/api/summary")
     assert summary["mode"] == "backtest" and summary["now"] == last
+
+
+def test_the_mode_shown_is_the_ledgers_as_status_shows_it(tmp_path):
+    """Only service facts were read: a ledger one-off sim jobs wrote showed the config's
+    mode (paper) on the dashboard, and sim in `status`."""
+    path = tmp_path / "bot.db"
+    with Ledger(path) as ledger:
+        ledger.append([Fact("job_run", 1_000, data={"job": "rotate", "outcome": "ok",
+                                                     "mode": "sim"})])
+    paper = bot_config().with_values(bot={"mode": "paper"})
+    board = dash.Dashboard.open(path, paper, VirtualClock(2_000))
+    try:
+        assert board.context()["mode"] == "sim"
+    finally:
+        board.ledger.close()
+    status = CliRunner().invoke(cli.main, ["--db", str(path), "status", "--json"])
+    assert json.loads(status.output)["mode"] == "sim"

@@ -162,12 +162,14 @@ def test_csv_headers_and_prices_are_read_leniently_and_refused_clearly(tmp_path,
     (tmp_path / "X_USDT-5m.csv").write_text("\n".join([" Timestamp,Open,HIGH,low,close,Volume ",
                                                        *rows]))
     (tmp_path / "z-usdt_5m.csv").write_text("\n".join([HEADER, *rows]))  # misnamed: said
+    (tmp_path / "W_USDT-5m.CSV").write_text("\n".join([HEADER, *rows]))  # was skipped unsaid
     m = CsvMarket(tmp_path)
     assert m.symbols == ["X/USDT:USDT"]
     assert m.candles("X/USDT:USDT", 0, T0 + DAY).ts.tolist() == [times[0], *times[2:]]
     said = caplog.text
     assert "1 malformed candles left out" in said
     assert "z-usdt_5m.csv: not named BASE_QUOTE-TF.csv" in said
+    assert "W_USDT-5m.CSV: not named BASE_QUOTE-TF.csv" in said
     # a symbol without candles is refused, not left out: a simulated account may hold it
     (tmp_path / "Y_USDT-5m.csv").write_text(HEADER + "\n")
     with pytest.raises(ValueError, match=r"Y_USDT-5m.csv: no candles \(a header and no rows"):
