@@ -126,6 +126,13 @@ class SimExchange:
         gone = [{**m, "active": False} for s, m in self._kept.items() if s not in self.markets]
         if gone:
             self._set_markets([*self.markets.values(), *gone])
+        held = sorted({*self.store.positions(), *(o.symbol for o in self.store.open_orders())}
+                      - set(self.markets))
+        if held and not self._live:  # recorded candles: a symbol gone from them cannot trade
+            raise ValueError(f"{self.store.path}: the simulated account holds positions or "
+                             f"orders in {', '.join(held)}, which its market "
+                             f"({self.source.describe()}) no longer has (a CSV file renamed or "
+                             "removed?); put it back, or delete the state file")
         if self._live:  # a state file from before markets were kept: keep what it holds
             with self._lock, self.store.transaction():
                 for symbol in sorted({*self.store.positions(),

@@ -30,6 +30,8 @@ def for_mode(config: Config, clock=None, not_before_ms: int | None = None):
         state = sim_state_path(config)
         if clock is None:
             start = SimExchange.stored_now_ms(state) if state.exists() else None
+            if start is None and config.sim.source == "csv":
+                start = csv_replay_start(config)
             if start is not None and not_before_ms is not None:
                 start = max(start, not_before_ms)
             clock = AcceleratedClock(start or WallClock().now_ms(), config.sim.speed)
@@ -52,6 +54,18 @@ def for_mode(config: Config, clock=None, not_before_ms: int | None = None):
         data = [build_ccxt(config, Secrets()) for _ in range(data_lanes(config))]
         return clock, venue, data
     raise ConfigError(f"[bot] mode = {mode!r} is not served by `run`; use `cli.py backtest`")
+
+
+def csv_replay_start(config: Config) -> int:
+    """Where a fresh simulated market replaying CSV candles starts its clock: at the
+    data, once the strategy's window of candles has closed (at the wall clock, recorded
+    candles would all lie in the past: every symbol flat at its last close)."""
+    from core.clock import timeframe_ms
+    from core.sim_market import CsvMarket
+
+    tf = config.strategy.timeframe
+    market = CsvMarket(config.sim.data_dir, tf, config.exchange.quote)
+    return market.start_ms + config.strategy.candles * timeframe_ms(tf)
 
 
 def sim_data_venues(config: Config, venue) -> list:

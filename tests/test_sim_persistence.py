@@ -126,3 +126,49 @@ def test_in_memory_venues_are_independent():
     s = a.symbols[0]
     a.create_order(s, "market", "buy", qty_for(a, s, 200))
     assert b.fetch_positions() == [] and a.store.path is None
+
+
+def csv_config(data_dir, state_path) -> cfg.Config:
+    return cfg.Config().with_values(sim={"source": "csv", "data_dir": str(data_dir),
+                                         "state_path": str(state_path)})
+
+
+def test_a_fresh_csv_market_starts_its_clock_at_the_data(tmp_path):
+    """It started at the wall clock: every recorded candle in the past, every symbol flat
+    at its last close, nothing ever traded."""
+    from sim_fixtures import csv_market, flat
+
+    from core import venues
+
+    market = csv_market(tmp_path, {"AAA": flat(100.0, 600), "BBB": flat(50.0, 600)})
+    config = csv_config(tmp_path, tmp_path / "sim.db")
+    clock, venue, _ = venues.for_mode(config)
+    try:
+        start = market.start_ms + config.strategy.candles * TF  # the strategy's window closed
+        assert start <= clock.now_ms() < start + 60_000
+        assert venue.fetch_ticker("AAA/USDT:USDT")["last"] == 100.0
+    finally:
+        venue.close()
+
+
+def test_a_held_symbol_gone_from_the_csv_folder_is_refused(tmp_path):
+    """A renamed file left its position unmanaged: every reconcile a KeyError, its stop
+    never checked."""
+    from sim_fixtures import csv_market, flat
+
+    csv_market(tmp_path, {"AAA": flat(100.0, 600), "BBB": flat(50.0, 600)})
+    state = tmp_path / "sim.db"
+    config = csv_config(tmp_path, state)
+    venue = SimExchange.from_config(config, VirtualClock(T0), state)
+    venue.create_order("BBB/USDT:USDT", "market", "buy", 2)
+    venue.close()
+    (tmp_path / "BBB_USDT-5m.csv").rename(tmp_path / "BBB-USDT-5m.csv")
+    with pytest.raises(ValueError, match=r"holds positions or orders in BBB/USDT:USDT, which "
+                                         r"its market .* no longer has"):
+        SimExchange.from_config(config, VirtualClock(T0 + TF), state)
+    (tmp_path / "BBB-USDT-5m.csv").rename(tmp_path / "BBB_USDT-5m.csv")  # put back: as it was
+    venue = SimExchange.from_config(config, VirtualClock(T0 + TF), state)
+    try:
+        assert [p["contracts"] for p in venue.fetch_positions()] == [2.0]
+    finally:
+        venue.close()
