@@ -115,16 +115,16 @@ def load_config(ctx: click.Context) -> config_mod.Config:
 def status(ctx: click.Context, as_json: bool) -> None:
     """Mode, equity, open positions, halts, and each job's last run."""
     cfg = load_config(ctx)
+    mode = audit.recorded_mode(Path(ctx.obj["db"]))
     with reader(ctx) as ledger:
         state = ledger.state()
-        backtest = audit.written_by_backtest(ledger)
         # a backtest's "now" is just before its end, not today: its last candle's day
         # (a window ending at midnight ends the day before)
         now = ledger.select("SELECT ts FROM facts ORDER BY seq DESC LIMIT 1")[0]["ts"] - 1 \
-            if backtest else bot_now(ledger)
+            if mode == audit.BACKTEST_KIND else bot_now(ledger)
     report = {
         "ledger": ctx.obj["db"],
-        "mode": audit.recorded_mode(Path(ctx.obj["db"])) or cfg.bot.mode,
+        "mode": mode or cfg.bot.mode,
         "exchange": cfg.exchange.id,
         "equity": state.equity,
         "equity_peak": state.equity_peak,

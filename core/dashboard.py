@@ -50,7 +50,7 @@ from core.config import Config
 from core.exits import as_decimal
 from core.risk import RiskState, daily_loss_pct, drawdown_pct
 from ledger import Ledger, LedgerError
-from ledger.audit import written_by_backtest
+from ledger.audit import LAST_MODE, written_by_backtest
 
 log = logging.getLogger(__name__)
 
@@ -249,12 +249,7 @@ class Tail:
                 "AND type IN ('balance', 'position_closed', 'day_close', 'service') "
                 "ORDER BY seq", span):
             self._fact(r)
-        # the mode as audit.recorded_mode reads it: the newest service start or job run
-        # that says (read from the end of the new rows: job runs are many)
-        moded = ledger.select(
-            "SELECT json_extract(data, '$.mode') AS mode FROM facts WHERE seq > ? AND seq <= ? "
-            "AND type IN ('service', 'job_run') AND json_extract(data, '$.mode') IS NOT NULL "
-            "ORDER BY seq DESC LIMIT 1", span)
+        moded = ledger.select(LAST_MODE, span)  # as audit.recorded_mode reads it
         if moded:
             self.mode = str(moded[0]["mode"])
         self.trades.extend(ledger.select(

@@ -126,8 +126,8 @@ class SimExchange:
         gone = [{**m, "active": False} for s, m in self._kept.items() if s not in self.markets]
         if gone:
             self._set_markets([*self.markets.values(), *gone])
-        held = sorted({*self.store.positions(), *(o.symbol for o in self.store.open_orders())}
-                      - set(self.markets))
+        holding = {*self.store.positions(), *(o.symbol for o in self.store.open_orders())}
+        held = sorted(holding - set(self.markets))
         if held and not self._live:  # recorded candles: a symbol gone from them cannot trade
             raise ValueError(f"{self.store.path}: the simulated account holds positions or "
                              f"orders in {', '.join(held)}, which its market "
@@ -135,24 +135,26 @@ class SimExchange:
                              "removed?); put it back, or delete the state file")
         if self._live:  # a state file from before markets were kept: keep what it holds
             with self._lock, self.store.transaction():
-                for symbol in sorted({*self.store.positions(),
-                                      *(o.symbol for o in self.store.open_orders())}):
+                for symbol in sorted(holding):
                     if symbol in self.markets:
                         self._keep_market(symbol)
 
     # ----------------------------------------------------------------- construction
     @classmethod
     def from_config(cls, config, clock, state_path: str | Path | None = None, *,
-                    live_exchange: Any = None, origin_ms: int | None = None) -> SimExchange:
+                    live_exchange: Any = None, origin_ms: int | None = None,
+                    source=None) -> SimExchange:
         """The venue that ``config.sim`` / ``config.faults`` describe. ``state_path=None``
         keeps it in memory. An existing state file keeps its own market (seed, symbols,
         origin) whatever the config says. ``live_exchange``: the ccxt object for source =
         live (default: a public one of ``config.exchange.id``). ``origin_ms``: first
-        synthetic candle (default: 3 days before the clock's day)."""
+        synthetic candle (default: 3 days before the clock's day). ``source``: the market,
+        already built (a fresh CSV market, read once to place the clock)."""
         sim = config.sim
         stored = SimStore.peek_meta(state_path).get("market") if state_path else None
-        source = make_source(config, clock, json.loads(stored) if stored else None,
-                             live_exchange, origin_ms)
+        if source is None:
+            source = make_source(config, clock, json.loads(stored) if stored else None,
+                                 live_exchange, origin_ms)
         return cls(source, clock, settle=config.exchange.quote, start_balance=sim.start_balance,
                    taker_fee_pct=sim.taker_fee_pct, maker_fee_pct=sim.maker_fee_pct,
                    slippage_bps=sim.slippage_bps, partial_fill_prob=sim.partial_fill_prob,

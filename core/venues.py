@@ -23,19 +23,21 @@ def for_mode(config: Config, clock=None, not_before_ms: int | None = None):
     simulated market pauses while no bot runs), and never before ``not_before_ms`` (the
     ledger's last fact), so the ledger's time never runs backwards across a restart."""
     from core.exchange import build_ccxt
-    from core.sim_exchange import SimExchange
+    from core.sim_exchange import SimExchange, make_source
 
     mode = config.bot.mode
     if mode == "sim":
         state = sim_state_path(config)
+        source = None
         if clock is None:
             start = SimExchange.stored_now_ms(state) if state.exists() else None
             if start is None and config.sim.source == "csv":
-                start = csv_replay_start(config)
+                source = make_source(config, None, None)  # read once: the venue replays it
+                start = csv_replay_start(source, config)
             if start is not None and not_before_ms is not None:
                 start = max(start, not_before_ms)
             clock = AcceleratedClock(start or WallClock().now_ms(), config.sim.speed)
-        venue = SimExchange.from_config(config, clock, state_path=state)
+        venue = SimExchange.from_config(config, clock, state_path=state, source=source)
         quiet_open_orders(venue)
         return clock, venue, sim_data_venues(config, venue)
     if mode == "paper":
@@ -56,16 +58,13 @@ def for_mode(config: Config, clock=None, not_before_ms: int | None = None):
     raise ConfigError(f"[bot] mode = {mode!r} is not served by `run`; use `cli.py backtest`")
 
 
-def csv_replay_start(config: Config) -> int:
+def csv_replay_start(market, config: Config) -> int:
     """Where a fresh simulated market replaying CSV candles starts its clock: at the
     data, once the strategy's window of candles has closed (at the wall clock, recorded
     candles would all lie in the past: every symbol flat at its last close)."""
     from core.clock import timeframe_ms
-    from core.sim_market import CsvMarket
 
-    tf = config.strategy.timeframe
-    market = CsvMarket(config.sim.data_dir, tf, config.exchange.quote)
-    return market.start_ms + config.strategy.candles * timeframe_ms(tf)
+    return market.start_ms + config.strategy.candles * timeframe_ms(config.strategy.timeframe)
 
 
 def sim_data_venues(config: Config, venue) -> list:

@@ -13,12 +13,18 @@ from .store import Ledger, LedgerError, open_untouched
 
 # data.kind of the note a backtest opens its ledger with (core/backtest.py)
 BACKTEST_KIND = "backtest"
+FIRST_FACT = ("SELECT type, json_extract(data, '$.kind') AS kind FROM facts "
+              "ORDER BY seq LIMIT 1")
+# The mode the newest service start or job run in (seq, seq] recorded: read from the end
+# (job runs are many).
+LAST_MODE = ("SELECT json_extract(data, '$.mode') AS mode FROM facts WHERE seq > ? AND "
+             "seq <= ? AND type IN ('service', 'job_run') AND json_extract(data, '$.mode') "
+             "IS NOT NULL ORDER BY seq DESC LIMIT 1")
 
 
 def written_by_backtest(ledger: Ledger) -> bool:
     """Does the ledger's first fact say a backtest wrote it? (False while it is empty.)"""
-    rows = ledger.select("SELECT type, json_extract(data, '$.kind') AS kind FROM facts "
-                         "ORDER BY seq LIMIT 1")
+    rows = ledger.select(FIRST_FACT)
     return bool(rows) and rows[0]["type"] == "note" and rows[0]["kind"] == BACKTEST_KIND
 
 
@@ -34,14 +40,9 @@ def recorded_mode(path: Path) -> str | None:
     try:
         if conn.execute("PRAGMA application_id").fetchone()[0] != schema.APPLICATION_ID:
             return None
-        first = conn.execute("SELECT type, json_extract(data, '$.kind') FROM facts "
-                             "ORDER BY seq LIMIT 1").fetchone()
-        if first == ("note", BACKTEST_KIND):
+        if conn.execute(FIRST_FACT).fetchone() == ("note", BACKTEST_KIND):
             return BACKTEST_KIND
-        last = conn.execute(
-            "SELECT json_extract(data, '$.mode') FROM facts WHERE type IN ('service', "
-            "'job_run') AND json_extract(data, '$.mode') IS NOT NULL ORDER BY seq DESC "
-            "LIMIT 1").fetchone()
+        last = conn.execute(LAST_MODE, (0, 2**63 - 1)).fetchone()
         return last[0] if last else None
     except sqlite3.DatabaseError:
         return None
