@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Any, TextIO
 
-from core.config import Config
+from core.config import Config, crash_faults_problem
 from core.interrupts import ending_on_sigterm
 
 PROGRESS_AFTER_S = 2.0
@@ -79,13 +79,17 @@ def open_source(config: Config, data_dir: str | Path):
         raise ValueError(f"--data {data_dir}: cannot use these candles ({exc})") from None
 
 
-def with_strategy(config: Config, name: str | None) -> Config:
-    """``config`` with ``--strategy`` applied; refuses an unknown name before any work."""
+def backtest_config(config: Config, name: str | None) -> Config:
+    """``config`` with ``--strategy`` applied, checked before any work: an unknown name,
+    and the crash faults (a backtest would SIGKILL itself), are refused."""
     from core.strategies import load_strategy
 
     if name is not None:  # "" too: an unknown name, not the config's strategy
         config = config.with_values(strategy={"name": name})
     load_strategy(config.strategy)  # StrategyError (a ValueError) names the choices
+    problem = crash_faults_problem(config, "a backtest")
+    if problem:
+        raise ValueError(problem)
     return config
 
 
@@ -166,7 +170,7 @@ def backtest_command(config: Config, data_dir: str, *, strategy: str | None,
     from core.report import check_chart_path, metrics, summary_text, write_chart
 
     t0 = time.perf_counter()
-    config = with_strategy(config, strategy)
+    config = backtest_config(config, strategy)
     start_ms, end_ms = _window(start, end)
     db = prepare_db(db_path)
     if plot:
@@ -216,7 +220,7 @@ def walkforward_command(config: Config, data_dir: str, *, grid_path: str, train:
     from core.clock import timeframe_ms
     from core.walkforward import load_grid, parse_span, walk_forward
 
-    config = with_strategy(config, strategy)
+    config = backtest_config(config, strategy)
     candle_ms = timeframe_ms(config.strategy.timeframe)
     train_ms = parse_span(train, "--train", candle_ms)
     test_ms = parse_span(test, "--test", candle_ms)

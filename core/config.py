@@ -425,7 +425,8 @@ def check_can_trade(config: Config, *, serving: bool = False) -> None:
         problem = _unwritable(Path(value), is_file)
         if problem:
             raise ConfigError(f"{source}: invalid config\n  {where} = {value!r}: {problem}")
-    problem = _market_problem(config)
+    problem = _market_problem(config) or (
+        crash_faults_problem(config, "paper mode") if config.bot.mode == "paper" else None)
     if problem:
         raise ConfigError(f"{source}: invalid config\n  {problem}")
     from core.strategies import load_strategy  # here: it pulls in pandas, read commands not
@@ -435,6 +436,18 @@ def check_can_trade(config: Config, *, serving: bool = False) -> None:
     except ValueError as exc:
         raise ConfigError(f"{source}: invalid config\n  [strategy] name = "
                           f"{config.strategy.name!r}: {exc}") from None
+
+
+def crash_faults_problem(config: Config, where: str) -> str | None:
+    """The test-only crash faults are for sim-mode services run as subprocesses by the
+    crash tests; anywhere else they SIGKILL the process and leave its work half-done."""
+    from core.sim_faults import CRASH_FAULTS
+
+    on = [f for f in CRASH_FAULTS if getattr(config.faults, f)]
+    if not on:
+        return None
+    return (f"[faults] {', '.join(on)}: TEST ONLY faults that SIGKILL the process; "
+            f"{where} refuses them (remove them)")
 
 
 def sim_state_path(config: Config) -> Path | None:

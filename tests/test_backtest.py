@@ -820,6 +820,26 @@ def test_candles_left_out_of_a_csv_file_are_said_on_stderr(tmp_path):
 
 
 @needs_data
+@pytest.mark.parametrize("command", [["backtest", "--db", "bt.db"],
+                                     ["walkforward", "--train", "2d", "--test", "1d",
+                                      "--grid", "grid.toml"]])
+def test_the_test_only_crash_faults_are_refused(tmp_path, command):
+    """A config with them (a sim crash test's) SIGKILLed the backtest at its first order:
+    no output, the partial ledger and the lock left behind."""
+    (tmp_path / "bot.toml").write_text("[faults]\ncrash_before_accept = 1.0\n")
+    (tmp_path / "grid.toml").write_text("[strategy]\nsma_fast = [5, 10]\n")
+    earlier = tmp_path / "bt.db"
+    before = earlier_backtest(earlier)
+    r = subprocess.run([sys.executable, str(ROOT / "cli.py"), "--config", "bot.toml",
+                        *command, "--data", str(DATA), "--to", "2018-01-16"], cwd=tmp_path, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 2, (r.returncode, r.stderr)
+    assert ("[faults] crash_before_accept: TEST ONLY faults that SIGKILL the process; a "
+            "backtest refuses them") in r.stderr
+    assert sha(earlier) == before and not leftovers(tmp_path)
+
+
+@needs_data
 def test_fees_of_positions_still_open_are_told_apart_from_the_closed_trades(tmp_path):
     """The summary's fees count every fill; the per-symbol table only closed trades: the
     difference, paid to open the positions still open at the end, is said, not hidden."""

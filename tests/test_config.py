@@ -304,6 +304,9 @@ def test_numbers_nothing_could_run_on_are_refused(text, message):
     # paper mode would ignore it and trade on the live market
     ('[bot]\nmode = "paper"\n[sim]\nsource = "csv"\ndata_dir = "{tmp}"',
      "paper mode trades on the exchange's live market"),
+    # test-only: they SIGKILL the bot; a paper account's state would be left half-done
+    ('[bot]\nmode = "paper"\n[faults]\ncrash_after_accept = 0.5',
+     "[faults] crash_after_accept: TEST ONLY faults that SIGKILL the process; paper mode"),
     ('[bot]\nlog_dir = "{tmp}/dangling"', "symbolic link to nothing"),
     ('[bot]\nmode = "backtest"', "[bot] mode = 'backtest' is not served by `run`"),
     # paper mode's own state file, beside [sim] state_path, is a folder
