@@ -239,6 +239,8 @@ class Engine:
         if k == self.k1 - 1:
             self.record_fired_stops(now)  # the window's end: nothing is decided now
         elif self.reference:
+            self.record_fired_stops(now, [s for s in sorted(self.ledger.state().positions)
+                                          if not self.decided(s, k)])
             scan.run(self.rt, now, f"scan-{now}")  # the live job itself
         else:
             self.scan(k, now)
@@ -248,9 +250,18 @@ class Engine:
             self.last_day = day_start_ms(now)
         self.after_step(k)
 
+    def decided(self, symbol: str, k: int) -> bool:
+        """Does the scan decide on ``symbol`` at step k? Not without a new candle (a hole),
+        nor with a hole among the last candles it rests on."""
+        d, candle_ts = self.data.data[symbol], int(self.data.grid[k])
+        i = d.last_at(candle_ts)
+        return i >= 0 and int(d.ts[i]) == candle_ts and bool(d.decidable[i])
+
     def scan(self, k: int, now: int) -> None:
         """jobs/scan.py's run for the candles closing at ``now``, on the symbols due."""
         rt, run_id = self.rt, f"scan-{now}"
+        self.record_fired_stops(now, [s for s, step in sorted(self.wake.items())
+                                      if step == k and not self.decided(s, k)])
         balance = rt.client.balance()
         ex = self.executor(rt.ledger, rt.client, rt.clock, self.cfg, run_id, rt.lock)
         scan.check_limits(rt, ex, balance, now, run_id, snapshot=True)
@@ -258,10 +269,10 @@ class Engine:
         candle_ts = int(self.data.grid[k])
         entries = []
         for symbol in sorted(set(state.positions) | set(self.entries.get(k, ()))):
+            if not self.decided(symbol, k):
+                continue
             d = self.data.data[symbol]
             i = d.last_at(candle_ts)
-            if i < 0 or int(d.ts[i]) != candle_ts or not d.decidable[i]:
-                continue  # no new candle (a hole), or a hole among the last it rests on
             position = state.positions.get(symbol)
             if position is not None:
                 if self.wake.get(symbol) == k:
@@ -278,14 +289,20 @@ class Engine:
                                  self.frames(symbol, now), run_id, current)
             current = None if sent else current
 
-    def record_fired_stops(self, now: int) -> None:
-        """The window's end: no decision (an order now would fill after the window), but a
-        stop that fired inside the last candle did fire: its fill and close are recorded,
-        as the next scan would, or the account's wallet (which paid its loss) and the
-        ledger's positions (still holding it) would disagree."""
+    def record_fired_stops(self, now: int, symbols: list[str] | None = None) -> None:
+        """Record the fill and close of a stop that fired, as the service's reconcile
+        would, for the positions the scan does not decide on now: at the window's end
+        (an order now would fill after the window; all of them), and after a hole in a
+        symbol's candles, until its next decision (``symbols``). Else the account's wallet
+        (which paid the loss) and the ledger's positions (still holding one, its slot
+        taken) would disagree for as long."""
+        if symbols == []:
+            return
         rt, run_id = self.rt, f"scan-{now}"
         ex = self.executor(rt.ledger, rt.client, rt.clock, self.cfg, run_id, rt.lock)
         for symbol, position in sorted(rt.ledger.state().positions.items()):
+            if symbols is not None and symbol not in symbols:
+                continue
             for stop in ex.live_stops(position):
                 report = rt.client.order_by_client_id(symbol, stop["client_order_id"],
                                                       trigger=True)
@@ -364,10 +381,11 @@ class Engine:
         d = self.data.data[symbol]
         w = watch_for(position, self.rules, self.client.market(symbol).price_step)
         i0 = d.last_at(int(self.data.grid[k])) + 1
-        # The first candle that could change something is decided on with the next
-        # decision (after a hole, one decision spans several candles: always evaluated).
-        j = min(d.next_decidable(next_due(w, d.h, d.low, d.c, i0)),
-                d.next_decidable(i0, after_gap=True))
+        # The first candle that could change something: its stop may fire in it, which is
+        # recorded at its close even if no decision is made then (a hole among the candles
+        # it would rest on); the rules are evaluated with the next decision (after a
+        # hole, one decision spans several candles: always evaluated).
+        j = min(next_due(w, d.h, d.low, d.c, i0), d.next_decidable(i0, after_gap=True))
         return int(d.step[j]) if j < len(d.ts) else self.k1
 
     def quiet_until(self, k: int, end: int) -> int:

@@ -293,6 +293,30 @@ def test_a_hole_in_the_candles(tmp_path):
     assert max(decided) >= first_after
 
 
+def test_a_stop_fired_after_a_hole_is_recorded_at_that_candles_close(tmp_path):
+    """A stop that fired in a candle the scan does not decide on (a hole among the last
+    candles it would rest on) was recorded only at the symbol's next decision: the
+    position kept its slot (CCC's entry refused), and its close was dated late."""
+    hole_then_drop = [99.2, 99.3, 99.4, 96.5, 96.4, 96.3, 96.2, 96.1, 96.0, 96.0]
+    bbb = candles(DOWN_UP + hole_then_drop, drop=[9])  # candle 10 opens 99.4, low 96.45
+    ccc = candles([100.0] * 5 + DOWN_UP + [99.2, 99.3, 99.4, 99.5, 99.6])  # signal at 11
+    aaa = candles([50 + 0.01 * i for i in range(17)])
+    market = ArrayMarket({"AAA/USDT:USDT": aaa, "BBB/USDT:USDT": bbb, "CCC/USDT:USDT": ccc})
+    result, conn = crafted(tmp_path, market, risk={"max_open_positions": 1})
+    closed = conn.execute("SELECT * FROM facts WHERE type = 'position_closed' AND "
+                          "symbol = 'BBB/USDT:USDT'").fetchone()
+    assert closed["reason"] == "stop_loss"
+    assert closed["ts"] == T0 + 11 * TF  # candle 10's close (was 15: at its next decision)
+    decision = conn.execute("SELECT reason FROM facts WHERE type = 'risk_decision' AND "
+                            "symbol = 'CCC/USDT:USDT'").fetchone()
+    assert decision["reason"] == "approved"
+    assert [t["symbol"] for t in result.trades][:1] == ["BBB/USDT:USDT"]
+    cfg = Config().with_values(strategy=SMA, sim={"slippage_bps": 0.0, "taker_fee_pct": 0.1},
+                               risk={"max_open_positions": 1})
+    run_backtest(cfg, market, tmp_path / "live.db", reference=True)
+    assert acted(tmp_path / "bt.db") == acted(tmp_path / "live.db")
+
+
 # -- no look-ahead: the future cannot change the past -------------------------------------------
 
 
