@@ -64,11 +64,23 @@ def quiet_logging() -> None:
         root.addHandler(handler)
 
 
+def check_name(option: str, path: str | Path, *suffixes: str) -> None:
+    """Refuse a path the system cannot even look up (a name too long, ...), and one whose
+    files written beside it (``path`` + each suffix) could not be: a traceback, else."""
+    for p in (Path(path), *(Path(f"{path}{s}") for s in suffixes)):
+        try:
+            p.exists()
+        except OSError as exc:
+            beside = "" if str(p) == str(path) else f" ({p.name} is written beside it)"
+            raise ValueError(f"{option} {path}: {exc.strerror or exc}{beside}") from None
+
+
 def open_source(config: Config, data_dir: str | Path):
     """The CSV candles of ``data_dir`` as the simulated exchange's market."""
     from core.sim_market import CsvMarket
 
     path = Path(data_dir)
+    check_name("--data", path)
     if not path.exists():
         raise ValueError(f"--data {data_dir}: no such folder")
     if not path.is_dir():
@@ -98,6 +110,7 @@ def prepare_db(path: str | Path) -> Path:
     once the run succeeds (``replace_db``); anything else is refused (a live ledger must
     never be touched)."""
     p = Path(path)
+    check_name("--db", p, ".partial-journal")  # the longest name a run writes beside it
     _refuse_unless_backtest(p, f"--db {p}: a ledger that is not a backtest's; refusing to "
                             "replace it (choose another path)")
     return p
@@ -167,13 +180,14 @@ def backtest_command(config: Config, data_dir: str, *, strategy: str | None,
                      plot: str | None, as_json: bool) -> str:
     """Run one backtest; the text (or JSON) to print."""
     from core.backtest import run_backtest
-    from core.report import check_chart_path, metrics, summary_text, write_chart
+    from core.report import check_chart_path, metrics, summary_text
 
     t0 = time.perf_counter()
     config = backtest_config(config, strategy)
     start_ms, end_ms = _window(start, end)
     db = prepare_db(db_path)
     if plot:
+        check_name("--plot", plot)
         check_chart_path(plot)
         if Path(plot).resolve() == db.resolve():
             raise ValueError(f"--plot {plot}: is the --db file; the chart would overwrite "
@@ -189,28 +203,35 @@ def backtest_command(config: Config, data_dir: str, *, strategy: str | None,
             try:
                 result = run_backtest(config, source, partial, start_ms=start_ms,
                                       end_ms=end_ms, progress=ProgressBar("backtest"))
+                result.timings["load_s"] = load_s
+                result.elapsed_s += load_s
+                m = metrics(result)  # reads the partial ledger's day closes
+                if plot:  # before the earlier ledger is replaced: a failed run keeps it
+                    m["chart"] = str(_chart(plot, result, m, config.exchange.quote, db))
             except BaseException:
                 _remove(partial)
                 raise
             replace_db(partial, db)
         finally:
             lock.release(remove=True)
-    result.db_path = str(db)
-    result.timings["load_s"] = load_s
-    result.elapsed_s += load_s
-    m = metrics(result)
-    if plot:
-        try:
-            m["chart"] = str(write_chart(plot, result, m, config.exchange.quote))
-        except OSError as exc:
-            raise ValueError(f"--plot {plot}: cannot write the chart ({exc.strerror or exc}); "
-                             f"the backtest's ledger is {db}") from None
+    result.db_path = m["ledger"] = str(db)
     if as_json:
         return json.dumps(m, indent=2, default=str)
     text = summary_text(m, config.exchange.quote)
     if plot:
         text += f"\n\nchart: {m['chart']}"
     return text + f"\n\nread the ledger: cli.py --db {db} trades | pnl | verify"
+
+
+def _chart(plot: str, result, m: dict, quote: str, db: Path) -> Path:
+    from core.report import write_chart
+
+    try:
+        return write_chart(plot, result, m, quote)
+    except OSError as exc:
+        kept = f"the ledger at {db} is as it was" if db.exists() else "no ledger written"
+        raise ValueError(f"--plot {plot}: cannot write the chart ({exc.strerror or exc}); "
+                         f"{kept}") from None
 
 
 def walkforward_command(config: Config, data_dir: str, *, grid_path: str, train: str,

@@ -331,6 +331,15 @@ def _section(name: str, cls: type, values: Mapping[str, Any], errors: list[str])
     return cls(**kwargs)
 
 
+def value_problems(section: str, values: Mapping[str, Any]) -> list[str]:
+    """What is wrong with ``values`` of ``[section]`` each on its own (unknown key, type,
+    range), leaving out the rules across fields (a grid's other values may satisfy
+    them)."""
+    errors: list[str] = []
+    _section(section, SECTIONS[section], values, errors)
+    return errors
+
+
 SECRETS_REFUSED = ("secrets are never read from the config file; set the environment "
                    f"variables {', '.join(SECRET_ENV.values())}")
 

@@ -24,4 +24,7 @@ def ending_on_sigterm() -> Iterator[None]:
 
 
 def _exit_on_signal(signum, frame) -> None:
+    # A second one (a service manager repeating itself, a pool's worker stopped by both
+    # its parent and its group) must not cut the cleanup short.
+    signal.signal(signum, signal.SIG_IGN)
     raise SystemExit(128 + signum)

@@ -31,8 +31,10 @@ from __future__ import annotations
 
 import itertools
 import math
+import multiprocessing
 import os
 import re
+import signal
 import tempfile
 import time
 import tomllib
@@ -44,7 +46,14 @@ from typing import Any
 
 import numpy as np
 
-from core.config import SECTIONS, Config, ConfigError, from_mapping, to_mapping
+from core.config import (
+    SECTIONS,
+    Config,
+    ConfigError,
+    from_mapping,
+    to_mapping,
+    value_problems,
+)
 from core.interrupts import ending_on_sigterm
 
 OBJECTIVES = ("total_return", "sharpe", "sortino", "profit_factor")
@@ -122,11 +131,9 @@ def load_grid(path: str | Path, config: Config) -> Grid:
                 raise ValueError(f"{p}: [{section}] {key} must be a non-empty list of values, "
                                  f"e.g. {key} = [1, 2]")
             for v in values:
-                try:
-                    config.with_values(**{section: {key: v}})
-                except ConfigError as exc:
-                    detail = str(exc).split("\n", 1)[-1].strip()
-                    raise ValueError(f"{p}: {detail}") from None
+                problems = value_problems(section, {key: v})
+                if problems:
+                    raise ValueError(f"{p}: {problems[0]}")
             lists.setdefault(section, {})[key] = list(values)
     if not lists:
         raise ValueError(f"{p}: the grid names no parameters")
@@ -259,15 +266,30 @@ def run_jobs(config: Config, data_dir: str, jobs: list[Job], workers: int,
         return results
     with ending_on_sigterm(), ProcessPoolExecutor(max_workers=workers) as pool:
         try:
-            futures = [pool.submit(run_chunk, base, data_dir, chunk) for chunk in chunks]
+            futures = [pool.submit(_run_chunk_in_worker, base, data_dir, chunk)
+                       for chunk in chunks]
             for f in as_completed(futures):
                 results.update(f.result())
                 if progress:
                     progress(len(results), len(jobs))
         except BaseException:
-            pool.shutdown(cancel_futures=True)  # the chunks not started, not run at all
+            # Stopped (SIGTERM, Ctrl-C) or failed: the chunks not started are not run, and
+            # the workers are stopped in theirs (a chunk is many backtests), not waited for.
+            pool.shutdown(wait=False, cancel_futures=True)
+            for worker in multiprocessing.active_children():
+                worker.terminate()
             raise
     return results
+
+
+def _run_chunk_in_worker(base: dict, data_dir: str, jobs: list[Job]) -> list:
+    """``run_chunk`` in a pool's worker. Interrupted (SIGTERM, Ctrl-C), it ends once its
+    temporary ledgers are removed: the pool would catch the exception and hand the worker
+    the next chunk."""
+    try:
+        return run_chunk(base, data_dir, jobs)
+    except (SystemExit, KeyboardInterrupt):
+        os._exit(128 + signal.SIGTERM)
 
 
 def score(m: dict, objective: str) -> tuple[float, float]:

@@ -689,6 +689,12 @@ def test_cli_refuses_bad_input(tmp_path):
         (["--data", data, "--db", tmp_path / "new.db", "--plot", tmp_path / "no" / "c.png"],
          "does not exist"),
         (["--data", tmp_path / "missing", "--db", earlier], "no such folder"),
+        # names the system cannot look up: tracebacks (OSError: File name too long)
+        (["--data", tmp_path / ("d" * 300)], "File name too long"),
+        (["--data", data, "--db", tmp_path / ("b" * 300)], "File name too long"),
+        (["--data", data, "--db", tmp_path / ("b" * 250)],
+         f"File name too long ({'b' * 250}.partial-journal is written beside it)"),
+        (["--data", data, "--plot", tmp_path / ("c" * 300 + ".png")], "File name too long"),
     ]
     if data is DATA:
         cases.append((["--data", data, "--from", "2019-01-01", "--db", earlier], "no candles"))
@@ -723,6 +729,20 @@ def earlier_backtest(db: Path) -> str:
                "2018-01-20T06:00Z")
     assert r.exit_code == 0, r.output
     return sha(db)
+
+
+@needs_data
+def test_a_chart_that_cannot_be_written_keeps_the_earlier_ledger(tmp_path):
+    """The chart was written after the new ledger had replaced the earlier one: exit 2
+    ("cannot write the chart") with the earlier ledger gone."""
+    db, chart = tmp_path / "bt.db", tmp_path / "chart.png"
+    before = earlier_backtest(db)
+    chart.symlink_to(tmp_path / "gone" / "chart.png")  # passes the checks, fails to open
+    r = invoke("backtest", "--data", DATA, "--to", "2018-01-12", "--db", db, "--plot", chart)
+    assert r.exit_code == 2
+    assert f"cannot write the chart (No such file or directory); the ledger at {db} is as " \
+           "it was" in r.output
+    assert sha(db) == before and not leftovers(tmp_path)
 
 
 @needs_data

@@ -76,8 +76,18 @@ def test_grid_file(tmp_path):
     assert len({json.dumps(c, sort_keys=True) for c in combos}) == 6
 
 
+def test_a_grid_is_judged_by_its_combinations_not_each_value_on_the_config(tmp_path):
+    """sma_fast = 250 was refused for not being below the config's sma_slow (200), though
+    every combination has sma_slow = 300."""
+    grid = load_grid(write(tmp_path, "[strategy]\nsma_fast = [250, 260]\n"
+                                     "sma_slow = [300]\n"), CFG)
+    assert grid.combos() == [{"strategy": {"sma_fast": 250, "sma_slow": 300}},
+                             {"strategy": {"sma_fast": 260, "sma_slow": 300}}]
+
+
 @pytest.mark.parametrize("text, message", [
     ("[strategy\n", "not valid TOML"),
+    ("[strategy]\nsma_fast = [\"x\"]\n", "sma_fast = 'x': wrong type"),
     ("[wallet]\nx = [1]\n", "cannot be searched"),
     ("[sim]\nseed = [1, 2]\n", "cannot be searched"),
     ("[strategy]\nmin_body_pct = 0.5\n", "non-empty list"),
@@ -147,10 +157,16 @@ def test_cli_walkforward(tmp_path):
 
 @needs_data
 @pytest.mark.slow
-@pytest.mark.parametrize("workers", [1, 2])
-def test_a_walkforward_stopped_by_sigterm_leaves_no_temporary_ledgers(tmp_path, workers):
-    # as a service manager or `timeout` stops it: SIGTERM to the whole process group
-    grid = write(tmp_path, "[exits]\ntrailing_stop_pct = [0.3, 0.4, 0.5, 0.6]\n")
+@pytest.mark.parametrize(("workers", "to_group"), [(1, True), (2, True), (2, False)])
+def test_a_walkforward_stopped_by_sigterm_stops_now_and_leaves_nothing(tmp_path, workers,
+                                                                       to_group):
+    """SIGTERM to the process group (a service manager, ``timeout``'s group) or to the
+    main process only (``kill``). A pool's worker caught it and went on with its next
+    chunk, hundreds of backtests here (minutes); signalled alone, the parent waited for
+    the chunks its workers had started."""
+    values = ", ".join(f"{0.3 + 0.05 * i:.2f}" for i in range(10))
+    grid = write(tmp_path, f"[exits]\ntrailing_stop_pct = [{values}]\n"
+                           "stop_loss_pct = [1.0, 1.5, 2.0, 2.5, 3.0, 3.5, 4.0, 4.5]\n")
     tmp = tmp_path / "tmp"
     tmp.mkdir()
     proc = subprocess.Popen(
@@ -160,18 +176,34 @@ def test_a_walkforward_stopped_by_sigterm_leaves_no_temporary_ledgers(tmp_path, 
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
     try:
         deadline = time.monotonic() + 60
-        while not any(tmp.glob("walkforward-*/run*.db")) and time.monotonic() < deadline:
+        while not any(tmp.glob("walkforward-*/run*.db")) and time.monotonic() < deadline \
+                and proc.poll() is None:
             time.sleep(0.05)
-        assert any(tmp.glob("walkforward-*/run*.db")), "no backtest started"
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=60)
+        assert any(tmp.glob("walkforward-*/run*.db")), "no backtest started: " + (
+            "still running" if proc.poll() is None else proc.stderr.read().decode())
+        if to_group:
+            os.killpg(proc.pid, signal.SIGTERM)
+        else:
+            proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)  # a hang guard: the whole grid takes many minutes
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
     assert proc.returncode == 128 + signal.SIGTERM, proc.stderr.read().decode()
-    time.sleep(0.5)  # the workers, in the same group, end too
+    deadline = time.monotonic() + 10
+    while group_alive(proc.pid) and time.monotonic() < deadline:
+        time.sleep(0.05)  # the workers end as their temporary ledgers are removed
+    assert not group_alive(proc.pid), "workers left running"
     assert list(tmp.iterdir()) == []
+
+
+def group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
 
 
 def test_cli_walkforward_refuses_bad_input(tmp_path):
