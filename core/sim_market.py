@@ -514,6 +514,24 @@ def price_decimals(prices: np.ndarray, most: int = 12) -> int:
     return most
 
 
+def _trusted(symbol: str, rows: list[list]) -> Candles:
+    """The exchange's 1 m rows as Candles, leaving out (and saying so) those the exchange
+    client would drop from the bot's own candles: a low of 0 would fire any stop."""
+    a = np.full((len(rows), 6), np.nan)
+    for n, row in enumerate(rows):
+        try:
+            a[n] = [float(x) for x in row[:6]]
+        except (TypeError, ValueError):  # None, text, a short row: left NaN, dropped
+            pass
+    bad = bad_candles(dict(zip(("open", "high", "low", "close", "volume"), a[:, 1:].T,
+                               strict=True))) | ~np.isfinite(a[:, 0])
+    if bad.any():
+        log.warning("%s: %d malformed 1 m candles from the exchange left out (no order is "
+                    "matched against them)", symbol, int(bad.sum()))
+        a = a[~bad]
+    return Candles(a[:, 0].astype(np.int64), a[:, 1], a[:, 2], a[:, 3], a[:, 4], a[:, 5])
+
+
 class LiveMarket:
     """Public data of a real ccxt exchange, for paper trading (no keys needed)."""
 
@@ -584,8 +602,7 @@ class LiveMarket:
                 break
             rows.extend(page)
             since = page[-1][0] + self.timeframe_ms
-        a = np.array(rows, dtype=float).reshape(-1, 6)
-        return Candles(a[:, 0].astype(np.int64), a[:, 1], a[:, 2], a[:, 3], a[:, 4], a[:, 5])
+        return _trusted(symbol, rows)
 
     def price(self, symbol: str, now_ms: int) -> float | None:
         return self.exchange.fetch_ticker(symbol).get("last") if self.listed(symbol) else None

@@ -207,6 +207,30 @@ def test_paper_stops_see_the_minutes_an_empty_answer_left_out(tmp_path, monkeypa
         rt.close()
 
 
+@pytest.mark.parametrize("bad_low", ["0", "NaN", "96530.0"])  # above its high
+def test_paper_a_malformed_minute_fires_no_stop(tmp_path, monkeypatch, caplog, bad_low):
+    """A 1 m row with a low of 0 filled the stop (the market never went near it), without
+    a word; the bot's own candle check drops such rows."""
+    wicking = WickingBinance()
+    rt, clock = start_paper(monkeypatch, tmp_path, wicking)
+    try:
+        assert scan.run(rt, SERVER_NOW, "scan-1")["entries"] == 1
+        stop = Decimal(rt.ledger.state().positions[BTC]["stop"]["price"])
+        minute = SERVER_NOW - SERVER_NOW % 60_000 + 60_000
+        wicking.wick_at, wicking.wick_low = minute, bad_low
+        clock.advance(3 * 60_000)
+        assert {p.symbol for p in rt.client.positions()} == {BTC}
+        assert f"{BTC}: 1 malformed 1 m candles from the exchange left out" in caplog.text
+        wicking.wicks.add(minute + 2 * 60_000)  # a real wick through the stop, after it
+        wicking.wick_low = str(stop * Decimal("0.99"))
+        clock.advance(60_000)
+        assert rt.client.positions() == []
+        [fill] = [t for t in rt.venue.store.trades(BTC, 0, 10**14) if t.side == "SELL"]
+        assert fill.ts >= minute + 2 * 60_000
+    finally:
+        rt.close()
+
+
 def test_paper_a_stop_fires_on_a_wick_while_down_though_the_first_answer_is_empty(
         tmp_path, monkeypatch, caplog):
     # Down for an hour, the wick 30 minutes in: the minutes missed while down are older
