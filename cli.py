@@ -118,9 +118,8 @@ def status(ctx: click.Context, as_json: bool) -> None:
     mode = audit.recorded_mode(Path(ctx.obj["db"]))
     with reader(ctx) as ledger:
         state = ledger.state()
-        # a backtest's "now" is just before its end, not today: its last candle's day
-        # (a window ending at midnight ends the day before)
-        now = ledger.select("SELECT ts FROM facts ORDER BY seq DESC LIMIT 1")[0]["ts"] - 1 \
+        now = audit.backtest_now(ledger.select(
+            "SELECT ts FROM facts ORDER BY seq DESC LIMIT 1")[0]["ts"]) \
             if mode == audit.BACKTEST_KIND else bot_now(ledger)
     report = {
         "ledger": ctx.obj["db"],

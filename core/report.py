@@ -263,7 +263,7 @@ def chart_html(result, m: dict[str, Any], quote: str = "USDT") -> str:
     for i in range(6):
         ms = xr[0] + (xr[1] - xr[0]) * i / 5
         x = L + (W - L - R) * i / 5
-        label = when_utc(int(ms))[:10] if days >= 3 else when_utc(int(ms))
+        label = when_utc(int(ms))[:10] if days >= DATES_ONLY_DAYS else when_utc(int(ms))
         anchor = "start" if i == 0 else "end" if i == 5 else "middle"
         parts.append(f'<text x="{x:.1f}" y="{low_box[1] + low_box[3] + 18}" '
                      f'text-anchor="{anchor}">{label}</text>')
@@ -289,6 +289,7 @@ def chart_html(result, m: dict[str, Any], quote: str = "USDT") -> str:
 
 
 CHART_SUFFIXES = (".png", ".html", ".htm", ".svg")
+DATES_ONLY_DAYS = 3  # a chart spanning fewer days labels its time axis with the time too
 
 
 def check_chart_path(path: str | Path) -> Path:
@@ -355,7 +356,9 @@ def png_chart(path: Path, result, m: dict[str, Any], quote: str = "USDT") -> Non
         low.fill_between(when, dd, 0, color="#f85149", alpha=0.35, lw=0)
         low.plot(when, dd, color="#d1242f", lw=0.8)
         low.set_ylabel("Drawdown %")
-        low.xaxis.set_major_formatter(mdates.DateFormatter("%Y-%m-%d"))
+        days = (int(result.times[-1]) - int(result.times[0])) / DAY_MS if len(when) else 0
+        low.xaxis.set_major_formatter(mdates.DateFormatter(
+            "%Y-%m-%d" if days >= DATES_ONLY_DAYS else "%Y-%m-%d %H:%M"))
         for ax in (top, low):
             ax.grid(color="#eee")
         fig.autofmt_xdate()

@@ -22,6 +22,13 @@ LAST_MODE = ("SELECT json_extract(data, '$.mode') AS mode FROM facts WHERE seq >
              "IS NOT NULL ORDER BY seq DESC LIMIT 1")
 
 
+def backtest_now(last_fact_ts: int) -> int:
+    """A backtest's "now" for the read commands: just before its last fact, the window's
+    end, so "today" is its last candle's day (a window ending at midnight ends the day
+    before, not on the day after it)."""
+    return last_fact_ts - 1
+
+
 def written_by_backtest(ledger: Ledger) -> bool:
     """Does the ledger's first fact say a backtest wrote it? (False while it is empty.)"""
     rows = ledger.select(FIRST_FACT)

@@ -43,6 +43,7 @@ from core.backtest_venue import BacktestClient, build_venue
 from core.backtest_watch import next_due, watch_for
 from core.clock import VirtualClock
 from core.config import Config
+from core.dashboard import Dashboard
 from core.exchange import ExchangeClient
 from core.report import daily_returns, drawdowns, metrics, sharpe_sortino
 from core.sim_market import ArraySource, Candles, CsvMarket, binance_market
@@ -633,6 +634,12 @@ def test_cli_backtest_end_to_end(tmp_path):
                                 ).fetchall()
     assert last_day and Decimal(status["realized_today"]) == sum(Decimal(r[0])
                                                                  for r in last_day)
+    # the dashboard judged it at its last fact, on the day after: 0 realized today
+    board = Dashboard.open(db, Config(), VirtualClock(0))
+    try:
+        assert Decimal(board.summary()["realized_today"]) == Decimal(status["realized_today"])
+    finally:
+        board.close()
     svg = tmp_path / "chart.svg"
     text = invoke("backtest", "--data", DATA, "--from", "2018-01-20", "--to",
                   "2018-01-21T12:00Z", "--db", db, "--plot", svg).output  # replaces the earlier
@@ -653,6 +660,27 @@ def test_cli_backtest_end_to_end(tmp_path):
     head = png.read_bytes()[:24]
     assert head[:8] == b"\x89PNG\r\n\x1a\n"
     assert struct.unpack(">II", head[16:24]) == (960, 560)  # width, height
+
+
+@needs_data
+@pytest.mark.parametrize(("to", "with_time"), [("2018-01-21", True), ("2018-01-24", False)])
+def test_the_png_time_axis_shows_the_time_on_a_short_run(tmp_path, monkeypatch, to, with_time):
+    """Every label of a one-day run's PNG read 2018-01-20 (the SVG and HTML switch)."""
+    from matplotlib.figure import Figure
+
+    labels, savefig = [], Figure.savefig
+
+    def saving(fig, *args, **kwargs):
+        savefig(fig, *args, **kwargs)  # draws: the labels are known after
+        labels.extend(t.get_text() for t in fig.axes[1].get_xticklabels())
+
+    monkeypatch.setattr(Figure, "savefig", saving)
+    png = tmp_path / "chart.png"
+    r = invoke("backtest", "--data", DATA, "--from", "2018-01-20", "--to", to, "--db",
+               tmp_path / "bt.db", "--plot", png)
+    assert r.exit_code == 0 and png.stat().st_size > 0
+    assert len(set(labels)) >= 3 and all(x.startswith("2018-01-2") for x in labels), labels
+    assert all((":" in x) == with_time for x in labels), labels
 
 
 def test_cli_refuses_bad_input(tmp_path):

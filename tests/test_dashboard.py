@@ -401,11 +401,12 @@ def test_backtest_ledger_is_judged_at_its_own_end(tmp_path):
                        Fact("job_run", t + 5, run_id=f"scan-{t}", data={
                            "job": "scan", "scheduled_ms": t, "started_ms": t,
                            "finished_ms": t + 5, "duration_ms": 5, "outcome": "ok"})])
-    # The wall clock is years later; the backtest's "now" is its last fact.
+    # The wall clock is years later; the backtest's "now" is just before its last fact
+    # (its last candle's day, as `status` judges it).
     with serving(path, t + 400 * DAY_MS) as (server, _):
         _, summary = get_json(server, "/api/summary")
         _, jobs = get_json(server, "/api/jobs")
-    assert summary["mode"] == "backtest" and summary["now"] == t + 5
+    assert summary["mode"] == "backtest" and summary["now"] == t + 4
     assert next(j for j in jobs if j["job"] == "scan")["status"] == "ok"
 
 
@@ -655,7 +656,7 @@ def test_a_real_backtests_ledger_is_judged_at_its_own_end(tmp_path):
         last = ledger.select("SELECT max(ts) AS ts FROM facts")[0]["ts"]
     with serving(path, last + 400 * DAY_MS) as (server, _):
         _, summary = get_json(server, "/api/summary")
-    assert summary["mode"] == "backtest" and summary["now"] == last
+    assert summary["mode"] == "backtest" and summary["now"] == last - 1  # the 20th's end
 
 
 def test_the_mode_shown_is_the_ledgers_as_status_shows_it(tmp_path):
