@@ -223,10 +223,17 @@ class Engine:
                 self.progress(k - self.k0, self.k1 - self.k0)
         if self.progress is not None:
             self.progress(self.k1 - self.k0, self.k1 - self.k0)
+        end: list[Fact] = []
         if self.k1 > self.k0:
-            self.equity[-1] = self.end_equity()
-        self.ledger.append([Fact("note", self.clock.now_ms(), reason="backtest end",
-                                 data={"kind": "backtest_end", "steps": self.k1 - self.k0})])
+            equity = self.end_equity()
+            self.equity[-1] = float(equity)
+            if self.account["legs"]:  # the last snapshot has them at an earlier step's prices
+                end.append(Fact("balance", self.clock.now_ms(), reason="backtest end", data={
+                    "currency": self.cfg.exchange.quote, "total": self.account["wallet_exact"],
+                    "equity": equity, "valued_at": "the window's last closes"}))
+        self.ledger.append(end + [Fact("note", self.clock.now_ms(), reason="backtest end",
+                                       data={"kind": "backtest_end",
+                                             "steps": self.k1 - self.k0})])
 
     def step(self, k: int) -> None:
         """Everything the jobs would do at step k's instant, in the service's order."""
@@ -419,15 +426,15 @@ class Engine:
         self.npos[i0:i0 + stop] = len(a["legs"])
         return k + stop if len(hit) else end
 
-    def end_equity(self) -> float:
+    def end_equity(self) -> Decimal:
         """The equity at the window's end, positions valued at its last closes: not at the
         next candle's open, which lies after the window (and in a walk-forward, in the test
         window of the training run that ends there)."""
         a, end = self.account, self.data.grid[self.k1 - 1]
-        equity = a["wallet"]
+        equity = a["wallet_exact"]
         for symbol, signed, entry in a["legs"]:
             d = self.data.data[symbol]
-            equity += float(signed) * (float(d.c[d.last_at(end)]) - float(entry))
+            equity += signed * (Decimal(repr(float(d.c[d.last_at(end)]))) - entry)
         return equity
 
     def new_peak_exactly(self, k: int) -> bool:

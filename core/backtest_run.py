@@ -200,18 +200,24 @@ def backtest_command(config: Config, data_dir: str, *, strategy: str | None,
             source = open_source(config, data_dir)
             load_s = time.perf_counter() - t0
             partial = partial_db(db)
+            chart = partial_chart(plot) if plot else None
             try:
                 result = run_backtest(config, source, partial, start_ms=start_ms,
                                       end_ms=end_ms, progress=ProgressBar("backtest"))
                 result.timings["load_s"] = load_s
                 result.elapsed_s += load_s
                 m = metrics(result)  # reads the partial ledger's day closes
-                if plot:  # before the earlier ledger is replaced: a failed run keeps it
-                    m["chart"] = str(_chart(plot, result, m, config.exchange.quote, db))
+                if chart:  # before the earlier ledger is replaced: a failed run keeps it
+                    _chart(plot, chart, result, m, config.exchange.quote, db)
             except BaseException:
                 _remove(partial)
+                if chart:
+                    chart.unlink(missing_ok=True)
                 raise
             replace_db(partial, db)
+            if chart:  # the earlier chart too is kept until the new ledger is in place
+                m["chart"] = str(Path(plot))
+                chart.replace(Path(plot).resolve())
         finally:
             lock.release(remove=True)
     result.db_path = m["ledger"] = str(db)
@@ -223,11 +229,18 @@ def backtest_command(config: Config, data_dir: str, *, strategy: str | None,
     return text + f"\n\nread the ledger: cli.py --db {db} trades | pnl | verify"
 
 
-def _chart(plot: str, result, m: dict, quote: str, db: Path) -> Path:
+def partial_chart(plot: str) -> Path:
+    """Where the chart is written before it replaces ``plot`` (beside the file a symlink
+    names: replacing the link would leave that file as it was)."""
+    target = Path(plot).resolve()
+    return target.with_name(f".{target.name}.partial{target.suffix}")
+
+
+def _chart(plot: str, chart: Path, result, m: dict, quote: str, db: Path) -> None:
     from core.report import write_chart
 
     try:
-        return write_chart(plot, result, m, quote)
+        write_chart(chart, result, m, quote)
     except OSError as exc:
         kept = f"the ledger at {db} is as it was" if db.exists() else "no ledger written"
         raise ValueError(f"--plot {plot}: cannot write the chart ({exc.strerror or exc}); "

@@ -321,17 +321,17 @@ def _is_sqlite(p: Path) -> bool:
         return False
 
 
-def write_chart(path: str | Path, result, m: dict[str, Any], quote: str = "USDT") -> Path:
-    """Write the chart: ``.png`` an image, ``.svg`` the bare SVG, ``.html`` the page."""
-    p = check_chart_path(path)
+def write_chart(path: str | Path, result, m: dict[str, Any], quote: str = "USDT") -> None:
+    """Write the chart: ``.png`` an image, ``.svg`` the bare SVG, ``.html`` the page (to a
+    path ``check_chart_path`` accepted before the run)."""
+    p = Path(path)
     if p.suffix.lower() == ".png":
         png_chart(p, result, m, quote)
-        return p
+        return
     page = chart_html(result, m, quote)
     if p.suffix.lower() == ".svg":
         page = page[page.index("<svg"):page.index("</svg>") + 6] + "\n"
     p.write_text(page, encoding="utf-8")
-    return p
 
 
 def png_chart(path: Path, result, m: dict[str, Any], quote: str = "USDT") -> None:

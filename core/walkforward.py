@@ -40,6 +40,7 @@ import time
 import tomllib
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -264,7 +265,9 @@ def run_jobs(config: Config, data_dir: str, jobs: list[Job], workers: int,
             if progress:
                 progress(len(results), len(jobs))
         return results
-    with ending_on_sigterm(), ProcessPoolExecutor(max_workers=workers) as pool:
+    others = set(multiprocessing.active_children())  # the caller's own: never stopped
+    with ending_on_sigterm(), ProcessPoolExecutor(max_workers=workers,
+                                                  initializer=_worker_start) as pool:
         try:
             futures = [pool.submit(_run_chunk_in_worker, base, data_dir, chunk)
                        for chunk in chunks]
@@ -272,23 +275,32 @@ def run_jobs(config: Config, data_dir: str, jobs: list[Job], workers: int,
                 results.update(f.result())
                 if progress:
                     progress(len(results), len(jobs))
-        except BaseException:
+        except BaseException as exc:
             # Stopped (SIGTERM, Ctrl-C) or failed: the chunks not started are not run, and
             # the workers are stopped in theirs (a chunk is many backtests), not waited for.
             pool.shutdown(wait=False, cancel_futures=True)
-            for worker in multiprocessing.active_children():
+            for worker in set(multiprocessing.active_children()) - others:
                 worker.terminate()
+            if isinstance(exc, BrokenProcessPool):
+                raise ValueError("a walk-forward worker process ended before its backtests "
+                                 "were done (killed, or out of memory?)") from None
             raise
     return results
 
 
+def _worker_start() -> None:
+    # Ctrl-C reaches the whole process group: the parent stops the workers (SIGTERM), so
+    # that a worker removing its temporary ledgers is not interrupted by a second signal.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def _run_chunk_in_worker(base: dict, data_dir: str, jobs: list[Job]) -> list:
-    """``run_chunk`` in a pool's worker. Interrupted (SIGTERM, Ctrl-C), it ends once its
-    temporary ledgers are removed: the pool would catch the exception and hand the worker
-    the next chunk."""
+    """``run_chunk`` in a pool's worker. Stopped (SIGTERM), it ends once its temporary
+    ledgers are removed: the pool would catch the exception and hand the worker the next
+    chunk."""
     try:
         return run_chunk(base, data_dir, jobs)
-    except (SystemExit, KeyboardInterrupt):
+    except SystemExit:
         os._exit(128 + signal.SIGTERM)
 
 

@@ -774,6 +774,30 @@ def test_a_chart_that_cannot_be_written_keeps_the_earlier_ledger(tmp_path):
 
 
 @needs_data
+def test_a_run_stopped_after_its_chart_keeps_the_earlier_chart_and_ledger(tmp_path,
+                                                                          monkeypatch):
+    """The chart was written in place before the ledger was: stopped in between (Ctrl-C,
+    SIGTERM), the new chart stood beside the earlier ledger."""
+    from core import report
+
+    db, chart = tmp_path / "bt.db", tmp_path / "chart.svg"
+    r = invoke("backtest", "--data", DATA, "--from", "2018-01-20", "--to",
+               "2018-01-20T06:00Z", "--db", db, "--plot", chart)
+    assert r.exit_code == 0, r.output
+    before = sha(db), sha(chart)
+    write_chart = report.write_chart
+
+    def interrupted(*args, **kwargs):
+        write_chart(*args, **kwargs)
+        raise KeyboardInterrupt  # Ctrl-C as the chart is written
+
+    monkeypatch.setattr(report, "write_chart", interrupted)
+    r = invoke("backtest", "--data", DATA, "--to", "2018-01-12", "--db", db, "--plot", chart)
+    assert r.exit_code == 1 and "Aborted!" in r.output
+    assert (sha(db), sha(chart)) == before and not leftovers(tmp_path)
+
+
+@needs_data
 def test_the_chart_never_overwrites_a_ledger(tmp_path):
     """--plot naming the --db file, or an existing ledger (a symlink to the live one),
     wrote the chart over it, exit 0."""
@@ -909,6 +933,27 @@ def test_the_test_only_crash_faults_are_refused(tmp_path, command):
     assert ("[faults] crash_before_accept: TEST ONLY faults that SIGKILL the process; a "
             "backtest refuses them") in r.stderr
     assert sha(earlier) == before and not leftovers(tmp_path)
+
+
+@needs_data
+def test_the_ledger_ends_at_the_reports_end_equity(tmp_path):
+    """With positions open at the end, status and the dashboard showed the last balance
+    snapshot (an earlier step's, its positions at older prices), not the report's end."""
+    db = tmp_path / "bt.db"
+    m = json.loads(invoke("backtest", "--data", DATA, "--from", "2018-01-20", "--to",
+                          "2018-01-21", "--db", db, "--json").output)
+    assert m["open_at_end"] > 0
+    status = json.loads(invoke("--db", db, "status", "--json").output)
+    assert float(status["equity"]) == pytest.approx(m["end_equity"], abs=1e-8)
+    board = Dashboard.open(db, Config(), VirtualClock(0))
+    try:
+        assert float(board.summary()["equity"]) == pytest.approx(m["end_equity"], abs=1e-8)
+    finally:
+        board.close()
+    with sqlite3.connect(db) as conn:
+        [(valued,)] = conn.execute("SELECT json_extract(data, '$.valued_at') FROM facts "
+                                   "WHERE type = 'balance' ORDER BY seq DESC LIMIT 1")
+    assert valued == "the window's last closes"
 
 
 @needs_data

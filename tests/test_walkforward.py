@@ -23,10 +23,12 @@ from core.sim_market import CsvMarket
 from core.walkforward import (
     Fold,
     Grid,
+    Job,
     candle_times,
     load_grid,
     make_folds,
     parse_span,
+    run_jobs,
     score,
     skipped_text,
     walk_forward,
@@ -157,13 +159,13 @@ def test_cli_walkforward(tmp_path):
 
 @needs_data
 @pytest.mark.slow
-@pytest.mark.parametrize(("workers", "to_group"), [(1, True), (2, True), (2, False)])
-def test_a_walkforward_stopped_by_sigterm_stops_now_and_leaves_nothing(tmp_path, workers,
-                                                                       to_group):
+@pytest.mark.parametrize(("workers", "how"), [(1, "group"), (2, "group"), (2, "parent"),
+                                             (2, "ctrl-c")])
+def test_a_walkforward_stopped_by_sigterm_stops_now_and_leaves_nothing(tmp_path, workers, how):
     """SIGTERM to the process group (a service manager, ``timeout``'s group) or to the
-    main process only (``kill``). A pool's worker caught it and went on with its next
-    chunk, hundreds of backtests here (minutes); signalled alone, the parent waited for
-    the chunks its workers had started."""
+    main process only (``kill``), or Ctrl-C (SIGINT to the group). A pool's worker caught
+    it and went on with its next chunk, hundreds of backtests here (minutes); signalled
+    alone, the parent waited for the chunks its workers had started."""
     values = ", ".join(f"{0.3 + 0.05 * i:.2f}" for i in range(10))
     grid = write(tmp_path, f"[exits]\ntrailing_stop_pct = [{values}]\n"
                            "stop_loss_pct = [1.0, 1.5, 2.0, 2.5, 3.0, 3.5, 4.0, 4.5]\n")
@@ -181,21 +183,39 @@ def test_a_walkforward_stopped_by_sigterm_stops_now_and_leaves_nothing(tmp_path,
             time.sleep(0.05)
         assert any(tmp.glob("walkforward-*/run*.db")), "no backtest started: " + (
             "still running" if proc.poll() is None else proc.stderr.read().decode())
-        if to_group:
-            os.killpg(proc.pid, signal.SIGTERM)
-        else:
+        if how == "parent":
             proc.send_signal(signal.SIGTERM)
+        else:
+            os.killpg(proc.pid, signal.SIGINT if how == "ctrl-c" else signal.SIGTERM)
         proc.wait(timeout=60)  # a hang guard: the whole grid takes many minutes
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
-    assert proc.returncode == 128 + signal.SIGTERM, proc.stderr.read().decode()
+    stopped = 1 if how == "ctrl-c" else 128 + signal.SIGTERM  # click's "Aborted!": 1
+    assert proc.returncode == stopped, proc.stderr.read().decode()
     deadline = time.monotonic() + 10
     while group_alive(proc.pid) and time.monotonic() < deadline:
         time.sleep(0.05)  # the workers end as their temporary ledgers are removed
     assert not group_alive(proc.pid), "workers left running"
     assert list(tmp.iterdir()) == []
+
+
+def test_a_failed_walkforward_stops_its_workers_only(tmp_path):
+    """Stopping the workers stopped every child process of the caller's."""
+    import multiprocessing
+
+    bystander = multiprocessing.Process(target=time.sleep, args=(60,))
+    bystander.start()
+    try:
+        jobs = [Job((0, "train", i), {}, 0, 10**13) for i in range(4)]
+        with pytest.raises(ValueError, match="no such folder"):
+            run_jobs(CFG, str(tmp_path / "missing"), jobs, workers=2)
+        bystander.join(0.5)
+        assert bystander.is_alive()
+    finally:
+        bystander.terminate()
+        bystander.join()
 
 
 def group_alive(pgid: int) -> bool:
