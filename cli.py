@@ -159,7 +159,8 @@ def status(ctx: click.Context, as_json: bool) -> None:
     click.echo("")
     runs = [{"job": job, "last run": r["at"], "ago": f"{r['ago_s']} s", "outcome": r["outcome"],
              "duration_ms": r["duration_ms"]} for job, r in report["last_runs"].items()]
-    render(runs, False, empty="no job has run yet")
+    render(runs, False, empty="a backtest records no job runs" if report["mode"] ==
+           audit.BACKTEST_KIND else "no job has run yet")
 
 
 @main.command()

@@ -945,6 +945,7 @@ def test_the_ledger_ends_at_the_reports_end_equity(tmp_path):
     assert m["open_at_end"] > 0
     status = json.loads(invoke("--db", db, "status", "--json").output)
     assert float(status["equity"]) == pytest.approx(m["end_equity"], abs=1e-8)
+    assert "a backtest records no job runs" in invoke("--db", db, "status").output
     board = Dashboard.open(db, Config(), VirtualClock(0))
     try:
         assert float(board.summary()["equity"]) == pytest.approx(m["end_equity"], abs=1e-8)
