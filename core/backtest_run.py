@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from core.config import Config, crash_faults_problem
-from core.interrupts import ending_on_sigterm
+from core.interrupts import ending_on_sigterm, held_signals
 
 PROGRESS_AFTER_S = 2.0
 
@@ -214,10 +214,12 @@ def backtest_command(config: Config, data_dir: str, *, strategy: str | None,
                 if chart:
                     chart.unlink(missing_ok=True)
                 raise
-            replace_db(partial, db)
-            if chart:  # the earlier chart too is kept until the new ledger is in place
+            with held_signals():  # the new ledger and its chart, or neither
+                replace_db(partial, db)
+                if chart:
+                    chart.replace(Path(plot).resolve())
+            if chart:
                 m["chart"] = str(Path(plot))
-                chart.replace(Path(plot).resolve())
         finally:
             lock.release(remove=True)
     result.db_path = m["ledger"] = str(db)
@@ -232,8 +234,8 @@ def backtest_command(config: Config, data_dir: str, *, strategy: str | None,
 def partial_chart(plot: str) -> Path:
     """Where the chart is written before it replaces ``plot`` (beside the file a symlink
     names: replacing the link would leave that file as it was)."""
-    target = Path(plot).resolve()
-    return target.with_name(f".{target.name}.partial{target.suffix}")
+    target = Path(plot).resolve()  # its format is the one --plot names
+    return target.with_name(f".{target.name}.partial{Path(plot).suffix}")
 
 
 def _chart(plot: str, chart: Path, result, m: dict, quote: str, db: Path) -> None:

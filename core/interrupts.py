@@ -28,3 +28,23 @@ def _exit_on_signal(signum, frame) -> None:
     # its parent and its group) must not cut the cleanup short.
     signal.signal(signum, signal.SIG_IGN)
     raise SystemExit(128 + signum)
+
+
+@contextmanager
+def held_signals() -> Iterator[None]:
+    """SIGTERM and SIGINT wait until the block is done, then act as they would have:
+    steps that must happen together (a new ledger and its chart put in place) are not
+    cut between them. (Masking them would not do: another thread would take them.)"""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    previous = {s: signal.signal(s, lambda signum, frame: caught.append(signum))
+                for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        for s in dict.fromkeys(caught):
+            signal.raise_signal(s)

@@ -298,7 +298,10 @@ def check_chart_path(path: str | Path) -> Path:
     if p.suffix.lower() not in CHART_SUFFIXES:
         raise ValueError(f"--plot {p}: write the chart as .png, .html or .svg "
                          f"(not {p.suffix or 'no suffix'!r})")
-    folder = p.parent
+    try:
+        folder = p.resolve().parent  # through a symlink: the chart is written where it points
+    except RuntimeError as exc:  # a symlink loop
+        raise ValueError(f"--plot {p}: {exc}") from None
     if p.is_dir():
         raise ValueError(f"--plot {p}: is a folder")
     if p.is_file() and _is_sqlite(p):

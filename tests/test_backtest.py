@@ -8,6 +8,7 @@ it is run at every candle close on the same virtual clock and simulated exchange
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import json
@@ -723,7 +724,14 @@ def test_cli_refuses_bad_input(tmp_path):
         (["--data", data, "--db", tmp_path / ("b" * 250)],
          f"File name too long ({'b' * 250}.partial-journal is written beside it)"),
         (["--data", data, "--plot", tmp_path / ("c" * 300 + ".png")], "File name too long"),
+        # written where the link points: checked there, before the run
+        (["--data", data, "--db", tmp_path / "new.db", "--plot", tmp_path / "link.png"],
+         f"folder {tmp_path / 'gone'} does not exist"),
+        (["--data", data, "--db", tmp_path / "new.db", "--plot", tmp_path / "loop.png"],
+         "Symlink loop"),
     ]
+    (tmp_path / "link.png").symlink_to(tmp_path / "gone" / "chart.png")
+    (tmp_path / "loop.png").symlink_to(tmp_path / "loop.png")
     if data is DATA:
         cases.append((["--data", data, "--from", "2019-01-01", "--db", earlier], "no candles"))
     twice = tmp_path / "twice"
@@ -760,17 +768,34 @@ def earlier_backtest(db: Path) -> str:
 
 
 @needs_data
-def test_a_chart_that_cannot_be_written_keeps_the_earlier_ledger(tmp_path):
+def test_a_chart_that_cannot_be_written_keeps_the_earlier_ledger(tmp_path, monkeypatch):
     """The chart was written after the new ledger had replaced the earlier one: exit 2
     ("cannot write the chart") with the earlier ledger gone."""
-    db, chart = tmp_path / "bt.db", tmp_path / "chart.png"
+    from core import report
+
+    db, chart = tmp_path / "bt.db", tmp_path / "chart.html"
     before = earlier_backtest(db)
-    chart.symlink_to(tmp_path / "gone" / "chart.png")  # passes the checks, fails to open
+    write_chart = report.write_chart
+
+    def disk_full(path, *args, **kwargs):
+        write_chart(path, *args, **kwargs)
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(report, "write_chart", disk_full)
     r = invoke("backtest", "--data", DATA, "--to", "2018-01-12", "--db", db, "--plot", chart)
     assert r.exit_code == 2
-    assert f"cannot write the chart (No such file or directory); the ledger at {db} is as " \
+    assert f"cannot write the chart (No space left on device); the ledger at {db} is as " \
            "it was" in r.output
-    assert sha(db) == before and not leftovers(tmp_path)
+    assert sha(db) == before and not leftovers(tmp_path) and not chart.exists()
+
+
+def backtest_with_chart(folder: Path) -> tuple[Path, Path, tuple[str, str]]:
+    """An earlier backtest's ledger and chart: (db, chart, their sha256s)."""
+    db, chart = folder / "bt.db", folder / "chart.svg"
+    r = invoke("backtest", "--data", DATA, "--from", "2018-01-20", "--to",
+               "2018-01-20T06:00Z", "--db", db, "--plot", chart)
+    assert r.exit_code == 0, r.output
+    return db, chart, (sha(db), sha(chart))
 
 
 @needs_data
@@ -780,11 +805,7 @@ def test_a_run_stopped_after_its_chart_keeps_the_earlier_chart_and_ledger(tmp_pa
     SIGTERM), the new chart stood beside the earlier ledger."""
     from core import report
 
-    db, chart = tmp_path / "bt.db", tmp_path / "chart.svg"
-    r = invoke("backtest", "--data", DATA, "--from", "2018-01-20", "--to",
-               "2018-01-20T06:00Z", "--db", db, "--plot", chart)
-    assert r.exit_code == 0, r.output
-    before = sha(db), sha(chart)
+    db, chart, before = backtest_with_chart(tmp_path)
     write_chart = report.write_chart
 
     def interrupted(*args, **kwargs):
@@ -795,6 +816,29 @@ def test_a_run_stopped_after_its_chart_keeps_the_earlier_chart_and_ledger(tmp_pa
     r = invoke("backtest", "--data", DATA, "--to", "2018-01-12", "--db", db, "--plot", chart)
     assert r.exit_code == 1 and "Aborted!" in r.output
     assert (sha(db), sha(chart)) == before and not leftovers(tmp_path)
+
+
+@needs_data
+def test_a_sigterm_as_the_ledger_is_replaced_waits_for_its_chart(tmp_path, monkeypatch):
+    """Between the new ledger and its chart being put in place, a SIGTERM left the new
+    ledger beside the earlier chart (and the new one, hidden, as a leftover)."""
+    from core import backtest_run
+
+    db, chart, before = backtest_with_chart(tmp_path)
+    replace_db = backtest_run.replace_db
+
+    def stopped_after(*args):
+        replace_db(*args)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(backtest_run, "replace_db", stopped_after)
+    r = invoke("backtest", "--data", DATA, "--to", "2018-01-12", "--db", db, "--plot", chart)
+    assert r.exit_code == 128 + signal.SIGTERM
+    assert sha(db) != before[0] and sha(chart) != before[1]  # both the new run's
+    assert not leftovers(tmp_path)
+    with sqlite3.connect(db) as conn:
+        assert conn.execute("SELECT count(*) FROM facts WHERE type = 'note' AND "
+                            "json_extract(data, '$.kind') = 'backtest_end'").fetchone()[0] == 1
 
 
 @needs_data
