@@ -68,6 +68,8 @@ SERVER_TIME_REFRESH_MS = 60_000  # re-measure the exchange clock offset this oft
 MAX_BACKOFF_S = 30.0
 RATE_LIMIT_BACKOFF_FACTOR = 4  # a 429 asks for a longer pause than a dropped packet
 IP_BANNED_STATUS = 418  # Binance: banned for calling on after 429s; never retried
+SHORTEST_BAN_S = 120.0  # Binance's first ban lasts 2 minutes (then up to 3 days)
+BANNED_UNTIL_RE = re.compile(r"banned until (\d{13})")
 LOOKUP_ATTEMPTS = 3  # lookups by client id after an ambiguous submission
 # Binance can answer an order (NEW, nothing filled yet) before a lookup finds it (-2013).
 # Lookups of an order just accepted go on this many times (backing off: a few seconds in
@@ -137,6 +139,40 @@ class _HeaderlessLogger:
         return getattr(self._logger, name)
 
 
+class IpBanned(ccxt.DDoSProtection):
+    """Not called: the exchange banned this IP, and calling during a ban lengthens it."""
+
+
+class IpBan:
+    """When the exchange's ban of this IP ends (ms, our clock): one for all the clients of
+    a runtime (they share the IP). Every call waits for it to end, whichever client's call
+    was answered 418."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.until_ms = 0
+
+    def hold(self, until_ms: int) -> None:
+        with self._lock:
+            self.until_ms = max(self.until_ms, until_ms)
+
+    def check(self, now_ms: int) -> None:
+        if now_ms < self.until_ms:
+            raise IpBanned(f"not called: this IP is banned by the exchange until "
+                           f"{iso(self.until_ms)}")
+
+    def end_ms(self, exc: BaseException, now_ms: int) -> int:
+        """When a ban a 418 answer announces ends: its Retry-After, else the time its
+        message names, else Binance's shortest ban from now."""
+        after = _retry_after_s(exc)
+        if after is not None:
+            return now_ms + int(after * 1000)
+        named = BANNED_UNTIL_RE.search(str(exc))
+        if named and int(named.group(1)) > now_ms:
+            return int(named.group(1))
+        return now_ms + int(SHORTEST_BAN_S * 1000)
+
+
 class ExchangeClient:
     """The only door to an exchange. See the module docstring for the rules it keeps.
 
@@ -156,6 +192,7 @@ class ExchangeClient:
         self._sleep = clock.sleep if sleep is None else sleep
         self._rng = random.Random() if rng is None else rng
         self._lock = threading.RLock()
+        self.ban = IpBan()  # runtime.build gives all of a runtime's clients one
         self._configured: set[str] = set()
         self._offset_ms: int | None = None
         self._offset_measured_at: int | None = None
@@ -211,7 +248,7 @@ class ExchangeClient:
         except BadExchangeData as exc:
             return None, str(exc)
         try:
-            text = self._call(self.raw.amount_to_precision, symbol, float(wanted))
+            text = self._local(self.raw.amount_to_precision, symbol, float(wanted))
             rounded = _decimal(text, "rounded amount", positive=True)
         except (ccxt.BaseError, BadExchangeData):
             return None, f"amount {wanted} rounds to zero at step {info.amount_step}"
@@ -240,7 +277,7 @@ class ExchangeClient:
     def prepare_price(self, symbol: str, price: Decimal | float | str) -> Decimal:
         """A price on the market's tick, as ``price_to_precision`` rounds it."""
         wanted = _decimal(price, "price", positive=True)
-        text = self._call(self.raw.price_to_precision, symbol, float(wanted))
+        text = self._local(self.raw.price_to_precision, symbol, float(wanted))
         return _decimal(text, "rounded price", positive=True)
 
     def account_mode_problem(self) -> str | None:
@@ -529,8 +566,8 @@ class ExchangeClient:
         trigger = None
         if is_stop:
             try:
-                text = self._call(self.raw.price_to_precision, req.symbol,
-                                  float(req.trigger_price))
+                text = self._local(self.raw.price_to_precision, req.symbol,
+                                   float(req.trigger_price))
                 trigger = _decimal(text, "trigger price", positive=True)
             except (ccxt.BaseError, BadExchangeData) as exc:
                 return self._rejected_locally(req, f"trigger price {req.trigger_price}: {exc}")
@@ -631,7 +668,13 @@ class ExchangeClient:
 
     # ---- internals: calls and retries ----------------------------------------------
 
+    def _local(self, fn: Callable, *args: Any) -> Any:
+        """A ccxt helper that calls nobody (precision): not held back by a ban."""
+        with self._lock:
+            return fn(*args)
+
     def _call(self, fn: Callable, *args: Any) -> Any:
+        self.ban.check(self.clock.now_ms())
         with self._lock:
             try:
                 return fn(*args)
@@ -639,6 +682,9 @@ class ExchangeClient:
                 # ccxt's message holds a signed request's URL. Masked here, at the edge,
                 # so no log line, traceback, job record or reconcile note can carry it.
                 mask_signature(exc)
+                if _http_status(exc) == IP_BANNED_STATUS:
+                    now = self.clock.now_ms()
+                    self.ban.hold(self.ban.end_ms(exc, now))
                 raise
 
     def _retrying(self, what: str, fn: Callable, *args: Any) -> Any:
@@ -647,7 +693,7 @@ class ExchangeClient:
         for attempt in range(1, attempts + 1):
             try:
                 return self._call(fn, *args)
-            except BadExchangeData:
+            except (BadExchangeData, IpBanned):
                 raise
             except (ValueError, TypeError, KeyError, IndexError, ArithmeticError) as exc:
                 # ccxt choked on the answer (e.g. "NaN" in a ticker): bad data, not a crash

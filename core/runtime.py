@@ -95,6 +95,8 @@ def build(config: Config, db_path: str | Path, *, clock=None, venue=None,
     for c in [client, *extra[1:]]:
         if c is not keeper:
             c.share_clock(keeper)
+    for c in extra:
+        c.ban = client.ban  # one IP: a ban answered to one client holds them all
     data_clients = [client] + extra
     return Runtime(config=config, clock=clock, ledger=ledger, client=client,
                    strategy=load_strategy(config.strategy), data_clients=data_clients,

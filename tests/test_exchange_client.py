@@ -25,11 +25,13 @@ import pytest
 import requests
 from requests.structures import CaseInsensitiveDict
 
+from core import runtime
 from core.clock import VirtualClock
 from core.config import Config, ConfigError, Secrets
 from core.exchange import (
     NOT_FOUND_FINAL_MS,
     ExchangeClient,
+    IpBanned,
     build_ccxt,
     clean_candles,
 )
@@ -899,6 +901,59 @@ def test_an_ip_ban_is_not_retried():
     with pytest.raises(ccxt.DDoSProtection):
         client.positions()
     assert len(venue.requests_to("GET", "/fapi/v3/positionRisk")) == 1 and sleeps == []
+
+
+@pytest.mark.parametrize(("reply", "ban_s"), [
+    ("ip_banned_retry_after", 30),  # Retry-After: 30
+    ("ip_banned", 600),  # "banned until 1768471950000": 600 s after SERVER_NOW
+])
+def test_no_call_goes_out_while_the_ip_is_banned(reply, ban_s):
+    """Each scan called again during a ban (every 10 s), which lengthens it."""
+    client, venue, sleeps = make(http=True)
+    client.load_markets()
+    venue.then("GET", "/fapi/v3/positionRisk", err(reply))
+    with pytest.raises(ccxt.DDoSProtection):
+        client.positions()
+    sent = len(venue.sent)
+    clock = client.clock
+    clock.advance(ban_s * 1000 - 1)
+    with pytest.raises(IpBanned, match="banned by the exchange until"):
+        client.positions()
+    with pytest.raises(IpBanned):
+        client.closed_candles(BTC, "5m", 10)
+    result = client.submit(entry(), ref_price=Decimal("96500"))
+    assert result.status == "rejected" and "not processed" in result.reason
+    assert len(venue.sent) == sent and sleeps == []  # nothing sent, nothing waited
+    clock.advance(1)
+    assert len(client.positions()) == 2  # the ban is over
+
+
+def test_a_ban_answered_to_one_client_holds_every_client_of_the_runtime(tmp_path):
+    config = Config(secrets=Secrets(api_key=KEY, api_secret=SECRET))
+    raws, venues = [], []
+    for _ in range(3):
+        raw = build_ccxt(config)
+        raw.enableRateLimit = False
+        venue = RecordedBinance()
+        raw.session.request = venue.request
+        raws.append(raw)
+        venues.append(venue)
+    rt = runtime.build(config, tmp_path / "bot.db", clock=VirtualClock(SERVER_NOW),
+                       venue=raws[0], data_venues=raws[1:])
+    try:
+        data = rt.data_clients[-1]
+        data.load_markets()
+        venues[-1].then("GET", "/fapi/v1/klines", err("ip_banned"))
+        with pytest.raises(ccxt.DDoSProtection):
+            data.closed_candles(BTC, "5m", 10)
+        before = [len(v.sent) for v in venues]
+        with pytest.raises(IpBanned):
+            rt.client.balance()
+        with pytest.raises(IpBanned):
+            rt.data_clients[1].server_now_ms()
+        assert [len(v.sent) for v in venues] == before
+    finally:
+        rt.close()
 
 
 def test_read_timestamp_error_resyncs_then_retries():

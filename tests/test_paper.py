@@ -19,6 +19,7 @@ from urllib.parse import parse_qsl, urlsplit
 
 import ccxt
 import pytest
+import requests
 
 from core import runtime
 from core.clock import VirtualClock
@@ -227,6 +228,51 @@ def test_paper_a_malformed_minute_fires_no_stop(tmp_path, monkeypatch, caplog, b
         assert rt.client.positions() == []
         [fill] = [t for t in rt.venue.store.trades(BTC, 0, 10**14) if t.side == "SELL"]
         assert fill.ts >= minute + 2 * 60_000
+    finally:
+        rt.close()
+
+
+class BanningBinance(WickingBinance):
+    """WickingBinance, whose next answer for 1 m candles is a 418 (IP banned) as ccxt
+    raises it: a DDoSProtection while handling the HTTP error."""
+
+    ban_next = False
+
+    def fetch(self, url, method="GET", headers=None, body_=None):
+        params = dict(parse_qsl(urlsplit(url).query))
+        if self.ban_next and params.get("interval") == "1m":
+            self.ban_next = False
+            self.requests.append((method, urlsplit(url).path, params, dict(headers or {})))
+            response = requests.Response()
+            response.status_code, response.headers = 418, {"Retry-After": "120"}
+            try:
+                raise requests.HTTPError(response=response)
+            except requests.HTTPError:
+                raise ccxt.DDoSProtection('binanceusdm 418 {"code":-1003}') from None
+        return super().fetch(url, method, headers, body_)
+
+
+def test_paper_calls_nothing_while_the_ip_is_banned(tmp_path, monkeypatch):
+    """During a ban the simulated account's 1 m candles (and each scan's reads) were asked
+    for every scan, which lengthens a ban."""
+    banning = BanningBinance()
+    rt, clock = start_paper(monkeypatch, tmp_path, banning)
+    try:
+        assert scan.run(rt, SERVER_NOW, "scan-1")["entries"] == 1
+        clock.advance(2 * 60_000)
+        banning.ban_next = True
+        with pytest.raises(ccxt.DDoSProtection):
+            rt.client.positions()  # the account catches up on the minutes: banned
+        asked = len(banning.requests)
+        for _ in range(11):  # scans every 10 s for the 2 minutes of the ban
+            clock.advance(10_000)
+            scan.run(rt, clock.now_ms(), f"scan-{clock.now_ms()}")
+            with pytest.raises(ccxt.DDoSProtection):
+                rt.client.positions()
+        assert len(banning.requests) == asked
+        clock.advance(10_000)
+        assert {p.symbol for p in rt.client.positions()} == {BTC}  # over: asked again
+        assert len(banning.requests) > asked
     finally:
         rt.close()
 
