@@ -157,20 +157,24 @@ class IpBan:
             self.until_ms = max(self.until_ms, until_ms)
 
     def check(self, now_ms: int) -> None:
-        if now_ms < self.until_ms:
+        if self.active(now_ms):
             raise IpBanned(f"not called: this IP is banned by the exchange until "
                            f"{iso(self.until_ms)}")
 
-    def end_ms(self, exc: BaseException, now_ms: int) -> int:
-        """When a ban a 418 answer announces ends: its Retry-After, else the time its
-        message names, else Binance's shortest ban from now."""
+    def end_ms(self, exc: BaseException, now_ms: int, offset_ms: int = 0) -> int:
+        """When a ban a 418 answer announces ends, by our clock: its Retry-After, else the
+        time its message names (by the exchange's clock, ``offset_ms`` ahead of ours),
+        else Binance's shortest ban from now."""
         after = _retry_after_s(exc)
         if after is not None:
             return now_ms + int(after * 1000)
         named = BANNED_UNTIL_RE.search(str(exc))
-        if named and int(named.group(1)) > now_ms:
-            return int(named.group(1))
+        if named and int(named.group(1)) - offset_ms > now_ms:
+            return int(named.group(1)) - offset_ms
         return now_ms + int(SHORTEST_BAN_S * 1000)
+
+    def active(self, now_ms: int) -> bool:
+        return now_ms < self.until_ms
 
 
 class ExchangeClient:
@@ -353,6 +357,15 @@ class ExchangeClient:
                 self._offset_ms = server_ms - now
                 self._offset_measured_at = now
             return now + self._offset_ms
+
+    def _known_offset_ms(self) -> int:
+        """The exchange's clock minus ours, as last measured (0 if never)."""
+        keeper = self._time_source or self
+        return keeper._offset_ms or 0
+
+    def banned(self) -> bool:
+        """Is this IP banned now (no call would go out)?"""
+        return self.ban.active(self.clock.now_ms())
 
     def closed_candles(self, symbol: str, timeframe: str, limit: int) -> list[Candle]:
         """The last ``limit`` (or fewer) closed candles, oldest first, validated.
@@ -674,17 +687,17 @@ class ExchangeClient:
             return fn(*args)
 
     def _call(self, fn: Callable, *args: Any) -> Any:
-        self.ban.check(self.clock.now_ms())
-        with self._lock:
+        with self._lock:  # checked under it: a call queued behind a 418 must not go out
+            self.ban.check(self.clock.now_ms())
             try:
                 return fn(*args)
             except ccxt.BaseError as exc:
                 # ccxt's message holds a signed request's URL. Masked here, at the edge,
                 # so no log line, traceback, job record or reconcile note can carry it.
                 mask_signature(exc)
-                if _http_status(exc) == IP_BANNED_STATUS:
-                    now = self.clock.now_ms()
-                    self.ban.hold(self.ban.end_ms(exc, now))
+                if is_ip_ban(exc):
+                    self.ban.hold(self.ban.end_ms(exc, self.clock.now_ms(),
+                                                  self._known_offset_ms()))
                 raise
 
     def _retrying(self, what: str, fn: Callable, *args: Any) -> Any:
@@ -702,7 +715,7 @@ class ExchangeClient:
                                 f"({type(exc).__name__}: {_clip(str(exc), 80)})",
                                 args if body is None else body) from None
             except ccxt.OperationFailed as exc:
-                if _http_status(exc) == IP_BANNED_STATUS:  # calling again lengthens the ban
+                if is_ip_ban(exc):  # calling again lengthens the ban
                     log.error("%s: IP banned by the exchange; not retried: %s", what,
                               error_text(exc))
                     raise
@@ -1166,6 +1179,11 @@ def _http_response(exc: BaseException):
     return getattr(exc.__context__, "response", None)
 
 
+def is_ip_ban(exc: BaseException) -> bool:
+    """Is ``exc`` the exchange's 418: this IP is banned, and calling on lengthens it?"""
+    return _http_status(exc) == IP_BANNED_STATUS
+
+
 def _http_status(exc: BaseException) -> int | None:
     status = getattr(_http_response(exc), "status_code", None)
     return status if isinstance(status, int) else None
@@ -1218,4 +1236,5 @@ def _counts(problems: dict[str, int]) -> str:
     return ", ".join(f"{n} {why}" for why, n in problems.items())
 
 
-__all__ = ["ExchangeClient", "build_ccxt", "clean_candles", "summarize"]
+__all__ = ["ExchangeClient", "IpBan", "IpBanned", "build_ccxt", "clean_candles", "is_ip_ban",
+           "summarize"]

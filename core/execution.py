@@ -347,6 +347,9 @@ class Executor:
         found, flying = self.stops_in_flight(position)
         if found or flying >= MAX_STOPS_IN_FLIGHT:
             return found
+        if self.client.banned():  # it would be refused unsent, an intent every scan
+            log.warning("%s: no stop rests; placed once the IP ban ends", position["symbol"])
+            return None
         log.warning("%s: no stop rests; placing one", position["symbol"])
         return self.place_stop(position, resting_level(position, stop_loss_pct))
 

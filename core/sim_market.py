@@ -559,8 +559,12 @@ class LiveMarket:
             try:
                 server_ms = int(self.exchange.fetch_time())
             except Exception as exc:
-                if self._offset_at is None:
-                    raise  # never measured: no offset to keep, and ours may be ahead
+                from core.exchange import is_ip_ban
+
+                if self._offset_at is None or is_ip_ban(exc):
+                    # never measured: no offset to keep, and ours may be ahead; banned:
+                    # the client holds every call until the ban ends
+                    raise
                 log.warning("exchange time not read (%s); offset %d ms kept", exc,
                             self._offset_ms)
             else:

@@ -928,6 +928,52 @@ def test_no_call_goes_out_while_the_ip_is_banned(reply, ban_s):
     assert len(client.positions()) == 2  # the ban is over
 
 
+def test_a_call_queued_behind_the_418_does_not_go_out():
+    """The ban was checked before the client's lock: a call waiting for it went out."""
+    client, venue, _ = make(http=True)
+    client.load_markets()
+    inside, answered = threading.Event(), venue.request
+
+    def slow_418(method, url, data=None, headers=None, **kw):
+        if "/fapi/v3/positionRisk" in url:
+            inside.set()
+            time.sleep(0.3)  # the 418 is on its way back; the other call queues meanwhile
+        return answered(method, url, data, headers, **kw)
+
+    client.raw.session.request = slow_418
+    venue.then("GET", "/fapi/v3/positionRisk", err("ip_banned"))
+    failures: list[BaseException] = []
+
+    def banned_call():
+        try:
+            client.positions()
+        except ccxt.DDoSProtection as exc:
+            failures.append(exc)
+
+    first = threading.Thread(target=banned_call)
+    first.start()
+    assert inside.wait(10)
+    with pytest.raises(IpBanned):
+        client.balance()  # queued behind the 418
+    first.join(10)
+    assert len(failures) == 1 and not venue.requests_to("GET", "/fapi/v3/account")
+
+
+def test_a_ban_named_by_the_exchanges_clock_ends_by_it():
+    """Its message's end is the exchange's time: our clock 5 s ahead resumed 5 s early."""
+    client, venue, _ = make(http=True, clock_ms=SERVER_NOW + 5_000)
+    client.load_markets()
+    client.server_now_ms()  # measures the offset: ours is 5 s ahead
+    venue.then("GET", "/fapi/v3/positionRisk", err("ip_banned"))  # until 1768471950000
+    with pytest.raises(ccxt.DDoSProtection):
+        client.positions()
+    client.clock.set(1768471950000 + 5_000 - 1)
+    with pytest.raises(IpBanned):
+        client.positions()
+    client.clock.advance(1)
+    assert len(client.positions()) == 2
+
+
 def test_a_ban_answered_to_one_client_holds_every_client_of_the_runtime(tmp_path):
     config = Config(secrets=Secrets(api_key=KEY, api_secret=SECRET))
     raws, venues = [], []

@@ -694,10 +694,8 @@ def test_an_exit_goes_out_over_an_unresolved_one_only_while_the_exchange_holds_i
         assert not w.exchange_positions()
 
 
-def test_a_position_bare_behind_an_unresolved_exit_gets_a_stop(w):
-    # The exit's answer is lost (it never arrived) and putting the stop back is refused:
-    # the position is bare. The next scan places a stop; it used to wait for reconcile to
-    # settle the exit (up to its interval, 5 min), unprotected meanwhile.
+def bare_behind_an_unresolved_exit(w) -> None:
+    """An open position whose exit's answer is lost and whose stop could not be put back."""
     w.open()
     w.step()
 
@@ -712,9 +710,32 @@ def test_a_position_bare_behind_an_unresolved_exit_gets_a_stop(w):
     del w.sim.hooks[("create_order", False)]
     w.sim.faults.clear()
     assert w.position()["stop"] is None and not w.resting_stops()
+
+
+def test_a_position_bare_behind_an_unresolved_exit_gets_a_stop(w):
+    # The exit's answer is lost (it never arrived) and putting the stop back is refused:
+    # the position is bare. The next scan places a stop; it used to wait for reconcile to
+    # settle the exit (up to its interval, 5 min), unprotected meanwhile.
+    bare_behind_an_unresolved_exit(w)
     coid = w.ex.protect(w.position(), 2.0)
     [resting] = w.resting_stops()
     assert coid == resting["clientOrderId"] == w.position()["stop"]["client_order_id"]
+
+
+def test_no_stop_is_tried_while_the_ip_is_banned(w):
+    """Each scan wrote a stop intent, refused unsent, for as long as a ban lasts (up to
+    three days: tens of thousands of facts); the stop is placed once it ends."""
+    bare_behind_an_unresolved_exit(w)
+    w.client.ban.hold(w.clock.now_ms() + 60_000)
+    before = w.ledger.last_seq()
+    for _ in range(3):
+        assert w.ex.protect(w.position(), 2.0) is None
+        w.clock.advance(10_000)
+    assert w.ledger.last_seq() == before and not w.resting_stops()
+    w.clock.advance(30_000)
+    coid = w.ex.protect(w.position(), 2.0)
+    [resting] = w.resting_stops()
+    assert coid == resting["clientOrderId"]
 
 
 def test_a_refused_exit_puts_a_stop_back(w):

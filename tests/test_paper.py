@@ -24,6 +24,7 @@ import requests
 from core import runtime
 from core.clock import VirtualClock
 from core.config import Config
+from core.exchange import IpBanned
 from core.execution import Executor
 from core.sim_market import LiveMarket
 from jobs import reconcile, rotate, scan
@@ -233,15 +234,16 @@ def test_paper_a_malformed_minute_fires_no_stop(tmp_path, monkeypatch, caplog, b
 
 
 class BanningBinance(WickingBinance):
-    """WickingBinance, whose next answer for 1 m candles is a 418 (IP banned) as ccxt
-    raises it: a DDoSProtection while handling the HTTP error."""
+    """WickingBinance, whose next answer on ``ban_next`` (1 m candles, or the clock) is a
+    418 (IP banned) as ccxt raises it: a DDoSProtection while handling the HTTP error."""
 
-    ban_next = False
+    ban_next: str | None = None  # "1m" or "/fapi/v1/time"
 
     def fetch(self, url, method="GET", headers=None, body_=None):
         params = dict(parse_qsl(urlsplit(url).query))
-        if self.ban_next and params.get("interval") == "1m":
-            self.ban_next = False
+        if self.ban_next is not None and self.ban_next in (params.get("interval"),
+                                                          urlsplit(url).path):
+            self.ban_next = None
             self.requests.append((method, urlsplit(url).path, params, dict(headers or {})))
             response = requests.Response()
             response.status_code, response.headers = 418, {"Retry-After": "120"}
@@ -260,7 +262,7 @@ def test_paper_calls_nothing_while_the_ip_is_banned(tmp_path, monkeypatch):
     try:
         assert scan.run(rt, SERVER_NOW, "scan-1")["entries"] == 1
         clock.advance(2 * 60_000)
-        banning.ban_next = True
+        banning.ban_next = "1m"
         with pytest.raises(ccxt.DDoSProtection):
             rt.client.positions()  # the account catches up on the minutes: banned
         asked = len(banning.requests)
@@ -273,6 +275,24 @@ def test_paper_calls_nothing_while_the_ip_is_banned(tmp_path, monkeypatch):
         clock.advance(10_000)
         assert {p.symbol for p in rt.client.positions()} == {BTC}  # over: asked again
         assert len(banning.requests) > asked
+    finally:
+        rt.close()
+
+
+def test_paper_a_ban_answered_to_its_clock_reading_is_passed_on(tmp_path, monkeypatch):
+    """The simulated account kept its last clock offset on any failed /time, a 418 too:
+    the ban went unseen and the next call went out."""
+    banning = BanningBinance()
+    rt, clock = start_paper(monkeypatch, tmp_path, banning)
+    try:
+        clock.advance(2 * 60_000)  # the account's clock offset is due to be measured again
+        banning.ban_next = "/fapi/v1/time"
+        with pytest.raises(ccxt.DDoSProtection):
+            rt.client.positions()
+        asked = len(banning.requests)
+        with pytest.raises(IpBanned):
+            rt.client.positions()
+        assert len(banning.requests) == asked
     finally:
         rt.close()
 
