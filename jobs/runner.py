@@ -10,6 +10,7 @@ import logging
 import time
 import traceback
 
+from core.exchange import IpBanned
 from ledger import Fact
 
 log = logging.getLogger(__name__)
@@ -28,7 +29,10 @@ def run_job(rt, name: str, job, scheduled_ms: int | None = None) -> dict:
     except Exception as exc:  # noqa: BLE001 - recorded, logged, and the service goes on
         outcome = "error"
         error = f"{type(exc).__name__}: {exc}"
-        log.error("job %s failed: %s\n%s", name, error, traceback.format_exc(limit=6))
+        if isinstance(exc, IpBanned):  # every job fails so until the ban ends: no traceback
+            log.warning("job %s failed: %s", name, error)
+        else:
+            log.error("job %s failed: %s\n%s", name, error, traceback.format_exc(limit=6))
     duration_ms = round((time.monotonic() - t0) * 1000, 3)
     record = {"job": name, "scheduled_ms": scheduled, "started_ms": started,
               "finished_ms": rt.clock.now_ms(), "duration_ms": duration_ms,

@@ -28,6 +28,7 @@ from core.exchange import IpBanned
 from core.execution import Executor
 from core.sim_market import LiveMarket
 from jobs import reconcile, rotate, scan
+from jobs.runner import run_job
 from ledger import Fact
 
 FIX = Path(__file__).parent / "fixtures" / "binance"
@@ -254,7 +255,7 @@ class BanningBinance(WickingBinance):
         return super().fetch(url, method, headers, body_)
 
 
-def test_paper_calls_nothing_while_the_ip_is_banned(tmp_path, monkeypatch):
+def test_paper_calls_nothing_while_the_ip_is_banned(tmp_path, monkeypatch, caplog):
     """During a ban the simulated account's 1 m candles (and each scan's reads) were asked
     for every scan, which lengthens a ban."""
     banning = BanningBinance()
@@ -271,6 +272,10 @@ def test_paper_calls_nothing_while_the_ip_is_banned(tmp_path, monkeypatch):
             scan.run(rt, clock.now_ms(), f"scan-{clock.now_ms()}")
             with pytest.raises(ccxt.DDoSProtection):
                 rt.client.positions()
+        record = run_job(rt, "reconcile", reconcile.run, clock.now_ms())
+        assert record["outcome"] == "error"
+        assert "job reconcile failed: IpBanned: not called" in caplog.text
+        assert "Traceback" not in caplog.text  # a job failing for as long as a ban lasts
         assert len(banning.requests) == asked
         clock.advance(10_000)
         assert {p.symbol for p in rt.client.positions()} == {BTC}  # over: asked again
