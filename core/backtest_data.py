@@ -30,7 +30,7 @@ import pandas as pd
 
 from core.clock import DAY_MS
 from core.exchange_types import Candle, Ticker
-from core.strategies import SIDE_OF, Signal, Strategy
+from core.strategies import SIDE_OF, Signal, Strategy, StrategyError
 
 INDICATOR_SKIP = ("signal", "reason")
 
@@ -204,7 +204,13 @@ class MarketData:
     def _prepare(self, symbol: str, c, strategy: Strategy) -> SymbolData:
         frame = pd.DataFrame({"ts": c.ts, "open": c.o, "high": c.h, "low": c.low, "close": c.c,
                               "volume": c.v})
-        sig = strategy.signals(frame)
+        try:
+            sig = strategy.signals(frame)
+        except StrategyError as exc:
+            raise ValueError(f"{exc} ({symbol}'s candles)") from None
+        except Exception as exc:  # noqa: BLE001 - the user's strategy code: named, exit 2
+            raise ValueError(f"strategy {strategy.name!r} failed on {symbol}'s candles: "
+                             f"{type(exc).__name__}: {exc}") from None
         indicators = {k: sig[k].to_numpy() for k in sig.columns if k not in INDICATOR_SKIP}
         step = self.grid.searchsorted(c.ts).astype(np.int32)
         tick = float(self.source.ticks[symbol])

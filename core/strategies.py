@@ -121,8 +121,7 @@ class Strategy:
         indicators, index as ``df``. Row ``t`` uses candles ``<= t`` only."""
         ind = self.indicators(df)
         side, reason = self.rule(df, ind)
-        side = np.asarray(side, dtype=np.int8)
-        reason = np.asarray(reason, dtype=object)
+        side, reason = self._checked(df, ind, side, reason)
         # A bad candle anywhere among the rows a decision rests on (its warm-up) taints it:
         # a negative volume in the 20 before would otherwise fake a volume surge.
         bad = ta.window_any(ta.bad_candles(df), max(int(self.warmup), 1))
@@ -133,6 +132,30 @@ class Strategy:
         out.insert(0, "signal", side)
         out.insert(1, "reason", reason)
         return out
+
+    def _checked(self, df: pd.DataFrame, ind: pd.DataFrame, side: Any,
+                 reason: Any) -> tuple[np.ndarray, np.ndarray]:
+        """The rule's answer as arrays, or StrategyError: a side of NaN or 1.7 was cast to
+        0 or 1 unsaid (a NaN even ran a backtest without a trade)."""
+        n, side, reason = len(df), np.asarray(side), np.asarray(reason, dtype=object)
+        where = f"strategy {self.name!r}"
+        for what, got in (("indicator rows", np.empty(len(ind))), ("sides", side),
+                          ("reasons", reason)):
+            if got.shape != (n,):
+                got_text = f"{len(got)} {what}" if got.ndim == 1 else \
+                    f"{what} of shape {got.shape}"
+                raise StrategyError(f"{where}: {got_text} for {n} candles")
+        try:
+            values = side.astype(float)
+        except (TypeError, ValueError):
+            raise StrategyError(f"{where}: sides must be numbers (+1, -1 or 0), got "
+                                f"{side.dtype}") from None
+        odd = ~np.isin(values, (-1.0, 0.0, 1.0))
+        if odd.any():
+            raise StrategyError(f"{where}: side {side[odd][0].item()!r} at candle "
+                                f"{int(np.flatnonzero(odd)[0])}; sides are +1 (long), -1 "
+                                "(short) or 0")
+        return values.astype(np.int8), reason
 
     def decide(self, df: pd.DataFrame) -> Signal:
         """The decision on the last row of ``df`` (the last closed candle)."""

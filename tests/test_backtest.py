@@ -1002,6 +1002,30 @@ def test_the_ledger_ends_at_the_reports_end_equity(tmp_path):
 
 
 @needs_data
+@pytest.mark.parametrize(("rule", "message"), [
+    ("raise ZeroDivisionError('boom')", "strategy 'boom' failed on ADA/USDT:USDT's candles: "
+                                        "ZeroDivisionError: boom"),
+    ("return np.full(len(df), np.nan), np.full(len(df), 'r')",  # ran, with no trade
+     "strategy 'boom': side nan at candle 0"),
+])
+def test_a_strategy_that_fails_is_named_and_the_earlier_ledger_kept(tmp_path, rule, message):
+    """Its exception was a traceback, exit 1; a NaN side ran, no trade, exit 0."""
+    (tmp_path / "boom.py").write_text(
+        "import numpy as np\nimport pandas as pd\nfrom core.strategies import Strategy\n\n\n"
+        "class Boom(Strategy):\n    name = 'boom'\n    defaults = {}\n    warmup = 0\n\n"
+        "    def indicators(self, df):\n        return pd.DataFrame(index=df.index)\n\n"
+        f"    def rule(self, df, ind):\n        {rule}\n")
+    (tmp_path / "bot.toml").write_text(f'[strategy]\nname = "boom"\nmodule = '
+                                       f'"{tmp_path / "boom.py"}"\n')
+    db = tmp_path / "bt.db"
+    before = earlier_backtest(db)
+    r = invoke("--config", tmp_path / "bot.toml", "backtest", "--data", DATA, "--to",
+               "2018-01-12", "--db", db)
+    assert r.exit_code == 2 and message in r.output, r.output
+    assert sha(db) == before and not leftovers(tmp_path)
+
+
+@needs_data
 def test_fees_of_positions_still_open_are_told_apart_from_the_closed_trades(tmp_path):
     """The summary's fees count every fill; the per-symbol table only closed trades: the
     difference, paid to open the positions still open at the end, is said, not hidden."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -258,3 +259,39 @@ def test_user_module_discovery_and_errors(tmp_path):
         available("no_such_module_here")
     with pytest.raises(StrategyError, match="not found"):
         available(str(tmp_path / "missing.py"))
+
+
+class Answers(Strategy):
+    """A strategy whose rule answers whatever the test gives it."""
+
+    name = "answers"
+    defaults = {}
+    warmup = 1
+
+    def __init__(self, side, reason=None, rows=None) -> None:
+        super().__init__()
+        self.side, self.reason, self.rows = side, reason, rows
+
+    def indicators(self, df):
+        return pd.DataFrame({"x": np.ones(self.rows if self.rows is not None else len(df))})
+
+    def rule(self, df, ind):
+        return self.side, (np.full(len(df), "r") if self.reason is None else self.reason)
+
+
+@pytest.mark.parametrize(("side", "reason", "rows", "message"), [
+    # cast to int8 unsaid: NaN ran a backtest with no trade, 1.7 went long, 300 wrapped
+    ([0, 0, np.nan, 0], None, None, "side nan at candle 2; sides are +1 (long), -1"),
+    ([0, 1.7, 0, 0], None, None, "side 1.7 at candle 1"),
+    ([0, 0, 0, 300], None, None, "side 300 at candle 3"),
+    (["long"] * 4, None, None, "sides must be numbers"),
+    ([0, 0, 0], None, None, "3 sides for 4 candles"),
+    ([0] * 4, "why", None, "reasons of shape () for 4 candles"),
+    ([0] * 4, None, 3, "3 indicator rows for 4 candles"),
+])
+def test_a_rule_answering_nonsense_is_refused_by_name(side, reason, rows, message):
+    df = pd.DataFrame({"ts": np.arange(4) * 300_000, "open": 1.0, "high": 1.1, "low": 0.9,
+                       "close": 1.0, "volume": 5.0})
+    with pytest.raises(StrategyError, match=re.escape(f"strategy 'answers': {message}")):
+        Answers(side, reason, rows).signals(df)
+    assert Answers([0, 1, -1, 0]).signals(df)["signal"].tolist() == [0, 1, -1, 0]
