@@ -121,41 +121,47 @@ class Strategy:
         indicators, index as ``df``. Row ``t`` uses candles ``<= t`` only."""
         ind = self.indicators(df)
         side, reason = self.rule(df, ind)
-        side, reason = self._checked(df, ind, side, reason)
+        self._check_shapes(df, ind, side, reason)
         # A bad candle anywhere among the rows a decision rests on (its warm-up) taints it:
         # a negative volume in the 20 before would otherwise fake a volume surge.
         bad = ta.window_any(ta.bad_candles(df), max(int(self.warmup), 1))
         warm = ind.isna().to_numpy().any(axis=1) if ind.shape[1] else np.zeros(len(df), bool)
         reason = np.where(bad, "bad_candle", np.where(warm, "warmup", reason))
-        side = np.where(bad | warm, 0, side).astype(np.int8)
+        side = self._decided_sides(side, bad | warm)
         out = ind.copy()
         out.insert(0, "signal", side)
         out.insert(1, "reason", reason)
         return out
 
-    def _checked(self, df: pd.DataFrame, ind: pd.DataFrame, side: Any,
-                 reason: Any) -> tuple[np.ndarray, np.ndarray]:
-        """The rule's answer as arrays, or StrategyError: a side of NaN or 1.7 was cast to
-        0 or 1 unsaid (a NaN even ran a backtest without a trade)."""
-        n, side, reason = len(df), np.asarray(side), np.asarray(reason, dtype=object)
-        where = f"strategy {self.name!r}"
-        for what, got in (("indicator rows", np.empty(len(ind))), ("sides", side),
-                          ("reasons", reason)):
+    def _check_shapes(self, df: pd.DataFrame, ind: pd.DataFrame, side: Any,
+                      reason: Any) -> None:
+        """One side and one reason per candle, one indicator row per candle (a wrong
+        length failed deep in numpy, naming nothing), or StrategyError."""
+        n = len(df)
+        for what, got in (("indicator rows", np.empty(len(ind))), ("sides", np.asarray(side)),
+                          ("reasons", np.asarray(reason, dtype=object))):
             if got.shape != (n,):
                 got_text = f"{len(got)} {what}" if got.ndim == 1 else \
                     f"{what} of shape {got.shape}"
-                raise StrategyError(f"{where}: {got_text} for {n} candles")
+                raise StrategyError(f"strategy {self.name!r}: {got_text} for {n} candles")
+
+    def _decided_sides(self, side: Any, unused: np.ndarray) -> np.ndarray:
+        """The sides as int8, 0 on the ``unused`` rows (warm-up, bad candles: a rule may
+        answer NaN there). Elsewhere +1, -1 or 0, or StrategyError: a NaN or 1.7 was cast
+        to 0 or 1 unsaid (a NaN ran a backtest without a trade)."""
+        raw = np.asarray(side)
         try:
-            values = side.astype(float)
+            values = np.where(unused, 0.0, raw.astype(float))
         except (TypeError, ValueError):
-            raise StrategyError(f"{where}: sides must be numbers (+1, -1 or 0), got "
-                                f"{side.dtype}") from None
+            raise StrategyError(f"strategy {self.name!r}: sides must be numbers (+1, -1 or "
+                                f"0), got {raw.dtype}") from None
         odd = ~np.isin(values, (-1.0, 0.0, 1.0))
         if odd.any():
-            raise StrategyError(f"{where}: side {side[odd][0].item()!r} at candle "
-                                f"{int(np.flatnonzero(odd)[0])}; sides are +1 (long), -1 "
-                                "(short) or 0")
-        return values.astype(np.int8), reason
+            at = int(np.flatnonzero(odd)[0])
+            given = raw[at].item() if isinstance(raw[at], np.generic) else raw[at]
+            raise StrategyError(f"strategy {self.name!r}: side {given!r} at candle {at}; "
+                                "sides are +1 (long), -1 (short) or 0")
+        return values.astype(np.int8)
 
     def decide(self, df: pd.DataFrame) -> Signal:
         """The decision on the last row of ``df`` (the last closed candle)."""

@@ -284,6 +284,7 @@ class Answers(Strategy):
     ([0, 0, np.nan, 0], None, None, "side nan at candle 2; sides are +1 (long), -1"),
     ([0, 1.7, 0, 0], None, None, "side 1.7 at candle 1"),
     ([0, 0, 0, 300], None, None, "side 300 at candle 3"),
+    (np.array([0, 0, 0, 2], dtype=object), None, None, "side 2 at candle 3"),
     (["long"] * 4, None, None, "sides must be numbers"),
     ([0, 0, 0], None, None, "3 sides for 4 candles"),
     ([0] * 4, "why", None, "reasons of shape () for 4 candles"),
@@ -295,3 +296,23 @@ def test_a_rule_answering_nonsense_is_refused_by_name(side, reason, rows, messag
     with pytest.raises(StrategyError, match=re.escape(f"strategy 'answers': {message}")):
         Answers(side, reason, rows).signals(df)
     assert Answers([0, 1, -1, 0]).signals(df)["signal"].tolist() == [0, 1, -1, 0]
+
+
+def test_a_rule_may_answer_nan_where_no_decision_is_taken():
+    """Warm-up rows (a NaN indicator) decide nothing whatever the rule says: np.sign of an
+    SMA's distance is NaN there, and was refused though those rows are never used."""
+    df = pd.DataFrame({"ts": np.arange(5) * 300_000, "open": 1.0, "high": 2.0, "low": 0.5,
+                       "close": [1.0, 1.1, 1.2, 1.1, 1.3], "volume": 5.0})
+
+    class SignOfSma(Answers):
+        warmup = 2
+
+        def indicators(self, df):
+            return pd.DataFrame({"sma": df["close"].rolling(3).mean()})
+
+        def rule(self, df, ind):
+            return np.sign(df["close"] - ind["sma"]), np.full(len(df), "r")
+
+    sig = SignOfSma(None).signals(df)
+    assert sig["signal"].tolist() == [0, 0, 1, -1, 1]
+    assert sig["reason"].tolist()[:2] == ["warmup", "warmup"]
