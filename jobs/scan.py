@@ -26,6 +26,7 @@ from core import exits, risk
 from core.clock import DAY_MS, iso, timeframe_ms, utc_day
 from core.exchange_types import BadExchangeData, Candle
 from core.execution import READ_ERRORS, Executor
+from core.strategies import StrategyError
 from jobs import daily_reset
 from ledger import Fact
 
@@ -121,9 +122,15 @@ def decide_and_act(rt, symbols: list[str], candles: dict[str, list[Candle]],
 
     frames = {s: frame(c) for s, c in candles.items() if c}
     tf = timeframe_ms(cfg.strategy.timeframe)
-    entries, quiet = [], []
+    entries, quiet, failed = [], [], []
     for symbol, series in sorted(fresh.items()):
-        signal = rt.strategy.decide(frames[symbol])
+        try:
+            signal = rt.strategy.decide(frames[symbol])
+        except Exception as exc:  # noqa: BLE001 - strategy code: the other symbols go on
+            log.error("%s: strategy %r failed, not decided this scan: %s: %s", symbol,
+                      rt.strategy.name, type(exc).__name__, exc)
+            failed.append(f"{symbol} ({type(exc).__name__}: {exc})")
+            continue
         signal_fact = Fact("signal", now, run_id=run_id, symbol=symbol, side=signal.side,
                            reason=signal.reason, price=Decimal(repr(series[-1].close)),
                            data={**signal.to_record(), "candle_ts": series[-1].ts})
@@ -155,6 +162,9 @@ def decide_and_act(rt, symbols: list[str], candles: dict[str, list[Candle]],
                              current, as_of=as_of if as_of is not None else now)
         summary["entries"] += opened
         current = None if sent else current
+    if failed:  # the run is an error (the dashboard's job status shows it), once all is done
+        raise StrategyError(f"strategy {rt.strategy.name!r} failed on {len(failed)} "
+                            f"symbol(s), not decided: {'; '.join(failed)}")
     return summary
 
 

@@ -305,6 +305,31 @@ def test_the_scan_decides_and_acts_only_while_holding_the_jobs_lock(bot_factory)
     assert set(bot.ledger.state().positions) == {AAA, BBB}
 
 
+class FailsOnAAA(Pick):
+    """Pick, whose code raises on AAA's candles (those with a volume of 777)."""
+
+    def rule(self, df: pd.DataFrame, ind: pd.DataFrame):
+        if df["volume"].iloc[-1] == 777:
+            raise ZeroDivisionError("boom")
+        return super().rule(df, ind)
+
+
+def test_a_strategy_failing_on_one_symbol_leaves_the_others_decided(bot_factory):
+    """The exception ended the scan at the first symbol: every symbol after it went
+    undecided, its position's exit rules unchecked, its entry not taken."""
+    bot = bot_factory(strat=FailsOnAAA(long_at=[T0 - TF]),
+                      paths={"AAA": flat(100.0, 5), "BBB": flat(50.0, 5)},
+                      volume={"AAA": 777.0})
+    bot.set_coins([AAA, BBB])
+    record = bot.job("scan", T0)
+    assert record["outcome"] == "error"
+    [run] = bot.facts("job_run")
+    assert "strategy 'pick' failed on 1 symbol(s), not decided: AAA/USDT:USDT " \
+           "(ZeroDivisionError: boom)" in run["reason"]
+    assert set(bot.ledger.state().positions) == {BBB}  # BBB decided and entered
+    assert [f["symbol"] for f in bot.facts("signal")] == [BBB]
+
+
 # -- exits ----------------------------------------------------------------------------------
 
 def test_exchange_stop_that_fired_is_recorded_as_a_stop_loss_close(bot_factory):
