@@ -247,7 +247,7 @@ class Engine:
             self.record_fired_stops(now)  # the window's end: nothing is decided now
         elif self.reference:
             self.record_fired_stops(now, [s for s in sorted(self.ledger.state().positions)
-                                          if not self.decided(s, k)])
+                                          if self.decided_at(s, k) < 0])
             scan.run(self.rt, now, f"scan-{now}")  # the live job itself
         else:
             self.scan(k, now)
@@ -257,29 +257,28 @@ class Engine:
             self.last_day = day_start_ms(now)
         self.after_step(k)
 
-    def decided(self, symbol: str, k: int) -> bool:
-        """Does the scan decide on ``symbol`` at step k? Not without a new candle (a hole),
-        nor with a hole among the last candles it rests on."""
+    def decided_at(self, symbol: str, k: int) -> int:
+        """The index of the candle the scan decides ``symbol`` on at step k, or -1: none
+        without a new candle (a hole), nor with a hole among the last candles it rests on."""
         d, candle_ts = self.data.data[symbol], int(self.data.grid[k])
         i = d.last_at(candle_ts)
-        return i >= 0 and int(d.ts[i]) == candle_ts and bool(d.decidable[i])
+        return i if i >= 0 and int(d.ts[i]) == candle_ts and d.decidable[i] else -1
 
     def scan(self, k: int, now: int) -> None:
         """jobs/scan.py's run for the candles closing at ``now``, on the symbols due."""
         rt, run_id = self.rt, f"scan-{now}"
         self.record_fired_stops(now, [s for s, step in sorted(self.wake.items())
-                                      if step == k and not self.decided(s, k)])
+                                      if step == k and self.decided_at(s, k) < 0])
         balance = rt.client.balance()
         ex = self.executor(rt.ledger, rt.client, rt.clock, self.cfg, run_id, rt.lock)
         scan.check_limits(rt, ex, balance, now, run_id, snapshot=True)
         state = rt.ledger.state()
-        candle_ts = int(self.data.grid[k])
         entries = []
         for symbol in sorted(set(state.positions) | set(self.entries.get(k, ()))):
-            if not self.decided(symbol, k):
+            i = self.decided_at(symbol, k)
+            if i < 0:
                 continue
             d = self.data.data[symbol]
-            i = d.last_at(candle_ts)
             position = state.positions.get(symbol)
             if position is not None:
                 if self.wake.get(symbol) == k:

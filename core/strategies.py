@@ -137,13 +137,15 @@ class Strategy:
                       reason: Any) -> None:
         """One side and one reason per candle, one indicator row per candle (a wrong
         length failed deep in numpy, naming nothing), or StrategyError."""
-        n = len(df)
-        for what, got in (("indicator rows", np.empty(len(ind))), ("sides", np.asarray(side)),
+        n, where = len(df), f"strategy {self.name!r}"
+        if len(ind) != n:
+            raise StrategyError(f"{where}: {len(ind)} indicator rows for {n} candles")
+        for what, got in (("sides", np.asarray(side)),
                           ("reasons", np.asarray(reason, dtype=object))):
             if got.shape != (n,):
                 got_text = f"{len(got)} {what}" if got.ndim == 1 else \
                     f"{what} of shape {got.shape}"
-                raise StrategyError(f"strategy {self.name!r}: {got_text} for {n} candles")
+                raise StrategyError(f"{where}: {got_text} for {n} candles")
 
     def _decided_sides(self, side: Any, unused: np.ndarray) -> np.ndarray:
         """The sides as int8, 0 on the ``unused`` rows (warm-up, bad candles: a rule may
