@@ -216,9 +216,11 @@ def _strategy_key(combo: dict) -> str:
     return repr(sorted(combo.get("strategy", {}).items()))
 
 
-def run_chunk(base: dict, data_dir: str, jobs: list[Job]) -> list[tuple[tuple, dict]]:
+def run_chunk(base: dict, data_dir: str, jobs: list[Job],
+              scratch: str | None = None) -> list[tuple[tuple, dict]]:
     """Backtest ``jobs`` in one process: the candles are read once, the signals computed
-    once per strategy parameter set. Returns (key, metrics) pairs."""
+    once per strategy parameter set. Returns (key, metrics) pairs. The temporary ledgers
+    go in a folder of their own (in ``scratch`` if given)."""
     from core.backtest import run_backtest
     from core.backtest_data import MarketData
     from core.backtest_run import open_source
@@ -229,7 +231,8 @@ def run_chunk(base: dict, data_dir: str, jobs: list[Job]) -> list[tuple[tuple, d
     source = open_source(config, data_dir)
     prepared: dict[str, MarketData] = {}
     out = []
-    with ending_on_sigterm(), tempfile.TemporaryDirectory(prefix="walkforward-") as tmp:
+    with ending_on_sigterm(), tempfile.TemporaryDirectory(prefix="walkforward-",
+                                                           dir=scratch) as tmp:
         for n, job in enumerate(jobs):
             cfg = config.with_values(**job.combo)
             skey = _strategy_key(job.combo)
@@ -266,10 +269,12 @@ def run_jobs(config: Config, data_dir: str, jobs: list[Job], workers: int,
                 progress(len(results), len(jobs))
         return results
     others = set(multiprocessing.active_children())  # the caller's own: never stopped
-    with ending_on_sigterm(), ProcessPoolExecutor(max_workers=workers,
-                                                  initializer=_worker_start) as pool:
+    # The workers' temporary ledgers go in the parent's folder: a worker killed outright
+    # (SIGKILL, out of memory) cannot remove its own.
+    with ending_on_sigterm(), tempfile.TemporaryDirectory(prefix="walkforward-") as scratch, \
+            ProcessPoolExecutor(max_workers=workers, initializer=_worker_start) as pool:
         try:
-            futures = [pool.submit(_run_chunk_in_worker, base, data_dir, chunk)
+            futures = [pool.submit(_run_chunk_in_worker, base, data_dir, chunk, scratch)
                        for chunk in chunks]
             for f in as_completed(futures):
                 results.update(f.result())
@@ -294,12 +299,12 @@ def _worker_start() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
-def _run_chunk_in_worker(base: dict, data_dir: str, jobs: list[Job]) -> list:
+def _run_chunk_in_worker(base: dict, data_dir: str, jobs: list[Job], scratch: str) -> list:
     """``run_chunk`` in a pool's worker. Stopped (SIGTERM), it ends once its temporary
     ledgers are removed: the pool would catch the exception and hand the worker the next
     chunk."""
     try:
-        return run_chunk(base, data_dir, jobs)
+        return run_chunk(base, data_dir, jobs, scratch)
     except SystemExit:
         os._exit(128 + signal.SIGTERM)
 

@@ -178,10 +178,10 @@ def test_a_walkforward_stopped_by_sigterm_stops_now_and_leaves_nothing(tmp_path,
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
     try:
         deadline = time.monotonic() + 60
-        while not any(tmp.glob("walkforward-*/run*.db")) and time.monotonic() < deadline \
+        while not any(tmp.glob("walkforward-*/**/run*.db")) and time.monotonic() < deadline \
                 and proc.poll() is None:
             time.sleep(0.05)
-        assert any(tmp.glob("walkforward-*/run*.db")), "no backtest started: " + (
+        assert any(tmp.glob("walkforward-*/**/run*.db")), "no backtest started: " + (
             "still running" if proc.poll() is None else proc.stderr.read().decode())
         if how == "parent":
             proc.send_signal(signal.SIGTERM)
@@ -198,6 +198,49 @@ def test_a_walkforward_stopped_by_sigterm_stops_now_and_leaves_nothing(tmp_path,
     while group_alive(proc.pid) and time.monotonic() < deadline:
         time.sleep(0.05)  # the workers end as their temporary ledgers are removed
     assert not group_alive(proc.pid), "workers left running"
+    assert list(tmp.iterdir()) == []
+
+
+def worker_running_a_backtest(parent: int) -> int | None:
+    """A child of ``parent`` with a temporary ledger open."""
+    for child in Path(f"/proc/{parent}/task/{parent}/children").read_text().split():
+        try:
+            fds = [os.readlink(fd) for fd in Path(f"/proc/{child}/fd").iterdir()]
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+        if any(Path(fd).name.startswith("run") and ".db" in fd for fd in fds):
+            return int(child)
+    return None
+
+
+@needs_data
+@pytest.mark.slow
+def test_a_worker_killed_outright_ends_the_run_clearly_and_leaves_nothing(tmp_path):
+    """A worker SIGKILLed (or by the out-of-memory killer) cannot remove its temporary
+    ledgers: they were left in the temporary folder, one run's worth per kill."""
+    grid = write(tmp_path, "[exits]\nstop_loss_pct = [1.0, 1.5, 2.0, 2.5, 3.0, 3.5]\n")
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    proc = subprocess.Popen(
+        [sys.executable, "cli.py", "walkforward", "--data", str(DATA), "--grid", str(grid),
+         "--train", "3d", "--test", "1d", "--workers", "2"],
+        cwd=Path(cli.__file__).parent, env={**os.environ, "TMPDIR": str(tmp)},
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 60
+        victim = None
+        while victim is None and time.monotonic() < deadline and proc.poll() is None:
+            victim = worker_running_a_backtest(proc.pid)
+            time.sleep(0.02)
+        assert victim, "no worker seen running a backtest"
+        os.kill(victim, signal.SIGKILL)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 2, err.decode()
+    assert "walk-forward worker process ended" in err.decode().splitlines()[0]
     assert list(tmp.iterdir()) == []
 
 
