@@ -33,9 +33,10 @@ training run would trade on its test window's first price), and positions still 
 valued at the window's last closes.
 
 Rotation as in live: the top ``[rotation] top_n`` by 24 h quote volume (computed from
-the candles, as the venue's tickers are), at the start and then whenever the clock
-enters a new ``rotate_interval_h`` slot (epoch-aligned, as the scheduler's slots are),
-before the scan of that step. The daily reset runs after the scan of the first step of
+the candles, as the venue's tickers are), at the start and then every
+``rotate_interval_h`` after it (the service's interval trigger counts from its start),
+before the scan of that step; after a hole in every symbol's candles, once at the first
+step, as the service runs a late rotation once. The daily reset runs after the scan of the first step of
 each UTC day.
 
 What is skipped is only what cannot change anything (see ``core.backtest_watch``): steps
@@ -71,10 +72,11 @@ from core.backtest_data import MarketData, signal_of
 from core.backtest_ledger import BufferedLedger
 from core.backtest_venue import BacktestClient, BacktestExecutor, build_venue
 from core.backtest_watch import MARGIN, next_due, watch_for
-from core.clock import DAY_MS, VirtualClock, day_start_ms
+from core.clock import DAY_MS, VirtualClock, day_start_ms, slot
 from core.config import Config, to_mapping
 from core.exchange import ExchangeClient
 from core.execution import Executor, executed
+from core.report import when_utc
 from core.runtime import Runtime
 from core.sim_account import D, account
 from core.sim_binance import Q8
@@ -192,7 +194,7 @@ class Engine:
         self.wake: dict[str, int] = {}  # symbol -> step its position must be evaluated at
         self.watched: dict[str, dict] = {}  # symbol -> position dict the wake was computed for
         self.rotate_ms = int(config.schedule.rotate_interval_h * 3_600_000)
-        self.last_slot: int | None = None
+        self.next_rotation_ms: int | None = None  # None: the start's rotation is due
         self.last_day: int | None = None
         self.start_equity = float(self.client.balance().equity)
         self.account: dict[str, Any] = {}
@@ -225,8 +227,12 @@ class Engine:
             self.progress(self.k1 - self.k0, self.k1 - self.k0)
         end: list[Fact] = []
         if self.k1 > self.k0:
+            # the end is valued at the window's last closes: dated there, not at the last
+            # step acted on (the quiet steps before the end are skipped)
+            self.clock.set(self.data.at(self.k1 - 1))
             equity = self.end_equity()
             self.equity[-1] = float(equity)
+            self.warn_of_stale_marks()
             if self.account["legs"]:  # the last snapshot has them at an earlier step's prices
                 end.append(Fact("balance", self.clock.now_ms(), reason="backtest end", data={
                     "currency": self.cfg.exchange.quote, "total": self.account["wallet_exact"],
@@ -235,14 +241,26 @@ class Engine:
                                        data={"kind": "backtest_end",
                                              "steps": self.k1 - self.k0})])
 
+    def warn_of_stale_marks(self) -> None:
+        """Say which positions open at the end are valued at an older close: their
+        symbol's candles ended (or paused) before the window did."""
+        last = int(self.data.grid[self.k1 - 1])
+        for symbol, _, _ in self.account["legs"]:
+            d = self.data.data[symbol]
+            i = d.last_at(last)
+            if i >= 0 and int(d.ts[i]) < last:
+                log.warning("%s: its candles stop at %s UTC, before the window's end: its "
+                            "position still open is valued at that close", symbol,
+                            when_utc(int(d.ts[i]) + self.data.tf_ms))
+
     def step(self, k: int) -> None:
         """Everything the jobs would do at step k's instant, in the service's order."""
         now = self.data.at(k)
         self.clock.set(now)
-        if self.rotation_due(now):
-            slot = now - now % self.rotate_ms
-            rotate.run(self.rt, slot, f"rotate-{now}")
-            self.last_slot = slot
+        if self.next_rotation_ms is None or now >= self.next_rotation_ms:
+            rotate.run(self.rt, slot(now, self.rotate_ms), f"rotate-{now}")
+            origin = now if self.next_rotation_ms is None else self.next_rotation_ms
+            self.next_rotation_ms = origin + ((now - origin) // self.rotate_ms + 1) * self.rotate_ms
         if k == self.k1 - 1:
             self.record_fired_stops(now)  # the window's end: nothing is decided now
         elif self.reference:
@@ -446,13 +464,10 @@ class Engine:
         equity = account(a["wallet_exact"], legs, marks, dict.fromkeys(legs, 1), []).equity
         return equity.quantize(Q8) > a["peak_exact"]
 
-    def rotation_due(self, now: int) -> bool:
-        return self.last_slot is None or now - now % self.rotate_ms > self.last_slot
-
     def next_rotation_step(self) -> int:
-        if self.last_slot is None:
+        if self.next_rotation_ms is None:
             return self.k0
-        return self.step_at_or_after(self.last_slot + self.rotate_ms)
+        return self.step_at_or_after(self.next_rotation_ms)
 
     def next_day_step(self) -> int:
         if self.last_day is None:

@@ -161,18 +161,24 @@ def _num(x: float | None, digits: int = 2) -> str:
     return "-" if x is None else f"{x:,.{digits}f}"
 
 
+def _profit_factor(m: dict[str, Any]) -> str:
+    # None means two things: no trade (nothing to say) or no losing trade (unbounded)
+    return "- (no losing trade)" if m["profit_factor"] is None and m["wins"] else \
+        _num(m["profit_factor"])
+
+
 def summary_text(m: dict[str, Any], quote: str = "USDT") -> str:
     """The human summary and per-symbol table."""
     from tabulate import tabulate
 
     reasons = ", ".join(f"{k} {v}" for k, v in m["exit_reasons"].items()) or "-"
     lines = [
-        f"backtest      {m['strategy']} on {m['symbols']} symbols, decisions "
+        f"backtest      {m['strategy']} on {m['symbols']} symbol{'' if m['symbols'] == 1 else 's'}, decisions "
         f"{m['first_decision']} .. {m['last_decision']} UTC ({m['steps']:,} steps)",
         f"ledger        {m['ledger']} ({m['facts']:,} facts)",
         "",
         f"trades        {m['total_trades']:,}  (win rate {_pct(m['win_rate'], 1)}, profit "
-        f"factor {_num(m['profit_factor'])}, {m['open_at_end']} still open)",
+        f"factor {_profit_factor(m)}, {m['open_at_end']} still open)",
         f"total return  {_pct(m['total_return'])}  ({_num(m['start_equity'])} -> "
         f"{_num(m['end_equity'])} {quote})",
         f"max drawdown  {_pct(m['max_drawdown'])}",

@@ -463,7 +463,12 @@ EARLIEST_MS = 1_230_940_800_000  # 2009-01-03, Bitcoin's first block: no market 
 def read_candles(path: Path, cols: list[str]) -> pd.DataFrame:
     """The file's rows: headers matched in any case, a price that is no number a NaN
     (left out as malformed), the timestamp whole milliseconds."""
-    df = pd.read_csv(path)
+    try:
+        df = pd.read_csv(path)
+    except pd.errors.EmptyDataError:
+        raise ValueError(f"{path.name}: empty (no header row, no candles)") from None
+    except (pd.errors.ParserError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{path.name}: not a CSV file of candles ({exc})") from None
     df.columns = [str(c).strip().lower() for c in df.columns]
     missing = [c for c in ["timestamp", *cols] if c not in df.columns]
     if missing:

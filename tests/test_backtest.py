@@ -8,10 +8,12 @@ it is run at every candle close on the same virtual clock and simulated exchange
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import hashlib
 import io
 import json
+import logging
 import os
 import signal
 import sqlite3
@@ -46,7 +48,7 @@ from core.clock import VirtualClock
 from core.config import Config
 from core.dashboard import Dashboard
 from core.exchange import ExchangeClient
-from core.report import daily_returns, drawdowns, metrics, sharpe_sortino
+from core.report import daily_returns, drawdowns, metrics, sharpe_sortino, summary_text, when_utc
 from core.sim_market import ArraySource, Candles, CsvMarket, binance_market
 from core.strategies import load_strategy
 from jobs.scan import frame as scan_frame
@@ -276,6 +278,27 @@ def test_stop_and_new_high_in_one_candle_assume_the_worse(tmp_path):
     assert conn.execute("SELECT count(*) FROM facts WHERE type = 'best_price'").fetchone()[0] == 1
 
 
+def test_rotations_count_from_the_start_as_the_services_interval_trigger_does(tmp_path):
+    """The service rotates at its start and every ``rotate_interval_h`` after it; the
+    backtest rotated on epoch-aligned slots (01:25, then 03:00, 06:00 ...), ranking other
+    24 h windows than the service would. A hole in every symbol over a due instant: one
+    late rotation, and the next back on the start's grid (the trigger's times stay)."""
+    shift = 16 * TF  # the first candle opens at 01:20: the first step is its close, 01:25
+    hole = range(70, 75)  # candles opening 07:10 .. 07:30: no step from 07:15 to 07:35
+
+    def series(base):
+        c = candles([base + 0.01 * i for i in range(12 * 12)], drop=hole)
+        return Candles(c.ts + shift, c.o, c.h, c.low, c.c, c.v)
+
+    market = ArrayMarket({"AAA/USDT:USDT": series(50), "BBB/USDT:USDT": series(60)})
+    result, conn = crafted(tmp_path, market, rotation={"top_n": 1})
+    rotated = [when_utc(ts)[11:] for (ts,) in conn.execute(
+        "SELECT ts FROM facts WHERE type = 'rotation' ORDER BY seq")]
+    assert rotated == ["01:25", "04:25", "07:40", "10:25"]
+    assert [json.loads(d)["coins"] for (d,) in conn.execute(
+        "SELECT data FROM facts WHERE type = 'rotation'")] == [["BBB/USDT:USDT"]] * 4
+
+
 def test_a_hole_in_the_candles(tmp_path):
     # BBB's signal candle 6 is followed by a hole: the order fills at its last close, and
     # no decision is taken on BBB until its last 4 candles are whole again.
@@ -293,6 +316,25 @@ def test_a_hole_in_the_candles(tmp_path):
     first_after = T0 + (9 + lookback - 1) * TF  # the first candle whose lookback is whole
     assert all(ts <= T0 + 6 * TF or ts >= first_after for ts in decided)
     assert max(decided) >= first_after
+
+
+def test_a_position_in_a_symbol_whose_candles_end_early_is_said(tmp_path, caplog):
+    """Its position stays open, valued at the symbol's last close, unwatched: the
+    backtest cannot know the candles will not resume, but the report can say so."""
+    bbb = candles(DOWN_UP + [99.2, 99.3, 99.4])  # opened at candle 7, the last opens at 9
+    aaa = candles([50 + 0.01 * i for i in range(15)])
+    market = ArrayMarket({"AAA/USDT:USDT": aaa, "BBB/USDT:USDT": bbb})
+    with caplog.at_level(logging.WARNING, logger="core.backtest"):
+        result, conn = crafted(tmp_path, market)
+    assert [p["symbol"] for p in result.still_open] == ["BBB/USDT:USDT"]
+    said = [r.getMessage() for r in caplog.records if r.name == "core.backtest"]
+    assert said == [f"BBB/USDT:USDT: its candles stop at {when_utc(T0 + 10 * TF)} UTC, before "
+                    "the window's end: its position still open is valued at that close"]
+    caplog.clear()
+    (tmp_path / "whole").mkdir()
+    crafted(tmp_path / "whole", ArrayMarket({"AAA/USDT:USDT": aaa,
+                                             "BBB/USDT:USDT": candles(DOWN_UP + [99.2] * 8)}))
+    assert not [r for r in caplog.records if r.name == "core.backtest"]
 
 
 def test_a_stop_fired_after_a_hole_is_recorded_at_that_candles_close(tmp_path):
@@ -507,6 +549,16 @@ def test_metrics_of_a_hand_made_result():
     assert (m["fees"], m["fees_closed_trades"]) == (0.4, pytest.approx(0.3))
     assert [(r["symbol"], r["trades"], r["pnl"]) for r in m["per_symbol"]] == [
         ("A", 2, 1.0), ("B", 1, 0.0)]
+    m.update(ledger="x.db", first_decision="d0", last_decision="d1")
+    assert "on 2 symbols," in summary_text(m) and "profit factor 2.00," in summary_text(m)
+    # None twice over: no losing trade, or no trade at all
+    one = metrics(dataclasses.replace(result, symbols=["A"], trades=trades[:1]))
+    one.update(ledger="x.db", first_decision="d0", last_decision="d1")
+    assert "on 1 symbol," in summary_text(one)
+    assert "profit factor - (no losing trade)," in summary_text(one)
+    none = metrics(dataclasses.replace(result, trades=[]))
+    none.update(ledger="x.db", first_decision="d0", last_decision="d1")
+    assert "(win rate -, profit factor -, 0 still open)" in summary_text(none)
 
 
 def test_the_step_at_midnight_closes_the_day_before():
@@ -744,6 +796,15 @@ def test_cli_refuses_bad_input(tmp_path):
     (seconds / "X_USDT-5m.csv").write_text("timestamp,open,high,low,close,volume\n"
                                            "1515542400,1,1,1,1,1\n1515542700,1,1,1,1,1\n")
     cases.append((["--data", seconds, "--db", earlier], "seconds? they must be milliseconds"))
+    blank = tmp_path / "blank"  # pandas' own words, naming no file
+    blank.mkdir()
+    (blank / "X_USDT-5m.csv").write_text("")
+    cases.append((["--data", blank, "--db", earlier], "X_USDT-5m.csv: empty (no header row"))
+    ragged = tmp_path / "ragged"
+    ragged.mkdir()
+    (ragged / "X_USDT-5m.csv").write_text("timestamp,open,high,low,close,volume\n"
+                                          "1515542400000,1,1,1,1,1\n1515542700000,1,1,1,1,1,7,8\n")
+    cases.append((["--data", ragged, "--db", earlier], "X_USDT-5m.csv: not a CSV file of candles"))
     for args, message in cases:
         r = CliRunner().invoke(cli.main, ["backtest", *map(str, args)])
         assert r.exit_code == 2, (args, r.output)
@@ -982,10 +1043,11 @@ def test_the_test_only_crash_faults_are_refused(tmp_path, command):
 @needs_data
 def test_the_ledger_ends_at_the_reports_end_equity(tmp_path):
     """With positions open at the end, status and the dashboard showed the last balance
-    snapshot (an earlier step's, its positions at older prices), not the report's end."""
+    snapshot (an earlier step's, its positions at older prices), not the report's end.
+    The end's facts were dated at the last step acted on (12:00 here), not at the end."""
     db = tmp_path / "bt.db"
-    m = json.loads(invoke("backtest", "--data", DATA, "--from", "2018-01-20", "--to",
-                          "2018-01-21", "--db", db, "--json").output)
+    m = json.loads(invoke("backtest", "--data", DATA, "--from", "2018-01-15", "--to",
+                          "2018-01-19T13:00Z", "--db", db, "--json").output)
     assert m["open_at_end"] > 0
     status = json.loads(invoke("--db", db, "status", "--json").output)
     assert float(status["equity"]) == pytest.approx(m["end_equity"], abs=1e-8)
@@ -998,6 +1060,8 @@ def test_the_ledger_ends_at_the_reports_end_equity(tmp_path):
     with sqlite3.connect(db) as conn:
         [(valued,)] = conn.execute("SELECT json_extract(data, '$.valued_at') FROM facts "
                                    "WHERE type = 'balance' ORDER BY seq DESC LIMIT 1")
+        end = conn.execute("SELECT DISTINCT ts FROM facts WHERE reason = 'backtest end'")
+        assert [when_utc(ts) for (ts,) in end] == ["2018-01-19 13:00"]
     assert valued == "the window's last closes"
 
 

@@ -27,8 +27,8 @@ simulated venue show (both by its design, neither a backtest error):
 
 Two settings keep decisions away from instants that jitter could put on either side: the
 cooldown (32 min) is not a whole number of candles (it runs from the exit's bot time),
-and ``top_n`` covers every symbol, so rotations (at start-up and every 3 h after in the
-service, on epoch-aligned slots in the backtest) always choose the same coins. The market
+and ``top_n`` covers every symbol, so rotations (at start-up and every 3 h after, in the
+service some bot-seconds after the backtest's step) always choose the same coins. The market
 is also checked against the one race the periodic reconcile could win
 (``stop_fills_meeting_an_entry_signal``).
 
