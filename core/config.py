@@ -284,11 +284,9 @@ def from_mapping(raw: Mapping[str, Any], *, source: str = "(mapping)",
     built: dict[str, Any] = {}
     for section_name, value in raw.items():
         if section_name not in SECTIONS:
-            if _names_secret(section_name, value):
-                errors.append(f"{section_name}: {SECRETS_REFUSED}")
-            else:
-                errors.append(f"unknown section [{section_name}]; known sections: "
-                              f"{', '.join(SECTIONS)}")
+            errors.append(f"unknown section [{section_name}]"
+                          + _if_a_secret(section_name, value)
+                          + f"; known sections: {', '.join(SECTIONS)}")
             continue
         if not isinstance(value, Mapping):
             errors.append(f"[{section_name}] must be a table, got {type_name(value)}")
@@ -307,11 +305,8 @@ def _section(name: str, cls: type, values: Mapping[str, Any], errors: list[str])
     for key, value in values.items():
         where = f"[{name}] {key}"
         if key not in known:
-            if _names_secret(key, value):
-                errors.append(f"{where}: {SECRETS_REFUSED}")
-            else:
-                errors.append(f"{where}: unknown key; known keys in [{name}]: "
-                              f"{', '.join(known)}")
+            errors.append(f"{where}: unknown key{_if_a_secret(key, value)}; known keys in "
+                          f"[{name}]: {', '.join(known)}")
             continue
         problem = _check_value(known[key], value)
         if problem:
@@ -342,6 +337,11 @@ def value_problems(section: str, values: Mapping[str, Any]) -> list[str]:
 
 SECRETS_REFUSED = ("secrets are never read from the config file; set the environment "
                    f"variables {', '.join(SECRET_ENV.values())}")
+
+
+def _if_a_secret(key: str, value: Any) -> str:
+    # A name with "key" in it may be a credential or a misspelt setting: say both.
+    return f" (if it is a credential: {SECRETS_REFUSED})" if _names_secret(key, value) else ""
 
 
 def _names_secret(key: str, value: Any) -> bool:

@@ -387,6 +387,15 @@ def test_secret_in_the_file_is_refused_pointing_to_env(text):
     assert KEY not in message and SECRET not in message
 
 
+def test_an_unknown_key_that_only_sounds_like_a_secret_is_still_named_unknown():
+    """``sort_key`` was answered with the secrets advice alone, hiding the known keys."""
+    message = refusal('[strategy]\nsort_key = 3\n')
+    assert "[strategy] sort_key: unknown key" in message
+    assert "known keys in [strategy]: name" in message
+    assert "if it is a credential: secrets are never read from the config file" in message
+    assert "known sections: bot" in refusal('[tokens]\nx = 1\n')
+
+
 def test_a_table_given_for_a_value_is_not_echoed():
     message = refusal(f'[exchange]\nid = {{ apikey = "{KEY}" }}\n')
     assert "[exchange] id" in message and "wrong type (table)" in message
