@@ -45,7 +45,8 @@ change state, no rotation or day boundary falls, and the equity makes neither a 
 peak nor a loss near a limit. The live scan records a ``signal`` fact (and a balance
 snapshot) on every candle, "none" almost always; the backtest records those of the steps
 it acts on (entries, refused entries, exit evaluations) and a snapshot at every new
-equity peak, so the ledger's equity peak is the live one. Everything else - orders,
+equity peak, so the ledger's equity peak is the live one on the candles' prices (the
+service also values the account mid-candle: README, parity). Everything else - orders,
 fills, positions, stops, best prices, risk decisions, halts, rotations, day closes - is
 fact for fact what the live scan job writes on the same candles (tests/test_backtest.py
 runs ``jobs.scan.run`` itself at every step, ``reference=True``, and compares).

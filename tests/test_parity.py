@@ -24,6 +24,10 @@ simulated venue show (both by its design, neither a backtest error):
 * A stop placed inside a candle only sees that candle's move from its placing price to
   its close (``SimExchange._hit``); placed at the open (the backtest) it sees the whole
   candle. The candles here have no wicks, so both see the same range.
+* (From the first.) The service values the account at every scan, mid-candle too, so it
+  can record an equity peak the backtest (valuing at candle opens) never sees, and judge
+  the drawdown and daily-loss limits from it: with bodies this small no scan's price
+  leaves the open, so the peaks, halts and rotations are compared too.
 
 Two settings keep decisions away from instants that jitter could put on either side: the
 cooldown (32 min) is not a whole number of candles (it runs from the exit's bot time),
@@ -58,6 +62,7 @@ from core.clock import AcceleratedClock
 from core.config import Config
 from core.sim_market import CsvMarket
 from core.strategies import load_strategy
+from ledger import Ledger
 
 TF = 300_000  # 5-minute candles
 T0 = 1_709_251_200_000  # 2024-03-01T00:00Z: the service's clock starts here
@@ -185,6 +190,18 @@ def trades(db: Path) -> list[tuple]:
                     "realized_pnl, exit_reason FROM closed_trades ORDER BY position_id")
 
 
+def account_records(db: Path) -> tuple:
+    """What the jobs decided about the account: rotations (their coins), halts and
+    resumes (reason, the peak they judged from), and the ledger's equity peak."""
+    with Ledger(db, readonly=True) as ledger:
+        peak = ledger.state().equity_peak
+    return (rows(db, "SELECT json_extract(data, '$.coins') FROM facts WHERE type = 'rotation' "
+                     "ORDER BY seq"),
+            rows(db, "SELECT type, reason, json_extract(data, '$.equity_peak') FROM facts "
+                     "WHERE type IN ('halt', 'resume') ORDER BY seq"),
+            peak)
+
+
 def still_open(db: Path) -> list[tuple]:
     return rows(db, "SELECT position_id, symbol, side, amount, entry_price, stop_price "
                     "FROM open_positions ORDER BY position_id")
@@ -247,6 +264,7 @@ def test_the_service_and_the_backtest_send_the_same_orders_and_get_the_same_fill
         assert got[key] == expected[key], key
     assert trades(service) == trades(backtest)
     assert still_open(service) == still_open(backtest)
+    assert account_records(service) == account_records(backtest)
 
 
 def test_a_candle_closing_during_a_scan_waits_for_the_next_scan_for_every_symbol(tmp_path):
