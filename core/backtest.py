@@ -73,7 +73,7 @@ from core.backtest_data import MarketData, signal_of
 from core.backtest_ledger import BufferedLedger
 from core.backtest_venue import BacktestClient, BacktestExecutor, build_venue
 from core.backtest_watch import MARGIN, next_due, watch_for
-from core.clock import DAY_MS, VirtualClock, day_start_ms, slot
+from core.clock import DAY_MS, VirtualClock, day_start_ms
 from core.config import Config, to_mapping
 from core.exchange import ExchangeClient
 from core.execution import Executor, executed
@@ -109,6 +109,7 @@ class BacktestResult:
     start_equity: float
     trades: list[dict]  # closed trades (the ledger's closed_trades view)
     still_open: list[dict]  # positions open at the end
+    stale_marks: list[dict]  # those valued at an older close (their candles stop early)
     fees: float
     facts: int
     elapsed_s: float
@@ -233,7 +234,6 @@ class Engine:
             self.clock.set(self.data.at(self.k1 - 1))
             equity = self.end_equity()
             self.equity[-1] = float(equity)
-            self.warn_of_stale_marks()
             if self.account["legs"]:  # the last snapshot has them at an earlier step's prices
                 end.append(Fact("balance", self.clock.now_ms(), reason="backtest end", data={
                     "currency": self.cfg.exchange.quote, "total": self.account["wallet_exact"],
@@ -242,26 +242,31 @@ class Engine:
                                        data={"kind": "backtest_end",
                                              "steps": self.k1 - self.k0})])
 
-    def warn_of_stale_marks(self) -> None:
-        """Say which positions open at the end are valued at an older close: their
-        symbol's candles ended (or paused) before the window did."""
-        last = int(self.data.grid[self.k1 - 1])
-        for symbol, _, _ in self.account["legs"]:
+    def stale_marks(self) -> list[dict]:
+        """The positions open at the end valued at an older close than the window's last:
+        their symbol has no candle there (its candles ended, or pause)."""
+        if self.k1 <= self.k0:
+            return []
+        last, out = int(self.data.grid[self.k1 - 1]), []
+        for symbol, _, _ in self.account.get("legs", ()):
             d = self.data.data[symbol]
             i = d.last_at(last)
             if i >= 0 and int(d.ts[i]) < last:
-                log.warning("%s: its candles stop at %s UTC, before the window's end: its "
-                            "position still open is valued at that close", symbol,
-                            when_utc(int(d.ts[i]) + self.data.tf_ms))
+                out.append({"symbol": symbol,
+                            "valued_at": when_utc(int(d.ts[i]) + self.data.tf_ms)})
+        return out
 
     def step(self, k: int) -> None:
         """Everything the jobs would do at step k's instant, in the service's order."""
         now = self.data.at(k)
         self.clock.set(now)
         if self.next_rotation_ms is None or now >= self.next_rotation_ms:
-            rotate.run(self.rt, slot(now, self.rotate_ms), f"rotate-{now}")
+            # labelled by its instant on the start's grid (the service's fire time, which
+            # falls in a slot of its own): two of these instants can share an epoch slot
             origin = now if self.next_rotation_ms is None else self.next_rotation_ms
-            self.next_rotation_ms = origin + ((now - origin) // self.rotate_ms + 1) * self.rotate_ms
+            due = origin + (now - origin) // self.rotate_ms * self.rotate_ms
+            rotate.run(self.rt, due, f"rotate-{now}")
+            self.next_rotation_ms = due + self.rotate_ms
         if k == self.k1 - 1:
             self.record_fired_stops(now)  # the window's end: nothing is decided now
         elif self.reference:
@@ -506,7 +511,8 @@ class Engine:
             params=dict(self.strategy.params), symbols=list(self.data.symbols),
             times=self.data.grid[self.k0:self.k1] + self.data.tf_ms, equity=self.equity,
             open_positions=self.npos, start_equity=self.start_equity, trades=trades,
-            still_open=still_open, fees=float(fees or 0.0), facts=self.ledger.last_seq(),
+            still_open=still_open, stale_marks=self.stale_marks(),
+            fees=float(fees or 0.0), facts=self.ledger.last_seq(),
             elapsed_s=0.0, day_closes={r["day"]: float(r["equity"]) for r in day_closes
                                        if r["equity"] is not None})
 

@@ -127,6 +127,7 @@ def metrics(result) -> dict[str, Any]:
         "fees_closed_trades": sum(_f(t["fees"]) for t in result.trades),
         "exit_reasons": dict(Counter(t["exit_reason"] for t in result.trades).most_common()),
         "open_at_end": len(result.still_open),
+        "stale_marks": result.stale_marks,
         "per_symbol": per_symbol(result.trades),
         "ledger": result.db_path,
         "facts": result.facts,
@@ -190,6 +191,8 @@ def summary_text(m: dict[str, Any], quote: str = "USDT") -> str:
             f"{_num(m['fees'] - m['fees_closed_trades'], 4)} opening the "
             f"{m['open_at_end']} still open)" if m["open_at_end"] else ""),
         f"exits         {reasons}",
+        *(f"stale mark    {s['symbol']} still open, valued at its last close, {s['valued_at']}"
+          " (it has no candle at the window's end)" for s in m.get("stale_marks", ())),
         f"elapsed       {m['elapsed_s']:.3f} s",
     ]
     if m["per_symbol"]:

@@ -271,7 +271,8 @@ def run_jobs(config: Config, data_dir: str, jobs: list[Job], workers: int,
     others = set(multiprocessing.active_children())  # the caller's own: never stopped
     # The workers' temporary ledgers go in the parent's folder: a worker killed outright
     # (SIGKILL, out of memory) cannot remove its own.
-    with ending_on_sigterm(), tempfile.TemporaryDirectory(prefix="walkforward-") as scratch, \
+    with ending_on_sigterm(), tempfile.TemporaryDirectory(prefix="walkforward-",
+                                                       ignore_cleanup_errors=True) as scratch, \
             ProcessPoolExecutor(max_workers=workers, initializer=_worker_start) as pool:
         try:
             futures = [pool.submit(_run_chunk_in_worker, base, data_dir, chunk, scratch)
@@ -284,8 +285,11 @@ def run_jobs(config: Config, data_dir: str, jobs: list[Job], workers: int,
             # Stopped (SIGTERM, Ctrl-C) or failed: the chunks not started are not run, and
             # the workers are stopped in theirs (a chunk is many backtests), not waited for.
             pool.shutdown(wait=False, cancel_futures=True)
-            for worker in set(multiprocessing.active_children()) - others:
+            workers_left = set(multiprocessing.active_children()) - others
+            for worker in workers_left:
                 worker.terminate()
+            for worker in workers_left:  # their temporary ledgers go with the folder
+                worker.join(5)
             if isinstance(exc, BrokenProcessPool):
                 raise ValueError("a walk-forward worker process ended before its backtests "
                                  "were done (killed, or out of memory?)") from None

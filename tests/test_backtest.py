@@ -13,7 +13,6 @@ import errno
 import hashlib
 import io
 import json
-import logging
 import os
 import signal
 import sqlite3
@@ -278,25 +277,40 @@ def test_stop_and_new_high_in_one_candle_assume_the_worse(tmp_path):
     assert conn.execute("SELECT count(*) FROM facts WHERE type = 'best_price'").fetchone()[0] == 1
 
 
-def test_rotations_count_from_the_start_as_the_services_interval_trigger_does(tmp_path):
+@pytest.mark.parametrize(("hole", "hours", "rotated"), [
+    # candles opening 07:10 .. 07:30 missing in every symbol: no step 07:15 .. 07:35
+    (range(70, 75), 3.0, ["01:25", "04:25", "07:40", "10:25"]),
+    # 07:20 .. 09:00 missing: the late rotation (09:10) and the next (10:25) share the
+    # epoch-aligned 09:00 slot, which labelled them: the second was taken as done
+    (range(72, 93), 3.0, ["01:25", "04:25", "09:10", "10:25"]),
+    # an interval that is no whole number of candles: at the first step on or after each
+    # 6-minute mark (00:31 -> 00:35, 00:37 -> 00:40, 00:43 -> 00:45, 00:49 -> 00:50 ...)
+    ((), 0.1, ["01:25", "01:35", "01:40", "01:45", "01:50", "01:55", "02:05"]),
+])
+def test_rotations_count_from_the_start_as_the_services_interval_trigger_does(
+        tmp_path, hole, hours, rotated):
     """The service rotates at its start and every ``rotate_interval_h`` after it; the
     backtest rotated on epoch-aligned slots (01:25, then 03:00, 06:00 ...), ranking other
     24 h windows than the service would. A hole in every symbol over a due instant: one
     late rotation, and the next back on the start's grid (the trigger's times stay)."""
     shift = 16 * TF  # the first candle opens at 01:20: the first step is its close, 01:25
-    hole = range(70, 75)  # candles opening 07:10 .. 07:30: no step from 07:15 to 07:35
 
     def series(base):
         c = candles([base + 0.01 * i for i in range(12 * 12)], drop=hole)
         return Candles(c.ts + shift, c.o, c.h, c.low, c.c, c.v)
 
     market = ArrayMarket({"AAA/USDT:USDT": series(50), "BBB/USDT:USDT": series(60)})
-    result, conn = crafted(tmp_path, market, rotation={"top_n": 1})
-    rotated = [when_utc(ts)[11:] for (ts,) in conn.execute(
+    result, conn = crafted(tmp_path, market, rotation={"top_n": 1},
+                           schedule={"rotate_interval_h": hours})
+    got = [when_utc(ts)[11:] for (ts,) in conn.execute(
         "SELECT ts FROM facts WHERE type = 'rotation' ORDER BY seq")]
-    assert rotated == ["01:25", "04:25", "07:40", "10:25"]
-    assert [json.loads(d)["coins"] for (d,) in conn.execute(
-        "SELECT data FROM facts WHERE type = 'rotation'")] == [["BBB/USDT:USDT"]] * 4
+    assert got[:len(rotated)] == rotated
+    if hours == 3.0:
+        assert got == rotated
+    else:  # one per 6-minute mark from 01:25 to 13:19, each at a step of its own
+        assert len(got) == 120 and len(set(got)) == 120
+    assert {tuple(json.loads(d)["coins"]) for (d,) in conn.execute(
+        "SELECT data FROM facts WHERE type = 'rotation'")} == {("BBB/USDT:USDT",)}
 
 
 def test_a_hole_in_the_candles(tmp_path):
@@ -318,23 +332,25 @@ def test_a_hole_in_the_candles(tmp_path):
     assert max(decided) >= first_after
 
 
-def test_a_position_in_a_symbol_whose_candles_end_early_is_said(tmp_path, caplog):
+def test_a_position_in_a_symbol_whose_candles_end_early_is_said(tmp_path):
     """Its position stays open, valued at the symbol's last close, unwatched: the
     backtest cannot know the candles will not resume, but the report can say so."""
     bbb = candles(DOWN_UP + [99.2, 99.3, 99.4])  # opened at candle 7, the last opens at 9
     aaa = candles([50 + 0.01 * i for i in range(15)])
     market = ArrayMarket({"AAA/USDT:USDT": aaa, "BBB/USDT:USDT": bbb})
-    with caplog.at_level(logging.WARNING, logger="core.backtest"):
-        result, conn = crafted(tmp_path, market)
+    result, conn = crafted(tmp_path, market)
     assert [p["symbol"] for p in result.still_open] == ["BBB/USDT:USDT"]
-    said = [r.getMessage() for r in caplog.records if r.name == "core.backtest"]
-    assert said == [f"BBB/USDT:USDT: its candles stop at {when_utc(T0 + 10 * TF)} UTC, before "
-                    "the window's end: its position still open is valued at that close"]
-    caplog.clear()
-    (tmp_path / "whole").mkdir()
-    crafted(tmp_path / "whole", ArrayMarket({"AAA/USDT:USDT": aaa,
-                                             "BBB/USDT:USDT": candles(DOWN_UP + [99.2] * 8)}))
-    assert not [r for r in caplog.records if r.name == "core.backtest"]
+    m = metrics(result)
+    assert m["stale_marks"] == [{"symbol": "BBB/USDT:USDT", "valued_at": when_utc(T0 + 10 * TF)}]
+    m.update(ledger="x.db")
+    assert (f"stale mark    BBB/USDT:USDT still open, valued at its last close, "
+            f"{when_utc(T0 + 10 * TF)} (it has no candle at the window's end)") in summary_text(m)
+    (tmp_path / "whole").mkdir()  # the same position with candles to the end: not stale
+    result, _ = crafted(tmp_path / "whole", ArrayMarket({
+        "AAA/USDT:USDT": aaa, "BBB/USDT:USDT": candles(DOWN_UP + [99.2] * 8)}))
+    assert [p["symbol"] for p in result.still_open] == ["BBB/USDT:USDT"]
+    assert result.stale_marks == [] and "stale mark" not in summary_text(
+        {**metrics(result), "ledger": "x.db"})
 
 
 def test_a_stop_fired_after_a_hole_is_recorded_at_that_candles_close(tmp_path):
@@ -538,7 +554,7 @@ def test_metrics_of_a_hand_made_result():
         db_path="x.db", config=Config(), strategy="momentum", params={}, symbols=["A", "B"],
         times=np.arange(1, 5) * TF, equity=np.array([90.0, 105.0, 102.9, 101.0]),
         open_positions=np.array([0, 1, 2, 0]), start_equity=100.0, trades=trades,
-        still_open=[], fees=0.4, facts=10, elapsed_s=0.5)
+        still_open=[], stale_marks=[], fees=0.4, facts=10, elapsed_s=0.5)
     m = metrics(result)
     assert m["total_return"] == pytest.approx(0.01)
     assert m["max_drawdown"] == pytest.approx(0.1)  # from the start: 100 -> 90
