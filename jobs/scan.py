@@ -40,11 +40,10 @@ def run(rt, scheduled_ms: int, run_id: str) -> dict:
         return {"skipped": True, "reason": "no active coins and no open positions"}
     # fetch (the slow part, concurrent, outside the lock). The balance (the account
     # limits need it every scan) alongside the candles rather than after: one round trip.
-    tf = timeframe_ms(rt.config.strategy.timeframe)
     cutoff = scan_instant(rt)
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="balance") as pool:
         pending = pool.submit(rt.client.balance)
-        candles = closed_by(fetch_candles(rt, symbols), cutoff, tf)
+        candles = fetch_candles(rt, symbols, cutoff)
         balance = _result_or_none(pending)
     # The rest reads the ledger, decides and sends orders: serialised with the other jobs'
     # exchange writes (a reconcile must not close a position this scan is managing).
@@ -62,8 +61,7 @@ def scan_instant(rt) -> int | None:
         return None
 
 
-def closed_by(candles: dict[str, list[Candle]], cutoff: int | None,
-              tf_ms: int) -> dict[str, list[Candle]]:
+def closed_by(series: list[Candle], cutoff: int | None, tf_ms: int) -> list[Candle]:
     """Only the candles closed when the scan started, for every symbol alike. A fetch
     judges "closed" by the exchange's time read after its answer came back, so a candle
     closing in between would count as closed with the values it had while forming; and
@@ -71,9 +69,7 @@ def closed_by(candles: dict[str, list[Candle]], cutoff: int | None,
     its close and by the next scan for the others (the order of one candle's entries, so
     their sizes, slots and correlation checks, would depend on timing). Left to the next
     scan, it is decided complete, for every symbol at once, in symbol order."""
-    if cutoff is None:
-        return candles
-    return {s: [c for c in series if c.ts + tf_ms <= cutoff] for s, series in candles.items()}
+    return series if cutoff is None else [c for c in series if c.ts + tf_ms <= cutoff]
 
 
 def _result_or_none(pending):
@@ -168,8 +164,12 @@ def decide_and_act(rt, symbols: list[str], candles: dict[str, list[Candle]],
     return summary
 
 
-def fetch_candles(rt, symbols: list[str]) -> dict[str, list[Candle]]:
-    """Closed candles per symbol, fetched concurrently over the data clients."""
+def fetch_candles(rt, symbols: list[str],
+                  cutoff: int | None = None) -> dict[str, list[Candle]]:
+    """Candles closed by ``cutoff`` (the scan's start) per symbol, fetched concurrently
+    over the data clients; a series with a hole among the candles a decision rests on is
+    left out. Cut before that check: a candle closing during the fetch moved the checked
+    candles one on, so a hole still under the decided candle's look-back went unseen."""
     tf, limit = rt.config.strategy.timeframe, rt.config.strategy.candles
     clients = rt.data_clients
     tf_ms = timeframe_ms(tf)
@@ -177,7 +177,7 @@ def fetch_candles(rt, symbols: list[str]) -> dict[str, list[Candle]]:
 
     def one(client, symbol: str) -> tuple[str, list[Candle]]:
         try:
-            candles = client.closed_candles(symbol, tf, limit)
+            candles = closed_by(client.closed_candles(symbol, tf, limit), cutoff, tf_ms)
             rt.last_candles[symbol] = candles
             hole = first_gap(candles[-lookback:], tf_ms)
             if hole is None:

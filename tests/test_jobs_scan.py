@@ -565,6 +565,33 @@ def test_a_hole_in_a_held_symbols_candles_blocks_no_entry(bot_factory):
     assert decision["reason"] == "approved", decision["data"]
 
 
+@pytest.mark.parametrize("closes_while_fetching", [False, True])
+def test_a_candle_closing_while_the_scan_fetches_hides_no_hole(bot_factory,
+                                                               closes_while_fetching):
+    """The hole check ran on the candles closed when the fetch returned, the decision on
+    those closed when the scan started: a candle closing in between moved the checked
+    ones on, past a hole under the decided candle's look-back, which was then traded."""
+    bot = bot_factory(strat=Pick(long_at=[T0 + 5 * TF], warmup=3), paths={"AAA": flat(100, 20)})
+    bot.set_coins([AAA])
+    series = bot.venue.source._series[AAA]
+    keep = series.ts != T0 + 2 * TF  # the hole: under candle 5's look-back (2 .. 5)
+    bot.venue.source._series[AAA] = Candles(*(getattr(series, f.name)[keep]
+                                              for f in fields(series)))
+    bot.at(T0 + 6 * TF + 1_000)  # candle 5 closed a second ago
+    if closes_while_fetching:
+        fetch = bot.venue.fetch_ohlcv
+
+        def slow(symbol, *args, **kwargs):
+            rows = fetch(symbol, *args, **kwargs)
+            bot.clock.set(T0 + 7 * TF + 1_000)  # candle 6 closes meanwhile
+            return rows
+
+        bot.venue.fetch_ohlcv = slow
+    bot.job("scan")
+    assert bot.facts("signal", symbol=AAA) == [] and bot.facts("risk_decision") == []
+    assert bot.position(AAA) is None
+
+
 def test_no_entry_on_a_symbol_whose_candles_stopped_coming(bot_factory):
     # The data ends (a trading halt, a delisting): 6 h later the newest candle the venue
     # gives is the last one; a signal on it is refused as stale, not traded at its price.
@@ -913,7 +940,7 @@ def test_a_scan_slowed_after_fetching_does_not_call_its_candles_stale(bot_factor
     bot = bot_factory(strat=PICK_FIRST, paths={"AAA": flat(100, 5)})
     bot.set_coins([AAA])
     cutoff = scan.scan_instant(bot.rt)
-    candles = scan.closed_by(scan.fetch_candles(bot.rt, [AAA]), cutoff, TF)
+    candles = scan.fetch_candles(bot.rt, [AAA], cutoff)
     bot.at(bot.clock.now_ms() + 6 * 60_000)
     scan.decide_and_act(bot.rt, [AAA], candles, "scan-slow", as_of=cutoff)
     [decision] = bot.facts("risk_decision", symbol=AAA)
