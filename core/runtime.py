@@ -83,6 +83,7 @@ def build(config: Config, db_path: str | Path, *, clock=None, venue=None,
         rows = ledger.select("SELECT ts FROM facts ORDER BY seq DESC LIMIT 1")
         last = rows[0]["ts"] if rows else None
         try:
+            venues.check_account_kept(config, ledger.state())
             clock, venue, data_venues = venues.for_mode(config, clock, not_before_ms=last)
         except BaseException:
             ledger.close()

@@ -148,7 +148,10 @@ class SimStore:
         try:
             return dict(conn.execute("SELECT key, value FROM meta"))
         except sqlite3.OperationalError:
-            return {}
+            return {}  # an SQLite file without the venue's tables yet
+        except sqlite3.DatabaseError as exc:  # not SQLite at all (a traceback, exit 1)
+            raise ValueError(f"{path}: not a simulated exchange's state file ({exc}); "
+                             "move it away, or restore it") from None
         finally:
             conn.close()
 

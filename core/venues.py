@@ -58,6 +58,24 @@ def for_mode(config: Config, clock=None, not_before_ms: int | None = None):
     raise ConfigError(f"[bot] mode = {mode!r} is not served by `run`; use `cli.py backtest`")
 
 
+def check_account_kept(config: Config, ledger_state) -> None:
+    """Refuse to start a simulated account afresh (its state file missing or emptied)
+    under a ledger holding positions or open orders on it: the bot would trade on a new
+    account while the ledger, and reconcile every few minutes, say they are open."""
+    from core.sim_store import SimStore
+
+    state = sim_state_path(config)
+    if state is None or SimStore.peek_meta(state):
+        return
+    held, pending = sorted(ledger_state.positions), ledger_state.orders  # not ended
+    if held or pending:
+        raise ValueError(
+            f"{state}: the simulated account's state file is missing or empty, but the "
+            f"ledger holds {len(held)} open position(s) ({', '.join(held) or 'none'}) and "
+            f"{len(pending)} open order(s) on that account; a fresh account would have "
+            "none of them. Restore the file, or start afresh with a new ledger (--db)")
+
+
 def csv_replay_start(market, config: Config) -> int:
     """Where a fresh simulated market replaying CSV candles starts its clock: at the
     data, once the strategy's window of candles has closed (at the wall clock, recorded

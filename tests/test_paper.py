@@ -11,6 +11,7 @@ Executor, the simulated account, the ledger.
 from __future__ import annotations
 
 import json
+import re
 import sqlite3
 from contextlib import closing
 from decimal import Decimal
@@ -830,5 +831,52 @@ def test_paper_reports_a_position_as_held_after_the_lot_step_changes(tmp_path, m
         report = reconcile.run(rt, clock.now_ms(), "reconcile-1")
         assert not [d for d in report["differences"] if d["kind"] == "position_size"], report
         assert Decimal(rt.ledger.state().positions[BTC]["amount"]) == held
+    finally:
+        rt.close()
+
+
+@pytest.mark.parametrize("damage", ["deleted", "emptied", "not sqlite"])
+def test_a_lost_account_file_under_open_positions_is_refused(tmp_path, public, monkeypatch,
+                                                            damage):
+    """Deleted or emptied, the state file gave a fresh account: the bot traded on it
+    while the ledger (and reconcile, every few minutes) held the old position open. Not
+    SQLite at all, it was a traceback and exit 1 (a restart every 10 s under systemd)."""
+    from click.testing import CliRunner
+
+    import cli
+    from core.config import sim_state_path
+
+    cfg = paper_config(tmp_path)
+    db = tmp_path / "bot.db"
+    rt = runtime.build(cfg, db, clock=VirtualClock(SERVER_NOW))
+    try:
+        rotate.run(rt, SERVER_NOW, "rotate-1")
+        assert scan.run(rt, SERVER_NOW, "scan-1")["entries"] == 1
+        facts = rt.ledger.last_seq()
+    finally:
+        rt.close()
+    state = sim_state_path(cfg)
+    kept = state.read_bytes()
+    for leftover in state.parent.glob(state.name + "-*"):
+        leftover.unlink()  # -wal, -shm: checkpointed into the file on close
+    {"deleted": state.unlink, "emptied": lambda: state.write_bytes(b""),
+     "not sqlite": lambda: state.write_bytes(b"\x13garbage" * 64)}[damage]()
+    said = ("missing or empty, but the ledger holds 1 open position(s) (BTC/USDT:USDT) and "
+            "1 open order(s)" if damage != "not sqlite" else "not a simulated exchange's state")
+    with pytest.raises(ValueError, match=re.escape(said)):
+        runtime.build(cfg, db, clock=VirtualClock(SERVER_NOW + 60_000)).close()
+    (tmp_path / "bot.toml").write_text(
+        '[bot]\nmode = "paper"\n[rotation]\ntop_n = 1\n[strategy]\nname = "sma_cross"\n'
+        f'sma_fast = 2\nsma_slow = 3\ncandles = 30\n[sim]\nstate_path = "{tmp_path}/paper_exchange.db"\n')
+    r = CliRunner().invoke(cli.main, ["--config", str(tmp_path / "bot.toml"), "--db", str(db),
+                                      "reconcile", "--dry-run"])
+    assert r.exit_code == 2 and said in r.output, r.output
+    assert state.exists() == (damage != "deleted")  # no fresh file made
+    with closing(sqlite3.connect(db)) as conn:
+        assert conn.execute("SELECT max(seq) FROM facts").fetchone()[0] == facts
+    state.write_bytes(kept)  # restored: the account and its position are back
+    rt = runtime.build(cfg, db, clock=VirtualClock(SERVER_NOW + 60_000))
+    try:
+        assert [p["symbol"] for p in rt.venue.fetch_positions()] == [BTC]
     finally:
         rt.close()
