@@ -142,18 +142,25 @@ class SimStore:
     @staticmethod
     def peek_meta(path: str | Path) -> dict[str, str]:
         """The meta table of an existing state file, read-only ({} if there is none)."""
-        if not Path(path).is_file():
+        p = Path(path)
+        if not p.exists():
             return {}
-        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30)
+        if not p.is_file():
+            raise ValueError(f"{path}: the simulated exchange's state file is not a file")
         try:
-            return dict(conn.execute("SELECT key, value FROM meta"))
-        except sqlite3.OperationalError:
-            return {}  # an SQLite file without the venue's tables yet
+            conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30)
+            try:
+                return dict(conn.execute("SELECT key, value FROM meta"))
+            finally:
+                conn.close()
+        except sqlite3.OperationalError as exc:
+            if "no such table" in str(exc):
+                return {}  # an SQLite file without the venue's tables yet (or 0 bytes)
+            raise ValueError(f"{path}: the simulated exchange's state file cannot be read "
+                             f"({exc})") from None
         except sqlite3.DatabaseError as exc:  # not SQLite at all (a traceback, exit 1)
             raise ValueError(f"{path}: not a simulated exchange's state file ({exc}); "
                              "move it away, or restore it") from None
-        finally:
-            conn.close()
 
     @contextmanager
     def transaction(self, keep: tuple[type[BaseException], ...] = ()) -> Iterator[None]:
