@@ -307,6 +307,8 @@ def import_module(module: str) -> ModuleType:
     except ImportError as exc:
         raise StrategyError(f"strategy module {module!r} cannot be imported ({exc}); give an "
                             f"importable name (on PYTHONPATH) or a path to a .py file") from exc
+    except Exception as exc:  # its own code failed (a syntax error, a raise): as a path's
+        raise StrategyError(f"strategy module {module!r} failed to import: {exc!r}") from exc
 
 
 def user_strategies(module: str) -> dict[str, type[Strategy]]:

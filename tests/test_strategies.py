@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -257,6 +258,19 @@ def test_user_module_discovery_and_errors(tmp_path):
         available(str(broken))
     with pytest.raises(StrategyError, match="cannot be imported"):
         available("no_such_module_here")
+    # by name (on PYTHONPATH): only ImportError was caught, the rest a traceback, exit 1
+    (tmp_path / "raising_by_name.py").write_text("raise RuntimeError('boom')\n")
+    (tmp_path / "unparsable_by_name.py").write_text("def (:\n")
+    sys.path.insert(0, str(tmp_path))
+    try:
+        with pytest.raises(StrategyError, match=r"'raising_by_name' failed to import: "
+                                                r"RuntimeError\('boom'\)"):
+            available("raising_by_name")
+        with pytest.raises(StrategyError, match="'unparsable_by_name' failed to import: "
+                                                "SyntaxError"):
+            available("unparsable_by_name")
+    finally:
+        sys.path.remove(str(tmp_path))
     with pytest.raises(StrategyError, match="not found"):
         available(str(tmp_path / "missing.py"))
 
