@@ -90,11 +90,14 @@ def main(ctx: click.Context, db: str, config_path: str | None) -> None:
     ctx.obj = {**(ctx.obj or {}), "db": db, "config_path": config_path}
 
 
-def bot_now(ledger: Ledger) -> int:
-    """The bot's "now" for a command: in sim mode its clock runs ahead of the wall clock,
-    so never earlier than the last fact (facts stay in time order)."""
+def bot_now(ctx: click.Context, ledger: Ledger, *, writing: bool = False) -> int:
+    """The bot's "now" for a command (``core.venues.commands_now``)."""
+    from core.venues import commands_now
+
     last = ledger.select("SELECT ts FROM facts ORDER BY seq DESC LIMIT 1")
-    return max(WallClock().now_ms(), last[0]["ts"] if last else 0)
+    return commands_now(load_config(ctx), audit.recorded_mode(Path(ctx.obj["db"])),
+                        last[0]["ts"] if last else None, WallClock().now_ms(),
+                        writing=writing)
 
 
 def reader(ctx: click.Context) -> Ledger:
@@ -118,9 +121,7 @@ def status(ctx: click.Context, as_json: bool) -> None:
     mode = audit.recorded_mode(Path(ctx.obj["db"]))
     with reader(ctx) as ledger:
         state = ledger.state()
-        now = audit.backtest_now(ledger.select(
-            "SELECT ts FROM facts ORDER BY seq DESC LIMIT 1")[0]["ts"]) \
-            if mode == audit.BACKTEST_KIND else bot_now(ledger)
+        now = bot_now(ctx, ledger)
     report = {
         "ledger": ctx.obj["db"],
         "mode": mode or cfg.bot.mode,
@@ -461,7 +462,7 @@ def halt(ctx, reason) -> None:
 
     refuse_backtest_ledger(ctx.obj["db"])
     with Ledger(ctx.obj["db"]) as ledger:
-        ledger.append([Fact("halt", bot_now(ledger), reason=reason,
+        ledger.append([Fact("halt", bot_now(ctx, ledger, writing=True), reason=reason,
                             data={"kind": "manual", "detail": reason})])
     click.echo(f"halted: {reason}")
 
@@ -482,7 +483,7 @@ def resume(ctx, kind) -> None:
             # (A resume of drawdown also restarts the equity peak: never by mistake.)
             click.echo(f"not halted{'' if kind == 'all' else f' for {kind}'}")
             return
-        ledger.append([Fact("resume", bot_now(ledger), reason=f"resume {kind}",
+        ledger.append([Fact("resume", bot_now(ctx, ledger, writing=True), reason=f"resume {kind}",
                             data={"kind": kind})])
     click.echo(f"resumed ({kind}); was: {', '.join(halts)}")
 
