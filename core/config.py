@@ -487,6 +487,17 @@ def _market_problem(config: Config) -> str | None:
         return "[sim] source = 'csv' needs [sim] data_dir"
     if sim.source == "csv" and not Path(sim.data_dir).is_dir():
         return f"[sim] data_dir = {sim.data_dir!r}: no such folder of CSV candles"
+    if sim.source == "csv":
+        from core.sim_market import CSV_NAME
+
+        tf = config.strategy.timeframe
+        try:
+            names = [m for p in Path(sim.data_dir).iterdir() if (m := CSV_NAME.match(p.name))]
+        except OSError as exc:
+            return f"[sim] data_dir = {sim.data_dir!r}: cannot be read ({exc.strerror or exc})"
+        if not any(m.group(3) == tf for m in names):
+            return (f"[sim] data_dir = {sim.data_dir!r}: no BASE_QUOTE-{tf}.csv files for "
+                    f"[strategy] timeframe = {tf!r}")
     return None
 
 

@@ -300,6 +300,9 @@ def test_numbers_nothing_could_run_on_are_refused(text, message):
     ('[strategy]\nname = "nope"', "[strategy] name = 'nope': unknown strategy"),
     ('[sim]\nsource = "csv"', "[sim] source = 'csv' needs [sim] data_dir"),
     ('[sim]\nsource = "csv"\ndata_dir = "{tmp}/none"', "no such folder of CSV candles"),
+    # a folder of another timeframe's candles (only 5 m ones, and a 1 h strategy)
+    ('[sim]\nsource = "csv"\ndata_dir = "{tmp}/candles"\n[strategy]\ntimeframe = "1h"',
+     "no BASE_QUOTE-1h.csv files for [strategy] timeframe = '1h'"),
     ('[sim]\nsource = "live"', "[bot] mode = 'paper'"),
     # paper mode would ignore it and trade on the live market
     ('[bot]\nmode = "paper"\n[sim]\nsource = "csv"\ndata_dir = "{tmp}"',
@@ -319,6 +322,8 @@ def test_what_run_would_fail_on_is_refused_before_anything_is_made(tmp_path, tex
     simulated exchange's file had been made."""
     (tmp_path / "dangling").symlink_to(tmp_path / "not_yet" / "logs")
     (tmp_path / "paper_x.db").mkdir()
+    (tmp_path / "candles").mkdir()
+    (tmp_path / "candles" / "ETH_BTC-5m.csv").write_text("timestamp,open,high,low,close,volume\n")
     cfg = load(write_toml(tmp_path / "bot.toml", text.format(tmp=tmp_path)), environ={})
     with pytest.raises(ConfigError, match=re.escape(message)):
         check_can_trade(cfg, serving=True)
