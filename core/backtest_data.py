@@ -28,11 +28,14 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from core.clock import DAY_MS
+from core.clock import DAY_MS, iso
 from core.exchange_types import Candle, Ticker
-from core.strategies import SIDE_OF, Signal, Strategy, StrategyError
+from core.strategies import BUILTIN, SIDE_OF, Signal, Strategy, StrategyError
 
 INDICATOR_SKIP = ("signal", "reason")
+# A user's strategy is checked against live's way of deciding on the first few symbols,
+# at a few candles of each side (each check runs the strategy once on a scan's window).
+CAUSAL_SYMBOLS, CAUSAL_SAMPLES = 3, 4
 
 
 def parse_when(text: str, flag: str) -> int:
@@ -206,6 +209,8 @@ class MarketData:
                               "volume": c.v})
         try:
             sig = strategy.signals(frame)
+            if type(strategy) not in BUILTIN.values() and len(self.data) < CAUSAL_SYMBOLS:
+                self._check_as_live(symbol, frame, sig["signal"].to_numpy(), strategy)
         except StrategyError as exc:
             raise ValueError(f"{exc} ({symbol}'s candles)") from None
         except Exception as exc:  # noqa: BLE001 - the user's strategy code: named, exit 2
@@ -223,6 +228,28 @@ class MarketData:
                           sig["signal"].to_numpy(np.int8), codes.astype(np.int16),
                           [str(r) for r in reasons], indicators, step, self._marks(c, tick),
                           tick, self.tf_ms, self.limit, self.lookback, decidable, prev_decided)
+
+    def _check_as_live(self, symbol: str, frame: pd.DataFrame, sides: np.ndarray,
+                       strategy: Strategy) -> None:
+        """A user's rule decides here on every candle at once; live, on the last
+        ``[strategy] candles`` up to each. Sampled, they must agree: a rule that looks at
+        later candles (``shift(-1)``, a centred window) or at more history than a scan
+        fetches would backtest what it could never trade. (The built-in ones are tested.)"""
+        first = min(int(strategy.warmup), len(sides))
+        picks = [np.flatnonzero(sides[first:] != 0), np.flatnonzero(sides[first:] == 0)]
+        for rows in picks:  # a few of each, spread over the series
+            for i in rows[np.linspace(0, len(rows) - 1, min(len(rows), CAUSAL_SAMPLES),
+                                      dtype=int)] + first if len(rows) else ():
+                window = frame.iloc[max(0, i - self.limit + 1):i + 1].reset_index(drop=True)
+                live = int(strategy.signals(window)["signal"].iloc[-1])
+                if live != int(sides[i]):
+                    raise StrategyError(
+                        f"strategy {strategy.name!r} decides {SIDE_OF[int(sides[i])]} on "
+                        f"{symbol}'s candle at {iso(int(frame['ts'].iloc[i]))} given all the "
+                        f"candles, but {SIDE_OF[live]} given those a live scan fetches (the "
+                        f"last {self.limit} up to it): it looks at later candles (shift(-1), "
+                        "a centred window) or at more history than [strategy] candles, so "
+                        "a backtest of it would not be what it trades live")
 
     def _decidable(self, ts: np.ndarray) -> np.ndarray:
         """Per candle: is it intact (``SymbolData.intact``) at its own close?"""

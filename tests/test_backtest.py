@@ -14,6 +14,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import signal
 import sqlite3
 import struct
@@ -1102,6 +1103,53 @@ def test_a_strategy_that_fails_is_named_and_the_earlier_ledger_kept(tmp_path, ru
     r = invoke("--config", tmp_path / "bot.toml", "backtest", "--data", DATA, "--to",
                "2018-01-12", "--db", db)
     assert r.exit_code == 2 and message in r.output, r.output
+    assert sha(db) == before and not leftovers(tmp_path)
+
+
+PEEKING = """
+import numpy as np
+import pandas as pd
+from core.strategies import Momentum, Strategy
+
+
+class Peek(Strategy):
+    name = "peek"
+    defaults = {}
+    warmup = 1
+
+    def indicators(self, df):
+        return pd.DataFrame({"next_close": df["close"].shift(-1)}, index=df.index)
+
+    def rule(self, df, ind):
+        up = (ind["next_close"] > df["close"] * 1.005).to_numpy()
+        return np.where(up, 1, 0), np.where(up, "future_up", "none")
+
+
+class Calm(Momentum):  # a user's strategy that decides as live does
+    name = "calm"
+"""
+
+
+@needs_data
+@pytest.mark.parametrize("name", ["peek", "calm"])
+def test_a_users_strategy_that_looks_ahead_is_refused(tmp_path, name):
+    """Signals are computed over all the candles at once: a rule reading the next close
+    backtested +146 % with exit 0, though live (on the candles up to each) it never
+    entered once."""
+    (tmp_path / "mine.py").write_text(PEEKING)
+    (tmp_path / "bot.toml").write_text(f'[strategy]\nname = "{name}"\n'
+                                       f'module = "{tmp_path / "mine.py"}"\n')
+    db = tmp_path / "bt.db"
+    before = earlier_backtest(db)
+    r = invoke("--config", tmp_path / "bot.toml", "backtest", "--data", DATA, "--to",
+               "2018-01-12", "--db", db)
+    if name == "calm":
+        assert r.exit_code == 0, r.output
+        return
+    assert r.exit_code == 2, r.output
+    assert re.search(r"strategy 'peek' decides long on [A-Z]+/USDT:USDT's candle at \S+ given "
+                     r"all the candles, but none given those a live scan fetches \(the last "
+                     r"250 up to it\): it looks at later candles", r.output), r.output
     assert sha(db) == before and not leftovers(tmp_path)
 
 
