@@ -90,14 +90,23 @@ def main(ctx: click.Context, db: str, config_path: str | None) -> None:
     ctx.obj = {**(ctx.obj or {}), "db": db, "config_path": config_path}
 
 
-def bot_now(ctx: click.Context, ledger: Ledger, *, writing: bool = False) -> int:
-    """The bot's "now" for a command (``core.venues.commands_now``)."""
-    from core.venues import commands_now
-
+def bot_now(ledger: Ledger) -> int:
+    """The bot's "now" for a command: the wall clock, never before the last fact (facts
+    stay in time order; an accelerated sim runs ahead of the wall clock)."""
     last = ledger.select("SELECT ts FROM facts ORDER BY seq DESC LIMIT 1")
-    return commands_now(load_config(ctx), audit.recorded_mode(Path(ctx.obj["db"])),
-                        last[0]["ts"] if last else None, WallClock().now_ms(),
-                        writing=writing)
+    return max(WallClock().now_ms(), last[0]["ts"] if last else 0)
+
+
+def fact_now(db: str, ledger: Ledger) -> int:
+    """When a fact a command writes (halt, resume) is dated. A sim ledger's at its last
+    fact: the bot's clock is the simulated exchange's (a CSV replay runs years behind the
+    wall clock), and a fact dated by the wall clock moved the service's clock, never
+    before the last fact, past its data at the next start."""
+    if audit.recorded_mode(Path(db)) == "sim":
+        last = ledger.select("SELECT ts FROM facts ORDER BY seq DESC LIMIT 1")
+        if last:
+            return last[0]["ts"]
+    return bot_now(ledger)
 
 
 def reader(ctx: click.Context) -> Ledger:
@@ -121,7 +130,9 @@ def status(ctx: click.Context, as_json: bool) -> None:
     mode = audit.recorded_mode(Path(ctx.obj["db"]))
     with reader(ctx) as ledger:
         state = ledger.state()
-        now = bot_now(ctx, ledger)
+        now = audit.backtest_now(ledger.select(
+            "SELECT ts FROM facts ORDER BY seq DESC LIMIT 1")[0]["ts"]) \
+            if mode == audit.BACKTEST_KIND else bot_now(ledger)
     report = {
         "ledger": ctx.obj["db"],
         "mode": mode or cfg.bot.mode,
@@ -462,7 +473,7 @@ def halt(ctx, reason) -> None:
 
     refuse_backtest_ledger(ctx.obj["db"])
     with Ledger(ctx.obj["db"]) as ledger:
-        ledger.append([Fact("halt", bot_now(ctx, ledger, writing=True), reason=reason,
+        ledger.append([Fact("halt", fact_now(ctx.obj["db"], ledger), reason=reason,
                             data={"kind": "manual", "detail": reason})])
     click.echo(f"halted: {reason}")
 
@@ -483,7 +494,7 @@ def resume(ctx, kind) -> None:
             # (A resume of drawdown also restarts the equity peak: never by mistake.)
             click.echo(f"not halted{'' if kind == 'all' else f' for {kind}'}")
             return
-        ledger.append([Fact("resume", bot_now(ctx, ledger, writing=True), reason=f"resume {kind}",
+        ledger.append([Fact("resume", fact_now(ctx.obj["db"], ledger), reason=f"resume {kind}",
                             data={"kind": kind})])
     click.echo(f"resumed ({kind}); was: {', '.join(halts)}")
 

@@ -49,9 +49,8 @@ from core.clock import DAY_MS, WallClock, iso, utc_day
 from core.config import Config
 from core.exits import as_decimal
 from core.risk import RiskState, daily_loss_pct, drawdown_pct
-from core.venues import commands_now
 from ledger import Ledger, LedgerError
-from ledger.audit import LAST_MODE, written_by_backtest
+from ledger.audit import LAST_MODE, backtest_now, written_by_backtest
 
 log = logging.getLogger(__name__)
 
@@ -347,7 +346,8 @@ class Dashboard:
         return (row[0]["seq"], row[0]["ts"]) if row else (0, 0)
 
     def context(self) -> dict:
-        """The state, the ledger's mode, and "now" (``core.venues.commands_now``)."""
+        """The state, the ledger's mode, and "now": the wall clock, but never before the
+        last fact (a sim service's clock runs ahead); a backtest's, just before its end."""
         last_seq, last_ts = self._last()
         with self._tail.lock:
             self._tail.catch_up(self.ledger, last_seq)
@@ -355,7 +355,8 @@ class Dashboard:
             recorded = self._tail.mode
         mode = "backtest" if self._backtest() else (recorded or self.config.bot.mode)
         state = self.ledger.state()
-        now = commands_now(self.config, str(mode), last_ts, self.clock.now_ms())
+        now = backtest_now(last_ts) if mode == "backtest" and last_ts else \
+            max(self.clock.now_ms(), last_ts)
         return {"state": state, "mode": str(mode), "now": now, "last_ts": last_ts,
                 "exchange": str(service.get("exchange") or self.config.exchange.id)}
 

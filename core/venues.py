@@ -10,8 +10,6 @@ Backtests build their own in-memory venue on a virtual clock (`cli.py backtest`)
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from core.clock import AcceleratedClock, WallClock
 from core.config import Config, ConfigError, Secrets, sim_state_path
 
@@ -76,40 +74,6 @@ def check_account_kept(config: Config, ledger_state) -> None:
             f"ledger holds {len(held)} open position(s) ({', '.join(held) or 'none'}) and "
             f"{len(pending)} open order(s) on that account; a fresh account would have "
             "none of them. Restore the file, or start afresh with a new ledger (--db)")
-
-
-def commands_now(config: Config, mode: str | None, last_ts: int | None, wall_ms: int, *,
-                 writing: bool = False) -> int:
-    """The bot's "now" for a command or the dashboard, beside the service: a backtest's
-    just before its end; else the wall clock, but in sim mode the simulated exchange's
-    (a CSV replay runs in the past, an accelerated market ahead: the wall clock put
-    "today" and a manual halt in another year). Never before the last fact."""
-    from ledger.audit import BACKTEST_KIND, backtest_now
-
-    if mode == BACKTEST_KIND and last_ts:
-        return backtest_now(last_ts)
-    last = last_ts or 0
-    sim = sim_clock(config, wall_ms, writing) if (mode or config.bot.mode) == "sim" else None
-    return max(last, wall_ms if sim is None else sim)
-
-
-def sim_clock(config: Config, wall_ms: int, paused: bool) -> int | None:
-    """The simulated exchange's clock by its state file (None without one): where it
-    was last written, and, unless ``paused``, run on at ``[sim] speed`` since (so a
-    stopped service's jobs fall stale, as by the wall clock). A fact is dated ``paused``:
-    the market waits while no bot runs, and a restart resumes from the last fact."""
-    from core.sim_store import SimStore
-
-    path = Path(config.sim.state_path)
-    try:
-        stored = SimStore.peek_meta(path).get("now_ms")
-        written_ms = max(p.stat().st_mtime_ns // 1_000_000
-                         for p in (path, Path(f"{path}-wal")) if p.exists())
-    except (ValueError, OSError):
-        return None
-    if stored is None:
-        return None
-    return int(stored) + (0 if paused else int(max(0, wall_ms - written_ms) * config.sim.speed))
 
 
 def csv_replay_start(market, config: Config) -> int:
