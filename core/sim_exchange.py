@@ -265,7 +265,9 @@ class SimExchange:
             seen = self._match(self._processed, boundary) if self._open else boundary
             if seen < boundary and self._unseen_too_long(seen, now):
                 log.warning("no candles from %s on for a resting order's symbol: its stops "
-                            "were not checked until %s", iso(seen), iso(boundary))
+                            "were checked on the minutes there are until %s", iso(seen),
+                            iso(boundary))
+                self._match(seen, boundary, holes_quiet=True)
                 seen = boundary
             if seen == boundary:
                 self._unseen = None
@@ -280,10 +282,11 @@ class SimExchange:
             self._unseen = (seen, now)
         return now - self._unseen[1] > MAX_UNSEEN_MS
 
-    def _match(self, start: int, end: int) -> int:
+    def _match(self, start: int, end: int, holes_quiet: bool = False) -> int:
         """Trigger stops and fill limits on the candles closed in [start, end), in time order.
         Returns how far the candles were seen: ``end``, or for a live source whose answer
-        stopped short (an empty page), where it stopped (matched again next time)."""
+        stopped short (an empty page) or left a minute out (a late one), where that is
+        (matched again next time; ``holes_quiet``: the missing minutes taken as quiet)."""
         tf = self._tf
         by_symbol: dict[str, list[SimOrder]] = defaultdict(list)
         for o in self._open.values():
@@ -297,12 +300,19 @@ class SimExchange:
                 hits = [(o, self._hit(o, start, *row)) for o in orders] if row else []
             else:
                 first = max(start, min(o.created_ms - o.created_ms % tf for o in orders))
-                c = self.source.candles(symbol, first, end)
-                hits = [(o, self._first_hit(o, c)) for o in orders] if len(c) else []
+                if not self._live:
+                    c = self.source.candles(symbol, first, end)
+                else:
+                    c, answered = self.source.minutes(symbol, first, end)
                 # A symbol the exchange dropped has no minutes to wait for: its orders
                 # cannot fire, and must not hold back everyone else's.
                 if self._live and first < end and self.source.listed(symbol):
-                    seen = min(seen, int(c.ts[-1]) + tf if len(c) else first)
+                    upto = int(answered[-1]) + tf if len(answered) else first
+                    hole = None if holes_quiet else first_missing(answered, first, tf)
+                    if hole is not None:  # the minutes after it wait for it
+                        c, upto = c.slice(0, int(np.searchsorted(c.ts, hole))), hole
+                    seen = min(seen, upto)
+                hits = [(o, self._first_hit(o, c)) for o in orders] if len(c) else []
             events += [(h[0], _priority(o), o.id, h[1]) for o, h in hits if h]
         for ts, _, oid, price in sorted(events):
             o = self._open.get(oid)
@@ -888,6 +898,14 @@ def _low_side(o: SimOrder) -> bool:
     if o.type == "STOP_MARKET":
         return o.side == "SELL"
     return o.side == "BUY"  # take-profit and limit orders
+
+
+def first_missing(ts: np.ndarray, first: int, tf: int) -> int | None:
+    """The open time of the first candle missing from ``ts`` (ascending, from ``first``
+    on, a candle every ``tf``) before its last row; None if there is none."""
+    expected = first + tf * np.arange(len(ts), dtype=np.int64)
+    off = np.flatnonzero(ts != expected)
+    return int(expected[off[0]]) if len(off) else None
 
 
 def _priority(o: SimOrder) -> int:

@@ -602,6 +602,12 @@ class LiveMarket:
 
     def candles(self, symbol: str, start_ms: int, end_ms: int) -> Candles:
         """Closed 1 m candles in [start, end), paged through the exchange."""
+        return self.minutes(symbol, start_ms, end_ms)[0]
+
+    def minutes(self, symbol: str, start_ms: int, end_ms: int) -> tuple[Candles, np.ndarray]:
+        """``candles``, and the open times the exchange answered for, malformed rows (left
+        out of the candles) included: a minute missing from the answer is one to wait for,
+        a malformed one is not coming back better."""
         rows: list[list] = []
         since = start_ms if self.listed(symbol) else end_ms
         while since < end_ms:
@@ -611,7 +617,7 @@ class LiveMarket:
                 break
             rows.extend(page)
             since = page[-1][0] + self.timeframe_ms
-        return _trusted(symbol, rows)
+        return _trusted(symbol, rows), np.array([r[0] for r in rows], dtype=np.int64)
 
     def price(self, symbol: str, now_ms: int) -> float | None:
         return self.exchange.fetch_ticker(symbol).get("last") if self.listed(symbol) else None

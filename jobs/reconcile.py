@@ -685,6 +685,17 @@ def on_the_way_resting(on_the_way: dict[str, str], position_id: str, resting: di
     return any(pid == position_id and cid in resting for cid, pid in on_the_way.items())
 
 
+def coverable(client, symbol: str, amount: Decimal) -> Decimal:
+    """What a stop can cover of ``amount``: down to the market's lot step. A position
+    finer than the step (the step grew under it) leaves dust no order can hold; a stop
+    "for the whole position" was the same stop again, replaced at every reconcile."""
+    try:
+        step = client.market(symbol).amount_step
+    except Exception:  # noqa: BLE001 - unknown market: judged against the whole amount
+        return amount
+    return amount - amount % step if step else amount
+
+
 def compare_stops(rt, ex: Executor, dry_run: bool,
                   plan: dict | None = None) -> list[Difference]:
     """Every position has its stop resting; no stop of ours rests without a position."""
@@ -706,7 +717,8 @@ def compare_stops(rt, ex: Executor, dry_run: bool,
         stop = p.get("stop")
         if stop and stop["client_order_id"] in resting:
             covers = resting[stop["client_order_id"]].amount
-            if covers >= Decimal(p["amount"]) or symbol in plan["flagged"]:
+            if covers >= coverable(rt.client, symbol, Decimal(p["amount"])) \
+                    or symbol in plan["flagged"]:
                 wanted.add(stop["client_order_id"])
                 continue
             # The position grew (by hand): the part above the stop's amount is unprotected.

@@ -329,17 +329,17 @@ def test_paper_a_stop_fires_on_a_wick_while_down_though_the_first_answer_is_empt
         assert rt.client.positions() == []
         [stop_fill] = [t for t in rt.venue.store.trades(BTC, 0, 10**14) if t.side == "SELL"]
         assert minute <= stop_fill.ts < minute + 60_000
-        assert "were not checked" not in caplog.text
+        assert "no candles from" not in caplog.text
         # answers that stay empty are given up on after 15 minutes of asking
         rt.venue.create_order(BTC, "STOP_MARKET", "buy", 0.01, None, {"stopPrice": 200_000})
         wicking.empty = 10**6
         for _ in range(16):  # asked every minute: the first ask, then 15 minutes more
             clock.advance(60_000)
             rt.client.positions()
-        assert "were not checked" not in caplog.text
+        assert "no candles from" not in caplog.text
         clock.advance(60_000)
         rt.client.positions()
-        assert "were not checked" in caplog.text
+        assert "no candles from" in caplog.text
     finally:
         rt.close()
 
@@ -831,6 +831,17 @@ def test_paper_reports_a_position_as_held_after_the_lot_step_changes(tmp_path, m
         report = reconcile.run(rt, clock.now_ms(), "reconcile-1")
         assert not [d for d in report["differences"] if d["kind"] == "position_size"], report
         assert Decimal(rt.ledger.state().positions[BTC]["amount"]) == held
+        # A stop placed now covers what the step allows (0.24 or 0.2 of 0.248): reconcile
+        # replaced it "for the whole position" by the same again, every run, for ever.
+        position = rt.ledger.state().positions[BTC]
+        ex = Executor(rt.ledger, rt.client, rt.clock, rt.config, "manual", rt.lock)
+        ex.move_stop(position, Decimal(position["stop"]["price"]) + 1, at_once=True)
+        stop = rt.ledger.state().positions[BTC]["stop"]
+        for n in (2, 3):
+            clock.advance(60_000)
+            report = reconcile.run(rt, clock.now_ms(), f"reconcile-{n}")
+            assert not [d for d in report["differences"] if d["kind"] == "stop_size"], report
+        assert rt.ledger.state().positions[BTC]["stop"] == stop  # left resting
     finally:
         rt.close()
 
@@ -878,5 +889,59 @@ def test_a_lost_account_file_under_open_positions_is_refused(tmp_path, public, m
     rt = runtime.build(cfg, db, clock=VirtualClock(SERVER_NOW + 60_000))
     try:
         assert [p["symbol"] for p in rt.venue.fetch_positions()] == [BTC]
+    finally:
+        rt.close()
+
+
+class LateMinuteBinance(WickingBinance):
+    """1 m klines leaving out the minutes in ``late`` (they come later)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.late: set[int] = set()
+
+    def fetch(self, url, method="GET", headers=None, body_=None):
+        rows = super().fetch(url, method, headers, body_)
+        query = dict(parse_qsl(urlsplit(url).query))
+        if urlsplit(url).path == "/fapi/v1/klines" and query.get("interval") == "1m":
+            rows = [r for r in rows if r[0] not in self.late]
+        return rows
+
+
+@pytest.mark.parametrize("arrives", [True, False])
+def test_paper_stops_wait_for_a_minute_left_out_of_the_middle(tmp_path, monkeypatch,
+                                                               caplog, arrives):
+    """A minute missing between two given ones was taken as quiet: the stop it wicked
+    through never fired, and nothing was said. It is asked for again (and after
+    MAX_UNSEEN_MS the minutes there are are matched, the missing one said and skipped)."""
+    from core.sim_exchange import MAX_UNSEEN_MS
+
+    late = LateMinuteBinance()
+    route(monkeypatch, late)
+    clock = skewed_clock(late, SERVER_NOW, 0)
+    rt = runtime.build(paper_config(tmp_path), tmp_path / "bot.db", clock=clock)
+    try:
+        rotate.run(rt, SERVER_NOW, "rotate-1")
+        assert scan.run(rt, SERVER_NOW, "scan-1")["entries"] == 1
+        stop = Decimal(rt.ledger.state().positions[BTC]["stop"]["price"])
+        minute = SERVER_NOW - SERVER_NOW % 60_000 + 60_000
+        wick = minute if arrives else minute + 120_000  # after the missing one
+        late.wick_at, late.wick_low = wick, str(stop * Decimal("0.99"))
+        late.late = {minute}
+        clock.advance(4 * 60_000)
+        assert {p.symbol for p in rt.client.positions()} == {BTC}  # waiting for it
+        if arrives:
+            late.late = set()  # it arrives: its wick fires the stop
+            clock.advance(60_000)
+        else:  # never: the minutes after it are matched, and the wick there fires it
+            clock.advance(MAX_UNSEEN_MS + 60_000)
+            rt.client.positions()
+            clock.advance(60_000)
+        assert rt.client.positions() == []
+        [fill] = [f for f in rt.venue.fetch_my_trades(BTC) if f["side"] == "sell"]
+        assert fill["timestamp"] // 60_000 * 60_000 == wick
+        said = [r.getMessage() for r in caplog.records if "were checked on the minutes" in
+                r.getMessage()]
+        assert bool(said) != arrives
     finally:
         rt.close()
