@@ -264,9 +264,9 @@ class SimExchange:
         if boundary > self._processed and (self._open or not self._live):
             seen = self._match(self._processed, boundary) if self._open else boundary
             if seen < boundary and self._unseen_too_long(seen, now):
-                log.warning("no candles from %s on for a resting order's symbol: its stops "
-                            "were checked on the minutes there are until %s", iso(seen),
-                            iso(boundary))
+                log.warning("no candles from %s on (or a minute missing) for a resting "
+                            "order's symbol: its stops were checked on the minutes there are "
+                            "until %s", iso(seen), iso(boundary))
                 self._match(seen, boundary, holes_quiet=True)
                 seen = boundary
             if seen == boundary:
@@ -901,8 +901,9 @@ def _low_side(o: SimOrder) -> bool:
 
 
 def first_missing(ts: np.ndarray, first: int, tf: int) -> int | None:
-    """The open time of the first candle missing from ``ts`` (ascending, from ``first``
-    on, a candle every ``tf``) before its last row; None if there is none."""
+    """The open time of the first candle missing from ``ts`` (from ``first`` on, a candle
+    every ``tf``; in any order, repeats counted once) before its last; None if none."""
+    ts = np.unique(ts)
     expected = first + tf * np.arange(len(ts), dtype=np.int64)
     off = np.flatnonzero(ts != expected)
     return int(expected[off[0]]) if len(off) else None

@@ -473,3 +473,19 @@ def test_catching_up_in_one_jump_equals_stepping_candle_by_candle(plan):
     assert strip == [{k: t[k] for k in ("timestamp", "side", "price", "amount", "fee")}
                      for t in b.fetch_my_trades(s, since=T0)]
     assert a.fetch_balance()["info"] == b.fetch_balance()["info"]
+
+
+def test_first_missing_minute_of_an_answer():
+    """Repeated or unordered rows were read as a hole one row on (the matching then
+    crept a minute per call, and its 15-minute give-up never came)."""
+    import numpy as np
+
+    from core.sim_exchange import first_missing
+
+    m = 60_000
+    assert first_missing(np.array([0, m, 2 * m]), 0, m) is None
+    assert first_missing(np.array([0, 2 * m, 3 * m]), 0, m) == m
+    assert first_missing(np.array([m, 2 * m]), 0, m) == 0  # the first one missing
+    assert first_missing(np.array([0, m, m, 2 * m]), 0, m) is None  # repeated
+    assert first_missing(np.array([m, 0, 2 * m]), 0, m) is None  # out of order
+    assert first_missing(np.array([], dtype=np.int64), 0, m) is None
