@@ -1138,19 +1138,26 @@ def test_the_ledger_ends_at_the_reports_end_equity(tmp_path):
 ])
 def test_a_strategy_that_fails_is_named_and_the_earlier_ledger_kept(tmp_path, rule, message):
     """Its exception was a traceback, exit 1; a NaN side ran, no trade, exit 0."""
-    (tmp_path / "boom.py").write_text(
+    r, db, before = backtest_with_module(
+        tmp_path, "boom",
         "import numpy as np\nimport pandas as pd\nfrom core.strategies import Strategy\n\n\n"
         "class Boom(Strategy):\n    name = 'boom'\n    defaults = {}\n    warmup = 0\n\n"
         "    def indicators(self, df):\n        return pd.DataFrame(index=df.index)\n\n"
         f"    def rule(self, df, ind):\n        {rule}\n")
-    (tmp_path / "bot.toml").write_text(f'[strategy]\nname = "boom"\nmodule = '
-                                       f'"{tmp_path / "boom.py"}"\n')
-    db = tmp_path / "bt.db"
-    before = earlier_backtest(db)
-    r = invoke("--config", tmp_path / "bot.toml", "backtest", "--data", DATA, "--to",
-               "2018-01-12", "--db", db)
     assert r.exit_code == 2 and message in r.output, r.output
     assert sha(db) == before and not leftovers(tmp_path)
+
+
+def backtest_with_module(tmp_path: Path, name: str, source: str):
+    """``cli.py backtest`` of strategy ``name`` from a module of ``source``, over an
+    earlier backtest's ledger: (result, the ledger, its digest before)."""
+    (tmp_path / "mine.py").write_text(source)
+    (tmp_path / "bot.toml").write_text(f'[strategy]\nname = "{name}"\n'
+                                       f'module = "{tmp_path / "mine.py"}"\n')
+    db = tmp_path / "bt.db"
+    before = earlier_backtest(db)
+    return invoke("--config", tmp_path / "bot.toml", "backtest", "--data", DATA, "--to",
+                  "2018-01-12", "--db", db), db, before
 
 
 PEEKING = """
@@ -1183,13 +1190,7 @@ def test_a_users_strategy_that_looks_ahead_is_refused(tmp_path, name):
     """Signals are computed over all the candles at once: a rule reading the next close
     backtested +146 % with exit 0, though live (on the candles up to each) it never
     entered once."""
-    (tmp_path / "mine.py").write_text(PEEKING)
-    (tmp_path / "bot.toml").write_text(f'[strategy]\nname = "{name}"\n'
-                                       f'module = "{tmp_path / "mine.py"}"\n')
-    db = tmp_path / "bt.db"
-    before = earlier_backtest(db)
-    r = invoke("--config", tmp_path / "bot.toml", "backtest", "--data", DATA, "--to",
-               "2018-01-12", "--db", db)
+    r, db, before = backtest_with_module(tmp_path, name, PEEKING)
     if name == "calm":
         assert r.exit_code == 0, r.output
         return

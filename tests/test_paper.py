@@ -70,6 +70,19 @@ def start_paper(monkeypatch, tmp_path, fake, *, at: int = SERVER_NOW, ours_ahead
     return rt, clock
 
 
+def entered(monkeypatch, tmp_path, fake):
+    """``start_paper``, then a long BTC entry: (runtime, clock, its stop's price, the
+    next minute's open time)."""
+    rt, clock = start_paper(monkeypatch, tmp_path, fake)
+    try:
+        assert scan.run(rt, SERVER_NOW, "scan-1")["entries"] == 1
+    except BaseException:
+        rt.close()
+        raise
+    stop = Decimal(rt.ledger.state().positions[BTC]["stop"]["price"])
+    return rt, clock, stop, SERVER_NOW - SERVER_NOW % 60_000 + 60_000
+
+
 class PublicBinance:
     """Recorded public answers, by endpoint; every request is kept for the checks."""
 
@@ -216,11 +229,8 @@ def test_paper_a_malformed_minute_fires_no_stop(tmp_path, monkeypatch, caplog, b
     """A 1 m row with a low of 0 filled the stop (the market never went near it), without
     a word; the bot's own candle check drops such rows."""
     wicking = WickingBinance()
-    rt, clock = start_paper(monkeypatch, tmp_path, wicking)
+    rt, clock, stop, minute = entered(monkeypatch, tmp_path, wicking)
     try:
-        assert scan.run(rt, SERVER_NOW, "scan-1")["entries"] == 1
-        stop = Decimal(rt.ledger.state().positions[BTC]["stop"]["price"])
-        minute = SERVER_NOW - SERVER_NOW % 60_000 + 60_000
         wicking.wick_at, wicking.wick_low = minute, bad_low
         clock.advance(3 * 60_000)
         assert {p.symbol for p in rt.client.positions()} == {BTC}
@@ -917,14 +927,8 @@ def test_paper_stops_wait_for_a_minute_left_out_of_the_middle(tmp_path, monkeypa
     from core.sim_exchange import MAX_UNSEEN_MS
 
     late = LateMinuteBinance()
-    route(monkeypatch, late)
-    clock = skewed_clock(late, SERVER_NOW, 0)
-    rt = runtime.build(paper_config(tmp_path), tmp_path / "bot.db", clock=clock)
+    rt, clock, stop, minute = entered(monkeypatch, tmp_path, late)
     try:
-        rotate.run(rt, SERVER_NOW, "rotate-1")
-        assert scan.run(rt, SERVER_NOW, "scan-1")["entries"] == 1
-        stop = Decimal(rt.ledger.state().positions[BTC]["stop"]["price"])
-        minute = SERVER_NOW - SERVER_NOW % 60_000 + 60_000
         wick = minute if arrives else minute + 120_000  # after the missing one
         late.wick_at, late.wick_low = wick, str(stop * Decimal("0.99"))
         late.late = {minute}
