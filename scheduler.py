@@ -45,7 +45,7 @@ from apscheduler.triggers.cron import CronTrigger
 from apscheduler.triggers.interval import IntervalTrigger
 
 from core import logs, runtime
-from core.clock import WallClock, slot
+from core.clock import WallClock
 from core.config import Config, check_can_trade
 from core.exchange import BadExchangeData, error_text
 from jobs import daily_reset, reconcile, rotate, scan
@@ -129,6 +129,11 @@ def fire_times_between(trigger, after, before, limit: int = MAX_COALESCED_RECORD
         out.append(t)
         t = trigger.get_next_fire_time(t, t)
     return out
+
+
+def slot(now_ms: int, interval_ms: int | None) -> int:
+    """The nominal instant a run belongs to: two runs in one slot are the same run."""
+    return now_ms if not interval_ms else now_ms - now_ms % interval_ms
 
 
 class StartRefused(Exception):

@@ -36,8 +36,8 @@ Rotation as in live: the top ``[rotation] top_n`` by 24 h quote volume (computed
 the candles, as the venue's tickers are), at the start and then every
 ``rotate_interval_h`` after it (the service's interval trigger counts from its start),
 before the scan of that step; after a hole in every symbol's candles, once at the first
-step, as the service runs a late rotation once. The daily reset runs after the scan of the first step of
-each UTC day.
+step, as the service runs a late rotation once. The daily reset runs after the scan of
+the first step of each UTC day.
 
 What is skipped is only what cannot change anything (see ``core.backtest_watch``): steps
 where no active coin has an entry signal, no open position's exit rules can fire or

@@ -86,11 +86,6 @@ def day_start_ms(ms: int) -> int:
     return ms - ms % DAY_MS
 
 
-def slot(now_ms: int, interval_ms: int | None) -> int:
-    """The nominal instant a job's run belongs to: two runs in one slot are the same run."""
-    return now_ms if not interval_ms else now_ms - now_ms % interval_ms
-
-
 def day_ms(day: str) -> int:
     """Midnight UTC of a YYYY-MM-DD day."""
     return int(datetime.strptime(day, "%Y-%m-%d").replace(tzinfo=UTC).timestamp() * 1000)

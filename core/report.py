@@ -173,8 +173,9 @@ def summary_text(m: dict[str, Any], quote: str = "USDT") -> str:
     from tabulate import tabulate
 
     reasons = ", ".join(f"{k} {v}" for k, v in m["exit_reasons"].items()) or "-"
+    plural = "" if m["symbols"] == 1 else "s"
     lines = [
-        f"backtest      {m['strategy']} on {m['symbols']} symbol{'' if m['symbols'] == 1 else 's'}, decisions "
+        f"backtest      {m['strategy']} on {m['symbols']} symbol{plural}, decisions "
         f"{m['first_decision']} .. {m['last_decision']} UTC ({m['steps']:,} steps)",
         f"ledger        {m['ledger']} ({m['facts']:,} facts)",
         "",

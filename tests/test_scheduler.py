@@ -36,7 +36,6 @@ from core.clock import (
     VirtualClock,
     WallClock,
     day_start_ms,
-    slot,
     utc_day,
 )
 from core.config import Config
@@ -196,9 +195,9 @@ def test_fire_times_between_two_runs_are_the_runs_coalescing_merged():
 
 
 def test_slot_is_the_nominal_instant_of_a_run():
-    assert slot(T0 + 7_345, 10_000) == T0
-    assert slot(T0 + 10_000, 10_000) == T0 + 10_000
-    assert slot(T0 + 7_345, None) == T0 + 7_345
+    assert scheduler.slot(T0 + 7_345, 10_000) == T0
+    assert scheduler.slot(T0 + 10_000, 10_000) == T0 + 10_000
+    assert scheduler.slot(T0 + 7_345, None) == T0 + 7_345
 
 
 # -- the service in-process -----------------------------------------------------------------
