@@ -38,6 +38,7 @@ from core.execution import (
 )
 from core.exits import stop_price
 from core.orders import TERMINAL, state_of
+from core.risk import truncate_amount
 from ledger import Fact
 from ledger.fold import UNRESOLVED_STATES
 
@@ -693,7 +694,7 @@ def coverable(client, symbol: str, amount: Decimal) -> Decimal:
         step = client.market(symbol).amount_step
     except Exception:  # noqa: BLE001 - unknown market: judged against the whole amount
         return amount
-    return amount - amount % step if step else amount
+    return truncate_amount(amount, step)
 
 
 def compare_stops(rt, ex: Executor, dry_run: bool,
