@@ -9,6 +9,11 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from process_guard import (  # noqa: F401 - hooks: nothing started outlives the run
+    pytest_addoption,
+    pytest_configure,
+    pytest_sessionfinish,
+)
 
 from ledger import Ledger
 
