@@ -131,9 +131,10 @@ def fire_times_between(trigger, after, before, limit: int = MAX_COALESCED_RECORD
     return out
 
 
-def slot(now_ms: int, interval_ms: int | None) -> int:
-    """The nominal instant a run belongs to: two runs in one slot are the same run."""
-    return now_ms if not interval_ms else now_ms - now_ms % interval_ms
+def slot(now_ms: int, interval_ms: int | None, anchor_ms: int = 0) -> int:
+    """The nominal instant a run belongs to: the last fire time of a trigger firing every
+    ``interval_ms`` from ``anchor_ms``. Two runs in one slot are the same run."""
+    return now_ms if not interval_ms else now_ms - (now_ms - anchor_ms) % interval_ms
 
 
 class StartRefused(Exception):
@@ -185,19 +186,19 @@ class Service:
         self._drained = threading.Event()  # set once no job can still be running
         self._last_due: dict = {}  # job -> the last run time APScheduler handled (wall)
         self._running: set[str] = set()  # jobs in progress, named in the stop message
+        self.anchor_ms = 0  # the bot-clock instant the interval triggers count from
 
     def job(self, name: str) -> None:
         if self.stopping.is_set():
             return
         self._running.add(name)
         try:
-            run_job(self.rt, name, JOBS[name],
-                    slot(self.rt.clock.now_ms(), self.plan[name].interval_ms))
+            run_job(self.rt, name, JOBS[name], self.slot(name, self.rt.clock.now_ms()))
             # After the scan, so that a slow exchange cannot hold up managing a position
             if name == "scan" and rotation_failed_without_coins(self.rt) \
                     and not self.stopping.is_set():
                 run_job(self.rt, "rotate", JOBS["rotate"],
-                        slot(self.rt.clock.now_ms(), self.plan["rotate"].interval_ms))
+                        self.slot("rotate", self.rt.clock.now_ms()))
         finally:
             self._running.discard(name)
 
@@ -236,8 +237,8 @@ class Service:
             return
         dropped = fire_times_between(plan.trigger, last, times[0])
         for run_time in dropped[:MAX_COALESCED_RECORDS]:
-            record_not_run(self.rt, event.job_id,
-                           slot(self.bot_ms(run_time), plan.interval_ms), "skipped", COALESCED)
+            record_not_run(self.rt, event.job_id, self.slot(event.job_id, self.bot_ms(run_time)),
+                           "skipped", COALESCED)
         if len(dropped) > MAX_COALESCED_RECORDS:
             log.warning("job %s: more than %d runs coalesced; only the first %d recorded",
                         event.job_id, MAX_COALESCED_RECORDS, MAX_COALESCED_RECORDS)
@@ -248,10 +249,16 @@ class Service:
         if event.code == EVENT_JOB_ERROR:
             reason = f"{reason}: {type(event.exception).__name__}: {event.exception}"
         times = getattr(event, "scheduled_run_times", None) or [event.scheduled_run_time]
-        plan = self.plan.get(event.job_id)
         for run_time in times:
-            scheduled = slot(self.bot_ms(run_time), plan.interval_ms if plan else None)
-            record_not_run(self.rt, event.job_id, scheduled, outcome, reason)
+            record_not_run(self.rt, event.job_id, self.slot(event.job_id, self.bot_ms(run_time)),
+                           outcome, reason)
+
+    def slot(self, name: str, bot_ms: int) -> int:
+        """The fire time a run of ``name`` at ``bot_ms`` belongs to. Counted from the
+        triggers' start, as they count: by epoch-aligned slots, a rotation run late by
+        half its interval took the next fire's slot, and that rotation was skipped."""
+        plan = self.plan.get(name)
+        return slot(bot_ms, plan.interval_ms if plan else None, self.anchor_ms)
 
     def bot_ms(self, run_time) -> int:
         """The bot-clock instant of a wall-clock run time (the clocks differ in sim mode)."""
@@ -296,6 +303,9 @@ class Service:
 
     def install(self) -> None:
         """The four jobs on their triggers, and the listener that records runs not run."""
+        # Read before the triggers are made: a run on time is then never counted in the
+        # slot before its own.
+        self.anchor_ms = self.rt.clock.now_ms()
         self.plan = schedules(self.rt.config)  # interval triggers count from now
         for name, plan in self.plan.items():
             self.scheduler.add_job(self.job, plan.trigger, args=[name], id=name, name=name,

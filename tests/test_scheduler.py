@@ -198,6 +198,8 @@ def test_slot_is_the_nominal_instant_of_a_run():
     assert scheduler.slot(T0 + 7_345, 10_000) == T0
     assert scheduler.slot(T0 + 10_000, 10_000) == T0 + 10_000
     assert scheduler.slot(T0 + 7_345, None) == T0 + 7_345
+    assert scheduler.slot(T0 + 7_345, 10_000, anchor_ms=T0 + 5_000) == T0 + 5_000
+    assert scheduler.slot(T0 + 4_999, 10_000, anchor_ms=T0 + 5_000) == T0 - 5_000
 
 
 # -- the service in-process -----------------------------------------------------------------
@@ -293,6 +295,29 @@ def test_a_scheduled_rotation_and_a_scans_retry_at_once_rotate_once(tmp_path):
         # whichever records first: one rotates, the other finds it done
         assert sorted(r["outcome"] for r in runs(rt.ledger) if r["job"] == "rotate")[-2:] \
             == ["ok", "skipped"]
+
+
+def test_a_rotation_run_late_does_not_take_the_next_ones_slot(tmp_path):
+    """The interval trigger fires every 3 h from the service's start (12:17 here). Labelled
+    by epoch-aligned slots, the 15:17 rotation run at 18:05 (a paused scheduler, within its
+    grace of an interval) took the 18:00 slot, and the 18:17 rotation found it done:
+    skipped, the coins left 6 h old."""
+    clock = VirtualClock(T0 + 17 * 60_000)
+    rt = make_rt(tmp_path, clock)
+    try:
+        svc = scheduler.Service(rt)
+        svc.startup()
+        svc.install()
+        clock.advance(5 * 3_600_000 + 48 * 60_000)  # 18:05
+        svc.job("rotate")
+        clock.set(T0 + 6 * 3_600_000 + 17 * 60_000)  # 18:17, the next fire time
+        svc.job("rotate")
+        rotations = [r for r in runs(rt.ledger) if r["job"] == "rotate"]
+        assert [r["outcome"] for r in rotations] == ["ok", "ok", "ok"]
+        assert [r["scheduled_ms"] - T0 for r in rotations[1:]] == [
+            (3 * 60 + 17) * 60_000, (6 * 60 + 17) * 60_000]
+    finally:
+        rt.close()
 
 
 def test_startup_reconciles_first_catches_up_closed_days_and_rotates(tmp_path):
@@ -394,7 +419,8 @@ def test_a_real_scheduler_runs_the_jobs_records_overruns_and_stops_cleanly(tmp_p
         assert '"event":"stopped"' in last["data"]
         assert max(r["seq"] for r in done) < last["seq"]  # nothing ran after the stop
         skipped = [r for r in done if r["outcome"] == "skipped" and r["job"] == "scan"]
-        assert all(r["scheduled_ms"] % 10_000 == 0 for r in skipped)
+        # labelled by their fire times, counted from the triggers' start
+        assert all((r["scheduled_ms"] - svc.anchor_ms) % 10_000 == 0 for r in skipped)
     finally:
         svc.request_stop()
         thread.join(30)
