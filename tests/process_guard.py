@@ -3,14 +3,14 @@
 A process a test left behind (an orphan: a browser's crash handler, a worker whose parent
 was killed) keeps the run's output pipe open, and a thread that never ends keeps the
 interpreter from exiting: CI then waits for its time limit with every test passed. So
-pytest adopts orphans (it becomes a child subreaper), ends whatever is left when the
-session finishes, naming it, and if the interpreter still has not exited after
-``exit_grace_s`` it prints every thread's stack and exits with the session's status.
+every process started under the run carries a mark in its environment; when the session
+finishes, the marked processes still running are ended and named, and if the interpreter
+has not exited ``exit_grace_s`` later, every thread's stack is printed and it exits with
+the session's status.
 """
 
 from __future__ import annotations
 
-import ctypes
 import faulthandler
 import os
 import signal
@@ -19,8 +19,9 @@ import threading
 import time
 from pathlib import Path
 
-PR_SET_CHILD_SUBREAPER = 36
-KEPT = ("multiprocessing.resource_tracker",)  # ends with its parent, by design
+MARK = "LEDGERBOT_TEST_RUN"
+PROC = Path("/proc")
+KEPT = ("multiprocessing.resource_tracker",)  # ends with this process, by design
 
 
 def pytest_addoption(parser) -> None:
@@ -29,61 +30,48 @@ def pytest_addoption(parser) -> None:
 
 
 def pytest_configure(config) -> None:
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
-        sys.stderr.write(f"process guard: not a subreaper ({os.strerror(ctypes.get_errno())}); "
-                         "orphans of the tests are not adopted\n")
+    os.environ[MARK] = f"{os.getpid()}"  # inherited by whatever the tests start
 
 
 def pytest_sessionfinish(session, exitstatus) -> None:
-    left = end_leftovers()
+    # First: ending the leftovers could itself hang (a process stuck in the kernel).
+    _watch_exit(float(session.config.getini("exit_grace_s")), int(exitstatus))
+    left = end_leftovers(os.environ.get(MARK, ""))
     if left:
         sys.stderr.write("\nprocess guard: ended what the tests left running:\n"
                          + "".join(f"  {pid} {cmd}\n" for pid, cmd in left))
-    _watch_exit(float(session.config.getini("exit_grace_s")), int(exitstatus))
 
 
-def children() -> dict[int, tuple[str, str]]:
-    """This process's children: pid -> (state letter, command line)."""
-    found: dict[int, tuple[str, str]] = {}
-    for task in Path(f"/proc/{os.getpid()}/task").iterdir():
-        try:
-            pids = (task / "children").read_text().split()
-        except OSError:
+def marked(mark: str) -> dict[int, str]:
+    """Running processes (not this one) whose environment carries ``mark``: pid -> command."""
+    wanted = f"{MARK}={mark}".encode()
+    found: dict[int, str] = {}
+    if not mark or not PROC.is_dir():
+        return found  # not Linux: nothing is looked for
+    for entry in PROC.iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
             continue
-        for pid in map(int, pids):
-            try:
-                state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-                cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(
-                    errors="replace").strip()
-            except OSError:
-                continue  # already gone
-            found[pid] = (state, cmd)
+        try:
+            if wanted not in (entry / "environ").read_bytes().split(b"\0"):
+                continue
+            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+            cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue  # gone, or not ours to read
+        if state != "Z" and not any(k in cmd for k in KEPT):
+            found[int(entry.name)] = cmd.strip()[:160]
     return found
 
 
-def end_leftovers(rounds: int = 5) -> list[tuple[int, str]]:
-    """SIGKILL and reap every child still running but the kept ones; reap the zombies.
-    Rounds, since a killed orphan's own children are adopted in turn."""
-    ended: list[tuple[int, str]] = []
-    for _ in range(rounds):
-        running = {pid: cmd for pid, (state, cmd) in children().items()
-                   if state != "Z" and not any(k in cmd for k in KEPT)}
-        for pid, cmd in running.items():
-            try:
-                os.kill(pid, signal.SIGKILL)
-                ended.append((pid, cmd[:160]))
-            except ProcessLookupError:
-                pass
-        time.sleep(0.05 if running else 0)
-        for pid, (state, _) in children().items():
-            if state == "Z" or pid in running:
-                try:
-                    os.waitpid(pid, 0 if pid in running else os.WNOHANG)
-                except ChildProcessError:
-                    pass  # reaped by its Popen meanwhile
-        if not running:
-            break
+def end_leftovers(mark: str) -> list[tuple[int, str]]:
+    """SIGKILL the marked processes still running; what was ended."""
+    ended = []
+    for pid, cmd in marked(mark).items():
+        try:
+            os.kill(pid, signal.SIGKILL)
+            ended.append((pid, cmd))
+        except (ProcessLookupError, PermissionError):
+            pass
     return ended
 
 
