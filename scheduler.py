@@ -131,10 +131,24 @@ def fire_times_between(trigger, after, before, limit: int = MAX_COALESCED_RECORD
     return out
 
 
-def slot(now_ms: int, interval_ms: int | None, anchor_ms: int = 0) -> int:
-    """The nominal instant a run belongs to: the last fire time of a trigger firing every
-    ``interval_ms`` from ``anchor_ms``. Two runs in one slot are the same run."""
-    return now_ms if not interval_ms else now_ms - (now_ms - anchor_ms) % interval_ms
+def slot(bot_ms: int, interval_ms: int | None, anchor_ms: int = 0,
+         period_ms: float | None = None, *, nearest: bool = False) -> int:
+    """The nominal instant a run belongs to (two runs in one slot are the same run): of a
+    trigger firing every ``period_ms`` after ``anchor_ms``, the last fire at or before
+    ``bot_ms`` (a run), or the nearest (``bot_ms`` estimates a fire time). Labelled
+    ``anchor_ms`` + whole ``interval_ms``. Pure.
+
+    ``period_ms``: the trigger's period in bot time, if not exactly ``interval_ms`` (in sim
+    mode a wall period rounded to the microsecond, times the speed: the error adds up over
+    thousands of fires)."""
+    if not interval_ms:
+        return bot_ms
+    if period_ms is None or period_ms == interval_ms:
+        fires = (bot_ms - anchor_ms + (interval_ms // 2 if nearest else 0)) // interval_ms
+    else:  # + 1: bot instants are whole ms, floored
+        fires = (bot_ms - anchor_ms + 1) / period_ms
+        fires = round(fires) if nearest else math.floor(fires)
+    return anchor_ms + fires * interval_ms
 
 
 class StartRefused(Exception):
@@ -175,6 +189,9 @@ class Service:
 
     def __init__(self, rt: runtime.Runtime) -> None:
         self.rt = rt
+        # Read before the triggers are made: a run on time is then never counted in the
+        # slot before its own. install() makes them anew.
+        self.anchor_ms = rt.clock.now_ms()  # the bot-clock instant the triggers count from
         self.plan = schedules(rt.config)
         self.scheduler = BlockingScheduler(timezone="UTC", job_defaults={
             "coalesce": True, "max_instances": 1})
@@ -186,7 +203,6 @@ class Service:
         self._drained = threading.Event()  # set once no job can still be running
         self._last_due: dict = {}  # job -> the last run time APScheduler handled (wall)
         self._running: set[str] = set()  # jobs in progress, named in the stop message
-        self.anchor_ms = 0  # the bot-clock instant the interval triggers count from
 
     def job(self, name: str) -> None:
         if self.stopping.is_set():
@@ -237,7 +253,8 @@ class Service:
             return
         dropped = fire_times_between(plan.trigger, last, times[0])
         for run_time in dropped[:MAX_COALESCED_RECORDS]:
-            record_not_run(self.rt, event.job_id, self.slot(event.job_id, self.bot_ms(run_time)),
+            record_not_run(self.rt, event.job_id,
+                           self.slot(event.job_id, self.bot_ms(run_time), nearest=True),
                            "skipped", COALESCED)
         if len(dropped) > MAX_COALESCED_RECORDS:
             log.warning("job %s: more than %d runs coalesced; only the first %d recorded",
@@ -250,15 +267,20 @@ class Service:
             reason = f"{reason}: {type(event.exception).__name__}: {event.exception}"
         times = getattr(event, "scheduled_run_times", None) or [event.scheduled_run_time]
         for run_time in times:
-            record_not_run(self.rt, event.job_id, self.slot(event.job_id, self.bot_ms(run_time)),
+            record_not_run(self.rt, event.job_id,
+                           self.slot(event.job_id, self.bot_ms(run_time), nearest=True),
                            outcome, reason)
 
-    def slot(self, name: str, bot_ms: int) -> int:
-        """The fire time a run of ``name`` at ``bot_ms`` belongs to. Counted from the
-        triggers' start, as they count: by epoch-aligned slots, a rotation run late by
-        half its interval took the next fire's slot, and that rotation was skipped."""
+    def slot(self, name: str, bot_ms: int, *, nearest: bool = False) -> int:
+        """The fire a run of ``name`` at ``bot_ms`` belongs to (``nearest``: the fire
+        ``bot_ms`` estimates). Counted from the triggers' start, as they count: by
+        epoch-aligned slots, a rotation run late took the next fire's slot, and that
+        rotation was skipped as done."""
         plan = self.plan.get(name)
-        return slot(bot_ms, plan.interval_ms if plan else None, self.anchor_ms)
+        if plan is None or not plan.interval_ms:
+            return bot_ms
+        period_ms = plan.trigger.interval.total_seconds() * 1000 * speed_of(self.rt.config)
+        return slot(bot_ms, plan.interval_ms, self.anchor_ms, period_ms, nearest=nearest)
 
     def bot_ms(self, run_time) -> int:
         """The bot-clock instant of a wall-clock run time (the clocks differ in sim mode)."""
@@ -303,9 +325,7 @@ class Service:
 
     def install(self) -> None:
         """The four jobs on their triggers, and the listener that records runs not run."""
-        # Read before the triggers are made: a run on time is then never counted in the
-        # slot before its own.
-        self.anchor_ms = self.rt.clock.now_ms()
+        self.anchor_ms = self.rt.clock.now_ms()  # before the triggers, as in __init__
         self.plan = schedules(self.rt.config)  # interval triggers count from now
         for name, plan in self.plan.items():
             self.scheduler.add_job(self.job, plan.trigger, args=[name], id=name, name=name,

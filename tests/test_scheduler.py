@@ -200,6 +200,37 @@ def test_slot_is_the_nominal_instant_of_a_run():
     assert scheduler.slot(T0 + 7_345, None) == T0 + 7_345
     assert scheduler.slot(T0 + 7_345, 10_000, anchor_ms=T0 + 5_000) == T0 + 5_000
     assert scheduler.slot(T0 + 4_999, 10_000, anchor_ms=T0 + 5_000) == T0 - 5_000
+    # an estimated fire time (a run not run, dated back from the wall clock): the nearest
+    assert scheduler.slot(T0 + 4_999, 10_000, nearest=True) == T0
+    assert scheduler.slot(T0 + 5_000, 10_000, nearest=True) == T0 + 10_000
+    # a trigger firing every 9,999.5 ms: its first fire, read off a clock in whole ms
+    assert scheduler.slot(T0 + 9_999, 10_000, T0, 9_999.5) == T0 + 10_000
+
+
+def test_in_sim_mode_runs_keep_their_fire_times_over_many_fires(tmp_path):
+    """At speed 700 the 3 h rotation is a wall period of 15.4285714 s, which the trigger
+    rounds to the microsecond, down: each fire comes 0.3 bot-ms before its nominal
+    instant. Counted by the nominal interval, from the 500th fire or so (the margin being
+    the anchor's read and the run's latency) a rotation took the previous one's label and
+    was skipped as done; a scan's, from its 1,750th."""
+    rt = make_rt(tmp_path, VirtualClock(T0 + 17_000), bot={"mode": "sim"},
+                 sim={"speed": 700.0})
+    try:
+        svc = scheduler.Service(rt)
+        for name in ("rotate", "scan"):
+            plan = svc.plan[name]
+            period_ms = plan.trigger.interval.total_seconds() * 1000 * 700
+            assert period_ms != plan.interval_ms  # rounded: not the nominal interval
+            for k in (1, 2, 499, 500, 1_750, 100_000):
+                fired = svc.anchor_ms + int(k * period_ms)  # the bot clock as it fires
+                label = svc.anchor_ms + k * plan.interval_ms
+                assert svc.slot(name, fired) == label, (name, k)
+                assert svc.slot(name, fired + int(period_ms) - 2) == label, (name, k)  # late
+                # a run not run, dated back from the wall clock, off by a few bot-ms
+                for off in (-700, 700):
+                    assert svc.slot(name, fired + off, nearest=True) == label, (name, k, off)
+    finally:
+        rt.close()
 
 
 # -- the service in-process -----------------------------------------------------------------

@@ -68,11 +68,10 @@ def test_a_simulated_day_with_faults_runs_every_job_and_never_crashes(tmp_path):
     assert "Job \"" not in logged  # APScheduler's own "Job ... raised an exception"
 
     # Coverage: each job's records (ran, or skipped / missed / failed with the reason)
-    # leave no scheduled instant unaccounted for. Each record names the instant it
-    # stands for, floored to the job's interval (a run that starts a little late may
-    # land in the next slot), so two consecutive records may be up to 2 intervals
-    # apart with nothing missing: no gap may be longer than that, and the number of
-    # records must match the number of fire times from the first one to the stop.
+    # leave no scheduled instant unaccounted for. Each record names the fire time it
+    # stands for (a run not run: estimated from how late it was, to the nearest fire), so
+    # no gap between consecutive records may be longer than 2 intervals, and the number
+    # of records must match the number of fire times from the first one to the stop.
     stop_ms = bot.query("SELECT ts FROM facts WHERE type = 'service' ORDER BY seq DESC "
                         "LIMIT 1")[0]["ts"]
     by_job = defaultdict(list)
