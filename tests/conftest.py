@@ -37,7 +37,9 @@ def _argv(code: str, args, prefix) -> list[str]:
     return [*prefix, sys.executable, "-c", textwrap.dedent(code), *map(str, args)]
 
 
-_ENV = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}
+def _env() -> dict[str, str]:
+    # Read at each start, not at import: the test run's guard marks the environment later.
+    return {**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}
 
 
 @pytest.fixture
@@ -47,7 +49,7 @@ def run_python():
 
     def run(code: str, *args, prefix: tuple[str, ...] = (), timeout: float = 60):
         return subprocess.run(_argv(code, args, prefix), cwd=REPO_ROOT, capture_output=True,
-                              text=True, timeout=timeout, env=_ENV)
+                              text=True, timeout=timeout, env=_env())
 
     return run
 
@@ -58,7 +60,7 @@ def spawn_python():
     started: list[subprocess.Popen] = []
 
     def spawn(code: str, *args, prefix: tuple[str, ...] = ()) -> subprocess.Popen:
-        proc = subprocess.Popen(_argv(code, args, prefix), cwd=REPO_ROOT, env=_ENV, text=True,
+        proc = subprocess.Popen(_argv(code, args, prefix), cwd=REPO_ROOT, env=_env(), text=True,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         started.append(proc)
         return proc

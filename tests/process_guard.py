@@ -7,6 +7,9 @@ every process started under the run carries a mark in its environment; when the 
 finishes, the marked processes still running are ended and named, and if the interpreter
 has not exited ``exit_grace_s`` later, every thread's stack is printed and it exits with
 the session's status.
+
+Not seen: a process that starts with an environment of its own (``env -i``), or rewrites
+it (Chromium's helpers do, as they set their titles; they end with their browser).
 """
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ import sys
 import threading
 import time
 from pathlib import Path
+
+import pytest
 
 MARK = "LEDGERBOT_TEST_RUN"
 PROC = Path("/proc")
@@ -33,13 +38,16 @@ def pytest_configure(config) -> None:
     os.environ[MARK] = f"{os.getpid()}"  # inherited by whatever the tests start
 
 
-def pytest_sessionfinish(session, exitstatus) -> None:
-    # First: ending the leftovers could itself hang (a process stuck in the kernel).
+@pytest.hookimpl(wrapper=True)
+def pytest_sessionfinish(session, exitstatus):
+    # The watch first: what follows could itself hang (a process stuck in the kernel).
     _watch_exit(float(session.config.getini("exit_grace_s")), int(exitstatus))
+    result = yield  # after an interrupt, the fixtures left are torn down in there
     left = end_leftovers(os.environ.get(MARK, ""))
     if left:
         sys.stderr.write("\nprocess guard: ended what the tests left running:\n"
                          + "".join(f"  {pid} {cmd}\n" for pid, cmd in left))
+    return result
 
 
 def marked(mark: str) -> dict[int, str]:

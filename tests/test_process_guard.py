@@ -58,3 +58,35 @@ def test_a_thread_that_never_ends_is_shown_and_the_run_still_ends(tmp_path, fail
     assert code == (1 if failing else 0), out
     assert "has not exited 1 s after the session" in out
     assert "in wait" in out  # the waiting thread's stack
+
+
+@pytest.mark.slow
+def test_after_an_interrupt_fixtures_end_their_own_processes_first(tmp_path):
+    """Ctrl-C (or CI cancelling the job): the fixtures left are torn down as the session
+    finishes; what they own is not a leftover."""
+    code, out = pytest_run(tmp_path, """
+        import subprocess
+
+        import pytest
+
+        @pytest.fixture(scope="module")
+        def sleeper():
+            proc = subprocess.Popen(["sleep", "600"])
+            yield proc
+            print("teardown: sleeper", "running" if proc.poll() is None else "gone")
+            proc.kill()
+            proc.wait()
+
+        def test_interrupted(sleeper):
+            raise KeyboardInterrupt
+        """, "-s")
+    assert code == 2, out  # interrupted
+    assert "teardown: sleeper running" in out
+    assert "ended what the tests left running" not in out
+
+
+def test_processes_started_through_the_shared_fixtures_carry_the_runs_mark(run_python,
+                                                                           spawn_python):
+    show = "import os; print(os.environ.get('LEDGERBOT_TEST_RUN'))"
+    assert run_python(show).stdout.strip() == str(os.getpid())
+    assert spawn_python(show).communicate(timeout=60)[0].strip() == str(os.getpid())
