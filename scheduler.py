@@ -189,10 +189,7 @@ class Service:
 
     def __init__(self, rt: runtime.Runtime) -> None:
         self.rt = rt
-        # Read before the triggers are made: a run on time is then never counted in the
-        # slot before its own. install() makes them anew.
-        self.anchor_ms = rt.clock.now_ms()  # the bot-clock instant the triggers count from
-        self.plan = schedules(rt.config)
+        self.make_plan()  # install() makes it anew
         self.scheduler = BlockingScheduler(timezone="UTC", job_defaults={
             "coalesce": True, "max_instances": 1})
         self.stopping = rt.stopping
@@ -323,10 +320,15 @@ class Service:
         self.record_service("stopped (forced)")
         os._exit(EXIT_FORCED)  # not 0: a restart-on-failure policy brings the bot back
 
+    def make_plan(self) -> None:
+        """The jobs' triggers, and the bot-clock instant they count from (read first: a
+        run on time is then never counted in the slot before its own)."""
+        self.anchor_ms = self.rt.clock.now_ms()
+        self.plan = schedules(self.rt.config)
+
     def install(self) -> None:
         """The four jobs on their triggers, and the listener that records runs not run."""
-        self.anchor_ms = self.rt.clock.now_ms()  # before the triggers, as in __init__
-        self.plan = schedules(self.rt.config)  # interval triggers count from now
+        self.make_plan()  # interval triggers count from now
         for name, plan in self.plan.items():
             self.scheduler.add_job(self.job, plan.trigger, args=[name], id=name, name=name,
                                    coalesce=True, max_instances=1,

@@ -35,7 +35,7 @@ def pytest_addoption(parser) -> None:
 
 
 def pytest_configure(config) -> None:
-    os.environ[MARK] = f"{os.getpid()}"  # inherited by whatever the tests start
+    os.environ[MARK] = str(os.getpid())  # inherited by whatever the tests start
 
 
 @pytest.hookimpl(wrapper=True)
