@@ -33,6 +33,7 @@ import ccxt
 from core.exchange_types import BadExchangeData, FillReport, OrderReport, OrderRequest, SubmitResult
 from core.exits import resting_level, stop_on_tick, stop_price
 from core.orders import TERMINAL, TRANSITIONS, client_order_id, state_of, transition
+from core.risk import orderable
 from ledger import Fact, Ledger
 
 log = logging.getLogger(__name__)
@@ -350,8 +351,20 @@ class Executor:
         if self.client.banned():  # it would be refused unsent, an intent every scan
             log.warning("%s: no stop rests; placed once the IP ban ends", position["symbol"])
             return None
+        if self.orderable(position) == 0:  # refused unsent, an intent every scan
+            log.debug("%s: no stop can hold it (reconcile asks a human)", position["symbol"])
+            return None
         log.warning("%s: no stop rests; placing one", position["symbol"])
         return self.place_stop(position, resting_level(position, stop_loss_pct))
+
+    def orderable(self, position: dict) -> Decimal:
+        """What one order can carry of ``position``: all of it when its market cannot be
+        read (the send then decides)."""
+        amount = Decimal(position["amount"])
+        try:
+            return orderable(amount, self.client.market(position["symbol"]))
+        except READ_ERRORS:
+            return amount
 
     def unresolved(self, position_id: str, *purposes: str) -> bool:
         """Is an order of this position, for one of ``purposes``, still unresolved?"""
@@ -387,6 +400,10 @@ class Executor:
         (unless ``exit_if_crossed`` is off: after a failed exit, trying again at once).
         """
         symbol, pid = position["symbol"], position["position_id"]
+        if self.orderable(position) == 0:
+            log.warning("%s: %s %s is finer than the lot step: no stop can hold it; "
+                        "reconcile asks a human", symbol, position["side"], position["amount"])
+            return None
         try:
             step = self.client.market(symbol).price_step
             trigger = self.client.prepare_price(
@@ -480,6 +497,12 @@ class Executor:
                 # settles it. One the exchange still holds gets this exit too: reduce-only,
                 # it cannot open a position whatever the first one did.
                 log.warning("%s: an earlier exit is unresolved; no exit sent", symbol)
+                return False
+            if self.orderable(position) == 0:
+                # Refused unsent at every try, and its stop (placed before the lot step
+                # grew) cancelled for nothing: the stop keeps what it holds.
+                log.warning("%s: no exit sent: %s %s is finer than the lot step; close it "
+                            "by hand", symbol, side, position["amount"])
                 return False
             for stop in self.live_stops(position):
                 try:

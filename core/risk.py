@@ -211,6 +211,16 @@ def truncate_amount(amount: Decimal, step: Decimal | None) -> Decimal:
     return out.quantize(Decimal(1)) if out.as_tuple().exponent > 0 else out  # no "1.2E+2"
 
 
+def orderable(amount: Decimal, market: MarketInfo) -> Decimal:
+    """What one order can carry of ``amount``: down to the lot step, nothing below the
+    market's minimum. Of a position finer than the step (the step grew under it), the
+    rest is held by no stop and sold by no market order."""
+    out = truncate_amount(amount, market.amount_step)
+    if out <= 0 or (market.min_amount is not None and out < market.min_amount):
+        return Decimal(0)
+    return out
+
+
 @dataclass(frozen=True)
 class SizeResult:
     ok: bool
@@ -608,6 +618,6 @@ def exposures(positions: Iterable[Mapping[str, Any]]) -> tuple[OpenExposure, ...
 
 
 __all__ = ["OpenExposure", "RiskState", "SizeResult", "RiskDecision", "HaltAction",
-           "truncate_amount", "target_notional", "size_entry", "return_correlation",
+           "truncate_amount", "orderable", "target_notional", "size_entry", "return_correlation",
            "check_entry", "check_account", "daily_loss_pct", "drawdown_pct",
            "next_utc_midnight", "exposures", "FREE_BALANCE_USE"]

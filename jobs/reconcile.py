@@ -38,7 +38,6 @@ from core.execution import (
 )
 from core.exits import stop_price
 from core.orders import TERMINAL, state_of
-from core.risk import truncate_amount
 from ledger import Fact
 from ledger.fold import UNRESOLVED_STATES
 
@@ -686,15 +685,16 @@ def on_the_way_resting(on_the_way: dict[str, str], position_id: str, resting: di
     return any(pid == position_id and cid in resting for cid, pid in on_the_way.items())
 
 
-def coverable(client, symbol: str, amount: Decimal) -> Decimal:
-    """What a stop can cover of ``amount``: down to the market's lot step. A position
-    finer than the step (the step grew under it) leaves dust no order can hold; a stop
-    "for the whole position" was the same stop again, replaced at every reconcile."""
-    try:
-        step = client.market(symbol).amount_step
-    except Exception:  # noqa: BLE001 - unknown market: judged against the whole amount
-        return amount
-    return truncate_amount(amount, step)
+def below_lot_step(rt, p: dict, left: Decimal) -> Difference:
+    """Part of a position no order can hold: finer than its market's lot step (the step
+    grew under it). The bot can neither protect nor sell it: a human closes it."""
+    m = rt.client.market(p["symbol"])
+    limit = f"the lot step {m.amount_step}" + (
+        f" and minimum {m.min_amount}" if m.min_amount and m.min_amount > (m.amount_step or 0)
+        else "")
+    return Difference("below_lot_step", p["symbol"], (
+        f"{left} of {p['side']} {p['amount']} is finer than {limit}: no stop protects it and "
+        "no order of the bot can sell it; close the position on the exchange by hand"), "human")
 
 
 def compare_stops(rt, ex: Executor, dry_run: bool,
@@ -716,10 +716,15 @@ def compare_stops(rt, ex: Executor, dry_run: bool,
         if symbol in plan["closes"]:
             continue  # closed by a correction (dry run): its stop is an orphan
         stop = p.get("stop")
+        amount, held = Decimal(p["amount"]), ex.orderable(p)
+        covers = resting[stop["client_order_id"]].amount \
+            if stop and stop["client_order_id"] in resting else Decimal(0)
+        if max(held, covers) < amount:
+            diffs.append(below_lot_step(rt, p, amount - max(held, covers)))
         if stop and stop["client_order_id"] in resting:
-            covers = resting[stop["client_order_id"]].amount
-            if covers >= coverable(rt.client, symbol, Decimal(p["amount"])) \
-                    or symbol in plan["flagged"]:
+            # A stop "for the whole position" of one finer than the lot step was the same
+            # stop again, replaced at every run: it covers what an order can.
+            if covers >= held or symbol in plan["flagged"]:
                 wanted.add(stop["client_order_id"])
                 continue
             # The position grew (by hand): the part above the stop's amount is unprotected.
@@ -742,6 +747,8 @@ def compare_stops(rt, ex: Executor, dry_run: bool,
                                     "stop resting; none placed while the position is flagged",
                                     "info"))
             continue
+        if held == 0:
+            continue  # no stop can hold it: left to a human (below_lot_step above)
         level = stop_price(p["side"], Decimal(p["entry_price"]), rt.config.exits.stop_loss_pct)
         if stop:
             level = Decimal(stop["price"])

@@ -852,6 +852,95 @@ def test_paper_reports_a_position_as_held_after_the_lot_step_changes(tmp_path, m
             report = reconcile.run(rt, clock.now_ms(), f"reconcile-{n}")
             assert not [d for d in report["differences"] if d["kind"] == "stop_size"], report
         assert rt.ledger.state().positions[BTC]["stop"] == stop  # left resting
+        # What the stop cannot hold is left to a human, named
+        left = held - Decimal(step) * (held // Decimal(step))
+        assert report["status"] == "needs_human"
+        assert [d["detail"].split(" is ")[0] for d in report["differences"]
+                if d["kind"] == "below_lot_step"] == [f"{left} of long {held}"]
+    finally:
+        rt.close()
+
+
+def order_facts_after(rt, seq: int) -> list[dict]:
+    return rt.ledger.select("SELECT type, client_order_id, reason FROM facts WHERE seq > ? AND "
+                            "type LIKE 'order_%'", (seq,))
+
+
+def restarted_with_step(monkeypatch, tmp_path, step: str):
+    """A BTC long entered at the recorded step (0.001), then the bot restarted after BTC's
+    lot step grew to ``step``: (runtime, clock, fake, the amount held)."""
+    fake = RetickedBinance()
+    rt, clock = start_paper(monkeypatch, tmp_path, fake)
+    try:
+        assert scan.run(rt, clock.now_ms(), "scan-1")["entries"] == 1
+        held = Decimal(rt.ledger.state().positions[BTC]["amount"])
+    finally:
+        rt.close()
+    fake.step, fake.tick = step, "1"
+    clock.advance(120_000)
+    return runtime.build(paper_config(tmp_path), tmp_path / "bot.db", clock=clock), clock, \
+        fake, held
+
+
+def test_a_remainder_finer_than_the_lot_step_is_left_to_a_human(tmp_path, monkeypatch):
+    """After an exit sold what the grown step allows (0.2 of 0.248), a stop for the 0.048
+    left was tried and refused unsent at every scan and every reconcile: 6 facts every
+    20 s, each run 'corrected', and nobody told that 0.048 BTC lay unprotected."""
+    rt, clock, fake, held = restarted_with_step(monkeypatch, tmp_path, "0.1")
+    try:
+        assert reconcile.run(rt, clock.now_ms(), "reconcile-1")["status"] == "in_sync"
+        position = rt.ledger.state().positions[BTC]
+        ex = Executor(rt.ledger, rt.client, rt.clock, rt.config, "manual", rt.lock)
+        assert not ex.close_position(position, "signal", clock.now_ms())
+        left = rt.ledger.state().positions[BTC]
+        assert (Decimal(left["amount"]), left["stop"]) == (held - Decimal("0.2"), None)
+        assert not [f for f in order_facts_after(rt, left["opened_seq"])
+                    if "rounds to zero" in (f["reason"] or "")]  # no stop tried for 0.048
+        seq = rt.ledger.last_seq()
+        for n in range(3):
+            clock.advance(10_000)
+            scan.run(rt, clock.now_ms(), f"scan-{n + 2}")
+            clock.advance(10_000)
+            report = reconcile.run(rt, clock.now_ms(), f"reconcile-{n + 2}")
+            assert report["status"] == "needs_human", report
+            assert [d["kind"] for d in report["differences"]] == ["below_lot_step"]
+            assert not ex.close_position(rt.ledger.state().positions[BTC], "signal",
+                                         clock.now_ms())
+        assert order_facts_after(rt, seq) == []  # nothing sent, nothing refused
+        runs = rt.ledger.select("SELECT reason, data FROM facts WHERE seq > ? AND type = "
+                                "'reconcile_run'", (seq,))
+        assert [r["reason"] for r in runs] == ["needs_human"]  # recorded once, not per run
+        detail = json.loads(runs[0]["data"])["differences"][0]["detail"]
+        assert detail.startswith(f"{left['amount']} of long {left['amount']} is finer than "
+                                 "the lot step 0.1:"), detail
+        # The exchange's step comes back down: the position is protected again
+        fake.step = "0.001"
+        rt.close()
+        rt = runtime.build(paper_config(tmp_path), tmp_path / "bot.db", clock=clock)
+        report = reconcile.run(rt, clock.now_ms(), "reconcile-5")
+        assert [(d["kind"], d["severity"]) for d in report["differences"]] == \
+            [("missing_stop", "fix")], report
+        assert rt.ledger.state().positions[BTC]["stop"] is not None
+    finally:
+        rt.close()
+
+
+def test_an_exit_the_lot_step_refuses_keeps_the_stop(tmp_path, monkeypatch):
+    """The whole position finer than the grown step (0.248 at step 1): the exit cancelled
+    its stop, was refused unsent, and the stop put back was refused too: a position that
+    rested behind a stop was left with none."""
+    rt, clock, _, held = restarted_with_step(monkeypatch, tmp_path, "1")
+    try:
+        position = rt.ledger.state().positions[BTC]
+        report = reconcile.run(rt, clock.now_ms(), "reconcile-1")
+        assert report["status"] == "in_sync", report  # the stop placed before holds it all
+        seq = rt.ledger.last_seq()
+        ex = Executor(rt.ledger, rt.client, rt.clock, rt.config, "manual", rt.lock)
+        assert not ex.close_position(position, "signal", clock.now_ms())
+        assert rt.ledger.last_seq() == seq  # nothing sent, nothing cancelled
+        assert rt.ledger.state().positions[BTC] == position
+        resting = [(o.client_order_id, o.amount) for o in rt.client.open_orders()]
+        assert resting == [(position["stop"]["client_order_id"], held)]
     finally:
         rt.close()
 

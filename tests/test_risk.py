@@ -23,6 +23,7 @@ from core.risk import (
     RiskState,
     check_account,
     check_entry,
+    orderable,
     return_correlation,
     size_entry,
     truncate_amount,
@@ -429,6 +430,18 @@ def test_truncation_matches_ccxt(amount, step):
     theirs = decimal_to_precision(str(amount), TRUNCATE, str(step), TICK_SIZE)
     assert ours == D(theirs)
     assert ours <= amount and ours % step == 0 and amount - ours < step
+
+
+@pytest.mark.parametrize("amount,step,minimum,expected", [
+    ("0.248", "0.001", "0.001", "0.248"),  # a whole number of steps: all of it
+    ("0.248", "0.1", "0.1", "0.2"),  # the step grew: the 0.048 beyond it is held by none
+    ("0.048", "0.1", "0.1", "0"),  # all of it finer than the step
+    ("0.25", "0.05", "0.3", "0"),  # on the step but below the minimum
+    ("3", "1", None, "3"),
+])
+def test_orderable_is_what_one_order_can_carry(amount, step, minimum, expected):
+    market = replace(MARKET, amount_step=D(step), min_amount=D(minimum) if minimum else None)
+    assert orderable(D(amount), market) == D(expected)
 
 
 markets = st.builds(
