@@ -26,7 +26,7 @@ from core import exits, risk
 from core.clock import DAY_MS, iso, timeframe_ms, utc_day
 from core.exchange_types import BadExchangeData, Candle
 from core.execution import READ_ERRORS, Executor
-from core.strategies import StrategyError
+from core.strategies import Signal, StrategyError
 from jobs import daily_reset
 from ledger import Fact
 
@@ -123,10 +123,16 @@ def decide_and_act(rt, symbols: list[str], candles: dict[str, list[Candle]],
         try:
             signal = rt.strategy.decide(frames[symbol])
         except Exception as exc:  # noqa: BLE001 - strategy code: the other symbols go on
-            log.error("%s: strategy %r failed, not decided this scan: %s: %s", symbol,
-                      rt.strategy.name, type(exc).__name__, exc)
+            log.error("%s: strategy %r failed on the candle closed at %s, no entry: %s: %s",
+                      symbol, rt.strategy.name, iso(series[-1].ts + tf), type(exc).__name__,
+                      exc)
             failed.append(f"{symbol} ({type(exc).__name__}: {exc})")
-            continue
+            # Recorded as decided: the same candles fail the same way, and left fresh the
+            # symbol was tried again at every scan, each writing a balance snapshot and an
+            # error run. A position's exit rules are not the entry rule: they still run.
+            signal = Signal(rt.strategy.name, "none", "strategy_error",
+                            f"{type(exc).__name__}: {exc}", series[-1].ts, {},
+                            dict(rt.strategy.params))
         signal_fact = Fact("signal", now, run_id=run_id, symbol=symbol, side=signal.side,
                            reason=signal.reason, price=Decimal(repr(series[-1].close)),
                            data={**signal.to_record(), "candle_ts": series[-1].ts})
@@ -159,8 +165,10 @@ def decide_and_act(rt, symbols: list[str], candles: dict[str, list[Candle]],
         summary["entries"] += opened
         current = None if sent else current
     if failed:  # the run is an error (the dashboard's job status shows it), once all is done
-        raise StrategyError(f"strategy {rt.strategy.name!r} failed on {len(failed)} "
-                            f"symbol(s), not decided: {'; '.join(failed)}")
+        error = StrategyError(f"strategy {rt.strategy.name!r} failed on {len(failed)} "
+                              f"symbol(s), not decided: {'; '.join(failed)}")
+        error.summary = summary  # what the run did besides: recorded with the error
+        raise error
     return summary
 
 

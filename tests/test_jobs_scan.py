@@ -327,7 +327,42 @@ def test_a_strategy_failing_on_one_symbol_leaves_the_others_decided(bot_factory)
     assert "strategy 'pick' failed on 1 symbol(s), not decided: AAA/USDT:USDT " \
            "(ZeroDivisionError: boom)" in run["reason"]
     assert set(bot.ledger.state().positions) == {BBB}  # BBB decided and entered
-    assert [f["symbol"] for f in bot.facts("signal")] == [BBB]
+    assert [(f["symbol"], f["reason"]) for f in bot.facts("signal")] == \
+        [(AAA, "strategy_error"), (BBB, "pick_long")]
+
+
+class FailsFromT0(Pick):
+    """Pick, whose code raises on every candle from the one opening at T0."""
+
+    def rule(self, df: pd.DataFrame, ind: pd.DataFrame):
+        if df["ts"].iloc[-1] >= T0:
+            raise ZeroDivisionError("boom")
+        return super().rule(df, ind)
+
+
+def test_a_candle_the_strategy_fails_on_is_decided_once_and_its_position_managed(bot_factory):
+    """A failed symbol stayed undecided, so every scan (10 s) tried it again: each run an
+    error with a balance snapshot, for as long as the candle stood; and the position held
+    in it had its exit rules (the trail, the stop-loss exit) skipped."""
+    bot = bot_factory(strat=FailsFromT0(long_at=[T0 - TF]),
+                      paths={"AAA": [candle(100, 104, 99.9, 103.5)] + flat(103.5, 4)})
+    bot.set_coins([AAA])
+    assert bot.job("scan", T0)["summary"]["entries"] == 1
+    bot.after_candle(0)
+    first = bot.job("scan")
+    assert (first["outcome"], first["summary"]) == (
+        "error", {"symbols": 1, "new_candles": 1, "entries": 0, "exits": 0})
+    assert "ZeroDivisionError: boom" in bot.facts("job_run")[-1]["reason"]
+    [failed] = bot.facts("signal", reason="strategy_error")
+    assert (failed["side"], json.loads(failed["data"])["candle_ts"]) == ("none", T0)
+    assert json.loads(failed["data"])["detail"] == "ZeroDivisionError: boom"
+    [best] = bot.facts("best_price", symbol=AAA)  # the exit rules saw the candle's high
+    assert Decimal(best["price"]) == Decimal("104")
+    before = bot.counts()
+    for _ in range(3):
+        bot.clock.advance(10_000)
+        assert bot.job("scan")["outcome"] == "ok"
+    assert added(before, bot.counts()) == {"job_run": 3}
 
 
 # -- exits ----------------------------------------------------------------------------------
