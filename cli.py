@@ -145,6 +145,7 @@ def status(ctx: click.Context, as_json: bool) -> None:
              "entry_price": p["entry_price"], "best_price": p["best_price"],
              "stop": (p["stop"] or {}).get("price")} for p in state.positions.values()],
         "halts": state.halts,
+        "ip_banned_until": iso(state.ip_ban_until_ms) if state.ip_ban_until_ms > now else None,
         "external_positions": state.external,
         "unresolved_orders": len(state.unresolved_orders()),
         "active_coins": state.active_coins,
@@ -161,6 +162,9 @@ def status(ctx: click.Context, as_json: bool) -> None:
     click.echo(f"today       realized {report['realized_today']}")
     halts = ", ".join(f"{k}: {v['reason']}" for k, v in state.halts.items()) or "none"
     click.echo(f"halts       {halts}")
+    if report["ip_banned_until"]:
+        click.echo(f"ip ban      the exchange banned this IP until {report['ip_banned_until']}: "
+                   "nothing is called before then")
     if state.external:  # reconcile flagged them; the bot does not trade these symbols
         flagged = ", ".join(f"{s} {e['side']} {e['amount']}" for s, e in state.external.items())
         click.echo(f"external    {flagged} (not ours: no entries until closed or adopted)")

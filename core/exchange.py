@@ -151,10 +151,16 @@ class IpBan:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self.until_ms = 0
+        # Told of each ban answered (or lengthened): the runtime records it in the ledger,
+        # so a restart does not call into the ban (each call lengthens it, up to 3 days).
+        self.on_hold: Callable[[int], None] | None = None
 
     def hold(self, until_ms: int) -> None:
         with self._lock:
+            longer = until_ms > self.until_ms
             self.until_ms = max(self.until_ms, until_ms)
+        if longer and self.on_hold is not None:
+            self.on_hold(until_ms)
 
     def check(self, now_ms: int) -> None:
         if self.active(now_ms):

@@ -11,10 +11,11 @@ import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from core.clock import iso
 from core.config import Config
-from core.exchange import ExchangeClient
+from core.exchange import ExchangeClient, IpBan
 from core.strategies import Strategy, load_strategy
-from ledger import Ledger, LedgerError
+from ledger import Fact, Ledger, LedgerError
 from ledger.audit import BACKTEST_KIND, recorded_mode
 from ledger.store import RECORDING_SLACK_MS
 
@@ -73,6 +74,25 @@ def check_ledger_mode(db_path: str | Path, mode: str) -> None:
                           f"orders (give --db another file, or set mode = {recorded!r})")
 
 
+def remember_ban(ban: IpBan, ledger: Ledger, clock) -> None:
+    """Hold the exchange's ban of this IP that the ledger recorded (a restart calling into
+    it would lengthen it), and record each new one."""
+    until = ledger.state().ip_ban_until_ms
+    if until > clock.now_ms():
+        log.warning("the exchange banned this IP until %s (recorded in the ledger): nothing "
+                    "is called before then", iso(until))
+    ban.hold(until)  # before on_hold is set: not recorded again
+
+    def record(until_ms: int) -> None:
+        try:
+            ledger.append([Fact("ip_ban", clock.now_ms(), reason=f"banned until {iso(until_ms)}",
+                                data={"until_ms": until_ms})])
+        except Exception as exc:  # noqa: BLE001 - e.g. disk full: the ban holds all the same
+            log.error("the IP ban until %s not recorded in the ledger: %s", iso(until_ms), exc)
+
+    ban.on_hold = record
+
+
 def build(config: Config, db_path: str | Path, *, clock=None, venue=None,
           data_venues: list | None = None) -> Runtime:
     """A runtime for ``config.bot.mode``; ``venue``/``clock`` override (tests, backtests)."""
@@ -98,6 +118,7 @@ def build(config: Config, db_path: str | Path, *, clock=None, venue=None,
             c.share_clock(keeper)
     for c in extra:
         c.ban = client.ban  # one IP: a ban answered to one client holds them all
+    remember_ban(client.ban, ledger, clock)
     data_clients = [client] + extra
     return Runtime(config=config, clock=clock, ledger=ledger, client=client,
                    strategy=load_strategy(config.strategy), data_clients=data_clients,

@@ -54,6 +54,8 @@ FACT_TYPES: dict[str, tuple[tuple[str, ...], str]] = {
     "resume": ((), "a halt lifted: data.kind (or all)"),
     "reconcile_run": ((), "a reconciliation: data.status, differences, corrections, dry_run"),
     "external_position": (("symbol",), "a position on the exchange the ledger did not know"),
+    "ip_ban": ((), "the exchange banned this IP (HTTP 418): no call until data.until_ms (the "
+                   "bot's clock), a restart included"),
     "checkpoint": ((), "the folded state up to seq-1, so replay can start here"),
     "note": ((), "free-form operator or system note"),
 }

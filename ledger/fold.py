@@ -25,6 +25,7 @@ State shape (JSON-safe, so a checkpoint can hold it):
   last_signal    {symbol: candle_ts} of the last candle a strategy decided on
   external       {symbol: {side, amount, price, ts}} positions on the exchange that the
                  bot did not open, flagged by reconcile: no entries there until gone
+  ip_ban_until_ms  when the exchange's last recorded ban of this IP ends (0: none)
 """
 
 from __future__ import annotations
@@ -40,8 +41,9 @@ from .facts import in_range
 
 # The rules' version, kept in every checkpoint: a checkpoint folded by other rules (or
 # by another State shape) is not trusted, and the state is folded again from the start.
-# 2: flagged external positions, last_reconcile_seq. Bump it with any rule change.
-FOLD_VERSION = 2
+# 2: flagged external positions, last_reconcile_seq. 3: ip_ban_until_ms. Bump it with any
+# rule change.
+FOLD_VERSION = 3
 
 TERMINAL_STATES = frozenset({"filled", "cancelled", "rejected", "expired"})
 UNRESOLVED_STATES = frozenset({"intent", "submitted", "unknown"})
@@ -75,6 +77,7 @@ class State:
     last_rotation: dict | None = None
     last_signal: dict = field(default_factory=dict)
     external: dict = field(default_factory=dict)
+    ip_ban_until_ms: int = 0
 
     def to_dict(self) -> dict:
         return {name: _clone(getattr(self, name)) for name in _FIELDS}
@@ -352,6 +355,12 @@ def _job_run(s: State, row) -> None:
     }
 
 
+def _ip_ban(s: State, row) -> None:
+    until = _data(row).get("until_ms")
+    if type(until) is int:  # not a bool, a float or text: odd data never stops the fold
+        s.ip_ban_until_ms = max(s.ip_ban_until_ms, until)
+
+
 def _reconcile_run(s: State, row) -> None:
     if not _data(row).get("dry_run"):
         s.last_reconcile_ts, s.last_reconcile_seq = row[TS], row[SEQ]
@@ -378,4 +387,5 @@ _HANDLERS = {
     "job_run": _job_run,
     "reconcile_run": _reconcile_run,
     "external_position": _external_position,
+    "ip_ban": _ip_ban,
 }

@@ -386,6 +386,19 @@ def test_status_names_flagged_external_positions(tmp_path):
     assert f"external    {ETH} short 3 (not ours: no entries until closed or adopted)" in text
 
 
+@pytest.mark.parametrize("until,shown", [(4_102_444_800_000, "2100-01-01T00:00:00.000Z"),
+                                         (1_700_000_120_000, None)])  # over long ago
+def test_status_names_an_ip_ban_in_force(tmp_path, until, shown):
+    path = tmp_path / "ban.db"
+    with Ledger(path) as ledger:
+        ledger.append([Fact("ip_ban", 1_700_000_000_000, reason="banned",
+                            data={"until_ms": until})])
+    assert run_json("--db", str(path), "status")["ip_banned_until"] == shown
+    text = run("--db", str(path), "status").stdout
+    assert (f"ip ban      the exchange banned this IP until {shown}" in text) == bool(shown)
+    assert ("ip ban" in text) == bool(shown)
+
+
 def test_default_db_is_bot_db_in_the_working_folder(db):
     assert db == Path.cwd() / "bot.db"
     assert run_json("trades") == run_json("--db", str(db), "trades")

@@ -1002,6 +1002,48 @@ def test_a_ban_answered_to_one_client_holds_every_client_of_the_runtime(tmp_path
         rt.close()
 
 
+def test_a_ban_is_remembered_across_a_restart(tmp_path):
+    """The ban was kept in memory only: a bot restarted during it (systemd, a human) called
+    at once, and each call into a ban lengthens it (Binance: from 2 minutes up to 3 days)."""
+    config = Config(secrets=Secrets(api_key=KEY, api_secret=SECRET))
+    clock = VirtualClock(SERVER_NOW)
+
+    def start() -> tuple:
+        raw = build_ccxt(config)
+        raw.enableRateLimit = False
+        venue = RecordedBinance()
+        raw.session.request = venue.request
+        return runtime.build(config, tmp_path / "bot.db", clock=clock, venue=raw), venue
+
+    rt, venue = start()
+    try:
+        rt.client.load_markets()
+        rt.client.server_now_ms()
+        venue.then("GET", "/fapi/v3/positionRisk", err("ip_banned_retry_after"))  # 30 s
+        with pytest.raises(ccxt.DDoSProtection):
+            rt.client.positions()
+        with pytest.raises(IpBanned):
+            rt.client.balance()  # held, not answered again: recorded once
+        [ban] = rt.ledger.select("SELECT ts, reason, data FROM facts WHERE type = 'ip_ban'")
+        assert json.loads(ban["data"]) == {"until_ms": SERVER_NOW + 30_000}
+    finally:
+        rt.close()
+    clock.advance(10_000)
+    rt, venue = start()  # restarted 10 s into the ban
+    try:
+        assert rt.ledger.state().ip_ban_until_ms == SERVER_NOW + 30_000
+        for call in (rt.client.load_markets, rt.client.balance, rt.client.positions):
+            with pytest.raises(IpBanned, match="banned by the exchange until"):
+                call()
+        assert venue.sent == []
+        clock.advance(20_000)  # over
+        rt.client.load_markets()
+        assert len(rt.client.positions()) == 2
+        assert len(rt.ledger.select("SELECT seq FROM facts WHERE type = 'ip_ban'")) == 1
+    finally:
+        rt.close()
+
+
 def test_read_timestamp_error_resyncs_then_retries():
     client, venue, _ = make(http=True)
     client.load_markets()

@@ -181,6 +181,17 @@ def test_flagged_external_positions_stand_until_adopted_or_gone():
     assert State.from_dict(old).external == {}
 
 
+def test_the_latest_end_of_an_ip_ban_stands():
+    def ban(until):
+        return Fact("ip_ban", T0, reason="banned", data={"until_ms": until})
+
+    s = run(ban(T0 + 120_000), ban(T0 + 60_000), ban("soon"), ban(True), ban(1.5e12))
+    assert s.ip_ban_until_ms == T0 + 120_000  # a shorter or odd one shortens nothing
+    assert via_checkpoint(s) == s
+    old = {k: v for k, v in s.to_dict().items() if k != "ip_ban_until_ms"}
+    assert State.from_dict(old).ip_ban_until_ms == 0  # a checkpoint from before the field
+
+
 def test_the_fold_is_pure():
     s0 = run(opened(), intent("a"))
     snapshot = s0.to_dict()
