@@ -56,6 +56,7 @@ from core.config import (
     value_problems,
 )
 from core.interrupts import ending_on_sigterm
+from core.strategies import StrategyError, load_strategy
 
 OBJECTIVES = ("total_return", "sharpe", "sortino", "profit_factor")
 MAX_COMBOS = 5000
@@ -103,6 +104,8 @@ class Grid:
 
 # Parameters that choose which candle files are read: the same for every combination.
 DATA_KEYS = frozenset({("strategy", "timeframe"), ("exchange", "quote")})
+# [strategy] keys of every strategy; the others are some strategy's own parameters.
+STRATEGY_KEYS = frozenset({"name", "module", "timeframe", "candles"})
 
 
 def load_grid(path: str | Path, config: Config) -> Grid:
@@ -143,11 +146,26 @@ def load_grid(path: str | Path, config: Config) -> Grid:
         raise ValueError(f"{p}: {grid.size()} combinations; at most {MAX_COMBOS}")
     for combo in grid.combos():  # cross-field rules (e.g. sma_fast < sma_slow)
         try:
-            config.with_values(**combo)
+            chosen = config.with_values(**combo)
         except ConfigError as exc:
             raise ValueError(f"{p}: combination {combo} is not a valid config: "
                              f"{str(exc).split(chr(10), 1)[-1].strip()}") from None
+        unused(p, combo, chosen)
     return grid
+
+
+def unused(p: Path, combo: dict, config: Config) -> None:
+    """ValueError for a [strategy] key the combination's strategy has no parameter for:
+    every value would run the same backtest (sma_fast searched for momentum)."""
+    try:
+        strategy = load_strategy(config.strategy)
+    except StrategyError as exc:
+        raise ValueError(f"{p}: combination {combo}: {exc}") from None
+    for key in sorted(set(combo.get("strategy", {})) - STRATEGY_KEYS - set(strategy.defaults)):
+        raise ValueError(f"{p}: [strategy] {key} is not a parameter of strategy "
+                         f"{strategy.name!r} (its parameters: "
+                         f"{', '.join(strategy.defaults) or 'none'}): every value would run "
+                         "the same backtests")
 
 
 @dataclass(frozen=True)

@@ -82,7 +82,8 @@ def test_a_grid_is_judged_by_its_combinations_not_each_value_on_the_config(tmp_p
     """sma_fast = 250 was refused for not being below the config's sma_slow (200), though
     every combination has sma_slow = 300."""
     grid = load_grid(write(tmp_path, "[strategy]\nsma_fast = [250, 260]\n"
-                                     "sma_slow = [300]\n"), CFG)
+                                     "sma_slow = [300]\n"),
+                     CFG.with_values(strategy={"name": "sma_cross"}))
     assert grid.combos() == [{"strategy": {"sma_fast": 250, "sma_slow": 300}},
                              {"strategy": {"sma_fast": 260, "sma_slow": 300}}]
 
@@ -101,6 +102,12 @@ def test_a_grid_is_judged_by_its_combinations_not_each_value_on_the_config(tmp_p
     # read once from --data for every combination: "1h" ran on the 5 m candles
     ('[strategy]\ntimeframe = ["5m", "1h"]\n', "chooses the candles"),
     ('[exchange]\nquote = ["USDT", "BTC"]\n', "chooses the candles"),
+    # a parameter the strategy does not have: every value ran the same backtests
+    ("[strategy]\nsma_fast = [20, 30]\n",
+     r"sma_fast is not a parameter of strategy 'momentum' \(its parameters: min_body_pct"),
+    ('[strategy]\nname = ["momentum", "sma_cross"]\nmin_body_pct = [0.5, 0.9]\n',
+     "min_body_pct is not a parameter of strategy 'sma_cross'"),
+    ('[strategy]\nname = ["momentum", "nope"]\n', "unknown strategy 'nope'"),
 ])
 def test_bad_grid_files(tmp_path, text, message):
     with pytest.raises(ValueError, match=message):
