@@ -498,13 +498,20 @@ class Executor:
                 # it cannot open a position whatever the first one did.
                 log.warning("%s: an earlier exit is unresolved; no exit sent", symbol)
                 return False
-            if self.orderable(position) == 0:
+            held = self.orderable(position)
+            if held == 0:
                 # Refused unsent at every try, and its stop (placed before the lot step
-                # grew) cancelled for nothing: the stop keeps what it holds.
+                # grew) cancelled for nothing: the stop keeps what it holds. The decision
+                # stands, once (unrecorded, the scan decided the candle again every scan).
+                if before:
+                    self.record(list(before))
                 log.warning("%s: no exit sent: %s %s is finer than the lot step; close it "
                             "by hand", symbol, side, position["amount"])
                 return False
-            for stop in self.live_stops(position):
+            # Of a position finer than the lot step the exit sells what an order can; its
+            # stops stay (reduce-only, they cannot open one): they hold the rest.
+            stops = self.live_stops(position) if held == Decimal(position["amount"]) else []
+            for stop in stops:
                 try:
                     report = self.cancel_stop(position, stop)
                 except READ_ERRORS as exc:
@@ -651,6 +658,13 @@ class Executor:
         interval = self.config.exits.stop_move_interval_s * 1000
         if old and old.get("ts") is not None and self.clock.now_ms() - old["ts"] < interval \
                 and not at_once:
+            return False
+        if old and not at_once and self.orderable(position) < Decimal(position["amount"]):
+            # The new stop would hold only what one order can carry of a position finer
+            # than the lot step; the resting one may hold all of it (the exit rules still
+            # trail it at each candle close).
+            log.info("%s: stop not moved: %s is finer than the lot step", position["symbol"],
+                     position["amount"])
             return False
         with self.lock:
             new_coid = self.place_stop(position, trigger, moved=bool(old))

@@ -685,13 +685,18 @@ def on_the_way_resting(on_the_way: dict[str, str], position_id: str, resting: di
     return any(pid == position_id and cid in resting for cid, pid in on_the_way.items())
 
 
-def below_lot_step(rt, p: dict, left: Decimal) -> Difference:
-    """Part of a position no order can hold: finer than its market's lot step (the step
-    grew under it). The bot can neither protect nor sell it: a human closes it."""
+def below_lot_step(rt, p: dict, left: Decimal, covered: bool = False) -> Difference:
+    """Part of a position no order can carry: finer than its market's lot step (the step
+    grew under it). The bot cannot sell it, nor protect it unless a stop placed before
+    still does: a human closes it."""
     m = rt.client.market(p["symbol"])
     limit = f"the lot step {m.amount_step}" + (
         f" and minimum {m.min_amount}" if m.min_amount and m.min_amount > (m.amount_step or 0)
         else "")
+    if covered:
+        return Difference("below_lot_step", p["symbol"], (
+            f"{left} of {p['side']} {p['amount']} is finer than {limit}: its stop holds it, "
+            "but no order of the bot can sell it (an exit leaves it behind the stop)"), "info")
     return Difference("below_lot_step", p["symbol"], (
         f"{left} of {p['side']} {p['amount']} is finer than {limit}: no stop protects it and "
         "no order of the bot can sell it; close the position on the exchange by hand"), "human")
@@ -721,6 +726,8 @@ def compare_stops(rt, ex: Executor, dry_run: bool,
             if stop and stop["client_order_id"] in resting else Decimal(0)
         if max(held, covers) < amount:
             diffs.append(below_lot_step(rt, p, amount - max(held, covers)))
+        elif held < amount:  # held by its stop, but no exit of the bot can sell it
+            diffs.append(below_lot_step(rt, p, amount - held, covered=True))
         if stop and stop["client_order_id"] in resting:
             # A stop "for the whole position" of one finer than the lot step was the same
             # stop again, replaced at every run: it covers what an order can.
@@ -747,13 +754,14 @@ def compare_stops(rt, ex: Executor, dry_run: bool,
                                     "stop resting; none placed while the position is flagged",
                                     "info"))
             continue
-        if held == 0:
+        if held == 0 and not stop:
             continue  # no stop can hold it: left to a human (below_lot_step above)
         level = stop_price(p["side"], Decimal(p["entry_price"]), rt.config.exits.stop_loss_pct)
         if stop:
             level = Decimal(stop["price"])
         diff = Difference("missing_stop", symbol, f"{p['side']} {p['amount']} has no stop "
-                          "resting on the exchange", correction=f"stop placed at {level}")
+                          "resting on the exchange", correction=f"stop placed at {level}"
+                          if held else "recorded as gone; no stop can hold it")
         diffs.append(diff)
         if not dry_run:
             if stop:  # it vanished (cancelled or expired outside the bot)
@@ -762,6 +770,8 @@ def compare_stops(rt, ex: Executor, dry_run: bool,
                                    position_id=p["position_id"],
                                    reason="not resting on the exchange")])
                 p = rt.ledger.state().positions[symbol]
+            if held == 0:
+                continue
             coid = ex.place_stop(p, level)
             after = rt.ledger.state().positions.get(symbol)
             if coid:

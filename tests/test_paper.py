@@ -882,37 +882,55 @@ def restarted_with_step(monkeypatch, tmp_path, step: str):
         fake, held
 
 
-def test_a_remainder_finer_than_the_lot_step_is_left_to_a_human(tmp_path, monkeypatch):
-    """After an exit sold what the grown step allows (0.2 of 0.248), a stop for the 0.048
-    left was tried and refused unsent at every scan and every reconcile: 6 facts every
-    20 s, each run 'corrected', and nobody told that 0.048 BTC lay unprotected."""
+def test_a_part_finer_than_the_lot_step_stays_behind_its_stop_else_goes_to_a_human(
+        tmp_path, monkeypatch):
+    """At step 0.1, an exit of 0.248 sells 0.2. It cancelled the stop first, so the 0.048
+    left lay unprotected; a stop for it was then tried, refused unsent, at every scan and
+    every reconcile (6 facts every 20 s, each run 'corrected'), and nobody was told."""
     rt, clock, fake, held = restarted_with_step(monkeypatch, tmp_path, "0.1")
     try:
-        assert reconcile.run(rt, clock.now_ms(), "reconcile-1")["status"] == "in_sync"
+        report = reconcile.run(rt, clock.now_ms(), "reconcile-1")
+        assert report["status"] == "in_sync"  # the stop placed before holds all of it
+        assert [(d["kind"], d["severity"]) for d in report["differences"]] == \
+            [("below_lot_step", "info")]  # but an exit would leave 0.048 behind
         position = rt.ledger.state().positions[BTC]
+        stop = position["stop"]
         ex = Executor(rt.ledger, rt.client, rt.clock, rt.config, "manual", rt.lock)
         assert not ex.close_position(position, "signal", clock.now_ms())
         left = rt.ledger.state().positions[BTC]
-        assert (Decimal(left["amount"]), left["stop"]) == (held - Decimal("0.2"), None)
-        assert not [f for f in order_facts_after(rt, left["opened_seq"])
-                    if "rounds to zero" in (f["reason"] or "")]  # no stop tried for 0.048
+        assert (Decimal(left["amount"]), left["stop"]) == (held - Decimal("0.2"), stop)
+        assert [o.client_order_id for o in rt.client.open_orders()] == [stop["client_order_id"]]
+        # A trailing move would put a stop that holds nothing of it in place of that one
+        clock.advance(60_000)
+        assert not ex.move_stop(left, Decimal(stop["price"]) + 10)
+        assert rt.ledger.state().positions[BTC]["stop"] == stop
+        # Then the stop is cancelled on the exchange, outside the bot: nothing protects it
+        rt.venue.cancel_order(stop["exchange_order_id"], BTC, params={"trigger": True})
         seq = rt.ledger.last_seq()
+        decision = Fact("note", clock.now_ms(), reason="test: the exit decision")
         for n in range(3):
             clock.advance(10_000)
             scan.run(rt, clock.now_ms(), f"scan-{n + 2}")
             clock.advance(10_000)
             report = reconcile.run(rt, clock.now_ms(), f"reconcile-{n + 2}")
             assert report["status"] == "needs_human", report
-            assert [d["kind"] for d in report["differences"]] == ["below_lot_step"]
             assert not ex.close_position(rt.ledger.state().positions[BTC], "signal",
-                                         clock.now_ms())
-        assert order_facts_after(rt, seq) == []  # nothing sent, nothing refused
+                                         clock.now_ms(), before=[decision] if n == 0 else ())
+        # the vanished stop recorded once; nothing sent, nothing refused
+        assert [(f["type"], f["client_order_id"]) for f in order_facts_after(rt, seq)] == \
+            [("order_update", stop["client_order_id"])]
+        assert rt.ledger.state().positions[BTC]["stop"] is None
+        assert [r["type"] for r in rt.ledger.select(
+            "SELECT type FROM facts WHERE seq > ? AND type IN ('stop_cancelled', 'note')",
+            (seq,))] == ["stop_cancelled", "note"]  # the decision recorded, once
         runs = rt.ledger.select("SELECT reason, data FROM facts WHERE seq > ? AND type = "
                                 "'reconcile_run'", (seq,))
-        assert [r["reason"] for r in runs] == ["needs_human"]  # recorded once, not per run
-        detail = json.loads(runs[0]["data"])["differences"][0]["detail"]
+        assert [r["reason"] for r in runs] == ["needs_human"]  # recorded once: it stands
+        assert [(d["kind"], d["severity"]) for d in json.loads(runs[-1]["data"])["differences"]] \
+            == [("order_state", "fix"), ("below_lot_step", "human")]  # the stop's end; the rest
+        detail = json.loads(runs[-1]["data"])["differences"][-1]["detail"]
         assert detail.startswith(f"{left['amount']} of long {left['amount']} is finer than "
-                                 "the lot step 0.1:"), detail
+                                 "the lot step 0.1: no stop protects it"), detail
         # The exchange's step comes back down: the position is protected again
         fake.step = "0.001"
         rt.close()
