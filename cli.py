@@ -461,6 +461,26 @@ def reconcile(ctx, dry_run, as_json) -> None:
     sys.exit(RECONCILE_EXIT[report["status"]])
 
 
+@main.command("lift-ban")
+@click.pass_context
+@refusing
+def lift_ban(ctx) -> None:
+    """Forget the exchange's IP ban the ledger recorded (the bot runs from another IP now,
+    or the ban is known to be over): the next start calls the exchange again."""
+    from ledger import Fact
+
+    refuse_backtest_ledger(ctx.obj["db"])
+    with Ledger(ctx.obj["db"]) as ledger:
+        until, now = ledger.state().ip_ban_until_ms, bot_now(ledger)
+        if until <= now:
+            click.echo("no IP ban in force")
+            return
+        ledger.append([Fact("ip_ban", fact_now(ctx.obj["db"], ledger), reason="lifted by hand",
+                            data={"lifted": True})])
+    click.echo(f"IP ban until {iso(until)} lifted: the bot calls the exchange from its next "
+               "start (a bot running now keeps it until it restarts)")
+
+
 def refuse_backtest_ledger(db) -> None:
     """A backtest's ledger is a record of a run, not a bot: nothing to halt or resume."""
     if audit.recorded_mode(Path(db)) == audit.BACKTEST_KIND:

@@ -49,6 +49,7 @@ import ccxt
 from core.clock import DAY_MS, iso, timeframe_ms
 from core.config import Config, Secrets
 from core.exchange_types import (
+    LONGEST_IP_BAN_MS,
     BadExchangeData,
     BalanceReport,
     Candle,
@@ -172,12 +173,14 @@ class IpBan:
         time its message names (by the exchange's clock, ``offset_ms`` ahead of ours),
         else Binance's shortest ban from now."""
         after = _retry_after_s(exc)
-        if after is not None:
-            return now_ms + int(after * 1000)
         named = BANNED_UNTIL_RE.search(str(exc))
-        if named and int(named.group(1)) - offset_ms > now_ms:
-            return int(named.group(1)) - offset_ms
-        return now_ms + int(SHORTEST_BAN_S * 1000)
+        if after is not None:
+            end = now_ms + int(after * 1000)
+        elif named and int(named.group(1)) - offset_ms > now_ms:
+            end = int(named.group(1)) - offset_ms
+        else:
+            end = now_ms + int(SHORTEST_BAN_S * 1000)
+        return min(end, now_ms + LONGEST_IP_BAN_MS)
 
     def active(self, now_ms: int) -> bool:
         return now_ms < self.until_ms

@@ -45,6 +45,10 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any, Literal
 
+# Binance's longest IP ban (HTTP 418): 3 days. A longer end (a proxy's odd Retry-After, a
+# wrong clock) is not believed: the bot would otherwise call nothing, stops included.
+LONGEST_IP_BAN_MS = 3 * 86_400_000
+
 Side = Literal["buy", "sell"]
 OrderType = Literal["market", "stop_market"]
 # "triggered": a stop that fired whose outcome is not known yet (the order it became is

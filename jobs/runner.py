@@ -29,7 +29,8 @@ def run_job(rt, name: str, job, scheduled_ms: int | None = None) -> dict:
     except Exception as exc:  # noqa: BLE001 - recorded, logged, and the service goes on
         outcome = "error"
         error = f"{type(exc).__name__}: {exc}"
-        summary = getattr(exc, "summary", None) or {}  # a job that failed only in part
+        partial = getattr(exc, "partial_summary", None)  # a job that failed only in part
+        summary = partial if isinstance(partial, dict) else {}
         if isinstance(exc, IpBanned):  # every job fails so until the ban ends: no traceback
             log.warning("job %s failed: %s", name, error)
         else:

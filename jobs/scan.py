@@ -123,7 +123,7 @@ def decide_and_act(rt, symbols: list[str], candles: dict[str, list[Candle]],
         try:
             signal = rt.strategy.decide(frames[symbol])
         except Exception as exc:  # noqa: BLE001 - strategy code: the other symbols go on
-            log.error("%s: strategy %r failed on the candle closed at %s, no entry: %s: %s",
+            log.error("%s: strategy %r failed on the candle closed at %s, decided none: %s: %s",
                       symbol, rt.strategy.name, iso(series[-1].ts + tf), type(exc).__name__,
                       exc)
             failed.append(f"{symbol} ({type(exc).__name__}: {exc})")
@@ -166,8 +166,8 @@ def decide_and_act(rt, symbols: list[str], candles: dict[str, list[Candle]],
         current = None if sent else current
     if failed:  # the run is an error (the dashboard's job status shows it), once all is done
         error = StrategyError(f"strategy {rt.strategy.name!r} failed on {len(failed)} "
-                              f"symbol(s), not decided: {'; '.join(failed)}")
-        error.summary = summary  # what the run did besides: recorded with the error
+                              f"symbol(s), decided none (strategy_error): {'; '.join(failed)}")
+        error.partial_summary = summary  # what the run did besides: recorded with the error
         raise error
     return summary
 

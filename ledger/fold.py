@@ -35,6 +35,7 @@ from dataclasses import dataclass, field, fields
 from decimal import Context, Decimal, InvalidOperation
 
 from core.clock import utc_day
+from core.exchange_types import LONGEST_IP_BAN_MS
 
 from .chain import COLUMNS
 from .facts import in_range
@@ -356,9 +357,13 @@ def _job_run(s: State, row) -> None:
 
 
 def _ip_ban(s: State, row) -> None:
-    until = _data(row).get("until_ms")
+    d = _data(row)
+    if d.get("lifted") is True:  # by hand (`bot lift-ban`): the bot runs from another IP
+        s.ip_ban_until_ms = 0
+        return
+    until = d.get("until_ms")
     if type(until) is int:  # not a bool, a float or text: odd data never stops the fold
-        s.ip_ban_until_ms = max(s.ip_ban_until_ms, until)
+        s.ip_ban_until_ms = max(s.ip_ban_until_ms, min(until, row[TS] + LONGEST_IP_BAN_MS))
 
 
 def _reconcile_run(s: State, row) -> None:

@@ -20,7 +20,7 @@ import pytest
 from click.testing import CliRunner
 
 import cli
-from core.clock import day_ms
+from core.clock import WallClock, day_ms, iso
 from ledger import Fact, Ledger, LedgerError, schema
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -386,17 +386,39 @@ def test_status_names_flagged_external_positions(tmp_path):
     assert f"external    {ETH} short 3 (not ours: no entries until closed or adopted)" in text
 
 
-@pytest.mark.parametrize("until,shown", [(4_102_444_800_000, "2100-01-01T00:00:00.000Z"),
-                                         (1_700_000_120_000, None)])  # over long ago
-def test_status_names_an_ip_ban_in_force(tmp_path, until, shown):
-    path = tmp_path / "ban.db"
+def banned_ledger(path: Path, ends_in_ms: int) -> str:
+    """A ledger whose last fact is a ban recorded now (the wall clock), ending so much
+    later; the end, as status shows it."""
+    now = WallClock().now_ms()
     with Ledger(path) as ledger:
-        ledger.append([Fact("ip_ban", 1_700_000_000_000, reason="banned",
-                            data={"until_ms": until})])
-    assert run_json("--db", str(path), "status")["ip_banned_until"] == shown
+        ledger.append([Fact("ip_ban", now, reason="banned", data={"until_ms": now + ends_in_ms})])
+    return iso(now + ends_in_ms)
+
+
+@pytest.mark.parametrize("ends_in_ms,shown", [(86_400_000, True), (-1, False)])
+def test_status_names_an_ip_ban_in_force(tmp_path, ends_in_ms, shown):
+    path = tmp_path / "ban.db"
+    until = banned_ledger(path, ends_in_ms)
+    assert run_json("--db", str(path), "status")["ip_banned_until"] == (until if shown else None)
     text = run("--db", str(path), "status").stdout
-    assert (f"ip ban      the exchange banned this IP until {shown}" in text) == bool(shown)
-    assert ("ip ban" in text) == bool(shown)
+    assert (f"ip ban      the exchange banned this IP until {until}" in text) == shown
+    assert ("ip ban" in text) == shown
+
+
+def test_lift_ban_forgets_the_recorded_ban(tmp_path):
+    """The bot moved to another IP: without a way to lift it, a recorded ban held every
+    start (and every stop placement) until it ended."""
+    path = tmp_path / "ban.db"
+    until = banned_ledger(path, 86_400_000)
+    out = run("--db", str(path), "lift-ban").stdout
+    assert f"IP ban until {until} lifted" in out
+    with Ledger(path) as ledger:
+        assert ledger.state().ip_ban_until_ms == 0
+        assert ledger.last_seq() == 2  # the ban's fact kept, the lifting added
+    assert run_json("--db", str(path), "status")["ip_banned_until"] is None
+    assert run("--db", str(path), "lift-ban").stdout.strip() == "no IP ban in force"
+    with Ledger(path) as ledger:
+        assert ledger.last_seq() == 2
 
 
 def test_default_db_is_bot_db_in_the_working_folder(db):

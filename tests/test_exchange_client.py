@@ -974,6 +974,20 @@ def test_a_ban_named_by_the_exchanges_clock_ends_by_it():
     assert len(client.positions()) == 2
 
 
+def test_no_ban_is_held_longer_than_binances_longest():
+    """A ban's end was believed as given: a wrong clock (ours 10 days behind here) or a
+    proxy's odd answer held every call, stops included, for as long as it said."""
+    start = SERVER_NOW - 10 * 86_400_000
+    client, venue, _ = make(http=True, clock_ms=start)
+    client.load_markets()
+    venue.then("GET", "/fapi/v3/positionRisk", err("ip_banned"))  # until 1768471950000
+    with pytest.raises(ccxt.DDoSProtection):
+        client.positions()
+    assert client.ban.until_ms == start + 3 * 86_400_000  # not 10 days on
+    client.clock.set(start + 3 * 86_400_000)
+    assert len(client.positions()) == 2
+
+
 def test_a_ban_answered_to_one_client_holds_every_client_of_the_runtime(tmp_path):
     config = Config(secrets=Secrets(api_key=KEY, api_secret=SECRET))
     raws, venues = [], []

@@ -324,11 +324,27 @@ def test_a_strategy_failing_on_one_symbol_leaves_the_others_decided(bot_factory)
     record = bot.job("scan", T0)
     assert record["outcome"] == "error"
     [run] = bot.facts("job_run")
-    assert "strategy 'pick' failed on 1 symbol(s), not decided: AAA/USDT:USDT " \
+    assert "strategy 'pick' failed on 1 symbol(s), decided none (strategy_error): AAA/USDT:USDT " \
            "(ZeroDivisionError: boom)" in run["reason"]
     assert set(bot.ledger.state().positions) == {BBB}  # BBB decided and entered
     assert [(f["symbol"], f["reason"]) for f in bot.facts("signal")] == \
         [(AAA, "strategy_error"), (BBB, "pick_long")]
+
+
+def test_a_job_failing_on_bad_exchange_data_is_recorded_as_an_error(bot_factory):
+    """BadExchangeData carries a text ``summary`` of the payload: taken for the run's
+    summary, it was recorded as such and the runner's log line raised out of run_job
+    (at start-up, out of the service)."""
+    from core.exchange_types import BadExchangeData
+
+    bot = bot_factory(strat=PICK_FIRST, paths={"AAA": flat(100.0, 5)})
+
+    def bad(rt, scheduled_ms, run_id):
+        raise BadExchangeData("markets unusable", summary="{}")
+
+    record = run_job(bot.rt, "rotate", bad, T0)
+    assert (record["outcome"], record["summary"]) == ("error", {})
+    assert bot.facts("job_run")[-1]["reason"] == "BadExchangeData: markets unusable"
 
 
 class FailsFromT0(Pick):

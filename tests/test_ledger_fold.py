@@ -188,6 +188,12 @@ def test_the_latest_end_of_an_ip_ban_stands():
     s = run(ban(T0 + 120_000), ban(T0 + 60_000), ban("soon"), ban(True), ban(1.5e12))
     assert s.ip_ban_until_ms == T0 + 120_000  # a shorter or odd one shortens nothing
     assert via_checkpoint(s) == s
+    lifted = run(Fact("ip_ban", T0, reason="lifted by hand", data={"lifted": True}), state=s)
+    assert lifted.ip_ban_until_ms == 0
+    assert run(ban(T0 + 5_000), state=lifted).ip_ban_until_ms == T0 + 5_000
+    # no ban lasts longer than Binance's longest (3 days): a 10-year one held no stop for
+    # 10 years
+    assert run(ban(T0 + 10 * 365 * DAY_MS)).ip_ban_until_ms == T0 + 3 * DAY_MS
     old = {k: v for k, v in s.to_dict().items() if k != "ip_ban_until_ms"}
     assert State.from_dict(old).ip_ban_until_ms == 0  # a checkpoint from before the field
 
