@@ -135,6 +135,7 @@ def status(ctx: click.Context, as_json: bool) -> None:
             if mode == audit.BACKTEST_KIND else bot_now(ledger)
     report = {
         "ledger": ctx.obj["db"],
+        "now": iso(now),  # the bot's: a simulated clock runs ahead of the wall clock
         "mode": mode or cfg.bot.mode,
         "exchange": cfg.exchange.id,
         "equity": state.equity,
@@ -158,6 +159,9 @@ def status(ctx: click.Context, as_json: bool) -> None:
         return
     click.echo(f"ledger      {report['ledger']} (seq {report['last_seq']})")
     click.echo(f"mode        {report['mode']} on {report['exchange']}")
+    if mode == "sim":  # its times (runs, "ago") are by the simulated exchange's clock
+        click.echo(f"clock       simulated: {report['now']} by the bot's clock ([sim] speed "
+                   "runs it ahead of the wall clock)")
     click.echo(f"equity      {report['equity'] or '-'} (peak {report['equity_peak'] or '-'})")
     click.echo(f"today       realized {report['realized_today']}")
     halts = ", ".join(f"{k}: {v['reason']}" for k, v in state.halts.items()) or "none"

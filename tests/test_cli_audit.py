@@ -363,6 +363,20 @@ def test_status(db):
     assert jobs[3]["ago"].endswith(" s")
 
 
+def test_status_says_a_sim_ledgers_times_are_the_simulated_clocks(tmp_path):
+    """The offline sim (the README's first command) runs its clock ahead of the wall
+    clock: status listed runs 'at' times in the future, unexplained."""
+    path = tmp_path / "sim.db"
+    ahead = WallClock().now_ms() + 3_600_000
+    with Ledger(path) as ledger:
+        ledger.append([Fact("job_run", ahead, run_id="scan-1", data={
+            "job": "scan", "scheduled_ms": ahead, "started_ms": ahead, "finished_ms": ahead,
+            "duration_ms": 1.0, "outcome": "ok", "summary": {}, "mode": "sim"})])
+    assert run_json("--db", str(path), "status")["now"] == iso(ahead)
+    text = run("--db", str(path), "status").stdout
+    assert f"clock       simulated: {iso(ahead)} by the bot's clock" in text
+
+
 def test_status_of_a_fresh_ledger(tmp_path):
     path = tmp_path / "new.db"
     Ledger(path).close()
