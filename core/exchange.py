@@ -1204,7 +1204,7 @@ def _retry_after_s(exc: BaseException) -> float | None:
         value = float(headers.get("Retry-After"))
     except (TypeError, ValueError):
         return None
-    return value if value >= 0 else None
+    return value if 0 <= value < math.inf else None  # "inf": no number of ms
 
 
 def _may_have_executed(exc: BaseException) -> bool:

@@ -35,6 +35,7 @@ from core.exits import resting_level, stop_on_tick, stop_price
 from core.orders import TERMINAL, TRANSITIONS, client_order_id, state_of, transition
 from core.risk import orderable
 from ledger import Fact, Ledger
+from ledger.fold import AMOUNT, TYPE
 
 log = logging.getLogger(__name__)
 
@@ -659,10 +660,11 @@ class Executor:
         if old and old.get("ts") is not None and self.clock.now_ms() - old["ts"] < interval \
                 and not at_once:
             return False
-        if old and not at_once and self.orderable(position) < Decimal(position["amount"]):
+        if old and not at_once and self.orderable(position) < min(
+                Decimal(position["amount"]), self.stop_amount(old)):
             # The new stop would hold only what one order can carry of a position finer
-            # than the lot step; the resting one may hold all of it (the exit rules still
-            # trail it at each candle close).
+            # than the lot step; the resting one, placed before the step grew, holds more
+            # (the exit rules still trail the position at each candle close).
             log.info("%s: stop not moved: %s is finer than the lot step", position["symbol"],
                      position["amount"])
             return False
@@ -697,6 +699,12 @@ class Executor:
                     self._reprotect(self.ledger.state().positions.get(position["symbol"]))
                 return True
             return new_coid is not None
+
+    def stop_amount(self, stop: dict) -> Decimal:
+        """What a resting stop of ours was placed for (as sent: on the lot step then)."""
+        placed = [row[AMOUNT] for row in self.ledger.facts_for_order(stop["client_order_id"])
+                  if row[TYPE] in ("stop_placed", "stop_moved") and row[AMOUNT] is not None]
+        return Decimal(placed[-1]) if placed else Decimal(0)
 
     def _reprotect(self, position: dict | None) -> None:
         """After a failed or partial exit, make sure a stop rests for what remains."""

@@ -144,28 +144,38 @@ def load_grid(path: str | Path, config: Config) -> Grid:
     grid = Grid(lists)
     if grid.size() > MAX_COMBOS:
         raise ValueError(f"{p}: {grid.size()} combinations; at most {MAX_COMBOS}")
+    built = []
     for combo in grid.combos():  # cross-field rules (e.g. sma_fast < sma_slow)
         try:
             chosen = config.with_values(**combo)
         except ConfigError as exc:
             raise ValueError(f"{p}: combination {combo} is not a valid config: "
                              f"{str(exc).split(chr(10), 1)[-1].strip()}") from None
-        unused(p, combo, chosen)
+        try:
+            built.append((combo, load_strategy(chosen.strategy)))
+        except StrategyError as exc:
+            raise ValueError(f"{p}: combination {combo}: {exc}") from None
+    for key, values in grid.lists.get("strategy", {}).items():
+        if key not in STRATEGY_KEYS and len(values) > 1 and not makes_a_difference(key, built):
+            names = sorted({s.name for _, s in built})
+            raise ValueError(f"{p}: [strategy] {key} changes no parameter of strategy "
+                             f"{', '.join(map(repr, names))}: every value would run the same "
+                             "backtests")
     return grid
 
 
-def unused(p: Path, combo: dict, config: Config) -> None:
-    """ValueError for a [strategy] key the combination's strategy has no parameter for:
-    every value would run the same backtest (sma_fast searched for momentum)."""
-    try:
-        strategy = load_strategy(config.strategy)
-    except StrategyError as exc:
-        raise ValueError(f"{p}: combination {combo}: {exc}") from None
-    for key in sorted(set(combo.get("strategy", {})) - STRATEGY_KEYS - set(strategy.defaults)):
-        raise ValueError(f"{p}: [strategy] {key} is not a parameter of strategy "
-                         f"{strategy.name!r} (its parameters: "
-                         f"{', '.join(strategy.defaults) or 'none'}): every value would run "
-                         "the same backtests")
+def makes_a_difference(key: str, built: list[tuple[dict, Any]]) -> bool:
+    """Does some combination's strategy take other parameters for another value of the
+    [strategy] ``key`` (the rest of the combination the same)? Judged by effect, not by
+    name: a user strategy's ``from_config`` may map a key to a parameter of its own."""
+    seen: dict[str, str] = {}
+    for combo, strategy in built:
+        rest = repr(sorted((sec, k, repr(v)) for sec, params in combo.items()
+                           for k, v in params.items() if (sec, k) != ("strategy", key)))
+        params = repr(sorted((k, repr(v)) for k, v in strategy.params.items()))
+        if seen.setdefault(rest, params) != params:
+            return True
+    return False
 
 
 @dataclass(frozen=True)

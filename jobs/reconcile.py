@@ -688,15 +688,16 @@ def on_the_way_resting(on_the_way: dict[str, str], position_id: str, resting: di
 def below_lot_step(rt, p: dict, left: Decimal, covered: bool = False) -> Difference:
     """Part of a position no order can carry: finer than its market's lot step (the step
     grew under it). The bot cannot sell it, nor protect it unless a stop placed before
-    still does: a human closes it."""
+    still does: a human closes it, in either case."""
     m = rt.client.market(p["symbol"])
     limit = f"the lot step {m.amount_step}" + (
         f" and minimum {m.min_amount}" if m.min_amount and m.min_amount > (m.amount_step or 0)
         else "")
-    if covered:
+    if covered:  # protected, but it blocks its symbol, and outlives any exit or halt
         return Difference("below_lot_step", p["symbol"], (
             f"{left} of {p['side']} {p['amount']} is finer than {limit}: its stop holds it, "
-            "but no order of the bot can sell it (an exit leaves it behind the stop)"), "info")
+            "but no order of the bot can sell it (an exit leaves it behind the stop); close "
+            "the position on the exchange by hand"), "human")
     return Difference("below_lot_step", p["symbol"], (
         f"{left} of {p['side']} {p['amount']} is finer than {limit}: no stop protects it and "
         "no order of the bot can sell it; close the position on the exchange by hand"), "human")

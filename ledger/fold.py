@@ -42,9 +42,9 @@ from .facts import in_range
 
 # The rules' version, kept in every checkpoint: a checkpoint folded by other rules (or
 # by another State shape) is not trusted, and the state is folded again from the start.
-# 2: flagged external positions, last_reconcile_seq. 3: ip_ban_until_ms. Bump it with any
-# rule change.
-FOLD_VERSION = 3
+# 2: flagged external positions, last_reconcile_seq. 3: ip_ban_until_ms. 4: a ban capped
+# at 3 days, and lifted. Bump it with any rule change.
+FOLD_VERSION = 4
 
 TERMINAL_STATES = frozenset({"filled", "cancelled", "rejected", "expired"})
 UNRESOLVED_STATES = frozenset({"intent", "submitted", "unknown"})

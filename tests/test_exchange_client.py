@@ -974,13 +974,20 @@ def test_a_ban_named_by_the_exchanges_clock_ends_by_it():
     assert len(client.positions()) == 2
 
 
-def test_no_ban_is_held_longer_than_binances_longest():
+@pytest.mark.parametrize("retry_after", [None, "315360000", "inf", "1e400"])
+def test_no_ban_is_held_longer_than_binances_longest(monkeypatch, retry_after):
     """A ban's end was believed as given: a wrong clock (ours 10 days behind here) or a
-    proxy's odd answer held every call, stops included, for as long as it said."""
+    proxy's odd Retry-After (10 years) held every call, stops included, for as long as it
+    said; an infinite one failed to parse, so no ban was held and calls went on into it."""
     start = SERVER_NOW - 10 * 86_400_000
     client, venue, _ = make(http=True, clock_ms=start)
     client.load_markets()
-    venue.then("GET", "/fapi/v3/positionRisk", err("ip_banned"))  # until 1768471950000
+    reply = "ip_banned"  # "banned until 1768471950000", by a clock 10 days ahead of ours
+    if retry_after is not None:
+        reply = "ip_banned_odd_retry_after"
+        monkeypatch.setitem(ERRORS, reply, {**ERRORS["ip_banned"],
+                                            "headers": {"Retry-After": retry_after}})
+    venue.then("GET", "/fapi/v3/positionRisk", err(reply))
     with pytest.raises(ccxt.DDoSProtection):
         client.positions()
     assert client.ban.until_ms == start + 3 * 86_400_000  # not 10 days on

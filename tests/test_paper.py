@@ -852,6 +852,12 @@ def test_paper_reports_a_position_as_held_after_the_lot_step_changes(tmp_path, m
             report = reconcile.run(rt, clock.now_ms(), f"reconcile-{n}")
             assert not [d for d in report["differences"] if d["kind"] == "stop_size"], report
         assert rt.ledger.state().positions[BTC]["stop"] == stop  # left resting
+        # A stop that holds what an order can still trails (only one that holds more, placed
+        # before the step grew, is kept where it is)
+        clock.advance(60_000)
+        assert ex.move_stop(rt.ledger.state().positions[BTC], Decimal(stop["price"]) + 2)
+        assert rt.ledger.state().positions[BTC]["stop"]["price"] != stop["price"]
+        stop = rt.ledger.state().positions[BTC]["stop"]
         # What the stop cannot hold is left to a human, named
         left = held - Decimal(step) * (held // Decimal(step))
         assert report["status"] == "needs_human"
@@ -890,9 +896,13 @@ def test_a_part_finer_than_the_lot_step_stays_behind_its_stop_else_goes_to_a_hum
     rt, clock, fake, held = restarted_with_step(monkeypatch, tmp_path, "0.1")
     try:
         report = reconcile.run(rt, clock.now_ms(), "reconcile-1")
-        assert report["status"] == "in_sync"  # the stop placed before holds all of it
+        # the stop placed before holds all of it, but an exit would leave 0.048 behind it,
+        # for ever: the position would block BTC and outlive any halt
+        assert report["status"] == "needs_human"
         assert [(d["kind"], d["severity"]) for d in report["differences"]] == \
-            [("below_lot_step", "info")]  # but an exit would leave 0.048 behind
+            [("below_lot_step", "human")]
+        assert "its stop holds it, but no order of the bot can sell it" in \
+            report["differences"][0]["detail"]
         position = rt.ledger.state().positions[BTC]
         stop = position["stop"]
         ex = Executor(rt.ledger, rt.client, rt.clock, rt.config, "manual", rt.lock)
@@ -951,7 +961,8 @@ def test_an_exit_the_lot_step_refuses_keeps_the_stop(tmp_path, monkeypatch):
     try:
         position = rt.ledger.state().positions[BTC]
         report = reconcile.run(rt, clock.now_ms(), "reconcile-1")
-        assert report["status"] == "in_sync", report  # the stop placed before holds it all
+        assert report["status"] == "needs_human", report  # no exit can sell any of it
+        assert "its stop holds it" in report["differences"][0]["detail"]
         seq = rt.ledger.last_seq()
         ex = Executor(rt.ledger, rt.client, rt.clock, rt.config, "manual", rt.lock)
         assert not ex.close_position(position, "signal", clock.now_ms())

@@ -88,6 +88,30 @@ def test_a_grid_is_judged_by_its_combinations_not_each_value_on_the_config(tmp_p
                              {"strategy": {"sma_fast": 260, "sma_slow": 300}}]
 
 
+def test_a_grid_key_counts_when_it_changes_some_combinations_strategy(tmp_path):
+    """Judged by effect: sma_fast changes sma_cross's combinations (not momentum's), one
+    value changes nothing to run twice, and a user strategy may map a key to its own
+    parameter in from_config."""
+    grid = load_grid(write(tmp_path, '[strategy]\nname = ["momentum", "sma_cross"]\n'
+                                     "sma_fast = [20, 30]\nmin_body_pct = [0.5, 0.9]\n"), CFG)
+    assert grid.size() == 8
+    assert load_grid(write(tmp_path, "[strategy]\nsma_fast = [20]\n"), CFG).size() == 1
+    module = tmp_path / "ema.py"
+    module.write_text(
+        "from types import MappingProxyType\n"
+        "from core.strategies import SmaCross\n\n\n"
+        "class EmaCross(SmaCross):\n"
+        "    name = 'ema_cross'\n"
+        "    defaults = MappingProxyType({'fast': 12, 'slow': 26, 'allow_short': True})\n\n"
+        "    @classmethod\n"
+        "    def from_config(cls, section):\n"
+        "        return cls(fast=section.sma_fast)\n\n"
+        "    def validate(self):\n"
+        "        pass\n")
+    ema = CFG.with_values(strategy={"module": str(module), "name": "ema_cross"})
+    assert load_grid(write(tmp_path, "[strategy]\nsma_fast = [10, 20]\n"), ema).size() == 2
+
+
 @pytest.mark.parametrize("text, message", [
     ("[strategy\n", "not valid TOML"),
     ("[strategy]\nsma_fast = [\"x\"]\n", "sma_fast = 'x': wrong type"),
@@ -103,10 +127,8 @@ def test_a_grid_is_judged_by_its_combinations_not_each_value_on_the_config(tmp_p
     ('[strategy]\ntimeframe = ["5m", "1h"]\n', "chooses the candles"),
     ('[exchange]\nquote = ["USDT", "BTC"]\n', "chooses the candles"),
     # a parameter the strategy does not have: every value ran the same backtests
-    ("[strategy]\nsma_fast = [20, 30]\n",
-     r"sma_fast is not a parameter of strategy 'momentum' \(its parameters: min_body_pct"),
-    ('[strategy]\nname = ["momentum", "sma_cross"]\nmin_body_pct = [0.5, 0.9]\n',
-     "min_body_pct is not a parameter of strategy 'sma_cross'"),
+    ("[strategy]\nsma_fast = [20, 30]\n", "sma_fast changes no parameter of strategy "
+                                         "'momentum': every value would run the same"),
     ('[strategy]\nname = ["momentum", "nope"]\n', "unknown strategy 'nope'"),
 ])
 def test_bad_grid_files(tmp_path, text, message):
