@@ -510,14 +510,17 @@ class Executor:
                             "by hand", symbol, side, position["amount"])
                 return False
             # Of a position finer than the lot step the exit sells what an order can; its
-            # stops stay (reduce-only, they cannot open one): they hold the rest.
-            stops = self.live_stops(position) if held == Decimal(position["amount"]) else []
-            for stop in stops:
+            # stops stay (reduce-only, they cannot open one): they hold the rest. Each is
+            # looked up all the same: one that fired is recorded, not sold after.
+            keep = held < Decimal(position["amount"])
+            for stop in self.live_stops(position):
                 try:
-                    report = self.cancel_stop(position, stop)
+                    report = self.client.order_by_client_id(
+                        symbol, stop["client_order_id"], trigger=True) if keep \
+                        else self.cancel_stop(position, stop)
                 except READ_ERRORS as exc:
-                    log.warning("%s: stop %s not cancelled (%s); no exit sent this time",
-                                symbol, stop["client_order_id"], exc)
+                    log.warning("%s: stop %s not %s (%s); no exit sent this time", symbol,
+                                stop["client_order_id"], "read" if keep else "cancelled", exc)
                     return False
                 if unsettled(report):
                     log.warning("%s: stop %s triggered, its fill not visible yet; no exit sent",

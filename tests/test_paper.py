@@ -953,6 +953,27 @@ def test_a_part_finer_than_the_lot_step_stays_behind_its_stop_else_goes_to_a_hum
         rt.close()
 
 
+def test_an_exit_that_keeps_the_stops_records_one_that_fired(tmp_path, monkeypatch):
+    """Its stops kept (the position finer than the step), the exit no longer learnt from
+    cancelling them that one had fired: it sold after the stop had closed the position."""
+    rt, clock, fake, _ = restarted_with_step(monkeypatch, tmp_path, "0.1")
+    try:
+        position = rt.ledger.state().positions[BTC]
+        minute = clock.now_ms() - clock.now_ms() % 60_000 + 60_000
+        fake.wick_at = minute
+        fake.wick_low = str(Decimal(position["stop"]["price"]) * Decimal("0.99"))
+        clock.advance(3 * 60_000)
+        ex = Executor(rt.ledger, rt.client, rt.clock, rt.config, "manual", rt.lock)
+        assert ex.close_position(position, "signal", clock.now_ms())
+        assert BTC not in rt.ledger.state().positions
+        assert [r["reason"] for r in rt.ledger.select(
+            "SELECT reason FROM facts WHERE type = 'position_closed'")] == ["stop_loss"]
+        assert rt.ledger.select("SELECT seq FROM facts WHERE type = 'order_intent' AND "
+                                "json_extract(data, '$.purpose') = 'exit'") == []
+    finally:
+        rt.close()
+
+
 def test_an_exit_the_lot_step_refuses_keeps_the_stop(tmp_path, monkeypatch):
     """The whole position finer than the grown step (0.248 at step 1): the exit cancelled
     its stop, was refused unsent, and the stop put back was refused too: a position that
