@@ -818,12 +818,14 @@ class RetickedBinance(WickingBinance):
         return answer
 
 
-@pytest.mark.parametrize("step", ["0.01", "0.1"])
-def test_paper_reports_a_position_as_held_after_the_lot_step_changes(tmp_path, monkeypatch,
-                                                                       step):
-    """The account rounded what it held to the new step: reconcile then 'corrected' the
-    ledger to 0.25 (held: 0.248), or to 0.2, and after a close sold 0.2 the 0.048 left was
-    reported as 0.0: a position nothing would ever show."""
+def order_facts_after(rt, seq: int) -> list[dict]:
+    return rt.ledger.select("SELECT type, client_order_id, reason FROM facts WHERE seq > ? AND "
+                            "type LIKE 'order_%'", (seq,))
+
+
+def restarted_with_step(monkeypatch, tmp_path, step: str):
+    """A BTC long entered at the recorded step (0.001), then the bot restarted after BTC's
+    lot step grew to ``step``: (runtime, clock, fake, the amount held)."""
     fake = RetickedBinance()
     rt, clock = start_paper(monkeypatch, tmp_path, fake)
     try:
@@ -831,11 +833,21 @@ def test_paper_reports_a_position_as_held_after_the_lot_step_changes(tmp_path, m
         held = Decimal(rt.ledger.state().positions[BTC]["amount"])
     finally:
         rt.close()
-    assert held.as_tuple().exponent < Decimal(step).as_tuple().exponent  # finer than the step
     fake.step, fake.tick = step, "1"
     clock.advance(120_000)
-    rt = runtime.build(paper_config(tmp_path), tmp_path / "bot.db", clock=clock)
+    return runtime.build(paper_config(tmp_path), tmp_path / "bot.db", clock=clock), clock, \
+        fake, held
+
+
+@pytest.mark.parametrize("step", ["0.01", "0.1"])
+def test_paper_reports_a_position_as_held_after_the_lot_step_changes(tmp_path, monkeypatch,
+                                                                       step):
+    """The account rounded what it held to the new step: reconcile then 'corrected' the
+    ledger to 0.25 (held: 0.248), or to 0.2, and after a close sold 0.2 the 0.048 left was
+    reported as 0.0: a position nothing would ever show."""
+    rt, clock, _, held = restarted_with_step(monkeypatch, tmp_path, step)
     try:
+        assert held.as_tuple().exponent < Decimal(step).as_tuple().exponent  # finer
         assert rt.venue.market(BTC)["precision"]["amount"] == float(step)  # the new rules
         assert [(p.symbol, p.amount) for p in rt.client.positions()] == [(BTC, held)]
         report = reconcile.run(rt, clock.now_ms(), "reconcile-1")
@@ -865,27 +877,6 @@ def test_paper_reports_a_position_as_held_after_the_lot_step_changes(tmp_path, m
                 if d["kind"] == "below_lot_step"] == [f"{left} of long {held}"]
     finally:
         rt.close()
-
-
-def order_facts_after(rt, seq: int) -> list[dict]:
-    return rt.ledger.select("SELECT type, client_order_id, reason FROM facts WHERE seq > ? AND "
-                            "type LIKE 'order_%'", (seq,))
-
-
-def restarted_with_step(monkeypatch, tmp_path, step: str):
-    """A BTC long entered at the recorded step (0.001), then the bot restarted after BTC's
-    lot step grew to ``step``: (runtime, clock, fake, the amount held)."""
-    fake = RetickedBinance()
-    rt, clock = start_paper(monkeypatch, tmp_path, fake)
-    try:
-        assert scan.run(rt, clock.now_ms(), "scan-1")["entries"] == 1
-        held = Decimal(rt.ledger.state().positions[BTC]["amount"])
-    finally:
-        rt.close()
-    fake.step, fake.tick = step, "1"
-    clock.advance(120_000)
-    return runtime.build(paper_config(tmp_path), tmp_path / "bot.db", clock=clock), clock, \
-        fake, held
 
 
 def test_a_part_finer_than_the_lot_step_stays_behind_its_stop_else_goes_to_a_human(
