@@ -1204,7 +1204,9 @@ def _retry_after_s(exc: BaseException) -> float | None:
         value = float(headers.get("Retry-After"))
     except (TypeError, ValueError):
         return None
-    return value if 0 <= value < math.inf else None  # "inf": no number of ms
+    if not 0 <= value < math.inf:  # "inf", "nan": no number of ms
+        return None
+    return min(value, LONGEST_IP_BAN_MS / 1000)  # 1e306 s in ms overflows
 
 
 def _may_have_executed(exc: BaseException) -> bool:

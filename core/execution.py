@@ -334,8 +334,10 @@ class Executor:
 
     def stop_placed_fact(self, position: dict, req: OrderRequest, report: OrderReport,
                          **data: Any) -> Fact:
-        """A stop whose answer was lost, found resting: it protects ``position`` now."""
-        return self.fact("stop_placed", symbol=req.symbol, side=req.side, amount=req.amount,
+        """A stop whose answer was lost, found resting: it protects ``position`` now. Its
+        amount is what rests (the intent's was not cut to the lot step yet)."""
+        return self.fact("stop_placed", symbol=req.symbol, side=req.side,
+                         amount=report.amount or req.amount,
                          price=report.trigger_price or req.trigger_price,
                          client_order_id=req.client_order_id,
                          exchange_order_id=report.exchange_order_id,

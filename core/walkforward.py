@@ -158,9 +158,10 @@ def load_grid(path: str | Path, config: Config) -> Grid:
     for key, values in grid.lists.get("strategy", {}).items():
         if key not in STRATEGY_KEYS and len(values) > 1 and not makes_a_difference(key, built):
             names = sorted({s.name for _, s in built})
-            raise ValueError(f"{p}: [strategy] {key} changes no parameter of strategy "
-                             f"{', '.join(map(repr, names))}: every value would run the same "
-                             "backtests")
+            raise ValueError(f"{p}: [strategy] {key} = {values} changes no parameter of "
+                             f"strategy {', '.join(map(repr, names))} (not one of its "
+                             "parameters, or the values repeat): every value would run the "
+                             "same backtests")
     return grid
 
 

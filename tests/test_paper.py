@@ -26,6 +26,7 @@ from core import runtime
 from core.clock import VirtualClock
 from core.config import Config
 from core.exchange import IpBanned
+from core.exchange_types import SubmitResult
 from core.execution import Executor
 from core.sim_market import LiveMarket
 from jobs import reconcile, rotate, scan
@@ -940,6 +941,35 @@ def test_a_part_finer_than_the_lot_step_stays_behind_its_stop_else_goes_to_a_hum
         assert [(d["kind"], d["severity"]) for d in report["differences"]] == \
             [("missing_stop", "fix")], report
         assert rt.ledger.state().positions[BTC]["stop"] is not None
+    finally:
+        rt.close()
+
+
+def test_a_stop_found_after_its_answer_was_lost_records_what_rests(tmp_path, monkeypatch):
+    """Found resting after a lost answer, a stop was recorded at its intent's amount (the
+    position's 0.248, not the 0.2 sent): taken for one placed before the step grew, it was
+    never trailed."""
+    rt, clock, _, _ = restarted_with_step(monkeypatch, tmp_path, "0.1")
+    try:
+        ex = Executor(rt.ledger, rt.client, rt.clock, rt.config, "manual", rt.lock)
+        ex.cancel_stop(rt.ledger.state().positions[BTC], rt.ledger.state().positions[BTC]["stop"])
+        position = rt.ledger.state().positions[BTC]
+        sent = rt.client.submit
+
+        def answer_lost(req, ref_price=None):
+            result = sent(req, ref_price)  # it rests on the exchange
+            return SubmitResult("unknown", result.request, None, reason="timeout")
+
+        monkeypatch.setattr(rt.client, "submit", answer_lost)
+        assert ex.place_stop(position, Decimal("90000")) is None
+        monkeypatch.setattr(rt.client, "submit", sent)
+        clock.advance(60_000)
+        assert ex.protect(rt.ledger.state().positions[BTC], 2.0) is not None  # found
+        stop = rt.ledger.state().positions[BTC]["stop"]
+        assert ex.stop_amount(stop) == Decimal("0.2") == \
+            {o.client_order_id: o.amount for o in rt.client.open_orders()}[stop["client_order_id"]]
+        clock.advance(60_000)
+        assert ex.move_stop(rt.ledger.state().positions[BTC], Decimal(stop["price"]) + 2)
     finally:
         rt.close()
 

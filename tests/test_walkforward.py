@@ -127,8 +127,9 @@ def test_a_grid_key_counts_when_it_changes_some_combinations_strategy(tmp_path):
     ('[strategy]\ntimeframe = ["5m", "1h"]\n', "chooses the candles"),
     ('[exchange]\nquote = ["USDT", "BTC"]\n', "chooses the candles"),
     # a parameter the strategy does not have: every value ran the same backtests
-    ("[strategy]\nsma_fast = [20, 30]\n", "sma_fast changes no parameter of strategy "
-                                         "'momentum': every value would run the same"),
+    ("[strategy]\nsma_fast = [20, 30]\n", r"sma_fast = \[20, 30\] changes no parameter of "
+                                         "strategy 'momentum'"),
+    ("[strategy]\nmin_body_pct = [1, 1.0]\n", "or the values repeat"),
     ('[strategy]\nname = ["momentum", "nope"]\n', "unknown strategy 'nope'"),
 ])
 def test_bad_grid_files(tmp_path, text, message):
