@@ -74,7 +74,7 @@ def run(rt, scheduled_ms: int, run_id: str, dry_run: bool = False) -> dict:
         diffs += late_fees(rt, ex, dry_run, checked - FILL_LAG_MS)
         diffs += settle_orders(rt, ex, dry_run)
         diffs += compare_positions(rt, ex, dry_run, planned(diffs))
-        diffs += compare_stops(rt, ex, dry_run, planned(diffs))
+        diffs += compare_stops(rt, ex, dry_run, planned(diffs), previous)
         diffs += sweep_fills(rt, ex, dry_run, checked - FILL_LAG_MS, planned(diffs))
         balance_changed = snapshot_balance(rt, run_id, dry_run)
     status = ("needs_human" if any(d.severity == "human" for d in diffs)
@@ -685,6 +685,18 @@ def on_the_way_resting(on_the_way: dict[str, str], position_id: str, resting: di
     return any(pid == position_id and cid in resting for cid, pid in on_the_way.items())
 
 
+# What compare_stops leaves standing (for a human, or for information).
+STOP_KINDS = frozenset({"below_lot_step", "missing_stop", "foreign_order"})
+
+
+def unjudged(previous: list[dict], state) -> list[Difference]:
+    """What the last run left standing about stops, when this one cannot read them: not
+    judged, so not gone (dropped, a part no stop holds was reported in sync, exit 0)."""
+    return [Difference(d["kind"], d["symbol"], d["detail"], d["severity"], d.get("correction"))
+            for d in standing(previous) if d["kind"] in STOP_KINDS
+            and (d["kind"] == "foreign_order" or d["symbol"] in state.positions)]
+
+
 def below_lot_step(rt, p: dict, left: Decimal, covered: bool = False) -> Difference:
     """Part of a position no order can carry: finer than its market's lot step (the step
     grew under it). The bot cannot sell it, nor protect it unless a stop placed before
@@ -703,8 +715,8 @@ def below_lot_step(rt, p: dict, left: Decimal, covered: bool = False) -> Differe
         "no order of the bot can sell it; close the position on the exchange by hand"), "human")
 
 
-def compare_stops(rt, ex: Executor, dry_run: bool,
-                  plan: dict | None = None) -> list[Difference]:
+def compare_stops(rt, ex: Executor, dry_run: bool, plan: dict | None = None,
+                  previous: list[dict] = ()) -> list[Difference]:
     """Every position has its stop resting; no stop of ours rests without a position."""
     diffs = []
     plan = plan or planned([])
@@ -712,7 +724,8 @@ def compare_stops(rt, ex: Executor, dry_run: bool,
     try:
         resting = {o.client_order_id: o for o in rt.client.open_orders() if o.is_trigger}
     except (READ_ERRORS + (BadExchangeData,)) as exc:
-        return [Difference("stops", None, f"open orders unavailable ({exc})", "info")]
+        return [Difference("stops", None, f"open orders unavailable ({exc})", "info"),
+                *unjudged(previous, state)]
     # A stop on its way (its outcome not known yet) is the position's, not an orphan.
     on_the_way = {o["client_order_id"]: o["position_id"] for o in state.unresolved_orders()
                   if o["purpose"] == "stop"}

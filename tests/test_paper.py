@@ -928,6 +928,19 @@ def test_a_part_finer_than_the_lot_step_stays_behind_its_stop_else_goes_to_a_hum
         runs = rt.ledger.select("SELECT reason, data FROM facts WHERE seq > ? AND type = "
                                 "'reconcile_run'", (seq,))
         assert [r["reason"] for r in runs] == ["needs_human"]  # recorded once: it stands
+        # A run that cannot read the open orders cannot judge the stops: what stood stands
+        # (it was dropped: that run said in_sync, exit 0, and the next needs_human again)
+        read = rt.client.open_orders
+
+        def unreadable(*args, **kwargs):
+            raise ccxt.NetworkError("binanceusdm GET /fapi/v1/openAlgoOrders: timed out")
+
+        monkeypatch.setattr(rt.client, "open_orders", unreadable)
+        clock.advance(10_000)
+        report = reconcile.run(rt, clock.now_ms(), "reconcile-unread")
+        assert report["status"] == "needs_human", report
+        assert [d["kind"] for d in report["differences"]] == ["stops", "below_lot_step"]
+        monkeypatch.setattr(rt.client, "open_orders", read)
         assert [(d["kind"], d["severity"]) for d in json.loads(runs[-1]["data"])["differences"]] \
             == [("order_state", "fix"), ("below_lot_step", "human")]  # the stop's end; the rest
         detail = json.loads(runs[-1]["data"])["differences"][-1]["detail"]

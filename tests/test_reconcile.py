@@ -846,7 +846,8 @@ def test_a_missing_stop_the_price_has_passed_closes_the_position_at_market(bot_f
     assert_settled(bot)
 
 
-def test_an_orphaned_stop_of_ours_is_cancelled_but_a_foreign_one_is_left(bot_factory):
+def test_an_orphaned_stop_of_ours_is_cancelled_but_a_foreign_one_is_left(bot_factory,
+                                                                         monkeypatch):
     bot = bot_factory(paths={"AAA": flat(100, 5), "BBB": flat(50, 5)})
     q = qty(bot, AAA)
     bot.venue.create_order(AAA, "market", "sell", q, None,
@@ -861,6 +862,16 @@ def test_an_orphaned_stop_of_ours_is_cancelled_but_a_foreign_one_is_left(bot_fac
     again = reconciled(bot)
     assert again["status"] == "in_sync" and kinds(again) == ["foreign_order"]
     assert added(before, bot.counts()) == {"job_run": 1}
+    # A run that cannot read the open orders does not take it for gone
+    read = bot.rt.client.open_orders
+
+    def unreadable(*args, **kwargs):
+        raise ccxt.NetworkError("timed out")
+
+    monkeypatch.setattr(bot.rt.client, "open_orders", unreadable)
+    assert kinds(reconciled(bot)) == ["foreign_order", "stops"]
+    monkeypatch.setattr(bot.rt.client, "open_orders", read)
+    assert kinds(reconciled(bot)) == ["foreign_order"]
     # Its owner cancels it: the change is recorded once, as an in_sync run.
     bot.venue.cancel_order(None, BBB, {"trigger": True, "clientOrderId": "other-1"})
     before = bot.counts()
