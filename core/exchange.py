@@ -174,8 +174,8 @@ class IpBan:
         else Binance's shortest ban from now."""
         after = _retry_after_s(exc)
         named = BANNED_UNTIL_RE.search(str(exc))
-        if after is not None:
-            end = now_ms + int(after * 1000)
+        if after is not None:  # in float first: 1e306 s in ms overflows an int
+            end = now_ms + int(min(after * 1000, LONGEST_IP_BAN_MS))
         elif named and int(named.group(1)) - offset_ms > now_ms:
             end = int(named.group(1)) - offset_ms
         else:
@@ -1204,9 +1204,7 @@ def _retry_after_s(exc: BaseException) -> float | None:
         value = float(headers.get("Retry-After"))
     except (TypeError, ValueError):
         return None
-    if not 0 <= value < math.inf:  # "inf", "nan": no number of ms
-        return None
-    return min(value, LONGEST_IP_BAN_MS / 1000)  # 1e306 s in ms overflows
+    return value if 0 <= value < math.inf else None  # "inf", "nan": no number of seconds
 
 
 def _may_have_executed(exc: BaseException) -> bool:

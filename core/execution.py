@@ -665,8 +665,9 @@ class Executor:
         if old and old.get("ts") is not None and self.clock.now_ms() - old["ts"] < interval \
                 and not at_once:
             return False
-        if old and not at_once and self.orderable(position) < min(
-                Decimal(position["amount"]), self.stop_amount(old)):
+        held = self.orderable(position) if old and not at_once else None
+        if held is not None and held < Decimal(position["amount"]) \
+                and held < self.stop_amount(old):  # the ledger read only for such a position
             # The new stop would hold only what one order can carry of a position finer
             # than the lot step; the resting one, placed before the step grew, holds more
             # (the exit rules still trail the position at each candle close).

@@ -705,14 +705,13 @@ def below_lot_step(rt, p: dict, left: Decimal, covered: bool = False) -> Differe
     limit = f"the lot step {m.amount_step}" + (
         f" and minimum {m.min_amount}" if m.min_amount and m.min_amount > (m.amount_step or 0)
         else "")
-    if covered:  # protected, but it blocks its symbol, and outlives any exit or halt
-        return Difference("below_lot_step", p["symbol"], (
-            f"{left} of {p['side']} {p['amount']} is finer than {limit}: its stop holds it, "
-            "but no order of the bot can sell it (an exit leaves it behind the stop); close "
-            "the position on the exchange by hand"), "human")
+    # Protected or not, it blocks its symbol and outlives any exit or halt.
+    held = ("its stop holds it, but no order of the bot can sell it (an exit leaves it "
+            "behind the stop)" if covered else
+            "no stop protects it and no order of the bot can sell it")
     return Difference("below_lot_step", p["symbol"], (
-        f"{left} of {p['side']} {p['amount']} is finer than {limit}: no stop protects it and "
-        "no order of the bot can sell it; close the position on the exchange by hand"), "human")
+        f"{left} of {p['side']} {p['amount']} is finer than {limit}: {held}; close the "
+        "position on the exchange by hand"), "human")
 
 
 def compare_stops(rt, ex: Executor, dry_run: bool, plan: dict | None = None,
