@@ -51,6 +51,7 @@ from core.exits import as_decimal
 from core.risk import RiskState, daily_loss_pct, drawdown_pct
 from ledger import Ledger, LedgerError
 from ledger.audit import LAST_MODE, backtest_now, written_by_backtest
+from ledger.facts import happened_ms
 
 log = logging.getLogger(__name__)
 
@@ -264,10 +265,13 @@ class Tail:
 
     def _fact(self, r: dict) -> None:
         kind = r["type"]
+        data = row_json(r)["data"]
+        data = data if isinstance(data, dict) else {}
         if kind == "position_closed":
             # The same totals as the daily_pnl view, kept as rows arrive: that view
             # regroups the whole ledger on every read.
-            day = self.days.setdefault(utc_day(r["ts"]), {
+            closed = happened_ms(r["ts"], data.get("closed_ts"))
+            day = self.days.setdefault(utc_day(closed), {
                 "trades": 0, "wins": 0, "realized_pnl": Decimal(0), "fees": Decimal(0)})
             pnl, fee = as_decimal(r["pnl"]), as_decimal(r["fee"])
             day["trades"] += 1
@@ -275,8 +279,6 @@ class Tail:
             day["realized_pnl"] += pnl or 0
             day["fees"] += fee or 0
             return
-        data = row_json(r)["data"]
-        data = data if isinstance(data, dict) else {}
         if kind == "balance":
             value = as_decimal(data.get("equity"))
             if value is not None:

@@ -85,6 +85,7 @@ class Settlement:
     average: Decimal | None
     fee: Decimal
     facts: list[Fact]
+    fills: list[FillReport]
 
 
 @dataclass
@@ -203,7 +204,7 @@ class Executor:
         facts.append(self.update(req, current, new, exchange_order_id=report.exchange_order_id,
                                  position_id=position_id,
                                  data={"filled": report.filled, "average": report.average_price}))
-        return Settlement(report, new, report.filled, _average(report, fills), fee, facts)
+        return Settlement(report, new, report.filled, _average(report, fills), fee, facts, fills)
 
     def fills_of(self, report: OrderReport, since_ms: int) -> list[FillReport]:
         """The account trades of one order; a synthetic one for any part not yet listed.
@@ -551,7 +552,8 @@ class Executor:
                 facts = list(done.facts)
                 closed = done.filled >= amount and done.average is not None
                 if closed:
-                    facts.append(self.close_fact(position, done.average, done.fee, reason))
+                    facts.append(self.close_fact(position, done.average, done.fee, reason,
+                                                 done.fills))
                 elif done.filled > 0 and done.average is not None:
                     facts.append(self.reduced_fact(position, done.filled, done.average, done.fee,
                                                    f"partial exit: {reason}"))
@@ -574,8 +576,10 @@ class Executor:
                    and p.amount > 0 for p in held)
 
     def close_fact(self, position: dict, exit_price: Decimal, exit_fee: Decimal,
-                   reason: str) -> Fact:
-        """The close of what is left of a position: PnL of the whole position, all fees."""
+                   reason: str, fills: Sequence[FillReport] = ()) -> Fact:
+        """The close of what is left of a position: PnL of the whole position, all fees,
+        and when the exchange made it (``fills``, its closing trades): a stop that fired
+        while the bot was down counts on its own day, not the restart's."""
         amount = Decimal(position["amount"])
         fees = Decimal(position.get("fees") or 0) + exit_fee
         pnl = realized_pnl(position["side"], amount, Decimal(position["entry_price"]),
@@ -584,7 +588,8 @@ class Executor:
                          amount=amount, price=exit_price, fee=fees, pnl=pnl,
                          position_id=position["position_id"], reason=reason,
                          data={"entry_price": position["entry_price"],
-                               "opened_ts": position["opened_ts"]})
+                               "opened_ts": position["opened_ts"],
+                               "closed_ts": last_trade_ms(fills)})
 
     def reduced_fact(self, position: dict, filled: Decimal, price: Decimal, fee: Decimal,
                      reason: str) -> Fact:
@@ -634,7 +639,8 @@ class Executor:
                                  data={"filled": report.filled, "average": average}))
         closed = report.filled >= Decimal(position["amount"])
         if closed:
-            facts.append(self.close_fact(position, average, fee, stop_reason(position, stop)))
+            facts.append(self.close_fact(position, average, fee, stop_reason(position, stop),
+                                         fills))
         else:
             facts += [self.reduced_fact(position, report.filled, average, fee,
                                         "stop filled in part"),
@@ -736,6 +742,12 @@ def stand_in_id(order_id: str) -> str:
     """The trade id of a fill taken from its order, its trades not listed yet (fee
     unknown): reconcile records the fee once they are (jobs/reconcile.late_fees)."""
     return f"order:{order_id}:rest"
+
+
+def last_trade_ms(fills: Sequence[FillReport]) -> int | None:
+    """The exchange's time of the last trade listed (a stand-in's is not a trade's)."""
+    times = [f.ts for f in fills if f.ts and f.trade_id != stand_in_id(f.exchange_order_id)]
+    return max(times, default=None)
 
 
 def fill_data(f: FillReport, **more: Any) -> dict:

@@ -14,6 +14,9 @@ from decimal import Decimal
 
 from core.clock import DAY_MS, day_ms, day_start_ms, utc_day
 from ledger import Fact
+from ledger.schema import closed_ms
+
+CLOSED = closed_ms()
 
 log = logging.getLogger(__name__)
 
@@ -55,11 +58,13 @@ def close_days(rt, run_id: str, balance=None) -> dict:
     facts = []
     for day in days:
         start, end = day_ms(day), day_ms(day) + DAY_MS
+        # By when each closed on the exchange: a stop that fired before midnight while
+        # the bot was down is recorded after it (reconcile runs first at a start).
         totals = rt.ledger.select(
-            "SELECT count(*) AS trades, total(CAST(pnl AS REAL)) AS pnl_f, "
-            "group_concat(pnl, ' ') AS pnls, group_concat(fee, ' ') AS fees FROM facts "
-            "WHERE seq > ? AND type = 'position_closed' AND ts >= ? AND ts < ?",
-            (rt.seq_floor(start), start, end))[0]
+            "SELECT count(*) AS trades, group_concat(pnl, ' ') AS pnls, "
+            "group_concat(fee, ' ') AS fees FROM facts "
+            f"WHERE seq > ? AND type = 'position_closed' AND ts >= ? AND {CLOSED} >= ? "
+            f"AND {CLOSED} < ?", (rt.seq_floor(start), start, start, end))[0]
         realized = sum((Decimal(x) for x in (totals["pnls"] or "").split()), Decimal(0))
         fees = sum((Decimal(x) for x in (totals["fees"] or "").split()), Decimal(0))
         if day != days[-1]:  # ended while the bot was down: its last snapshot

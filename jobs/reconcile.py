@@ -320,7 +320,8 @@ def apply_outcome(rt, ex: Executor, order: dict, req: OrderRequest, report: Orde
         # The part recorded before (a partial exit left open) is in the position already.
         fee = sum((f.fee for f in fresh), Decimal(0))
         if more >= Decimal(position["amount"]):
-            facts.append(ex.close_fact(position, avg, fee, "exit (settled by reconcile)"))
+            facts.append(ex.close_fact(position, avg, fee, "exit (settled by reconcile)",
+                                       fills))
         else:
             facts.append(ex.reduced_fact(position, more, avg, fee,
                                          "partial exit settled by reconcile"))
@@ -627,7 +628,7 @@ def closed_on_exchange(rt, ex: Executor, p: dict, dry_run: bool,
                       data={"closes": {symbol}, "trades": {f.trade_id for f in closing}})
     if not dry_run:
         facts = [ex.fill_fact(f, p["position_id"]) for f in closing]
-        facts.append(ex.close_fact(p, avg, fee, reason))
+        facts.append(ex.close_fact(p, avg, fee, reason, closing))
         ex.record(facts)
     return diff
 

@@ -32,15 +32,16 @@ FACT_TYPES: dict[str, tuple[tuple[str, ...], str]] = {
     "order_update": (("client_order_id",), "the order's state changed: data.state accepted|"
                                            "partially_filled|filled|cancelled|rejected|"
                                            "expired|unknown; reason"),
-    "fill": (("symbol", "side", "amount", "price"), "an execution: data.trade_id, fee "
-                                                    "currency, source (exchange|reconcile)"),
+    "fill": (("symbol", "side", "amount", "price"), "an execution: data.trade_id, "
+                                                    "exchange_ts, fee currency, source"),
     "position_opened": (("symbol", "side", "amount", "price", "position_id"),
                         "a position opened at entry price `price`"),
     "position_changed": (("symbol", "amount", "position_id"),
                          "the size (and average entry `price`) of a position changed"),
     "position_closed": (("symbol", "position_id"), "a position closed: price = exit price, "
                                                    "pnl = realized, fee = all fees, reason = "
-                                                   "exit reason"),
+                                                   "exit reason; data.closed_ts = the exchange's "
+                                                   "time of its last fill"),
     "best_price": (("symbol", "price", "position_id"),
                    "the best price since entry improved (trailing stop state)"),
     "stop_placed": (("symbol", "price", "client_order_id"), "a reduce-only stop rests on the "
@@ -126,6 +127,15 @@ QUANTITY_DIGITS = 60
 def in_range(d: Decimal) -> bool:
     """A finite quantity whose first digit lies within QUANTITY_DIGITS places of the point."""
     return d.is_finite() and -QUANTITY_DIGITS < d.adjusted() < QUANTITY_DIGITS
+
+
+def happened_ms(recorded_ms: int, exchange_ms: Any) -> int:
+    """When an event happened: the exchange's time of it, if that is known and before it
+    was recorded (a stop that fired while the bot was down is recorded at the restart),
+    else when it was recorded. The SQL twin is schema.CLOSED_MS."""
+    if type(exchange_ms) is int and 0 < exchange_ms < recorded_ms:
+        return exchange_ms
+    return recorded_ms
 
 
 def money(value: Any) -> str | None:

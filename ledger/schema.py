@@ -56,9 +56,23 @@ CREATE INDEX facts_client_order ON facts(client_order_id) WHERE client_order_id 
 CREATE INDEX facts_position ON facts(position_id) WHERE position_id IS NOT NULL;
 """
 
-# daily_pnl's totals per UTC day (migrations 1 and 3)
-DAILY_TOTALS = """WITH closes AS (
-    SELECT strftime('%Y-%m-%d', ts / 1000, 'unixepoch') AS day,
+# When a position closed: its data.closed_ts (the exchange's time of its last fill) if
+# that is before it was recorded, else when recorded. facts.happened_ms is its twin;
+# json_type, not typeof, so that a JSON true is not taken for 1.
+CLOSED_MS = """CASE WHEN json_type({t}.data, '$.closed_ts') = 'integer'
+          AND json_extract({t}.data, '$.closed_ts') > 0
+          AND json_extract({t}.data, '$.closed_ts') < {t}.ts
+     THEN json_extract({t}.data, '$.closed_ts') ELSE {t}.ts END"""
+
+
+def closed_ms(table: str = "facts") -> str:
+    return CLOSED_MS.format(t=table)
+
+
+def daily_totals(closed: str) -> str:
+    """daily_pnl's totals per UTC day, a close counting on the day of ``closed``."""
+    return f"""WITH closes AS (
+    SELECT strftime('%Y-%m-%d', {closed} / 1000, 'unixepoch') AS day,
            count(*) AS trades,
            sum(CAST(pnl AS REAL) > 0) AS wins,
            round(sum(CAST(pnl AS REAL)), 8) AS realized_pnl,
@@ -68,6 +82,13 @@ equity AS (  -- the last day_close of each day (SQLite: bare columns follow max(
     SELECT json_extract(data, '$.day') AS day, json_extract(data, '$.equity') AS equity,
            max(seq)
     FROM facts WHERE type = 'day_close' GROUP BY 1)"""
+
+
+# A closed trade's size: the last exit's, after partial exits.
+CLOSED_AMOUNT = """coalesce(c.amount,
+                (SELECT p.amount FROM facts p WHERE p.type = 'position_changed'
+                   AND p.position_id = c.position_id ORDER BY p.seq DESC LIMIT 1),
+                o.amount)"""
 
 VIEWS = f"""
 CREATE VIEW ledger AS
@@ -95,10 +116,7 @@ WHERE o.type = 'position_opened'
 
 CREATE VIEW closed_trades AS
 SELECT c.position_id, c.symbol, o.side,
-       coalesce(c.amount,
-                (SELECT p.amount FROM facts p WHERE p.type = 'position_changed'
-                   AND p.position_id = c.position_id ORDER BY p.seq DESC LIMIT 1),
-                o.amount) AS amount,
+       {CLOSED_AMOUNT} AS amount,
        o.price AS entry_price, c.price AS exit_price,
        c.fee AS fees, c.pnl AS realized_pnl, c.reason AS exit_reason,
        {iso('o.ts')} AS opened_at, {iso('c.ts')} AS closed_at,
@@ -120,7 +138,7 @@ WHERE type IN ('order_intent', 'order_submitted', 'order_update', 'fill')
 ORDER BY seq;
 
 CREATE VIEW daily_pnl AS
-{DAILY_TOTALS}
+{daily_totals("ts")}
 SELECT c.day, c.trades, c.wins, c.realized_pnl, c.fees, e.equity AS closing_equity
 FROM closes c LEFT JOIN equity e ON e.day = c.day
 ORDER BY c.day;
@@ -170,6 +188,26 @@ POSITION_ENTRY = """coalesce((SELECT c.price FROM facts c WHERE c.type = 'positi
                  AND c.position_id = o.position_id AND c.price IS NOT NULL
                  ORDER BY c.seq DESC LIMIT 1), o.price)"""
 
+
+def closed_trades(closed: str) -> str:
+    """The closed_trades view (migration 2 on), closed when ``closed`` says."""
+    return f"""
+DROP VIEW closed_trades;
+CREATE VIEW closed_trades AS
+SELECT c.position_id, c.symbol, o.side,
+       {CLOSED_AMOUNT} AS amount,
+       coalesce(json_extract(c.data, '$.entry_price'), o.price) AS entry_price,
+       c.price AS exit_price,
+       c.fee AS fees, c.pnl AS realized_pnl, c.reason AS exit_reason,
+       {iso('o.ts')} AS opened_at, {iso(closed)} AS closed_at,
+       round(({closed} - o.ts) / 1000.0, 3) AS duration_s,
+       o.seq AS opened_seq, c.seq AS closed_seq
+FROM facts c
+JOIN facts o ON o.type = 'position_opened' AND o.position_id = c.position_id
+WHERE c.type = 'position_closed';
+"""
+
+
 VIEWS_2 = f"""
 DROP VIEW open_positions;
 CREATE VIEW open_positions AS
@@ -191,32 +229,18 @@ FROM facts o
 WHERE o.type = 'position_opened'
   AND NOT EXISTS (SELECT 1 FROM facts c WHERE c.type = 'position_closed'
                   AND c.position_id = o.position_id);
+{closed_trades("c.ts")}"""
 
-DROP VIEW closed_trades;
-CREATE VIEW closed_trades AS
-SELECT c.position_id, c.symbol, o.side,
-       coalesce(c.amount,
-                (SELECT p.amount FROM facts p WHERE p.type = 'position_changed'
-                   AND p.position_id = c.position_id ORDER BY p.seq DESC LIMIT 1),
-                o.amount) AS amount,
-       coalesce(json_extract(c.data, '$.entry_price'), o.price) AS entry_price,
-       c.price AS exit_price,
-       c.fee AS fees, c.pnl AS realized_pnl, c.reason AS exit_reason,
-       {iso('o.ts')} AS opened_at, {iso('c.ts')} AS closed_at,
-       round((c.ts - o.ts) / 1000.0, 3) AS duration_s,
-       o.seq AS opened_seq, c.seq AS closed_seq
-FROM facts c
-JOIN facts o ON o.type = 'position_opened' AND o.position_id = c.position_id
-WHERE c.type = 'position_closed';
-"""
+def daily_pnl(closed: str) -> str:
+    """The daily_pnl view (migration 3 on), a close counting on the day of ``closed``.
 
-# Every UTC day the ledger closed is listed, also one without a closed trade (its loss or
-# gain was in positions still open, or in partial exits, which count on their position's
-# close day): its closing equity says what happened.
-VIEWS_3 = f"""
+    Every UTC day the ledger closed is listed, also one without a closed trade (its loss
+    or gain was in positions still open, or in partial exits, which count on their
+    position's close day): its closing equity says what happened."""
+    return f"""
 DROP VIEW daily_pnl;
 CREATE VIEW daily_pnl AS
-{DAILY_TOTALS},
+{daily_totals(closed)},
 days AS (SELECT day FROM closes UNION SELECT day FROM equity WHERE typeof(day) = 'text')
 SELECT d.day, coalesce(c.trades, 0) AS trades, coalesce(c.wins, 0) AS wins,
        coalesce(c.realized_pnl, 0) AS realized_pnl, coalesce(c.fees, 0) AS fees,
@@ -224,6 +248,14 @@ SELECT d.day, coalesce(c.trades, 0) AS trades, coalesce(c.wins, 0) AS wins,
 FROM days d LEFT JOIN closes c ON c.day = d.day LEFT JOIN equity e ON e.day = d.day
 ORDER BY d.day;
 """
+
+
+VIEWS_3 = daily_pnl("ts")
+
+# Migration 4: a stop that fired before midnight while the bot was down, recorded after,
+# counts on the day it fired (it counted on the day it was recorded), and closed_trades
+# shows when it closed.
+VIEWS_4 = daily_pnl(closed_ms()) + closed_trades(closed_ms("c"))
 
 VIEW_NAMES = ("ledger", "open_positions", "closed_trades", "orders_timeline", "daily_pnl",
               "job_runs", "risk_events", "reconciliations", "balances")
@@ -234,6 +266,7 @@ MIGRATIONS: tuple[str, ...] = (
     FACTS_TABLE + ";" + TRIGGERS + INDEXES + VIEWS,
     VIEWS_2,
     VIEWS_3,
+    VIEWS_4,
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)

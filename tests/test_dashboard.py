@@ -214,6 +214,26 @@ def test_a_day_without_a_closed_trade_is_a_daily_bar_too(tmp_path):
         [("2026-03-01", 0, "990"), ("2026-03-02", 0, "980")]
 
 
+def test_a_close_recorded_after_midnight_is_a_bar_of_the_day_it_closed(tmp_path):
+    # A stop fired at 23:50 while the bot was down, recorded at the 00:10 restart.
+    day, t0 = 86_400_000, 1_772_326_800_000  # 2026-03-01T01:00Z
+    fired, restart = t0 + day - 4_200_000, t0 + day - 3_600_000 + 600_000
+    path = tmp_path / "bot.db"
+    with Ledger(path) as ledger:
+        ledger.append([
+            Fact("position_opened", t0, symbol="AAA/USDT:USDT", side="long", amount="1",
+                 price="100", position_id="p1"),
+            Fact("position_closed", restart, symbol="AAA/USDT:USDT", side="long",
+                 amount="1", price="95", fee="0.2", pnl="-5.2", position_id="p1",
+                 data={"closed_ts": fired})])
+        view = ledger.select("SELECT * FROM daily_pnl ORDER BY day")
+    with serving(path, restart) as (server, _):
+        _, daily = get_json(server, "/api/daily")
+    assert [(d["day"], d["trades"], float(d["realized_pnl"])) for d in daily] == \
+        [(v["day"], v["trades"], v["realized_pnl"]) for v in view] == \
+        [("2026-03-01", 1, -5.2)]
+
+
 def test_equity_curve_and_daily_bars(backtest):
     with serving(backtest["path"], backtest["end"]) as (server, _):
         _, equity = get_json(server, "/api/equity")

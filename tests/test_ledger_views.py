@@ -4,6 +4,7 @@ writers record: a position grown by reconcile, partial exits, stops cancelled.""
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from decimal import Decimal
 
 import pytest
@@ -51,6 +52,17 @@ def partial_exit(ledger, ex, clock, amount="5", price="120") -> None:
 
 def view(ledger, name: str) -> list[dict]:
     return ledger.select(f"SELECT * FROM {name}")
+
+
+@contextmanager
+def written_at_schema(version: int, path, monkeypatch, facts: list[Fact]):
+    """A ledger of an older schema, holding ``facts``, open as that version's writer."""
+    with monkeypatch.context() as m:
+        m.setattr(schema, "MIGRATIONS", schema.MIGRATIONS[:version])
+        m.setattr(schema, "SCHEMA_VERSION", version)
+        with Ledger(path) as old:
+            old.append(facts)
+            yield old
 
 
 def test_open_positions_keep_the_average_entry_after_a_partial_exit(book):
@@ -101,17 +113,14 @@ def test_open_positions_best_price_starts_at_the_entry(book):
 def test_a_ledger_of_the_first_schema_gets_the_new_views_and_keeps_its_facts(tmp_path,
                                                                              monkeypatch):
     path = tmp_path / "old.db"
-    with monkeypatch.context() as m:
-        m.setattr(schema, "MIGRATIONS", schema.MIGRATIONS[:1])
-        m.setattr(schema, "SCHEMA_VERSION", 1)
-        with Ledger(path) as old:
-            old.append([Fact("position_opened", T0, symbol=SOL, side="long", amount="10",
-                             price="100", position_id=PID),
-                        Fact("position_changed", T0 + 1, symbol=SOL, amount="15", price="110",
-                             position_id=PID),
-                        Fact("position_changed", T0 + 2, symbol=SOL, amount="10",
-                             position_id=PID)])
-            assert view(old, "open_positions")[0]["entry_price"] == "100"  # the old view
+    with written_at_schema(1, path, monkeypatch, [
+            Fact("position_opened", T0, symbol=SOL, side="long", amount="10", price="100",
+                 position_id=PID),
+            Fact("position_changed", T0 + 1, symbol=SOL, amount="15", price="110",
+                 position_id=PID),
+            Fact("position_changed", T0 + 2, symbol=SOL, amount="10",
+                 position_id=PID)]) as old:
+        assert view(old, "open_positions")[0]["entry_price"] == "100"  # the old view
     with Ledger(path) as ledger:  # a writer migrates it
         assert ledger.select("PRAGMA user_version")[0]["user_version"] == schema.SCHEMA_VERSION
         assert view(ledger, "open_positions")[0]["entry_price"] == "110"
@@ -135,3 +144,25 @@ def test_daily_pnl_lists_every_closed_day_also_one_without_a_closed_trade(tmp_pa
         rows = view(ledger, "daily_pnl")
     assert [(r["day"], r["trades"], r["realized_pnl"], r["closing_equity"]) for r in rows] == [
         (utc_day(T0), 1, 9.5, "10009.5"), (utc_day(T0 + day), 0, 0, "9900")]
+
+
+def test_a_ledger_of_the_third_schema_counts_its_late_closes_on_their_day(tmp_path,
+                                                                           monkeypatch):
+    # Recorded at the restart (00:10), fired at 23:50: the old views dated it when
+    # recorded, the new ones when the exchange closed it. No fact is touched.
+    fired, recorded = T0 + 20 * 3_600_000, T0 + 24 * 3_600_000
+    path = tmp_path / "old.db"
+    with written_at_schema(3, path, monkeypatch, [
+            Fact("position_opened", T0, symbol=SOL, side="long", amount="10", price="100",
+                 position_id=PID),
+            Fact("position_closed", recorded, symbol=SOL, side="long", price="95",
+                 fee="0.5", pnl="-50.5", position_id=PID, data={"closed_ts": fired})]) as old:
+        assert [r["day"] for r in view(old, "daily_pnl")] == [utc_day(recorded)]
+    with Ledger(path) as ledger:
+        assert ledger.select("PRAGMA user_version")[0]["user_version"] == schema.SCHEMA_VERSION
+        assert [(r["day"], r["realized_pnl"]) for r in view(ledger, "daily_pnl")] == \
+            [(utc_day(fired), -50.5)]
+        [trade] = view(ledger, "closed_trades")
+        assert trade["closed_at"] == "2025-03-01T21:00:00.000Z"
+        assert trade["duration_s"] == 20 * 3_600
+        assert ledger.last_seq() == 2 and ledger.verify().ok

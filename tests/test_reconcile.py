@@ -25,7 +25,7 @@ from test_jobs_scan import (
     flat,
 )
 
-from core.clock import AcceleratedClock
+from core.clock import AcceleratedClock, utc_day
 from core.exchange import NOT_FOUND_FINAL_MS
 from core.execution import Executor
 from core.sim_exchange import SimExchange
@@ -361,6 +361,34 @@ def test_a_stop_that_hit_while_the_bot_was_down_closes_the_position(bot_factory)
     assert report["balance_changed"] is True
     assert_agrees(bot)
     assert_settled(bot)
+
+
+def test_a_stop_that_fired_before_midnight_while_down_counts_on_its_own_day(bot_factory):
+    """Down from noon; the stop fires at 23:50, the bot starts again at 00:10. The close
+    is recorded then, and counted on the new day: the day it fired closed with no trade,
+    and its loss (in the equity the new day starts from) counted again in today's."""
+    crash = candle(100, 100.3, 96.0, 96.5)  # candle 142: 23:50 to 23:55
+    bot = bot_factory(strat=PICK_FIRST, paths={"AAA": flat(100, 142) + [crash]
+                                               + flat(96.5, 10)})
+    position = open_long(bot)
+    midnight = T0 + 144 * TF
+    bot.after_candle(145)  # 00:10: a start reconciles, then closes the days that ended
+    reconciled(bot)
+    assert bot.job("daily_reset", midnight)["outcome"] == "ok"
+    [closed] = bot.facts("position_closed", position_id=position["position_id"])
+    assert closed["ts"] > midnight and Decimal(closed["pnl"]) < 0
+    [day_close] = [json.loads(r["data"]) for r in bot.facts("day_close")]
+    assert day_close["day"] == utc_day(T0)
+    assert (day_close["trades"], Decimal(day_close["realized_pnl"])) \
+        == (1, Decimal(closed["pnl"]))
+    state = bot.ledger.state()
+    assert state.realized_today_at(bot.clock.now_ms()) == 0
+    assert state.realized_on(utc_day(T0)) == Decimal(closed["pnl"])
+    assert state.day == utc_day(T0)  # nothing counted on the new day: the stop's fee neither
+    [day] = bot.ledger.select("SELECT * FROM daily_pnl WHERE trades > 0")
+    assert (day["day"], day["realized_pnl"]) == (utc_day(T0), float(closed["pnl"]))
+    [trade] = bot.ledger.select("SELECT closed_at FROM closed_trades")
+    assert trade["closed_at"][:15] == utc_day(T0) + "T23:5"
 
 
 def test_a_stop_whose_lookup_fails_once_still_closes_its_position_as_a_stop(bot_factory):
