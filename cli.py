@@ -177,7 +177,9 @@ def status(ctx: click.Context, as_json: bool) -> None:
     click.echo("")
     render(report["open_positions"], False, empty="no open positions")
     click.echo("")
-    runs = [{"job": job, "last run": r["at"], "ago": f"{r['ago_s']} s", "outcome": r["outcome"],
+    runs = [{"job": job, "last run": r["at"], "ago": f"{r['ago_s']} s",
+             "outcome": r["outcome"] if r.get("failing_since") is None
+             else f"{r['outcome']} (failing since {iso(r['failing_since'])})",
              "duration_ms": r["duration_ms"]} for job, r in report["last_runs"].items()]
     render(runs, False, empty="a backtest records no job runs" if report["mode"] ==
            audit.BACKTEST_KIND else "no job has run yet")

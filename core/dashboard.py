@@ -134,20 +134,25 @@ def grace_ms(interval_ms: int) -> int:
 
 def job_health(runs: dict[str, dict], intervals: dict[str, int], now_ms: int) -> list[dict]:
     """One row per job: its last run (``runs[job]``: ts, outcome, duration_ms,
-    scheduled_ms, started_ms, error) judged against its interval at ``now_ms``."""
+    scheduled_ms, started_ms, error, failing_since) judged against its interval at
+    ``now_ms``: stale when it has not run for longer than the interval and grace, failing
+    when every run for that long has failed (it runs, but does nothing)."""
     out = []
     for job in sorted(set(intervals) | set(runs)):
         interval, run = intervals.get(job), runs.get(job)
         row = {"job": job, "interval_s": None if interval is None else interval / 1000,
                "last_run": None, "at": None, "age_s": None, "outcome": None,
                "duration_ms": None, "start_delay_s": None, "overdue_s": None, "error": None,
-               "latest_outcome": None,
+               "latest_outcome": None, "failing_since": None, "failing": False,
                "stale": interval is not None, "status": "never ran"}
         if run is not None:
             age = now_ms - run["ts"]
             overdue = max(0, age - interval) if interval is not None else None
             started, scheduled = run.get("started_ms"), run.get("scheduled_ms")
             stale = interval is not None and overdue > grace_ms(interval)
+            since = run.get("failing_since")
+            failing = interval is not None and _ints(since) \
+                and now_ms - since > interval + grace_ms(interval)
             row.update(
                 last_run=run["ts"], at=iso(run["ts"]), age_s=round(age / 1000, 3),
                 outcome=run.get("outcome"), duration_ms=run.get("duration_ms"),
@@ -155,8 +160,10 @@ def job_health(runs: dict[str, dict], intervals: dict[str, int], now_ms: int) ->
                                if _ints(started, scheduled) else None),
                 overdue_s=None if overdue is None else round(overdue / 1000, 3),
                 error=run.get("error"), latest_outcome=run.get("latest_outcome"),
-                stale=stale,
-                status="stale" if stale else "late" if overdue else "ok")
+                stale=stale, failing=failing,
+                failing_since=iso(since) if _ints(since) else None,
+                status="stale" if stale else "failing" if failing else "late" if overdue
+                else "ok")
         out.append(row)
     return out
 
@@ -474,7 +481,7 @@ class Dashboard:
             out[job] = {"ts": rows[0]["ts"], "outcome": d.get("outcome"),
                         "duration_ms": d.get("duration_ms"),
                         "scheduled_ms": d.get("scheduled_ms"), "started_ms": d.get("started_ms"),
-                        "error": rows[0]["reason"]}
+                        "error": rows[0]["reason"], "failing_since": last.get("failing_since")}
             if rows[0]["seq"] != last["seq"]:
                 out[job]["latest_outcome"] = last.get("outcome")
         return out
@@ -487,10 +494,13 @@ class Dashboard:
         ctx = self.context()
         jobs = self.jobs(ctx)
         stale = [j["job"] for j in jobs if j["stale"]]
-        ok = not stale
+        failing = [j["job"] for j in jobs if j["failing"]]
+        ok = not stale and not failing
         body = {"ok": ok, "now": iso(ctx["now"]), "mode": ctx["mode"], "stale": stale,
+                "failing": failing,
                 "jobs": {j["job"]: {k: j[k] for k in ("status", "at", "age_s", "interval_s",
-                                                      "overdue_s", "outcome")} for j in jobs}}
+                                                      "overdue_s", "outcome", "failing_since")}
+                         for j in jobs}}
         if ctx["state"].seq == 0:
             body["detail"] = "the ledger is empty: no job has run yet"
         return ok, body

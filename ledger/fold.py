@@ -19,7 +19,9 @@ State shape (JSON-safe, so a checkpoint can hold it):
   equity, equity_peak  from balance snapshots
   halts          {kind: {reason, ts}}
   active_coins   [symbol, ...] from the last rotation
-  last_runs      {job: {ts, outcome, scheduled_ms, duration_ms, seq}}
+  last_runs      {job: {ts, outcome, scheduled_ms, duration_ms, seq, failing_since}}
+                 failing_since: the first of the errors it has run into since it last ran
+                 well (None: its last run that started did not fail)
   last_loss_exit {symbol: ts} of the last losing exit (risk cooldown)
   last_reconcile_ts, last_reconcile_seq  of the last recorded (not dry) reconcile_run
   last_rotation  {scheduled_ms, ts} of the last rotation
@@ -44,9 +46,9 @@ from .facts import happened_ms, in_range
 # The rules' version, kept in every checkpoint: a checkpoint folded by other rules (or
 # by another State shape) is not trusted, and the state is folded again from the start.
 # 2: flagged external positions, last_reconcile_seq. 3: ip_ban_until_ms. 4: a ban capped
-# at 3 days, and lifted. 5: a close or fill counts on the day the exchange made it. Bump
-# it with any rule change.
-FOLD_VERSION = 5
+# at 3 days, and lifted. 5: a close or fill counts on the day the exchange made it. 6: a
+# job's failing_since. Bump it with any rule change.
+FOLD_VERSION = 6
 
 TERMINAL_STATES = frozenset({"filled", "cancelled", "rejected", "expired"})
 UNRESOLVED_STATES = frozenset({"intent", "submitted", "unknown"})
@@ -354,9 +356,15 @@ def _external_position(s: State, row) -> None:
 
 def _job_run(s: State, row) -> None:
     d = _data(row)
-    s.last_runs[_key(d.get("job"), "?")] = {
-        "ts": row[TS], "outcome": d.get("outcome"), "scheduled_ms": d.get("scheduled_ms"),
-        "duration_ms": d.get("duration_ms"), "seq": row[SEQ],
+    job, outcome = _key(d.get("job"), "?"), d.get("outcome")
+    since = (s.last_runs.get(job) or {}).get("failing_since")
+    if outcome == "error":
+        since = row[TS] if since is None else since
+    elif outcome in ("ok", "skipped"):  # a run that did not start (missed) tells nothing
+        since = None
+    s.last_runs[job] = {
+        "ts": row[TS], "outcome": outcome, "scheduled_ms": d.get("scheduled_ms"),
+        "duration_ms": d.get("duration_ms"), "seq": row[SEQ], "failing_since": since,
     }
 
 

@@ -400,6 +400,17 @@ def test_status_names_flagged_external_positions(tmp_path):
     assert f"external    {ETH} short 3 (not ours: no entries until closed or adopted)" in text
 
 
+def test_status_says_since_when_a_job_fails(tmp_path):
+    path, t = tmp_path / "failing.db", 1_700_000_000_000
+    with Ledger(path) as ledger:
+        ledger.append([Fact("job_run", t + k, reason="NetworkError: down",
+                            data={"job": "reconcile", "outcome": outcome})
+                       for k, outcome in enumerate(["ok", "error", "error"])])
+    report = run_json("--db", str(path), "status")
+    assert report["last_runs"]["reconcile"]["failing_since"] == t + 1
+    assert f"error (failing since {iso(t + 1)})" in run("--db", str(path), "status").stdout
+
+
 def banned_ledger(path: Path, ends_in_ms: int) -> str:
     """A ledger whose last fact is a ban recorded now (the wall clock), ending so much
     later; the end, as status shows it."""

@@ -22,7 +22,7 @@ import cli
 import scheduler
 from core import config as config_mod
 from core import dashboard as dash
-from core.clock import DAY_MS, VirtualClock, day_ms
+from core.clock import DAY_MS, VirtualClock, day_ms, iso
 from core.runtime import build
 from core.sim_exchange import SimExchange
 from core.venues import quiet_open_orders
@@ -309,6 +309,53 @@ def test_job_health_is_pure_and_ignores_runs_that_never_started():
     assert rows["daily_reset"]["status"] == "never ran" and rows["daily_reset"]["stale"]
     rows = {r["job"]: r for r in dash.job_health(runs, intervals, 1_000_000 + 10_000 + 60_001)}
     assert rows["scan"]["stale"]
+
+
+def test_job_health_calls_a_job_failing_once_it_failed_for_its_interval_and_grace():
+    intervals = {"scan": 10_000}
+    runs = {"scan": {"ts": 1_070_000, "outcome": "error", "failing_since": 1_000_000}}
+    due = 1_000_000 + 10_000 + dash.grace_ms(10_000)
+    [row] = dash.job_health(runs, intervals, due)
+    assert (row["status"], row["failing"], row["stale"]) == ("ok", False, False)
+    [row] = dash.job_health(runs, intervals, due + 1)
+    assert (row["status"], row["failing"], row["stale"]) == ("failing", True, False)
+    assert row["failing_since"] == "1970-01-01T00:16:40.000Z"
+
+
+def job_run(ts: int, outcome: str, error: str | None = None, job: str = "scan") -> Fact:
+    return Fact("job_run", ts, reason=error, data={
+        "job": job, "scheduled_ms": ts, "started_ms": ts, "duration_ms": 3, "outcome": outcome})
+
+
+def failing_scans(path: Path, t: int) -> config_mod.Config:
+    """A ledger whose scan (every 10 s) ran well at ``t``, then failed at every run to
+    t + 90 s: for 80 s, over its interval and 60 s grace. The other jobs ran at ``t``."""
+    with Ledger(path) as ledger:
+        ledger.append([job_run(t, "ok", job=job) for job in scheduler.JOBS]
+                      + [job_run(t + k * 10_000, "error", "NetworkError: balance unavailable")
+                         for k in range(1, 10)])
+    return config_mod.from_mapping({"schedule": {"scan_interval_s": 10}})
+
+
+def test_health_answers_503_while_every_run_of_a_job_fails(tmp_path):
+    # Not stale (it runs), but failing: it cannot read the balance, so it trades nothing.
+    # One good run makes it healthy again.
+    path, t = tmp_path / "bot.db", START
+    config = failing_scans(path, t)
+    with serving(path, t + 90_000, config=config) as (server, clock):
+        status, health = get_json(server, "/health")
+        assert status == 503, health
+        assert health["failing"] == ["scan"] and health["stale"] == []
+        assert health["jobs"]["scan"]["status"] == "failing"
+        assert health["jobs"]["scan"]["failing_since"] == iso(t + 10_000)
+        _, jobs = get_json(server, "/api/jobs")
+        scan = next(j for j in jobs if j["job"] == "scan")
+        assert scan["failing"] and "balance unavailable" in scan["error"]
+        with Ledger(path) as ledger:
+            ledger.append([job_run(t + 100_000, "ok")])
+        clock.set(t + 100_000)
+        status, health = get_json(server, "/health")
+    assert status == 200 and health["failing"] == [], health
 
 
 def test_a_missed_run_is_not_a_sign_of_life(tmp_path):

@@ -20,7 +20,7 @@ if not CHROMIUM.exists():
                 "browser tests need it", allow_module_level=True)
 
 from playwright.sync_api import sync_playwright  # noqa: E402 - after the skip on purpose
-from test_dashboard import serving, shared_backtest  # noqa: E402
+from test_dashboard import START, failing_scans, serving, shared_backtest  # noqa: E402
 
 from core import dashboard as dash  # noqa: E402
 
@@ -163,6 +163,17 @@ def test_stale_jobs_turn_red_and_health_answers_503(ledger, page):
         r, g, b = (int(x) for x in color[color.index("(") + 1:-1].split(",")[:3])
         assert r > g and r > b, color  # red
         assert "stale: scan" in page.locator("#health-pill").inner_text()
+
+
+def test_a_job_failing_at_every_run_turns_red(tmp_path, page):
+    path = tmp_path / "bot.db"
+    config = failing_scans(path, START)
+    with serving(path, START + 90_000, config=config) as (server, _):
+        load(page, server.url)
+        assert "failing: scan" in page.locator("#health-pill").inner_text()
+        [row] = page.locator("#jobs tr.stale").all()
+        assert "scan" in row.inner_text() and "failing since" in row.inner_text()
+        only_local(page, server)
 
 
 def test_empty_ledger_page_says_nothing_yet(tmp_path, page):

@@ -201,6 +201,18 @@ def test_runs_rotations_signals_and_reconciliations():
     assert run(Fact("checkpoint", T0, data={"state": {}}), state=s).seq == s.seq + 1
 
 
+def test_a_job_is_failing_since_the_first_error_after_it_last_ran_well():
+    def scan(ts, outcome):
+        return Fact("job_run", ts, data={"job": "scan", "outcome": outcome})
+
+    s = run(scan(T0, "ok"), scan(T0 + 10, "error"), scan(T0 + 20, "missed"),
+            scan(T0 + 30, "error"))
+    assert s.last_runs["scan"]["failing_since"] == T0 + 10  # a missed run changes nothing
+    assert run(scan(T0 + 40, "skipped"), state=s).last_runs["scan"]["failing_since"] is None
+    s = run(scan(T0 + 50, "ok"), scan(T0 + 60, "error"), state=s)
+    assert s.last_runs["scan"]["failing_since"] == T0 + 60
+
+
 def test_flagged_external_positions_stand_until_adopted_or_gone():
     def ext(symbol, reason, **data):
         return Fact("external_position", T0, symbol=symbol, side="long", amount="2",

@@ -232,9 +232,12 @@ function renderSummary(s, jobs) {
   statePill.textContent = s.halted ? "HALTED" : "trading";
   statePill.className = "pill " + (s.halted ? "bad" : "good");
   const stale = jobs.filter(j => j.stale).map(j => j.job);
+  const failing = jobs.filter(j => j.failing).map(j => j.job);
   const healthPill = document.getElementById("health-pill");
-  healthPill.textContent = stale.length ? `stale: ${stale.join(", ")}` : "jobs healthy";
-  healthPill.className = "pill " + (stale.length ? "bad" : "good");
+  healthPill.textContent = [stale.length ? `stale: ${stale.join(", ")}` : "",
+                            failing.length ? `failing: ${failing.join(", ")}` : ""]
+    .filter(Boolean).join(" · ") || "jobs healthy";
+  healthPill.className = "pill " + (stale.length || failing.length ? "bad" : "good");
   document.getElementById("updated").textContent = `as of ${when(s.now_iso)}`;
 
   const banners = [];
@@ -321,8 +324,9 @@ function renderJobs(rows) {
                                     : `${num(r.duration_ms).toFixed(1)} ms`, num: true},
     {label: "Outcome", value: r => plain(r.outcome) + (r.latest_outcome ? ` (then ${r.latest_outcome})` : ""),
      cls: r => r.outcome === "error" ? "neg" : null},
-    {label: "Error", value: r => plain(r.error), cls: () => "wrap"},
-  ], rows, "No job has run yet.", r => "job-row " + (r.stale ? "stale" : r.status === "late" ? "late" : "ok")));
+    {label: "Error", value: r => plain(r.error) + (r.failing_since ? ` (failing since ${when(r.failing_since)})` : ""),
+     cls: () => "wrap"},
+  ], rows, "No job has run yet.", r => "job-row " + (r.stale || r.failing ? "stale" : r.status === "late" ? "late" : "ok")));
 }
 
 function renderRisk(rows) {
