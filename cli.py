@@ -422,6 +422,7 @@ def run(ctx) -> None:
 def _locked_runtime(ctx: click.Context):
     """The runtime for a one-off command, holding the ledger's lock (no service running)."""
     from core import runtime
+    from core.exchange import IpBanned
 
     cfg = load_config(ctx)
     config_mod.check_can_trade(cfg)
@@ -431,7 +432,14 @@ def _locked_runtime(ctx: click.Context):
         lock.acquire()
     except AlreadyRunning as exc:
         raise Refused(f"{exc}; the service runs this itself - stop it first") from None
-    return lock, runtime.build(cfg, ctx.obj["db"])
+    try:
+        return lock, runtime.build(cfg, ctx.obj["db"])
+    except IpBanned as exc:
+        lock.release()
+        raise Refused(str(exc)) from None
+    except BaseException:
+        lock.release()
+        raise
 
 
 RECONCILE_EXIT = {"in_sync": 0, "corrected": 1, "needs_human": 2}

@@ -47,7 +47,7 @@ from apscheduler.triggers.interval import IntervalTrigger
 from core import logs, runtime
 from core.clock import WallClock
 from core.config import Config, check_can_trade
-from core.exchange import BadExchangeData, error_text
+from core.exchange import BadExchangeData, IpBanned, error_text
 from jobs import daily_reset, reconcile, rotate, scan
 from jobs.runner import record_not_run, run_job
 from ledger import Fact
@@ -418,6 +418,8 @@ def start_runtime(config: Config, db_path: str | Path) -> runtime.Runtime:
                            f"write logs there ({exc.strerror or exc})") from None
     try:
         rt = runtime.build(config, db_path)
+    except IpBanned as exc:
+        raise StartFailed(f"not started: {exc}") from None
     except ccxt.NetworkError as exc:
         raise StartFailed(f"not started: the exchange could not be reached "
                           f"({error_text(exc)})") from None

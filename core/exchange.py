@@ -143,6 +143,10 @@ class _HeaderlessLogger:
 class IpBanned(ccxt.DDoSProtection):
     """Not called: the exchange banned this IP, and calling during a ban lengthens it."""
 
+    @classmethod
+    def until(cls, until_ms: int) -> IpBanned:
+        return cls(f"not called: this IP is banned by the exchange until {iso(until_ms)}")
+
 
 class IpBan:
     """When the exchange's ban of this IP ends (ms, our clock): one for all the clients of
@@ -165,8 +169,7 @@ class IpBan:
 
     def check(self, now_ms: int) -> None:
         if self.active(now_ms):
-            raise IpBanned(f"not called: this IP is banned by the exchange until "
-                           f"{iso(self.until_ms)}")
+            raise IpBanned.until(self.until_ms)
 
     def end_ms(self, exc: BaseException, now_ms: int, offset_ms: int = 0) -> int:
         """When a ban a 418 answer announces ends, by our clock: its Retry-After, else the

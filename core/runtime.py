@@ -11,9 +11,9 @@ import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from core.clock import iso
+from core.clock import WallClock, iso
 from core.config import Config
-from core.exchange import ExchangeClient, IpBan
+from core.exchange import ExchangeClient, IpBan, IpBanned
 from core.strategies import Strategy, load_strategy
 from ledger import Fact, Ledger, LedgerError
 from ledger.audit import BACKTEST_KIND, recorded_mode
@@ -74,6 +74,15 @@ def check_ledger_mode(db_path: str | Path, mode: str) -> None:
                           f"orders (give --db another file, or set mode = {recorded!r})")
 
 
+def held_ban(ledger: Ledger, clock) -> None:
+    """Raise IpBanned while the ban the ledger recorded is in force: each call into it
+    lengthens it (a restart's first calls too)."""
+    until = ledger.state().ip_ban_until_ms
+    if until > clock.now_ms():
+        raise IpBanned(f"{IpBanned.until(until)} (recorded in the ledger; `bot lift-ban` if "
+                       "the bot now runs from another IP)")
+
+
 def remember_ban(ban: IpBan, ledger: Ledger, clock) -> None:
     """Hold the exchange's ban of this IP that the ledger recorded (a restart calling into
     it would lengthen it), and record each new one."""
@@ -104,6 +113,8 @@ def build(config: Config, db_path: str | Path, *, clock=None, venue=None,
         last = rows[0]["ts"] if rows else None
         try:
             venues.check_account_kept(config, ledger.state())
+            if config.bot.mode != "sim":  # paper's start too calls the exchange (its markets)
+                held_ban(ledger, clock or WallClock())
             clock, venue, data_venues = venues.for_mode(config, clock, not_before_ms=last)
         except BaseException:
             ledger.close()

@@ -25,6 +25,7 @@ from core.clock import VirtualClock
 from core.sim_exchange import SimExchange
 from core.venues import quiet_open_orders
 from ledger import Ledger
+from ledger.lock import LedgerLock
 
 SYM = "ALPHA/USDT:USDT"  # the synthetic market's first symbol
 TOML = """\
@@ -375,6 +376,50 @@ def test_a_start_the_exchange_cannot_answer_is_one_clear_line(tmp_path, monkeypa
     assert last.startswith("error: not started:") and said in last
     assert "Traceback" not in result.output and "s3cr3t" not in result.output
     assert "signature=..." in result.stderr or "signature" not in result.stderr
+
+
+@pytest.mark.parametrize("mode", ["live", "paper"])
+def test_a_start_during_a_recorded_ip_ban_calls_nothing(tmp_path, monkeypatch, mode):
+    """The exchange banned this IP (HTTP 418) until an hour from now, and the bot was
+    restarted (systemd, a person). Each call into a ban lengthens it: the start calls
+    nothing and fails in one line naming the ban (exit 1: a restart policy tries again)."""
+    import ccxt
+
+    from core.clock import WallClock
+    from ledger import Fact
+
+    calls: list[str] = []
+
+    def fetch(self, url, method="GET", headers=None, body=None):
+        calls.append(url)
+        raise ccxt.NetworkError(f"binanceusdm GET {url}")
+
+    monkeypatch.setattr(ccxt.binanceusdm, "fetch", fetch)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "bot.toml").write_text(f'[bot]\nmode = "{mode}"\nlog_dir = ""\n'
+                                       f'[sim]\nstate_path = "{tmp_path}/paper.db"\n')
+    now = WallClock().now_ms()
+    with Ledger(tmp_path / "bot.db") as ledger:
+        ledger.append([Fact("service", now - 60_000, data={"event": "started", "mode": mode}),
+                       Fact("ip_ban", now - 30_000, reason="banned",
+                            data={"until_ms": now + 3_600_000})])
+    result = invoke_run(tmp_path, env={"BOT_API_KEY": "k3y", "BOT_API_SECRET": "s3cr3t"})
+    assert result.exit_code == 1, result.output
+    assert calls == []
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: not started:") and "banned" in last, result.stderr
+    assert "bot lift-ban" in last and "could not be reached" not in last  # it was not tried
+    assert "Traceback" not in result.output
+    # A one-off command on it, the same (it held the ledger's lock: released)
+    for command in (["reconcile"], ["job", "scan"]):
+        one_off = CliRunner().invoke(cli.main, ["--db", str(tmp_path / "bot.db"), *command],
+                                     env={"BOT_API_KEY": "k3y", "BOT_API_SECRET": "s3cr3t"})
+        assert one_off.exit_code == 2 and "banned by the exchange" in one_off.output, \
+            (command, one_off.output)
+    assert calls == []
+    lock = LedgerLock(tmp_path / "bot.db")
+    lock.acquire()  # AlreadyRunning if a refused command had kept it
+    lock.release()
 
 
 HANGING_START = """
