@@ -24,8 +24,9 @@ Entry limits, in order (the first that fails is the reason): a decision on a can
 that is not the newest closed one (``stale_candles``: the symbol's feed stopped), active halts
 (``halted:<kind>``), daily loss limit, max drawdown, the last reconciliation failed
 (``reconcile_failed``), a position already open in the symbol, an entry order in it not
-settled yet (``entry_pending``, for a few reconcile intervals), a flagged external
-position in it (``external_position``), max open positions (unsettled entries count),
+settled yet (``entry_pending``, for a few reconcile intervals), a stop of a closed
+position that may still rest in it (``stray_stop``), a flagged external position in it
+(``external_position``), max open positions (unsettled entries count),
 cooldown after a losing exit, return correlation with an open position (or
 ``correlation_unknown`` without any candles to measure it), notional caps, balance,
 minimums.
@@ -119,6 +120,9 @@ class RiskState:
     # The last reconciliation failed: what the exchange holds is not known to match the
     # ledger (a position it could not place, an order it could not settle).
     reconcile_failed: bool = False
+    # Symbols where a stop of ours may still rest for a position no longer open (its
+    # cancel failed; reconcile cancels it): reduce-only, it would close a new one.
+    stray_stops: frozenset[str] = frozenset()
 
     @classmethod
     def from_summary(cls, summary: Mapping[str, Any]) -> RiskState:
@@ -126,8 +130,11 @@ class RiskState:
         a list or a dict of ledger position dicts: each needs symbol, side and either
         ``notional`` or ``amount`` and ``entry_price`` (times ``contract_size``, default 1)."""
         external = summary.get("external") or ()
-        entries = [o for o in (summary.get("orders") or {}).values()
-                   if o.get("purpose") == "entry" and o.get("symbol")]
+        orders = (summary.get("orders") or {}).values()
+        entries = [o for o in orders if o.get("purpose") == "entry" and o.get("symbol")]
+        positions = summary.get("positions") or ()
+        open_ids = {p.get("position_id") for p in (
+            positions.values() if isinstance(positions, Mapping) else positions)}
         return cls(
             positions=_exposures(summary.get("positions") or ()),
             halts=MappingProxyType(dict(summary.get("halts") or {})),
@@ -148,6 +155,8 @@ class RiskState:
                                    abs(as_decimal(o.get("amount")) or ZERO)) for o in entries}),
             reconcile_failed=((summary.get("last_runs") or {}).get("reconcile") or {}).get(
                 "outcome") == "error",
+            stray_stops=frozenset(str(o["symbol"]) for o in orders if o.get("purpose") == "stop"
+                                  and o.get("symbol") and o.get("position_id") not in open_ids),
         )
 
     @classmethod
@@ -439,6 +448,9 @@ def check_entry(*, symbol: str, side: str, price: Any, market: MarketInfo, state
     if symbol in pending:
         return refuse("entry_pending", f"an entry order in {symbol} has not settled yet "
                       "(reconcile settles it)")
+    if symbol in state.stray_stops:
+        return refuse("stray_stop", f"a stop of a closed position may still rest in {symbol}: "
+                      "it would close a new one (reconcile cancels it)")
     if symbol in state.external:
         # One-way mode: an order here would add to (or close) someone else's position.
         return refuse("external_position", f"{symbol} holds a position the bot did not "

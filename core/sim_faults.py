@@ -80,11 +80,18 @@ class FaultInjector:
         self.log: deque[tuple[str, str]] = deque(maxlen=1000)
         self.counts: Counter[str] = Counter()
 
-    def script(self, items: Iterable[tuple[str, str] | str]) -> None:
+    def script(self, items: Iterable[tuple[str, str | None] | str]) -> None:
         """Queue exact faults: ("create_order", "timeout_after_accept"), or a bare fault name
-        (same as ("*", name)): the next call of that method it applies to gets it."""
+        (same as ("*", name)): the next call of that method it applies to gets it.
+        ("cancel_order", None) lets the next call through, so the fault after it hits
+        the call after that."""
         for item in items:
             method, fault = ("*", item) if isinstance(item, str) else item
+            if fault is None:
+                if method not in METHODS:
+                    raise ValueError(f"unknown method {method!r} to let through")
+                self._script.append((method, None))
+                continue
             if fault not in FAULTS:
                 raise ValueError(f"unknown fault {fault!r}; known: {', '.join(sorted(FAULTS))}")
             if method != "*" and method not in APPLIES[fault]:
@@ -108,7 +115,7 @@ class FaultInjector:
 
     def _scripted(self, method: str) -> str | None:
         for k, (m, fault) in enumerate(self._script):
-            if (m == method) or (m == "*" and method in APPLIES[fault]):
+            if m == method or (m == "*" and method in APPLIES[fault]):
                 del self._script[k]
                 return fault
         return None

@@ -874,6 +874,39 @@ def test_a_missing_stop_the_price_has_passed_closes_the_position_at_market(bot_f
     assert_settled(bot)
 
 
+def test_a_stop_left_by_a_closed_position_blocks_entries_until_reconcile_cancels_it(
+        bot_factory):
+    """A move could not cancel the old stop (98), then the new one (99) fired and the
+    old one's cancel failed again: it rests, reduce-only, and would close the next
+    position in the symbol. No entry there until reconcile has cancelled it."""
+    path = flat(100, 3) + [candle(100, 100.3, 98.5, 98.8)] + flat(99, 10)
+    bot = bot_factory(strat=Pick(long_at=[T0 - TF, T0 + 4 * TF, T0 + 5 * TF]),
+                      paths={"AAA": path}, exchange={"read_retries": 0},
+                      risk={"cooldown_minutes": 0})
+    position = open_long(bot)
+    ex = Executor(bot.ledger, bot.client, bot.clock, bot.rt.config, "move", bot.rt.lock)
+    bot.venue.faults.script([("cancel_order", "network_error")])
+    ex.move_stop(position, Decimal("99"), at_once=True)
+    assert len(bot.resting_stops()) == 2
+    bot.after_candle(3)  # the new stop fired: the exit finds it filled, cancels the old
+    bot.venue.faults.script([("cancel_order", None), ("cancel_order", "network_error")])
+    bot.job("scan")
+    assert bot.position(AAA) is None
+    [stray] = bot.resting_stops()
+    assert stray["clientOrderId"] == position["stop"]["client_order_id"]
+    bot.after_candle(4)
+    assert bot.job("scan")["outcome"] == "ok" and bot.position(AAA) is None
+    [refused] = [json.loads(r["data"]) for r in bot.facts("risk_decision")
+                 if json.loads(r["data"]).get("approved") is False]
+    assert refused["reason"] == "stray_stop", refused
+    assert kinds(reconciled(bot)) == ["orphan_stop"]
+    assert not bot.resting_stops()
+    bot.after_candle(5)
+    bot.job("scan")
+    assert bot.position(AAA) is not None  # entered, under its own stop only
+    assert len(bot.resting_stops()) == 1
+
+
 def test_an_orphaned_stop_of_ours_is_cancelled_but_a_foreign_one_is_left(bot_factory,
                                                                          monkeypatch):
     bot = bot_factory(paths={"AAA": flat(100, 5), "BBB": flat(50, 5)})

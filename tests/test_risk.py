@@ -183,6 +183,21 @@ def test_an_unsettled_entry_blocks_its_symbol_and_holds_a_slot_for_a_few_reconci
     assert entry(one_open, symbol="SOL/USDT:USDT", config=cfg, now=sent + window).approved
 
 
+def test_a_stop_left_resting_by_a_closed_position_blocks_entries_in_its_symbol():
+    # Its cancel failed when the position closed: reduce-only, it would close a new one.
+    stop = {"purpose": "stop", "state": "accepted", "ts": NOW - 60_000}
+    state = RiskState.from_summary({
+        "positions": {"BTC/USDT:USDT": {"symbol": "BTC/USDT:USDT", "side": "long",
+                                        "amount": "1", "entry_price": "100",
+                                        "position_id": "p2"}},
+        "orders": {"bot1-S1-ETH": {**stop, "symbol": "ETH/USDT:USDT", "position_id": "p1"},
+                   "bot1-S2-BTC": {**stop, "symbol": "BTC/USDT:USDT", "position_id": "p2"}}})
+    assert state.stray_stops == {"ETH/USDT:USDT"}  # BTC's stop is its open position's
+    refused = entry(state)
+    assert refused.reason == "stray_stop" and "reconcile cancels it" in refused.detail
+    assert entry(state, symbol="SOL/USDT:USDT").approved
+
+
 def test_a_decision_on_a_candle_a_newer_one_has_closed_after_is_refused():
     tf = 300_000
     newest = NOW - NOW % tf - tf  # the candle that closed last

@@ -109,6 +109,17 @@ def test_clock_skew_on_private_calls(sim):
         ex.fetch_positions()
 
 
+def test_a_scripted_pass_lets_one_call_through_before_the_fault(sim):
+    ex, _, s = sim
+    ex.faults.script([("fetch_balance", None), ("fetch_balance", "network_error")])
+    assert ex.fetch_balance()["USDT"]["total"] > 0
+    with pytest.raises(ccxt.NetworkError):
+        ex.fetch_balance()
+    assert ex.fetch_balance()["USDT"]["total"] > 0 and ex.faults.pending == []
+    with pytest.raises(ValueError, match="unknown method"):
+        ex.faults.script([("fetch_everything", None)])
+
+
 def test_forming_candle_returned_as_if_closed(sim):
     ex, clock, s = sim
     clock.set(T0 + TF // 5)
