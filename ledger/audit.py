@@ -89,9 +89,10 @@ def trades(ledger: Ledger, since: str | None = None, symbol: str | None = None,
         if value is not None and not value.strip():
             raise ValueError(f"{flag} is empty; leave it out to take every trade")
     if since:
+        # by when it closed on the exchange, as closed_at shows it (never after its ts)
         where.append("closed_seq IN (SELECT seq FROM facts WHERE type = 'position_closed' "
-                     "AND ts >= ?)")
-        params.append(_since_ms(since))
+                     f"AND ts >= ? AND {schema.closed_ms()} >= ?)")
+        params += [_since_ms(since)] * 2
     if symbol:
         where.append("symbol = ?")
         params.append(symbol)

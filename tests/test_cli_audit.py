@@ -225,6 +225,21 @@ def test_trades_durations_pnl_and_reasons(db):
                                                                       "surge_trail")
 
 
+def test_trades_since_a_day_are_those_closed_since_on_the_exchange(tmp_path):
+    # A stop fired at 23:50 while the bot was down; the 00:10 restart recorded it.
+    path, midnight = tmp_path / "late.db", day_ms("2025-03-02")
+    with Ledger(path) as ledger:
+        ledger.append([
+            Fact("position_opened", midnight - 3_600_000, symbol=BTC, side="long",
+                 amount="1", price="100", position_id="pA"),
+            Fact("position_closed", midnight + 600_000, symbol=BTC, side="long", price="95",
+                 fee="0.1", pnl="-5.1", position_id="pA",
+                 data={"closed_ts": midnight - 600_000})])
+    assert run_json("--db", str(path), "trades", "--since", "2025-03-02") == []
+    [trade] = run_json("--db", str(path), "trades", "--since", "2025-03-01T23:50:00Z")
+    assert trade["closed_at"] == "2025-03-01T23:50:00.000Z"
+
+
 def test_trades_as_an_aligned_table_matches_json(db):
     text = run("--db", str(db), "trades").stdout
     assert parse_table(text) == as_text(run_json("--db", str(db), "trades"))
