@@ -51,7 +51,7 @@ from core.exits import as_decimal
 from core.risk import RiskState, daily_loss_pct, drawdown_pct
 from ledger import Ledger, LedgerError
 from ledger.audit import LAST_MODE, backtest_now, written_by_backtest
-from ledger.facts import happened_ms
+from ledger.facts import recorded_day
 
 log = logging.getLogger(__name__)
 
@@ -277,8 +277,7 @@ class Tail:
         if kind == "position_closed":
             # The same totals as the daily_pnl view, kept as rows arrive: that view
             # regroups the whole ledger on every read.
-            closed = happened_ms(r["ts"], data.get("closed_ts"))
-            day = self.days.setdefault(utc_day(closed), {
+            day = self.days.setdefault(recorded_day(r["ts"], data.get("day")), {
                 "trades": 0, "wins": 0, "realized_pnl": Decimal(0), "fees": Decimal(0)})
             pnl, fee = as_decimal(r["pnl"]), as_decimal(r["fee"])
             day["trades"] += 1

@@ -35,6 +35,7 @@ from core.exits import resting_level, stop_on_tick, stop_price
 from core.orders import TERMINAL, TRANSITIONS, client_order_id, state_of, transition
 from core.risk import orderable
 from ledger import Fact, Ledger
+from ledger.facts import counting_day
 from ledger.fold import AMOUNT, TYPE
 
 log = logging.getLogger(__name__)
@@ -584,12 +585,13 @@ class Executor:
         fees = Decimal(position.get("fees") or 0) + exit_fee
         pnl = realized_pnl(position["side"], amount, Decimal(position["entry_price"]),
                            exit_price, fees) + self.realized_before(position["position_id"])
-        return self.fact("position_closed", symbol=position["symbol"], side=position["side"],
-                         amount=amount, price=exit_price, fee=fees, pnl=pnl,
-                         position_id=position["position_id"], reason=reason,
-                         data={"entry_price": position["entry_price"],
-                               "opened_ts": position["opened_ts"],
-                               "closed_ts": last_trade_ms(fills)})
+        closed, now = last_trade_ms(fills), self.clock.now_ms()
+        day = counting_day(now, closed, self.ledger.state().last_day_closed)
+        return Fact("position_closed", now, run_id=self.run_id, symbol=position["symbol"],
+                    side=position["side"], amount=amount, price=exit_price, fee=fees, pnl=pnl,
+                    position_id=position["position_id"], reason=reason,
+                    data={"entry_price": position["entry_price"],
+                          "opened_ts": position["opened_ts"], "closed_ts": closed, "day": day})
 
     def reduced_fact(self, position: dict, filled: Decimal, price: Decimal, fee: Decimal,
                      reason: str) -> Fact:

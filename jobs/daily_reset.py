@@ -14,9 +14,7 @@ from decimal import Decimal
 
 from core.clock import DAY_MS, day_ms, day_start_ms, utc_day
 from ledger import Fact
-from ledger.schema import closed_ms
-
-CLOSED = closed_ms()
+from ledger.schema import CLOSE_DAY
 
 log = logging.getLogger(__name__)
 
@@ -58,13 +56,13 @@ def close_days(rt, run_id: str, balance=None) -> dict:
     facts = []
     for day in days:
         start, end = day_ms(day), day_ms(day) + DAY_MS
-        # By when each closed on the exchange: a stop that fired before midnight while
-        # the bot was down is recorded after it (reconcile runs first at a start).
+        # By the day each close counts on: a stop that fired before midnight while the
+        # bot was down is recorded after it (a start reconciles first).
         totals = rt.ledger.select(
             "SELECT count(*) AS trades, group_concat(pnl, ' ') AS pnls, "
             "group_concat(fee, ' ') AS fees FROM facts "
-            f"WHERE seq > ? AND type = 'position_closed' AND ts >= ? AND {CLOSED} >= ? "
-            f"AND {CLOSED} < ?", (rt.seq_floor(start), start, start, end))[0]
+            f"WHERE seq > ? AND type = 'position_closed' AND {CLOSE_DAY} = ?",
+            (rt.seq_floor(start), day))[0]
         realized = sum((Decimal(x) for x in (totals["pnls"] or "").split()), Decimal(0))
         fees = sum((Decimal(x) for x in (totals["fees"] or "").split()), Decimal(0))
         if day != days[-1]:  # ended while the bot was down: its last snapshot

@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
 
+from core.clock import utc_day
+
 from .chain import compact_encoder
 
 # type -> (columns that must be present, what it records)
@@ -41,7 +43,8 @@ FACT_TYPES: dict[str, tuple[tuple[str, ...], str]] = {
     "position_closed": (("symbol", "position_id"), "a position closed: price = exit price, "
                                                    "pnl = realized, fee = all fees, reason = "
                                                    "exit reason; data.closed_ts = the exchange's "
-                                                   "time of its last fill"),
+                                                   "time of its last fill, data.day = the UTC "
+                                                   "day it counts on"),
     "best_price": (("symbol", "price", "position_id"),
                    "the best price since entry improved (trailing stop state)"),
     "stop_placed": (("symbol", "price", "client_order_id"), "a reduce-only stop rests on the "
@@ -136,6 +139,26 @@ def happened_ms(recorded_ms: int, exchange_ms: Any) -> int:
     if type(exchange_ms) is int and 0 < exchange_ms < recorded_ms:
         return exchange_ms
     return recorded_ms
+
+
+def counting_day(recorded_ms: int, exchange_ms: Any, last_day_closed: Any) -> str:
+    """The UTC day a close (or a fee) counts on: the day it happened, unless that day's
+    totals were closed before it was recorded (a stop that fired at 23:59 and was seen
+    after the midnight close): then the day it was recorded. Every close counts in one
+    day_close, and a day's totals never change once closed."""
+    day = utc_day(happened_ms(recorded_ms, exchange_ms))
+    if isinstance(last_day_closed, str) and day <= last_day_closed:
+        return utc_day(recorded_ms)
+    return day
+
+
+_DAY = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}\Z")
+
+
+def recorded_day(recorded_ms: int, day: Any) -> str:
+    """The day a close's fact says it counts on (data.day), else the day it was recorded
+    (a close recorded before facts said so). The SQL twin is schema.CLOSE_DAY."""
+    return day if type(day) is str and _DAY.match(day) else utc_day(recorded_ms)
 
 
 def money(value: Any) -> str | None:

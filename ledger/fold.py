@@ -12,8 +12,8 @@ State shape (JSON-safe, so a checkpoint can hold it):
                  stop = {client_order_id, exchange_order_id, price, ts} | None
   orders         {client_order_id: {...}} orders not yet terminal (intent, submitted,
                  accepted, partially_filled, unknown)
-  day            the latest UTC day a close or a fee counted on (by the exchange's time
-                 of it), realized_today / fees_today for it
+  day            the latest UTC day a close or a fee counted on (the day it happened,
+                 unless closed before it was recorded), realized_today / fees_today for it
   day_start_equity  equity recorded at the last day close
   last_day_closed   YYYY-MM-DD of the last day_close
   equity, equity_peak  from balance snapshots
@@ -41,7 +41,7 @@ from core.clock import utc_day
 from core.exchange_types import LONGEST_IP_BAN_MS
 
 from .chain import COLUMNS
-from .facts import happened_ms, in_range
+from .facts import counting_day, in_range, recorded_day
 
 # The rules' version, kept in every checkpoint: a checkpoint folded by other rules (or
 # by another State shape) is not trusted, and the state is folded again from the start.
@@ -215,7 +215,8 @@ def _fill(s: State, row) -> None:
     order = s.orders.get(row[CLIENT_ID]) if row[CLIENT_ID] else None
     if order is not None:
         order["filled"] = _add(order["filled"], row[AMOUNT])
-    if row[FEE] is not None and _today(s, happened_ms(row[TS], _data(row).get("exchange_ts"))):
+    if row[FEE] is not None and _today(s, counting_day(
+            row[TS], _data(row).get("exchange_ts"), s.last_day_closed)):
         s.fees_today = _add(s.fees_today, row[FEE])
 
 
@@ -250,16 +251,15 @@ def _position_closed(s: State, row) -> None:
     p = _position_of(s, row)
     if p is not None:
         del s.positions[row[SYMBOL]]
-    if _today(s, happened_ms(row[TS], _data(row).get("closed_ts"))):
+    if _today(s, recorded_day(row[TS], _data(row).get("day"))):
         s.realized_today = _add(s.realized_today, row[PNL])
     if row[PNL] is not None and Decimal(row[PNL]) < 0:
         s.last_loss_exit[row[SYMBOL]] = row[TS]
 
 
-def _today(s: State, ms: int) -> bool:
-    """Does ``ms`` fall on the day the totals are kept for, a later one starting them
-    anew? An earlier day's (a stop that fired before midnight, recorded after) does not."""
-    day = utc_day(ms)
+def _today(s: State, day: str) -> bool:
+    """Is ``day`` the day the totals are kept for, a later one starting them anew? An
+    earlier day's (a stop that fired before midnight, recorded after) is not."""
     if day > s.day:
         s.day, s.realized_today, s.fees_today = day, "0", "0"
     return day == s.day

@@ -69,10 +69,18 @@ def closed_ms(table: str = "facts") -> str:
     return CLOSED_MS.format(t=table)
 
 
-def daily_totals(closed: str) -> str:
-    """daily_pnl's totals per UTC day, a close counting on the day of ``closed``."""
+# The day a close counts on: its data.day (decided when it was recorded, see
+# facts.counting_day), else the day it was recorded. facts.recorded_day is its twin.
+RECORDED_DAY = "strftime('%Y-%m-%d', ts / 1000, 'unixepoch')"
+CLOSE_DAY = f"""CASE WHEN json_type(data, '$.day') = 'text'
+          AND json_extract(data, '$.day') GLOB '[0-9][0-9][0-9][0-9]-[0-9][0-9]-[0-9][0-9]'
+     THEN json_extract(data, '$.day') ELSE {RECORDED_DAY} END"""
+
+
+def daily_totals(day: str) -> str:
+    """daily_pnl's totals per UTC day, a close counting on the ``day`` expression's."""
     return f"""WITH closes AS (
-    SELECT strftime('%Y-%m-%d', {closed} / 1000, 'unixepoch') AS day,
+    SELECT {day} AS day,
            count(*) AS trades,
            sum(CAST(pnl AS REAL) > 0) AS wins,
            round(sum(CAST(pnl AS REAL)), 8) AS realized_pnl,
@@ -138,7 +146,7 @@ WHERE type IN ('order_intent', 'order_submitted', 'order_update', 'fill')
 ORDER BY seq;
 
 CREATE VIEW daily_pnl AS
-{daily_totals("ts")}
+{daily_totals(RECORDED_DAY)}
 SELECT c.day, c.trades, c.wins, c.realized_pnl, c.fees, e.equity AS closing_equity
 FROM closes c LEFT JOIN equity e ON e.day = c.day
 ORDER BY c.day;
@@ -231,8 +239,8 @@ WHERE o.type = 'position_opened'
                   AND c.position_id = o.position_id);
 {closed_trades("c.ts")}"""
 
-def daily_pnl(closed: str) -> str:
-    """The daily_pnl view (migration 3 on), a close counting on the day of ``closed``.
+def daily_pnl(day: str) -> str:
+    """The daily_pnl view (migration 3 on), a close counting on the ``day`` expression's.
 
     Every UTC day the ledger closed is listed, also one without a closed trade (its loss
     or gain was in positions still open, or in partial exits, which count on their
@@ -240,7 +248,7 @@ def daily_pnl(closed: str) -> str:
     return f"""
 DROP VIEW daily_pnl;
 CREATE VIEW daily_pnl AS
-{daily_totals(closed)},
+{daily_totals(day)},
 days AS (SELECT day FROM closes UNION SELECT day FROM equity WHERE typeof(day) = 'text')
 SELECT d.day, coalesce(c.trades, 0) AS trades, coalesce(c.wins, 0) AS wins,
        coalesce(c.realized_pnl, 0) AS realized_pnl, coalesce(c.fees, 0) AS fees,
@@ -250,12 +258,12 @@ ORDER BY d.day;
 """
 
 
-VIEWS_3 = daily_pnl("ts")
+VIEWS_3 = daily_pnl(RECORDED_DAY)
 
 # Migration 4: a stop that fired before midnight while the bot was down, recorded after,
 # counts on the day it fired (it counted on the day it was recorded), and closed_trades
-# shows when it closed.
-VIEWS_4 = daily_pnl(closed_ms()) + closed_trades(closed_ms("c"))
+# shows when it closed on the exchange.
+VIEWS_4 = daily_pnl(CLOSE_DAY) + closed_trades(closed_ms("c"))
 
 VIEW_NAMES = ("ledger", "open_positions", "closed_trades", "orders_timeline", "daily_pnl",
               "job_runs", "risk_events", "reconciliations", "balances")

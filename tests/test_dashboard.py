@@ -225,7 +225,7 @@ def test_a_close_recorded_after_midnight_is_a_bar_of_the_day_it_closed(tmp_path)
                  price="100", position_id="p1"),
             Fact("position_closed", restart, symbol="AAA/USDT:USDT", side="long",
                  amount="1", price="95", fee="0.2", pnl="-5.2", position_id="p1",
-                 data={"closed_ts": fired})])
+                 data={"closed_ts": fired, "day": "2026-03-01"})])
         view = ledger.select("SELECT * FROM daily_pnl ORDER BY day")
     with serving(path, restart) as (server, _):
         _, daily = get_json(server, "/api/daily")

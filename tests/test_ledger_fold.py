@@ -15,8 +15,8 @@ from hypothesis import strategies as st
 
 from core.clock import DAY_MS
 from ledger import FACT_TYPES, Fact, Ledger, State, fold
-from ledger.facts import canonical_json, happened_ms
-from ledger.schema import closed_ms
+from ledger.facts import canonical_json, counting_day, happened_ms, recorded_day
+from ledger.schema import CLOSE_DAY, closed_ms
 
 T0 = 1_767_225_600_000  # 2026-01-01T00:00:00Z
 BTC, ETH, SOL = "BTC/USDT:USDT", "ETH/USDT:USDT", "SOL/USDT:USDT"
@@ -47,10 +47,10 @@ def opened(symbol=BTC, pid="p1", ts=T0, amount="1", price="100", fee=None):
                 fee=fee, position_id=pid)
 
 
-def closed(symbol=BTC, pid="p1", ts=T0, pnl="5", fee="0.2", closed_ts=None):
+def closed(symbol=BTC, pid="p1", ts=T0, pnl="5", fee="0.2", day=None):
     return Fact("position_closed", ts, symbol=symbol, price="105", pnl=pnl, fee=fee,
                 position_id=pid, reason="take_profit",
-                data={} if closed_ts is None else {"closed_ts": closed_ts})
+                data={} if day is None else {"day": day})
 
 
 # -- the rules ---------------------------------------------------------------------------
@@ -105,41 +105,64 @@ def test_realized_pnl_and_fees_roll_over_at_utc_midnight():
     assert s.realized_today_at(T0 + DAY_MS + 5) == 4 and s.realized_today_at(T0) == 0
 
 
-def test_a_close_counts_on_the_day_the_exchange_made_it():
-    # The stop fired at 23:50 while the bot was down; the restart recorded it at 00:10.
+def test_a_close_counts_on_the_day_its_fact_names():
+    # The stop fired at 23:50 while the bot was down; the restart recorded it at 00:10,
+    # before it closed the day: on the day it fired (facts.counting_day decided so).
     day1, day2 = "2026-01-01", "2026-01-02"
     fired, restart = T0 + DAY_MS - 600_000, T0 + DAY_MS + 600_000
     s = run(opened(ts=T0 + 10), Fact("fill", restart, symbol=BTC, side="sell", amount="1",
                                      price="95", fee="0.1", data={"exchange_ts": fired}),
-            closed(ts=restart, pnl="-5", closed_ts=fired))
+            closed(ts=restart, pnl="-5", day=day1))
     assert (s.day, s.realized_today, s.fees_today) == (day1, "-5", "0.1")
     assert s.realized_today_at(restart) == 0 and s.realized_on(day1) == Decimal(-5)
     # Found after a close of the new day was recorded: that day's totals stay its own.
     s = run(opened(pid="p2"), closed(pid="p2", ts=restart + 1, pnl="2"),
-            opened(ETH, "p3"), closed(ETH, "p3", ts=restart + 2, pnl="-9", closed_ts=fired),
+            opened(ETH, "p3"), closed(ETH, "p3", ts=restart + 2, pnl="-9", day=day1),
             state=s)
     assert (s.day, s.realized_today, s.fees_today) == (day2, "2", "0")
     assert s.last_loss_exit[ETH] == restart + 2  # the cooldown runs from when it was known
 
 
-@pytest.mark.parametrize("closed_ts", [None, True, "1767225000000", 1.5e12, -1, 0,
-                                       T0 + DAY_MS + 1, 2**70])
-def test_a_close_without_a_usable_exchange_time_counts_when_recorded(closed_ts):
-    s = run(opened(), closed(ts=T0 + DAY_MS, pnl="-1", closed_ts=closed_ts))
+def test_a_fee_seen_after_its_day_was_closed_counts_on_the_day_it_was_recorded():
+    fired, seen = T0 + DAY_MS - 1, T0 + DAY_MS + 5_000
+    fill = Fact("fill", seen, symbol=BTC, side="sell", amount="1", price="95", fee="0.1",
+                data={"exchange_ts": fired})
+    s = run(Fact("day_close", T0 + DAY_MS + 1, data={"day": "2026-01-01"}), fill)
+    assert (s.day, s.fees_today) == ("2026-01-02", "0.1")
+    assert (run(fill).day, run(fill).fees_today) == ("2026-01-01", "0.1")  # not closed yet
+
+
+def test_the_day_a_close_counts_on_is_decided_when_it_is_recorded():
+    fired, seen = T0 + DAY_MS - 1, T0 + DAY_MS + 5_000  # 23:59:59.999, 00:00:05
+    assert counting_day(seen, fired, None) == "2026-01-01"
+    assert counting_day(seen, fired, "2025-12-31") == "2026-01-01"
+    assert counting_day(seen, fired, "2026-01-01") == "2026-01-02"  # its day closed first
+    assert counting_day(seen, None, None) == counting_day(seen, seen + 9, None) == "2026-01-02"
+
+
+@pytest.mark.parametrize("day", [None, True, 20260101, "2026-1-1", "yesterday",
+                                 "2026-01-01\n", "\uff12026-01-01"])
+def test_a_close_without_a_usable_day_counts_on_the_day_it_was_recorded(day):
+    s = run(opened(), closed(ts=T0 + DAY_MS, pnl="-1", day=day))
     assert (s.day, s.realized_today) == ("2026-01-02", "-1")
 
 
-@settings(max_examples=300, deadline=None)
-@given(ts=st.integers(0, 2**42), value=st.none() | st.booleans() | st.text(max_size=4)
-       | st.integers(-2**70, 2**70) | st.integers(0, 2**42)
-       | st.floats(allow_nan=False, allow_infinity=False))
-def test_the_fold_and_the_views_agree_on_when_a_position_closed(ts, value):
-    row = Fact("position_closed", ts, symbol=BTC, position_id="p1",
-               data={"closed_ts": value}).row(1)
+def sql(expression: str, ts: int, data: str):
     with sqlite3.connect(":memory:") as conn:
-        [(in_sql,)] = conn.execute(f"SELECT {closed_ms('f')} FROM (SELECT ? AS ts, ? AS data) f",
-                                   (ts, row[-1])).fetchall()
-    assert in_sql == happened_ms(ts, json.loads(row[-1])["closed_ts"])
+        return conn.execute(f"SELECT {expression} FROM (SELECT ? AS ts, ? AS data) facts",
+                            (ts, data)).fetchone()[0]
+
+
+@settings(max_examples=300, deadline=None)
+@given(ts=st.integers(0, 2**42), value=st.none() | st.booleans() | st.text(max_size=11)
+       | st.integers(-2**70, 2**70) | st.integers(0, 2**42)
+       | st.floats(allow_nan=False, allow_infinity=False)
+       | st.dates().map(lambda d: d.isoformat()))
+def test_the_fold_and_the_views_agree_on_when_and_which_day_a_position_closed(ts, value):
+    data = Fact("position_closed", ts, symbol=BTC, position_id="p1",
+                data={"closed_ts": value, "day": value}).row(1)[-1]
+    assert sql(closed_ms(), ts, data) == happened_ms(ts, value)
+    assert sql(CLOSE_DAY, ts, data) == recorded_day(ts, value)
 
 
 def test_trailing_state_and_stops_follow_their_position():

@@ -156,7 +156,8 @@ def test_a_ledger_of_the_third_schema_counts_its_late_closes_on_their_day(tmp_pa
             Fact("position_opened", T0, symbol=SOL, side="long", amount="10", price="100",
                  position_id=PID),
             Fact("position_closed", recorded, symbol=SOL, side="long", price="95",
-                 fee="0.5", pnl="-50.5", position_id=PID, data={"closed_ts": fired})]) as old:
+                 fee="0.5", pnl="-50.5", position_id=PID,
+                 data={"closed_ts": fired, "day": utc_day(fired)})]) as old:
         assert [r["day"] for r in view(old, "daily_pnl")] == [utc_day(recorded)]
     with Ledger(path) as ledger:
         assert ledger.select("PRAGMA user_version")[0]["user_version"] == schema.SCHEMA_VERSION

@@ -15,6 +15,7 @@ from sim_fixtures import hide_orders_stops_became
 from test_jobs_scan import (
     AAA,
     BBB,
+    DAY,
     PICK_FIRST,
     T0,
     TF,
@@ -314,6 +315,7 @@ def test_an_exit_the_exchange_filled_before_the_bot_died_closes_the_position(bot
     assert closed["reason"] == "exit (settled by reconcile)"
     sells = [t for t in bot.venue.fetch_my_trades(AAA, T0 - TF) if t["side"] == "sell"]
     assert len(sells) == 1 and Decimal(closed["price"]) == Decimal(sells[0]["info"]["price"])
+    assert json.loads(closed["data"])["closed_ts"] == sells[0]["timestamp"] <= closed["ts"]
     assert_agrees(bot)
     assert_settled(bot)
 
@@ -389,6 +391,55 @@ def test_a_stop_that_fired_before_midnight_while_down_counts_on_its_own_day(bot_
     assert (day["day"], day["realized_pnl"]) == (utc_day(T0), float(closed["pnl"]))
     [trade] = bot.ledger.select("SELECT closed_at FROM closed_trades")
     assert trade["closed_at"][:15] == utc_day(T0) + "T23:5"
+
+
+def test_a_stop_seen_after_the_midnight_close_counts_on_the_new_day(bot_factory):
+    """The bot runs throughout; the stop fires in the last candle before midnight, and
+    the first scan after it closes the day before it sees the stop's fill. The close
+    counts on the new day (the day that ended is closed: its totals do not change), in
+    that day's day_close, and closed_trades still says when it closed."""
+    crash = candle(100, 100.3, 96.0, 96.5)  # candle 143: 23:55 to 00:00
+    bot = bot_factory(strat=PICK_FIRST, paths={"AAA": flat(100, 143) + [crash]
+                                               + flat(96.5, 300)})
+    open_long(bot)
+    for k in (143, 144 + 288):  # just after midnight; after the next one
+        bot.after_candle(k)
+        bot.job("scan")
+    [closed] = bot.facts("position_closed")
+    assert json.loads(closed["data"])["day"] == utc_day(T0 + DAY)
+    closes = {d["day"]: (d["trades"], Decimal(d["realized_pnl"]))
+              for d in (json.loads(r["data"]) for r in bot.facts("day_close"))}
+    assert closes == {utc_day(T0): (0, 0), utc_day(T0 + DAY): (1, Decimal(closed["pnl"]))}
+    view = {r["day"]: r["trades"] for r in bot.ledger.select("SELECT * FROM daily_pnl")}
+    assert view == {day: trades for day, (trades, _) in closes.items()}
+    [trade] = bot.ledger.select("SELECT closed_at FROM closed_trades")
+    assert trade["closed_at"] == utc_day(T0) + "T23:59:59.999Z"
+
+
+def test_a_close_taken_from_its_order_alone_is_dated_when_recorded(bot_factory):
+    """The stop's trades could not be read: its fill is taken from the order, whose time
+    is when the stop was placed, not when it fired. The close is dated when recorded."""
+    bot = bot_factory(strat=PICK_FIRST, paths={"AAA": FALL}, exchange={"read_retries": 0})
+    position = open_long(bot)
+    bot.after_candle(1)
+    bot.venue.faults.script([("fetch_my_trades", "network_error")])
+    reconciled(bot)
+    [closed] = bot.facts("position_closed", position_id=position["position_id"])
+    [fill] = bot.facts("fill", client_order_id=position["stop"]["client_order_id"])
+    assert json.loads(fill["data"])["trade_id"].startswith("order:")  # a stand-in
+    data = json.loads(closed["data"])
+    assert data["closed_ts"] is None and data["day"] == utc_day(closed["ts"])
+
+
+def test_an_exit_is_dated_by_its_trade(bot_factory):
+    bot = bot_factory(strat=PICK_FIRST, paths={"AAA": flat(100, 5)})
+    open_long(bot)
+    bot.after_candle(1, offset_ms=30_000)
+    ex = Executor(bot.ledger, bot.client, bot.clock, bot.rt.config, "exit", bot.rt.lock)
+    assert ex.close_position(bot.position(AAA), "test exit", T0 + TF)
+    [closed] = bot.facts("position_closed")
+    [sell] = [t for t in bot.venue.fetch_my_trades(AAA, T0) if t["side"] == "sell"]
+    assert json.loads(closed["data"])["closed_ts"] == sell["timestamp"]
 
 
 def test_a_stop_whose_lookup_fails_once_still_closes_its_position_as_a_stop(bot_factory):
@@ -682,6 +733,7 @@ def test_a_position_closed_by_hand_on_the_exchange_is_closed_in_the_ledger(bot_f
     assert closed["reason"] == "closed_on_exchange"
     manual = [t for t in bot.venue.fetch_my_trades(AAA, T0) if t["side"] == "sell"]
     assert Decimal(closed["price"]) == Decimal(manual[0]["info"]["price"])
+    assert json.loads(closed["data"])["closed_ts"] == manual[0]["timestamp"] <= closed["ts"]
     assert not bot.resting_stops()  # the orphaned stop was cancelled
     assert coid_state(bot, position["stop"]["client_order_id"]) == "cancelled"
     assert_agrees(bot)
