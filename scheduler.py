@@ -432,7 +432,12 @@ def start_runtime(config: Config, db_path: str | Path) -> runtime.Runtime:
         raise StartRefused(f"not started: the exchange refused the API keys "
                            f"({error_text(exc)})") from None
     except (ccxt.BaseError, BadExchangeData) as exc:
+        banned = rt.client.banned()  # this call met a 418: recorded, held at the restart
+        until = rt.client.ban.until_ms
         rt.close()
+        if banned:
+            raise StartFailed(f"not started: {IpBanned.until(until)} (recorded in the "
+                              "ledger)") from None
         raise StartFailed(f"not started: the account's mode could not be read from "
                           f"the exchange ({error_text(exc)})") from None
     if problem:

@@ -11,9 +11,11 @@ import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import ccxt
+
 from core.clock import WallClock, iso
 from core.config import Config
-from core.exchange import ExchangeClient, IpBan, IpBanned
+from core.exchange import ExchangeClient, IpBan, IpBanned, is_ip_ban
 from core.strategies import Strategy, load_strategy
 from ledger import Fact, Ledger, LedgerError
 from ledger.audit import BACKTEST_KIND, recorded_mode
@@ -91,15 +93,35 @@ def remember_ban(ban: IpBan, ledger: Ledger, clock) -> None:
         log.warning("the exchange banned this IP until %s (recorded in the ledger): nothing "
                     "is called before then", iso(until))
     ban.hold(until)  # before on_hold is set: not recorded again
+    ban.on_hold = lambda until_ms: record_ban(ledger, clock, until_ms)
 
-    def record(until_ms: int) -> None:
-        try:
-            ledger.append([Fact("ip_ban", clock.now_ms(), reason=f"banned until {iso(until_ms)}",
-                                data={"until_ms": until_ms})])
-        except Exception as exc:  # noqa: BLE001 - e.g. disk full: the ban holds all the same
-            log.error("the IP ban until %s not recorded in the ledger: %s", iso(until_ms), exc)
 
-    ban.on_hold = record
+def record_ban(ledger: Ledger, clock, until_ms: int) -> None:
+    try:
+        ledger.append([Fact("ip_ban", clock.now_ms(), reason=f"banned until {iso(until_ms)}",
+                            data={"until_ms": until_ms})])
+    except Exception as exc:  # noqa: BLE001 - e.g. disk full: the ban holds all the same
+        log.error("the IP ban until %s not recorded in the ledger: %s", iso(until_ms), exc)
+
+
+def start_venues(config: Config, ledger: Ledger, clock, last_ms: int | None):
+    """venues.for_mode, under the ban the ledger recorded; a ban its own calls meet (paper
+    reads the exchange's markets) is recorded, or each restart would lengthen it."""
+    from core import venues
+
+    if config.bot.mode == "sim":
+        return venues.for_mode(config, clock, not_before_ms=last_ms)
+    wall = clock or WallClock()
+    held_ban(ledger, wall)
+    try:
+        return venues.for_mode(config, clock, not_before_ms=last_ms)
+    except ccxt.BaseError as exc:
+        if not is_ip_ban(exc):
+            raise
+        until = IpBan().end_ms(exc, wall.now_ms())
+        record_ban(ledger, wall, until)
+        raise IpBanned(f"{IpBanned.until(until)} (answered as the bot started; recorded in "
+                       "the ledger)") from None
 
 
 def build(config: Config, db_path: str | Path, *, clock=None, venue=None,
@@ -113,9 +135,7 @@ def build(config: Config, db_path: str | Path, *, clock=None, venue=None,
         last = rows[0]["ts"] if rows else None
         try:
             venues.check_account_kept(config, ledger.state())
-            if config.bot.mode != "sim":  # paper's start too calls the exchange (its markets)
-                held_ban(ledger, clock or WallClock())
-            clock, venue, data_venues = venues.for_mode(config, clock, not_before_ms=last)
+            clock, venue, data_venues = start_venues(config, ledger, clock, last)
         except BaseException:
             ledger.close()
             raise

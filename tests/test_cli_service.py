@@ -422,6 +422,41 @@ def test_a_start_during_a_recorded_ip_ban_calls_nothing(tmp_path, monkeypatch, m
     lock.release()
 
 
+@pytest.mark.parametrize("mode", ["live", "paper"])
+def test_a_ban_the_start_meets_is_recorded_so_the_restart_calls_nothing(tmp_path,
+                                                                      monkeypatch, mode):
+    """Paper's start reads the exchange's markets before any client exists to hold a
+    ban: a 418 there was not recorded, and each restart (every 10 s under systemd)
+    called into the ban again, lengthening it."""
+    import ccxt
+    import requests
+
+    calls: list[str] = []
+
+    def fetch(self, url, method="GET", headers=None, body=None):
+        calls.append(url)
+        response = requests.Response()
+        response.status_code, response.headers = 418, {"Retry-After": "7200"}
+        try:
+            raise requests.HTTPError(response=response)
+        except requests.HTTPError:
+            raise ccxt.DDoSProtection('binanceusdm 418 {"code":-1003}') from None
+
+    monkeypatch.setattr(ccxt.binanceusdm, "fetch", fetch)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "bot.toml").write_text(f'[bot]\nmode = "{mode}"\nlog_dir = ""\n'
+                                       f'[sim]\nstate_path = "{tmp_path}/paper.db"\n')
+    env = {"BOT_API_KEY": "k3y", "BOT_API_SECRET": "s3cr3t"}
+    first = invoke_run(tmp_path, env=env)
+    assert first.exit_code == 1 and len(calls) == 1, first.output
+    assert "banned by the exchange until" in first.stderr.strip().splitlines()[-1]
+    with Ledger(tmp_path / "bot.db") as ledger:
+        assert ledger.state().ip_ban_until_ms > 0
+    again = invoke_run(tmp_path, env=env)
+    assert again.exit_code == 1 and len(calls) == 1, again.output  # nothing called
+    assert "banned by the exchange until" in again.stderr.strip().splitlines()[-1]
+
+
 HANGING_START = """
 import sys
 import ccxt
