@@ -21,7 +21,7 @@ State shape (JSON-safe, so a checkpoint can hold it):
   active_coins   [symbol, ...] from the last rotation
   last_runs      {job: {ts, outcome, scheduled_ms, duration_ms, seq, failing_since}}
                  failing_since: the first of the errors it has run into since it last ran
-                 well (None: its last run that started did not fail)
+                 well or the service started (None: its last run that started did not fail)
   last_loss_exit {symbol: ts} of the last losing exit (risk cooldown)
   last_reconcile_ts, last_reconcile_seq  of the last recorded (not dry) reconcile_run
   last_rotation  {scheduled_ms, ts} of the last rotation
@@ -360,12 +360,18 @@ def _job_run(s: State, row) -> None:
     since = (s.last_runs.get(job) or {}).get("failing_since")
     if outcome == "error":
         since = row[TS] if since is None else since
-    elif outcome in ("ok", "skipped"):  # a run that did not start (missed) tells nothing
-        since = None
+    elif outcome in ("ok", "skipped") and d.get("started_ms") is not None:
+        since = None  # a run that never started (missed, or coalesced) tells nothing
     s.last_runs[job] = {
         "ts": row[TS], "outcome": outcome, "scheduled_ms": d.get("scheduled_ms"),
         "duration_ms": d.get("duration_ms"), "seq": row[SEQ], "failing_since": since,
     }
+
+
+def _service(s: State, row) -> None:
+    if _data(row).get("event") == "started":  # the time it was down is not failing time
+        for run in s.last_runs.values():
+            run["failing_since"] = None
 
 
 def _ip_ban(s: State, row) -> None:
@@ -405,4 +411,5 @@ _HANDLERS = {
     "reconcile_run": _reconcile_run,
     "external_position": _external_position,
     "ip_ban": _ip_ban,
+    "service": _service,
 }

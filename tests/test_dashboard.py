@@ -322,18 +322,23 @@ def test_job_health_calls_a_job_failing_once_it_failed_for_its_interval_and_grac
     assert row["failing_since"] == "1970-01-01T00:16:40.000Z"
 
 
-def job_run(ts: int, outcome: str, error: str | None = None, job: str = "scan") -> Fact:
+def job_run(ts: int, outcome: str, error: str | None = None, job: str = "scan",
+            started: bool = True) -> Fact:
     return Fact("job_run", ts, reason=error, data={
-        "job": job, "scheduled_ms": ts, "started_ms": ts, "duration_ms": 3, "outcome": outcome})
+        "job": job, "scheduled_ms": ts, "started_ms": ts if started else None,
+        "duration_ms": 3, "outcome": outcome})
 
 
 def failing_scans(path: Path, t: int) -> config_mod.Config:
     """A ledger whose scan (every 10 s) ran well at ``t``, then failed at every run to
-    t + 90 s: for 80 s, over its interval and 60 s grace. The other jobs ran at ``t``."""
+    t + 90 s: for 80 s, over its interval and 60 s grace, each run so slow that the one
+    after it was skipped (never started). The other jobs ran at ``t``."""
     with Ledger(path) as ledger:
         ledger.append([job_run(t, "ok", job=job) for job in scheduler.JOBS]
-                      + [job_run(t + k * 10_000, "error", "NetworkError: balance unavailable")
-                         for k in range(1, 10)])
+                      + [f for k in range(1, 10) for f in (
+                          job_run(t + k * 10_000, "error", "NetworkError: balance unavailable"),
+                          job_run(t + k * 10_000 + 5_000, "skipped", "still running",
+                                  started=False))][:-1])
     return config_mod.from_mapping({"schedule": {"scan_interval_s": 10}})
 
 

@@ -225,15 +225,23 @@ def test_runs_rotations_signals_and_reconciliations():
 
 
 def test_a_job_is_failing_since_the_first_error_after_it_last_ran_well():
-    def scan(ts, outcome):
-        return Fact("job_run", ts, data={"job": "scan", "outcome": outcome})
+    def scan(ts, outcome, started=True):
+        return Fact("job_run", ts, data={"job": "scan", "outcome": outcome,
+                                         "started_ms": ts if started else None})
 
-    s = run(scan(T0, "ok"), scan(T0 + 10, "error"), scan(T0 + 20, "missed"),
-            scan(T0 + 30, "error"))
-    assert s.last_runs["scan"]["failing_since"] == T0 + 10  # a missed run changes nothing
+    # Runs that never started (missed; skipped as the one before still ran, or coalesced
+    # by the scheduler) tell nothing: a scan slower than its interval is skipped between
+    # every two of its failures.
+    s = run(scan(T0, "ok"), scan(T0 + 10, "error"), scan(T0 + 20, "missed", started=False),
+            scan(T0 + 25, "skipped", started=False), scan(T0 + 30, "error"))
+    assert s.last_runs["scan"]["failing_since"] == T0 + 10
     assert run(scan(T0 + 40, "skipped"), state=s).last_runs["scan"]["failing_since"] is None
     s = run(scan(T0 + 50, "ok"), scan(T0 + 60, "error"), state=s)
     assert s.last_runs["scan"]["failing_since"] == T0 + 60
+    # The time the bot was down is not failing time: a start begins anew.
+    s = run(Fact("service", T0 + 90, data={"event": "started"}), state=s)
+    assert s.last_runs["scan"]["failing_since"] is None
+    assert run(scan(T0 + 99, "error"), state=s).last_runs["scan"]["failing_since"] == T0 + 99
 
 
 def test_flagged_external_positions_stand_until_adopted_or_gone():
