@@ -107,18 +107,21 @@ class FaultInjector:
         self._script.clear()
 
     def draw(self, method: str) -> str | None:
-        fault = self._scripted(method) or self._random(method)
+        found, fault = self._scripted(method)
+        if not found:
+            fault = self._random(method)
         if fault:
             self.log.append((method, fault))
             self.counts[fault] += 1
         return fault
 
-    def _scripted(self, method: str) -> str | None:
+    def _scripted(self, method: str) -> tuple[bool, str | None]:
+        """(found, fault): a scripted pass is found, with no fault (no random one either)."""
         for k, (m, fault) in enumerate(self._script):
             if m == method or (m == "*" and method in APPLIES[fault]):
                 del self._script[k]
-                return fault
-        return None
+                return True, fault
+        return False, None
 
     def _random(self, method: str) -> str | None:
         c = self.config

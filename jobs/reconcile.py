@@ -187,6 +187,20 @@ def settle_orders(rt, ex: Executor, dry_run: bool) -> list[Difference]:
                                     data={"unsettled": {req.client_order_id}}))
             continue
         if report is None:
+            held = rt.ledger.state().positions.get(req.symbol) or {}
+            if trigger and order["state"] not in UNRESOLVED_STATES \
+                    and held.get("position_id") != order["position_id"]:
+                # A stop of a closed position that neither rests (open orders were read)
+                # nor is known any more: it cannot fire. Left open in the ledger it would
+                # bar entries in its symbol for good (risk: stray_stop).
+                diffs.append(Difference("missing_order", req.symbol,
+                                        f"{req.client_order_id} (stop of a closed position) "
+                                        "neither rests nor is known to the exchange",
+                                        correction="recorded expired"))
+                if not dry_run:
+                    ex.record(ex_path(ex, req, order, "expired",
+                                      reason="not resting and unknown to the exchange"))
+                continue
             diffs.append(Difference("missing_order", req.symbol,
                                     f"{req.client_order_id} ({order['state']}) is unknown to "
                                     "the exchange", "human"))

@@ -29,6 +29,7 @@ from test_jobs_scan import (
 from core.clock import AcceleratedClock, utc_day
 from core.exchange import NOT_FOUND_FINAL_MS
 from core.execution import Executor
+from core.risk import RiskState
 from core.sim_exchange import SimExchange
 from jobs import reconcile
 from ledger import Fact
@@ -957,6 +958,30 @@ def test_a_stop_left_by_a_closed_position_blocks_entries_until_reconcile_cancels
     bot.job("scan")
     assert bot.position(AAA) is not None  # entered, under its own stop only
     assert len(bot.resting_stops()) == 1
+
+
+def test_a_stray_stop_the_exchange_no_longer_knows_is_recorded_gone(bot_factory):
+    """Cancelled by hand while the bot was down, and forgotten by the exchange (Binance
+    keeps a cancelled order 3 days): it neither rests nor is known. It was reported to a
+    human at every run and barred entries in its symbol for good."""
+    path = flat(100, 3) + [candle(100, 100.3, 98.5, 98.8)] + flat(99, 10)
+    bot = bot_factory(strat=Pick(long_at=[T0 - TF]), paths={"AAA": path},
+                      exchange={"read_retries": 0})
+    position = open_long(bot)
+    ex = Executor(bot.ledger, bot.client, bot.clock, bot.rt.config, "move", bot.rt.lock)
+    bot.venue.faults.script([("cancel_order", "network_error")])
+    ex.move_stop(position, Decimal("99"), at_once=True)
+    bot.after_candle(3)
+    bot.venue.faults.script([("cancel_order", None), ("cancel_order", "network_error")])
+    bot.job("scan")
+    [stray] = bot.resting_stops()
+    bot.venue.cancel_order(None, AAA, {"clientOrderId": stray["clientOrderId"], "trigger": True})
+    bot.clock.advance(4 * DAY)
+    report = reconciled(bot)
+    assert report["status"] == "corrected" and kinds(report) == ["missing_order"]
+    assert coid_state(bot, stray["clientOrderId"]) == "expired"
+    assert AAA not in RiskState.from_ledger(bot.ledger.state(), bot.clock.now_ms()).stray_stops
+    assert_settled(bot)
 
 
 def test_an_orphaned_stop_of_ours_is_cancelled_but_a_foreign_one_is_left(bot_factory,

@@ -120,6 +120,15 @@ def test_a_scripted_pass_lets_one_call_through_before_the_fault(sim):
         ex.faults.script([("fetch_everything", None)])
 
 
+def test_a_scripted_pass_is_not_faulted_by_chance_either():
+    config = cfg.load().with_values(faults={"network_error": 1.0})
+    ex = SimExchange.from_config(config, VirtualClock(T0))
+    ex.faults.script([("fetch_time", None)])
+    assert ex.fetch_time() == T0
+    with pytest.raises(ccxt.NetworkError):
+        ex.fetch_time()
+
+
 def test_forming_candle_returned_as_if_closed(sim):
     ex, clock, s = sim
     clock.set(T0 + TF // 5)
