@@ -76,7 +76,7 @@ from core.backtest_watch import MARGIN, next_due, watch_for
 from core.clock import DAY_MS, VirtualClock, day_start_ms
 from core.config import Config, to_mapping
 from core.exchange import ExchangeClient
-from core.execution import Executor, executed
+from core.execution import Executor
 from core.report import when_utc
 from core.runtime import Runtime
 from core.sim_account import D, account
@@ -329,16 +329,8 @@ class Engine:
         if symbols == []:
             return
         rt, run_id = self.rt, f"scan-{now}"
-        ex = self.executor(rt.ledger, rt.client, rt.clock, self.cfg, run_id, rt.lock)
-        for symbol, position in sorted(rt.ledger.state().positions.items()):
-            if symbols is not None and symbol not in symbols:
-                continue
-            for stop in ex.live_stops(position):
-                report = rt.client.order_by_client_id(symbol, stop["client_order_id"],
-                                                      trigger=True)
-                if executed(report):
-                    ex.record_stop_fill(position, stop, report)
-                    break
+        self.executor(rt.ledger, rt.client, rt.clock, self.cfg, run_id,
+                      rt.lock).record_fired_stops(symbols)
 
     def since_last_decision(self, d, i: int, position: dict, now: int) -> tuple[list, list]:
         """(series, new) as the scan passes them to manage_position: the candles closed

@@ -23,7 +23,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from decimal import Decimal
 from typing import Any
@@ -565,6 +565,19 @@ class Executor:
                 # can then never open one, and reconcile cancels it.)
                 self._reprotect(self.ledger.state().positions.get(symbol))
             return closed
+
+    def record_fired_stops(self, symbols: Iterable[str] | None = None) -> None:
+        """Look up the stops of the positions (of ``symbols``, else all) and record any
+        that fired: its fills and the close. A read error is the caller's."""
+        for symbol, position in sorted(self.ledger.state().positions.items()):
+            if symbols is not None and symbol not in symbols:
+                continue
+            for stop in self.live_stops(position):
+                report = self.client.order_by_client_id(symbol, stop["client_order_id"],
+                                                        trigger=True)
+                if executed(report):
+                    self.record_stop_fill(position, stop, report)
+                    break
 
     def still_held(self, position: dict) -> bool:
         """Does the exchange hold ``position`` (its symbol, on its side) right now?"""

@@ -13,6 +13,7 @@ import logging
 from decimal import Decimal
 
 from core.clock import DAY_MS, day_ms, day_start_ms, utc_day
+from core.execution import READ_ERRORS, Executor
 from ledger import Fact
 from ledger.schema import CLOSE_DAY
 
@@ -41,12 +42,19 @@ def run(rt, scheduled_ms: int, run_id: str) -> dict:
         return close_days(rt, run_id)
 
 
-def close_days(rt, run_id: str, balance=None) -> dict:
+def close_days(rt, run_id: str, balance=None, ex: Executor | None = None) -> dict:
     now = rt.clock.now_ms()
-    state = rt.ledger.state()
-    days = days_to_close(state.last_day_closed, rt.ledger.first_ts(), now)
+    days = days_to_close(rt.ledger.state().last_day_closed, rt.ledger.first_ts(), now)
     if not days:
         return {"skipped": True, "reason": "no ended day left to close"}
+    # A stop that fired before midnight counts on the day it fired if recorded before that
+    # day closes: a scan sees it only at its symbol's next candle close, after midnight.
+    try:
+        (ex or Executor(rt.ledger, rt.client, rt.clock, rt.config, run_id, rt.lock)
+         ).record_fired_stops()
+    except READ_ERRORS as exc:  # it counts on the day it is recorded, then
+        log.warning("daily reset: stops not looked up (%s)", exc)
+    state = rt.ledger.state()
     # fetch: the balance now is the equity at the close of the day that just ended
     try:
         equity_now = (balance or rt.client.balance()).equity

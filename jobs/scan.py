@@ -343,7 +343,7 @@ def check_limits(rt, ex: Executor, balance, now: int, run_id: str, snapshot: boo
         rt.ledger.append([balance_fact(balance, now, run_id)])
     state = rt.ledger.state()
     if state.last_day_closed != utc_day(now - DAY_MS) \
-            and daily_reset.close_days(rt, run_id, balance).get("closed_days"):
+            and daily_reset.close_days(rt, run_id, balance, ex).get("closed_days"):
         state = rt.ledger.state()
     # vars(): the state's fields as a dict, read without another deep copy
     actions = risk.check_account(risk.RiskState.from_ledger(vars(state), now), balance.equity,

@@ -46,9 +46,10 @@ from .facts import counting_day, in_range, recorded_day
 # The rules' version, kept in every checkpoint: a checkpoint folded by other rules (or
 # by another State shape) is not trusted, and the state is folded again from the start.
 # 2: flagged external positions, last_reconcile_seq. 3: ip_ban_until_ms. 4: a ban capped
-# at 3 days, and lifted. 5: a close or fill counts on the day the exchange made it. 6: a
-# job's failing_since. Bump it with any rule change.
-FOLD_VERSION = 6
+# at 3 days, and lifted. 5, 6, 7: the day a close or fee counts on, a job's
+# failing_since (reset by a run that started, and by a start). Bump it with any rule
+# change.
+FOLD_VERSION = 7
 
 TERMINAL_STATES = frozenset({"filled", "cancelled", "rejected", "expired"})
 UNRESOLVED_STATES = frozenset({"intent", "submitted", "unknown"})

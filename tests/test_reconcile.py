@@ -394,25 +394,33 @@ def test_a_stop_that_fired_before_midnight_while_down_counts_on_its_own_day(bot_
     assert trade["closed_at"][:15] == utc_day(T0) + "T23:5"
 
 
-def test_a_stop_seen_after_the_midnight_close_counts_on_the_new_day(bot_factory):
-    """The bot runs throughout; the stop fires in the last candle before midnight, and
-    the first scan after it closes the day before it sees the stop's fill. The close
-    counts on the new day (the day that ended is closed: its totals do not change), in
-    that day's day_close, and closed_trades still says when it closed."""
+@pytest.mark.parametrize("lookup_fails", [False, True])
+def test_a_stop_that_fired_in_the_last_candle_before_midnight(bot_factory, lookup_fails):
+    """The bot runs throughout; the stop fires in the day's last candle, which the first
+    scan after midnight decides on, after it closed the day. The day's close looks the
+    stops up first: the close counts on the day it fired. If that lookup fails, it
+    counts on the new day (a closed day's totals do not change), in that day's
+    day_close; closed_trades says when it closed either way."""
     crash = candle(100, 100.3, 96.0, 96.5)  # candle 143: 23:55 to 00:00
     bot = bot_factory(strat=PICK_FIRST, paths={"AAA": flat(100, 143) + [crash]
-                                               + flat(96.5, 300)})
+                                               + flat(96.5, 300)},
+                      exchange={"read_retries": 0})
     open_long(bot)
-    for k in (143, 144 + 288):  # just after midnight; after the next one
-        bot.after_candle(k)
-        bot.job("scan")
+    bot.after_candle(143)
+    if lookup_fails:
+        bot.venue.faults.script([("fetch_order", "network_error")])
+    bot.job("scan")
+    bot.after_candle(144 + 288)  # past the next midnight
+    bot.job("scan")
     [closed] = bot.facts("position_closed")
-    assert json.loads(closed["data"])["day"] == utc_day(T0 + DAY)
+    day = utc_day(T0 + DAY) if lookup_fails else utc_day(T0)
+    assert json.loads(closed["data"])["day"] == day
     closes = {d["day"]: (d["trades"], Decimal(d["realized_pnl"]))
               for d in (json.loads(r["data"]) for r in bot.facts("day_close"))}
-    assert closes == {utc_day(T0): (0, 0), utc_day(T0 + DAY): (1, Decimal(closed["pnl"]))}
+    assert closes == {utc_day(T0): (0, 0), utc_day(T0 + DAY): (0, 0),
+                      day: (1, Decimal(closed["pnl"]))}
     view = {r["day"]: r["trades"] for r in bot.ledger.select("SELECT * FROM daily_pnl")}
-    assert view == {day: trades for day, (trades, _) in closes.items()}
+    assert view == {d: trades for d, (trades, _) in closes.items()}
     [trade] = bot.ledger.select("SELECT closed_at FROM closed_trades")
     assert trade["closed_at"] == utc_day(T0) + "T23:59:59.999Z"
 
