@@ -26,6 +26,8 @@ def run_job(rt, name: str, job, scheduled_ms: int | None = None) -> dict:
         summary = job(rt, scheduled, run_id) or {}
         if summary.get("skipped"):
             outcome = "skipped"
+        elif summary.get("degraded"):  # ran, without what it needs to do all of its work
+            outcome = "degraded"
     except Exception as exc:  # noqa: BLE001 - recorded, logged, and the service goes on
         outcome = "error"
         error = f"{type(exc).__name__}: {exc}"

@@ -95,6 +95,7 @@ def decide_and_act(rt, symbols: list[str], candles: dict[str, list[Candle]],
         # still managed (their exits and trailing stops need no balance).
         log.warning("account limits not checked, no entry: balance unavailable (%s)", exc)
         summary["limits"] = "not checked: balance unavailable"
+        summary["degraded"] = f"balance unavailable ({type(exc).__name__}): no limits, no entries"
         balance = None
     now = rt.clock.now_ms()
     ex = Executor(rt.ledger, rt.client, rt.clock, cfg, run_id, rt.lock)

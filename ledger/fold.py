@@ -359,7 +359,7 @@ def _job_run(s: State, row) -> None:
     d = _data(row)
     job, outcome = _key(d.get("job"), "?"), d.get("outcome")
     since = (s.last_runs.get(job) or {}).get("failing_since")
-    if outcome == "error":
+    if outcome in ("error", "degraded"):
         since = row[TS] if since is None else since
     elif outcome in ("ok", "skipped") and d.get("started_ms") is not None:
         since = None  # a run that never started (missed, or coalesced) tells nothing

@@ -922,8 +922,10 @@ def test_while_the_balance_cannot_be_read_positions_are_managed_and_nothing_ente
     bot.venue.faults.script([("fetch_balance", "server_error")] * 20)
     bot.after_candle(1)  # +3 %: the trail arms and the stop moves up
     record = bot.job("scan")
-    assert record["outcome"] == "ok"
+    assert record["outcome"] == "degraded"  # not ok: /health says so if it lasts
     assert record["summary"]["limits"] == "not checked: balance unavailable"
+    assert "balance unavailable (ExchangeNotAvailable)" in record["summary"]["degraded"]
+    assert bot.ledger.state().last_runs["scan"]["failing_since"] == bot.clock.now_ms()
     assert Decimal(bot.position(AAA)["stop"]["price"]) > stop
     assert bot.position(AAA)["trailing_active"] is True
     assert bot.position(BBB) is None and not bot.facts("risk_decision", symbol=BBB)

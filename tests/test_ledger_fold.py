@@ -233,8 +233,8 @@ def test_a_job_is_failing_since_the_first_error_after_it_last_ran_well():
     # by the scheduler) tell nothing: a scan slower than its interval is skipped between
     # every two of its failures.
     s = run(scan(T0, "ok"), scan(T0 + 10, "error"), scan(T0 + 20, "missed", started=False),
-            scan(T0 + 25, "skipped", started=False), scan(T0 + 30, "error"))
-    assert s.last_runs["scan"]["failing_since"] == T0 + 10
+            scan(T0 + 25, "skipped", started=False), scan(T0 + 30, "degraded"))
+    assert s.last_runs["scan"]["failing_since"] == T0 + 10  # degraded: failing too
     assert run(scan(T0 + 40, "skipped"), state=s).last_runs["scan"]["failing_since"] is None
     s = run(scan(T0 + 50, "ok"), scan(T0 + 60, "error"), state=s)
     assert s.last_runs["scan"]["failing_since"] == T0 + 60

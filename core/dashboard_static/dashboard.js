@@ -323,7 +323,7 @@ function renderJobs(rows) {
     {label: "Duration", value: r => num(r.duration_ms) === null ? "–"
                                     : `${num(r.duration_ms).toFixed(1)} ms`, num: true},
     {label: "Outcome", value: r => plain(r.outcome) + (r.latest_outcome ? ` (then ${r.latest_outcome})` : ""),
-     cls: r => r.outcome === "error" ? "neg" : null},
+     cls: r => r.outcome === "error" || r.outcome === "degraded" ? "neg" : null},
     {label: "Error", value: r => plain(r.error) + (r.failing_since ? ` (failing since ${when(r.failing_since)})` : ""),
      cls: () => "wrap"},
   ], rows, "No job has run yet.", r => "job-row " + (r.stale || r.failing ? "stale" : r.status === "late" ? "late" : "ok")));
