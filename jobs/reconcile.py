@@ -189,9 +189,11 @@ def settle_orders(rt, ex: Executor, dry_run: bool) -> list[Difference]:
         if report is None:
             held = rt.ledger.state().positions.get(req.symbol) or {}
             if trigger and order["state"] not in UNRESOLVED_STATES \
-                    and held.get("position_id") != order["position_id"]:
+                    and held.get("position_id") != order["position_id"] \
+                    and rt.clock.now_ms() - order["ts"] >= NOT_FOUND_FINAL_MS:
                 # A stop of a closed position that neither rests (open orders were read)
-                # nor is known any more: it cannot fire. Left open in the ledger it would
+                # nor is known any more (nor just placed: the algo service has answered
+                # "does not exist" for a stop not listed yet): it cannot fire. Left open in the ledger it would
                 # bar entries in its symbol for good (risk: stray_stop).
                 diffs.append(Difference("missing_order", req.symbol,
                                         f"{req.client_order_id} (stop of a closed position) "
