@@ -193,8 +193,8 @@ def settle_orders(rt, ex: Executor, dry_run: bool) -> list[Difference]:
                     and rt.clock.now_ms() - order["ts"] >= NOT_FOUND_FINAL_MS:
                 # A stop of a closed position that neither rests (open orders were read)
                 # nor is known any more (nor just placed: the algo service has answered
-                # "does not exist" for a stop not listed yet): it cannot fire. Left open in the ledger it would
-                # bar entries in its symbol for good (risk: stray_stop).
+                # "does not exist" for a stop not listed yet): it cannot fire. Left open
+                # in the ledger it would bar entries in its symbol for good (stray_stop).
                 diffs.append(Difference("missing_order", req.symbol,
                                         f"{req.client_order_id} (stop of a closed position) "
                                         "neither rests nor is known to the exchange",
