@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import ccxt
+import requests
 
 from core.clock import VirtualClock
 from core.sim_exchange import SimExchange
@@ -15,6 +16,17 @@ TF = 300_000
 DAY = 86_400_000
 REPO = Path(__file__).resolve().parents[1]
 SHARED_OHLCV = REPO.parent / "shared" / "data" / "ohlcv"
+
+
+def raise_ip_ban(retry_after_s: int) -> None:
+    """Binance's 418 (IP banned) as ccxt raises it: a DDoSProtection while handling the
+    HTTP error, whose response carries the status and Retry-After."""
+    response = requests.Response()
+    response.status_code, response.headers = 418, {"Retry-After": str(retry_after_s)}
+    try:
+        raise requests.HTTPError(response=response)
+    except requests.HTTPError:
+        raise ccxt.DDoSProtection('binanceusdm 418 {"code":-1003}') from None
 
 
 def synthetic(n: int = 4, seed: int = 42) -> SyntheticMarket:

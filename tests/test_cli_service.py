@@ -429,18 +429,13 @@ def test_a_ban_the_start_meets_is_recorded_so_the_restart_calls_nothing(tmp_path
     ban: a 418 there was not recorded, and each restart (every 10 s under systemd)
     called into the ban again, lengthening it."""
     import ccxt
-    import requests
+    from sim_fixtures import raise_ip_ban
 
     calls: list[str] = []
 
     def fetch(self, url, method="GET", headers=None, body=None):
         calls.append(url)
-        response = requests.Response()
-        response.status_code, response.headers = 418, {"Retry-After": "7200"}
-        try:
-            raise requests.HTTPError(response=response)
-        except requests.HTTPError:
-            raise ccxt.DDoSProtection('binanceusdm 418 {"code":-1003}') from None
+        raise_ip_ban(7200)
 
     monkeypatch.setattr(ccxt.binanceusdm, "fetch", fetch)
     monkeypatch.chdir(tmp_path)

@@ -20,7 +20,7 @@ from urllib.parse import parse_qsl, urlsplit
 
 import ccxt
 import pytest
-import requests
+from sim_fixtures import raise_ip_ban
 
 from core import runtime
 from core.clock import VirtualClock
@@ -258,12 +258,7 @@ class BanningBinance(WickingBinance):
                                                           urlsplit(url).path):
             self.ban_next = None
             self.requests.append((method, urlsplit(url).path, params, dict(headers or {})))
-            response = requests.Response()
-            response.status_code, response.headers = 418, {"Retry-After": "120"}
-            try:
-                raise requests.HTTPError(response=response)
-            except requests.HTTPError:
-                raise ccxt.DDoSProtection('binanceusdm 418 {"code":-1003}') from None
+            raise_ip_ban(120)
         return super().fetch(url, method, headers, body_)
 
 
